@@ -1,0 +1,1 @@
+"""The diffattn Gradio app (not available yet)."""

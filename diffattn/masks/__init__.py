@@ -1,0 +1,1 @@
+"""Block masks and index lists from a token geometry (pure functions, cached)."""

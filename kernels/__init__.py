@@ -1,0 +1,1 @@
+"""Attention kernels (Triton) and their plain-PyTorch references. No Diffusers import here."""

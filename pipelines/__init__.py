@@ -1,0 +1,1 @@
+"""Multi-pass generation built on diffattn: high-res, guidance, layout, long video, presets."""
