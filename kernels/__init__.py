@@ -1,1 +1,10 @@
-"""Attention kernels (Triton) and their plain-PyTorch references. No Diffusers import here."""
+"""Attention kernels (Triton) and their plain-PyTorch references. No Diffusers import here.
+
+Front doors (validated in one place, backend chosen per device):
+- `block_sparse_attention` (kernels/block_sparse)
+- `neighborhood_attention` (kernels/neighborhood)
+"""
+
+from .merge import merge_attention_states
+
+__all__ = ["merge_attention_states"]
