@@ -1,0 +1,102 @@
+"""Validation of every argument of `block_sparse_attention`, in one place (NATTEN-style).
+
+Each check raises `TypeError` (wrong kind or dtype) or `ValueError` (wrong shape or value) naming the argument and
+what is accepted, so callers never reach a kernel with inputs it would silently mis-read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: dtypes the Triton kernels run on; the reference backend also takes float64 (ground truth in tests).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+MAX_HEAD_DIM = 256
+BACKENDS = ("auto", "triton", "reference")
+
+
+def check_block_size(block_size: int) -> None:
+    """block_size must be a positive multiple of 16 (64 and 128 are the tuned ones)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+    if block_size <= 0 or block_size % 16 != 0 or block_size > 1024:
+        raise ValueError(f"block_size must be a positive multiple of 16 up to 1024 (64 or 128 are fastest), got {block_size}")
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    block_size: int,
+    scale: float | None,
+    extra_k: torch.Tensor | None,
+    extra_v: torch.Tensor | None,
+    backend: str,
+) -> None:
+    """Validate all arguments; see `block_sparse_attention` for the accepted forms."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("block_mask", block_mask)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_block_size(block_size)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, S, D] (the layout of F.scaled_dot_product_attention), got shape {tuple(t.shape)}")
+    allowed = KERNEL_DTYPES if backend == "triton" else REFERENCE_DTYPES
+    if q.dtype not in allowed:
+        raise TypeError(f"q dtype must be one of {[str(d) for d in allowed]}, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
+    B, H, Sq, D = q.shape
+    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H):
+        raise ValueError(f"k and v must have q's batch and heads {(B, H)}, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[-1] != D:
+        raise ValueError(f"k head dim {k.shape[-1]} must equal q head dim {D}")
+    if v.shape[-1] != D:
+        raise ValueError(f"v head dim {v.shape[-1]} must equal q head dim {D} (different value dims are not supported)")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same sequence length, got {k.shape[2]} and {v.shape[2]}")
+    if D < 1 or D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in 1..{MAX_HEAD_DIM}, got {D}")
+    if B == 0 or H == 0:
+        raise ValueError(f"q must have a non-empty batch and heads, got shape {tuple(q.shape)}")
+    Sk = k.shape[2]
+    if block_mask.dtype != torch.bool:
+        raise TypeError(f"block_mask must be a bool tensor, got {block_mask.dtype}")
+    if block_mask.device != q.device:
+        raise ValueError(f"block_mask is on {block_mask.device} but q is on {q.device}")
+    nq, nk = math.ceil(Sq / block_size), math.ceil(Sk / block_size)
+    if block_mask.dim() != 4:
+        raise ValueError(f"block_mask must be 4-D [B or 1, H or 1, ceil(Sq/block_size), ceil(Sk/block_size)], got shape {tuple(block_mask.shape)}")
+    mb, mh, mq, mk = block_mask.shape
+    if mb not in (1, B) or mh not in (1, H) or (mq, mk) != (nq, nk):
+        raise ValueError(
+            f"block_mask shape must be [{B} or 1, {H} or 1, {nq}, {nk}] for Sq={Sq}, Sk={Sk}, block_size={block_size}, "
+            f"got {tuple(block_mask.shape)}"
+        )
+    if (extra_k is None) != (extra_v is None):
+        raise ValueError("extra_k and extra_v must be given together (or both None)")
+    if extra_k is not None and extra_v is not None:
+        for name, t in (("extra_k", extra_k), ("extra_v", extra_v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+            if t.dim() != 4 or t.shape[:2] != (B, H) or t.shape[-1] != D:
+                raise ValueError(f"{name} must be [B={B}, H={H}, T, D={D}], got {tuple(t.shape)}")
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if extra_k.shape[2] != extra_v.shape[2]:
+            raise ValueError(f"extra_k and extra_v must have the same length, got {extra_k.shape[2]} and {extra_v.shape[2]}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a finite positive number, got {scale}")

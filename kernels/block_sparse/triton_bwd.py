@@ -1,0 +1,276 @@
+"""Triton backward of block-sparse attention (dq, dk, dv, and the extra keys' dk, dv), FlashAttention-2 style.
+
+Two kernels, no atomics:
+- dK/dV: one program per key tile; it walks the *transposed* index list (the query blocks that attend its key
+  block). Programs past the sparse key tiles own a tile of extra (text) keys and walk every query tile, since every
+  query attends the extra keys.
+- dQ: one program per query tile, walking the same key-block list as the forward, then the extra keys.
+P is recomputed from the saved log-sum-exp. `delta = rowsum(dO * O) - dLSE` (the dLSE term makes `return_lse`
+outputs differentiable, which LSE merging in training needs). A row that saw no key has lse -inf; it is treated as
++inf here so that its P, and with it every gradient it touches, is exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_fwd import LOG2E, _dot, _dot0, _pow2_divisor, _strides3, head_dim_pad
+
+
+@triton.jit
+def _load_rows(base, offs, stride, n_lim, offs_d, d_ok):
+    ok = offs < n_lim
+    return tl.load(base + offs[:, None] * stride + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, stride_qs, stride_dos, Sq,
+               qk_scale, offs_m0, offs_d, d_ok, IEEE: tl.constexpr):
+    offs_m = start_m + offs_m0
+    m_ok = offs_m < Sq
+    q = _load_rows(q_base, offs_m, stride_qs, Sq, offs_d, d_ok)
+    do = _load_rows(do_base, offs_m, stride_dos, Sq, offs_d, d_ok)
+    lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+    qkT = _dot0(k, tl.trans(q), IEEE) * qk_scale
+    pT = tl.math.exp2(qkT - lse[None, :])
+    dv = _dot(pT.to(do.dtype), do, dv, IEEE)
+    dpT = _dot0(v, tl.trans(do), IEEE)
+    dsT = pT * (dpT - delta[None, :])
+    dk = _dot(dsT.to(q.dtype), q, dk, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _bsa_bwd_dkdv_kernel(
+    Q, K, V, EK, EV, DO, LSE, DELTA, DK, DV, DEK, DEV, Q_IDX, Q_CNT,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ekb, stride_ekh, stride_eks,
+    stride_evb, stride_evh, stride_evs,
+    stride_dob, stride_doh, stride_dos,
+    stride_ib, stride_ih, stride_ir,
+    stride_cb, stride_ch,
+    H, Sq, Sk, T, D, NKT, qk_scale, sm_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    M_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + pid_bh * Sq
+    delta_base = DELTA + pid_bh * Sq
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if pid_n < NKT:
+        start_n = pid_n * BLOCK_N
+        offs_n = start_n + offs_n0
+        k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_ks, Sk, offs_d, d_ok)
+        v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, stride_vs, Sk, offs_d, d_ok)
+        kblk = start_n // BLOCK_SIZE
+        row = Q_IDX + b * stride_ib + h * stride_ih + kblk * stride_ir
+        cnt = tl.load(Q_CNT + b * stride_cb + h * stride_ch + kblk)
+        for it in range(0, cnt * M_SUB):
+            qb = tl.load(row + it // M_SUB)
+            start_m = qb * BLOCK_SIZE + (it % M_SUB) * BLOCK_M
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, stride_qs, stride_dos,
+                                Sq, qk_scale, offs_m0, offs_d, d_ok, IEEE)
+        n_ok = offs_n < Sk
+        st = n_ok[:, None] & d_ok[None, :]
+        tl.store(DK + pid_bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=st)
+        tl.store(DV + pid_bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=st)
+    else:
+        start_n = (pid_n - NKT) * BLOCK_N
+        offs_n = start_n + offs_n0
+        k = _load_rows(EK + b * stride_ekb + h * stride_ekh, offs_n, stride_eks, T, offs_d, d_ok)
+        v = _load_rows(EV + b * stride_evb + h * stride_evh, offs_n, stride_evs, T, offs_d, d_ok)
+        for start_m in range(0, Sq, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, stride_qs, stride_dos,
+                                Sq, qk_scale, offs_m0, offs_d, d_ok, IEEE)
+        n_ok = offs_n < T
+        st = n_ok[:, None] & d_ok[None, :]
+        tl.store(DEK + pid_bh * T * D + offs_n[:, None] * D + offs_d[None, :], (dk * sm_scale).to(DEK.dtype.element_ty), mask=st)
+        tl.store(DEV + pid_bh * T * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DEV.dtype.element_ty), mask=st)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, delta, k, v, qk_scale, key_ok, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    qk = _dot0(q, tl.trans(k), IEEE) * qk_scale
+    p = tl.math.exp2(qk - lse[:, None])
+    if MASKED:
+        p = tl.where(key_ok[None, :], p, 0.0)
+    dp = _dot0(do, tl.trans(v), IEEE)
+    ds = p * (dp - delta[:, None])
+    dq = _dot(ds.to(k.dtype), k, dq, IEEE)
+    return dq
+
+
+@triton.jit
+def _bsa_bwd_dq_kernel(
+    Q, K, V, EK, EV, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ekb, stride_ekh, stride_eks,
+    stride_evb, stride_evh, stride_evs,
+    stride_dob, stride_doh, stride_dos,
+    stride_ib, stride_ih, stride_ir,
+    stride_cb, stride_ch,
+    H, Sq, Sk, T, D, NKB, qk_scale, sm_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_K: tl.constexpr, HAS_EXTRA: tl.constexpr, IEEE: tl.constexpr,
+):
+    N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start_m = pid_m * BLOCK_M
+    qblk = start_m // BLOCK_SIZE
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_ok = offs_m < Sq
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qs, Sq, offs_d, d_ok)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dos, Sq, offs_d, d_ok)
+    lse = tl.load(LSE + pid_bh * Sq + offs_m, mask=m_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + pid_bh * Sq + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    row = KV_IDX + b * stride_ib + h * stride_ih + qblk * stride_ir
+    cnt = tl.load(KV_CNT + b * stride_cb + h * stride_ch + qblk)
+    n_full = cnt
+    if not EVEN_K:
+        last = tl.load(row + tl.maximum(cnt - 1, 0))
+        has_tail = (cnt > 0) & (last == NKB - 1)
+        n_full = cnt - has_tail.to(tl.int32)
+    for it in range(0, n_full * N_SUB):
+        kb = tl.load(row + it // N_SUB)
+        start_n = kb * BLOCK_SIZE + (it % N_SUB) * BLOCK_N
+        kv_off = (start_n + offs_n)[:, None]
+        k = tl.load(k_base + kv_off * stride_ks + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_base + kv_off * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        dq = _dq_step(dq, q, do, lse, delta, k, v, qk_scale, offs_n, False, IEEE)
+    if not EVEN_K:
+        if has_tail:
+            for j in range(0, N_SUB):
+                start_n = (NKB - 1) * BLOCK_SIZE + j * BLOCK_N
+                n_ok = (start_n + offs_n) < Sk
+                k = _load_rows(k_base, start_n + offs_n, stride_ks, Sk, offs_d, d_ok)
+                v = _load_rows(v_base, start_n + offs_n, stride_vs, Sk, offs_d, d_ok)
+                dq = _dq_step(dq, q, do, lse, delta, k, v, qk_scale, n_ok, True, IEEE)
+    if HAS_EXTRA:
+        ek_base = EK + b * stride_ekb + h * stride_ekh
+        ev_base = EV + b * stride_evb + h * stride_evh
+        for start_n in range(0, T, BLOCK_N):
+            n_ok = (start_n + offs_n) < T
+            k = _load_rows(ek_base, start_n + offs_n, stride_eks, T, offs_d, d_ok)
+            v = _load_rows(ev_base, start_n + offs_n, stride_evs, T, offs_d, d_ok)
+            dq = _dq_step(dq, q, do, lse, delta, k, v, qk_scale, n_ok, True, IEEE)
+    tl.store(DQ + pid_bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+
+
+def bwd_config(d: int, block_size: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Tiles for the two backward kernels: (dkdv: BLOCK_M x BLOCK_N keys), (dq: BLOCK_M queries x BLOCK_N)."""
+    bd = head_dim_pad(d)
+    if interpret:
+        t = dict(BLOCK_M=_pow2_divisor(block_size, 32), BLOCK_N=_pow2_divisor(block_size, 32), num_warps=4, num_stages=1)
+        return dict(dkdv=t, dq=dict(t))
+    if bd <= 64:
+        return dict(dkdv=dict(BLOCK_M=_pow2_divisor(block_size, 64), BLOCK_N=_pow2_divisor(block_size, 128), num_warps=4, num_stages=3),
+                    dq=dict(BLOCK_M=_pow2_divisor(block_size, 128), BLOCK_N=_pow2_divisor(block_size, 64), num_warps=4, num_stages=3))
+    if bd <= 128:
+        return dict(dkdv=dict(BLOCK_M=_pow2_divisor(block_size, 64), BLOCK_N=_pow2_divisor(block_size, 128), num_warps=8, num_stages=2),
+                    dq=dict(BLOCK_M=_pow2_divisor(block_size, 128), BLOCK_N=_pow2_divisor(block_size, 64), num_warps=8, num_stages=2))
+    return dict(dkdv=dict(BLOCK_M=_pow2_divisor(block_size, 32), BLOCK_N=_pow2_divisor(block_size, 64), num_warps=8, num_stages=1),
+                dq=dict(BLOCK_M=_pow2_divisor(block_size, 64), BLOCK_N=_pow2_divisor(block_size, 32), num_warps=8, num_stages=1))
+
+
+def backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    kv_idx: torch.Tensor,
+    kv_cnt: torch.Tensor,
+    q_idx: torch.Tensor,
+    q_cnt: torch.Tensor,
+    block_size: int,
+    scale: float,
+    extra_k: torch.Tensor | None,
+    extra_v: torch.Tensor | None,
+    interpret: bool = False,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Returns (dq, dk, dv, d_extra_k, d_extra_v); the last two are `[B,H,0,D]` when there are no extra keys."""
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    has_extra = extra_k is not None and extra_k.shape[2] > 0
+    T = extra_k.shape[2] if has_extra else 0
+    dq = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H, Sk, D), dtype=q.dtype, device=q.device)
+    dv = torch.empty((B, H, Sk, D), dtype=q.dtype, device=q.device)
+    dek = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    dev = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    if Sq == 0:
+        dk.zero_(), dv.zero_(), dek.zero_(), dev.zero_()
+        return dq, dk, dv, dek, dev
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = (out.float() * do.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(dlse, dtype=torch.float32))
+    delta = delta.contiguous()
+    cfgs = config if config else bwd_config(D, block_size, q.dtype, interpret)
+    ek = extra_k if has_extra else q
+    ev = extra_v if has_extra else q
+
+    def bstr(t: torch.Tensor) -> tuple[int, int]:
+        return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
+
+    common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(ek), *_strides3(ev), *_strides3(do))
+    bd = head_dim_pad(D)
+    ieee = q.dtype == torch.float32
+    c1 = dict(cfgs["dkdv"])
+    bm1, bn1 = c1.pop("BLOCK_M"), c1.pop("BLOCK_N")
+    nkt = triton.cdiv(Sk, bn1)
+    grid1 = (nkt + triton.cdiv(T, bn1), B * H)
+    if grid1[0] > 0:
+        _bsa_bwd_dkdv_kernel[grid1](
+            q, k, v, ek, ev, do, lse, delta, dk, dv, dek, dev, q_idx, q_cnt,
+            *common, *bstr(q_idx), q_idx.stride(2), *bstr(q_cnt),
+            H, Sq, Sk, T, D, nkt, scale * LOG2E, scale,
+            BLOCK_SIZE=block_size, BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_D=bd, IEEE=ieee, **c1,
+        )
+    c2 = dict(cfgs["dq"])
+    bm2, bn2 = c2.pop("BLOCK_M"), c2.pop("BLOCK_N")
+    grid2 = (triton.cdiv(Sq, bm2), B * H)
+    _bsa_bwd_dq_kernel[grid2](
+        q, k, v, ek, ev, do, lse, delta, dq, kv_idx, kv_cnt,
+        *common, *bstr(kv_idx), kv_idx.stride(2), *bstr(kv_cnt),
+        H, Sq, Sk, T, D, math.ceil(Sk / block_size), scale * LOG2E, scale,
+        BLOCK_SIZE=block_size, BLOCK_M=bm2, BLOCK_N=bn2, BLOCK_D=bd,
+        EVEN_K=(Sk % block_size == 0), HAS_EXTRA=has_extra, IEEE=ieee, **c2,
+    )
+    return dq, dk, dv, dek, dev

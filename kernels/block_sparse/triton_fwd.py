@@ -1,0 +1,226 @@
+"""Triton forward of block-sparse attention: FlashAttention-2 online softmax over each query tile's key-block list.
+
+One program computes one query tile (`BLOCK_M` rows, inside one query block) of one (batch, head). It walks the
+padded-CSR list of that query block's key blocks (see `index.py`), `BLOCK_SIZE // BLOCK_N` key tiles per block,
+then the extra (text) keys, which every query attends. Only the partial tail key block and the extra keys pay for
+per-element masks: the list is ascending, so the tail block, if set, is its last entry and is handled after the
+unmasked main loop. Scores are scaled into base 2 (`exp2`), accumulation is float32.
+
+Configs are chosen by `fwd_config` (a fixed table per head dim / block size, tuned on an H100), not by
+`triton.autotune`, so a call never benchmarks or synchronises (CUDA-graph friendly).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Triton's CPU interpreter (3.9) mis-computes bfloat16 `tl.dot` (operands read as raw integers), so under
+# TRITON_INTERPRET=1 the dot operands are upcast to float32; compiled kernels never take this branch.
+_INTERP_UPCAST = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if _INTERP_UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _dot0(a, b, IEEE: tl.constexpr):
+    if _INTERP_UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, key_ok, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """One key tile of the online softmax. k, v: [BLOCK_N, BLOCK_D]."""
+    qk = _dot0(q, tl.trans(k), IEEE) * qk_scale
+    if MASKED:
+        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = m_ij
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = _dot(p.to(v.dtype), v, acc, IEEE)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _bsa_fwd_kernel(
+    Q, K, V, EK, EV, O, LSE, KV_IDX, KV_CNT,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ekb, stride_ekh, stride_eks,
+    stride_evb, stride_evh, stride_evs,
+    stride_ob, stride_oh, stride_os,
+    stride_ib, stride_ih, stride_ir,
+    stride_cb, stride_ch,
+    H, Sq, Sk, T, D, NKB, qk_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, HAS_EXTRA: tl.constexpr, IEEE: tl.constexpr,
+):
+    N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start_m = pid_m * BLOCK_M
+    qblk = start_m // BLOCK_SIZE
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_ok = offs_m < Sq
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    row = KV_IDX + b * stride_ib + h * stride_ih + qblk * stride_ir
+    cnt = tl.load(KV_CNT + b * stride_cb + h * stride_ch + qblk)
+    n_full = cnt
+    if not EVEN_K:
+        last = tl.load(row + tl.maximum(cnt - 1, 0))
+        has_tail = (cnt > 0) & (last == NKB - 1)
+        n_full = cnt - has_tail.to(tl.int32)
+
+    for it in range(0, n_full * N_SUB):
+        kb = tl.load(row + it // N_SUB)
+        start_n = kb * BLOCK_SIZE + (it % N_SUB) * BLOCK_N
+        kv_off = (start_n + offs_n)[:, None]
+        if EVEN_D:
+            k = tl.load(k_base + kv_off * stride_ks + offs_d[None, :])
+            v = tl.load(v_base + kv_off * stride_vs + offs_d[None, :])
+        else:
+            k = tl.load(k_base + kv_off * stride_ks + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_base + kv_off * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, offs_n, False, IEEE)
+
+    if not EVEN_K:
+        if has_tail:
+            for j in range(0, N_SUB):
+                start_n = (NKB - 1) * BLOCK_SIZE + j * BLOCK_N
+                n_ok = (start_n + offs_n) < Sk
+                kv_off = (start_n + offs_n)[:, None]
+                ld_mask = n_ok[:, None] & d_ok[None, :]
+                k = tl.load(k_base + kv_off * stride_ks + offs_d[None, :], mask=ld_mask, other=0.0)
+                v = tl.load(v_base + kv_off * stride_vs + offs_d[None, :], mask=ld_mask, other=0.0)
+                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, n_ok, True, IEEE)
+
+    if HAS_EXTRA:
+        ek_base = EK + b * stride_ekb + h * stride_ekh
+        ev_base = EV + b * stride_evb + h * stride_evh
+        for start_n in range(0, T, BLOCK_N):
+            n_ok = (start_n + offs_n) < T
+            kv_off = (start_n + offs_n)[:, None]
+            ld_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(ek_base + kv_off * stride_eks + offs_d[None, :], mask=ld_mask, other=0.0)
+            v = tl.load(ev_base + kv_off * stride_evs + offs_d[None, :], mask=ld_mask, other=0.0)
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, n_ok, True, IEEE)
+
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_bh * Sq + offs_m, lse, mask=m_ok)
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two <= cap that divides n (n is a multiple of 16, so at least 16)."""
+    d = 16
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def head_dim_pad(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def fwd_config(d: int, block_size: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Tile sizes, warps and pipeline depth for the forward (a table, tuned on H100 for D=64/128)."""
+    bd = head_dim_pad(d)
+    if interpret:
+        return dict(BLOCK_M=_pow2_divisor(block_size, 64), BLOCK_N=_pow2_divisor(block_size, 32), num_warps=4, num_stages=1)
+    if bd <= 64:
+        return dict(BLOCK_M=_pow2_divisor(block_size, 128), BLOCK_N=_pow2_divisor(block_size, 128), num_warps=4, num_stages=3)
+    if bd <= 128:
+        bn = 64 if dtype == torch.float32 else 128
+        return dict(BLOCK_M=_pow2_divisor(block_size, 128), BLOCK_N=_pow2_divisor(block_size, bn), num_warps=8, num_stages=3)
+    return dict(BLOCK_M=_pow2_divisor(block_size, 64), BLOCK_N=_pow2_divisor(block_size, 32), num_warps=4, num_stages=2)
+
+
+def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
+    return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_idx: torch.Tensor,
+    kv_cnt: torch.Tensor,
+    block_size: int,
+    scale: float,
+    extra_k: torch.Tensor | None,
+    extra_v: torch.Tensor | None,
+    interpret: bool = False,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward. q/k/v `[B,H,S,D]` with unit last stride; returns (out `[B,H,Sq,D]`, lse f32 `[B,H,Sq]`)."""
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    out = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    if Sq == 0:
+        return out, lse
+    cfg = dict(config) if config else fwd_config(D, block_size, q.dtype, interpret)
+    BLOCK_M, BLOCK_N = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    has_extra = extra_k is not None and extra_k.shape[2] > 0
+    T = extra_k.shape[2] if has_extra else 0
+    ek = extra_k if has_extra else q
+    ev = extra_v if has_extra else q
+    nkb = math.ceil(Sk / block_size)
+    ib = kv_idx.stride(0) if kv_idx.shape[0] > 1 else 0
+    ih = kv_idx.stride(1) if kv_idx.shape[1] > 1 else 0
+    cb = kv_cnt.stride(0) if kv_cnt.shape[0] > 1 else 0
+    ch = kv_cnt.stride(1) if kv_cnt.shape[1] > 1 else 0
+    grid = (triton.cdiv(Sq, BLOCK_M), B * H)
+    _bsa_fwd_kernel[grid](
+        q, k, v, ek, ev, out, lse, kv_idx, kv_cnt,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(ek), *_strides3(ev), *_strides3(out),
+        ib, ih, kv_idx.stride(2), cb, ch,
+        H, Sq, Sk, T, D, nkb, scale * LOG2E,
+        BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=head_dim_pad(D),
+        EVEN_K=(Sk % block_size == 0), EVEN_D=(D == head_dim_pad(D)), HAS_EXTRA=has_extra,
+        IEEE=(q.dtype == torch.float32), **cfg,
+    )
+    return out, lse
