@@ -1,0 +1,112 @@
+"""HunyuanVideo (`HunyuanVideoTransformer3DModel`): joint `[video; text]` attention, RoPE on the video part only,
+text padded to a fixed length with a boolean key mask `[B, 1, 1, N]`.
+
+Layer index: dual-stream blocks first (`transformer_blocks`), then single-stream blocks. The token refiner's
+text-only attention keeps its stock processor.
+Mirrors `diffusers.models.transformers.transformer_hunyuan_video.HunyuanVideoAttnProcessor2_0` (0.42.1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ..call import AttentionCall
+from ..context import ForwardContext, TokenGrid, timestep_value
+from .base import DiffattnProcessor, FamilyAdapter, block_slots, to_heads_first
+
+
+class HunyuanVideoProcessor(DiffattnProcessor):
+    family = "hunyuan_video"
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ):
+        ctx = self.context()
+        text_len = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        single_stream = attn.add_q_proj is None and encoder_hidden_states is not None
+        if single_stream:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            if single_stream:
+                query = torch.cat(
+                    [apply_rotary_emb(query[:, :-text_len], image_rotary_emb, sequence_dim=1), query[:, -text_len:]],
+                    dim=1,
+                )
+                key = torch.cat(
+                    [apply_rotary_emb(key[:, :-text_len], image_rotary_emb, sequence_dim=1), key[:, -text_len:]], dim=1
+                )
+            else:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        if attn.add_q_proj is not None and encoder_hidden_states is not None:
+            e_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            e_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            e_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            if attn.norm_added_q is not None:
+                e_query = attn.norm_added_q(e_query)
+            if attn.norm_added_k is not None:
+                e_key = attn.norm_added_k(e_key)
+            query = torch.cat([query, e_query], dim=1)
+            key = torch.cat([key, e_key], dim=1)
+            value = torch.cat([value, e_value], dim=1)
+
+        key_padding = None
+        if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.ndim == 4:
+            key_padding = attention_mask[:, 0, 0, :]
+        call = AttentionCall(
+            to_heads_first(query), to_heads_first(key), to_heads_first(value), self.layer_info("joint"), "joint", ctx,
+            grid=self.grid_for(ctx, query.shape[1] - text_len), text_len=text_len, text_first=False,
+            attn_mask=attention_mask, key_padding=key_padding,
+        )
+        out = self.attend(call).transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            out, enc_out = out[:, :-text_len], out[:, -text_len:]
+            if getattr(attn, "to_out", None) is not None:
+                out = attn.to_out[0](out)
+                out = attn.to_out[1](out)
+            if getattr(attn, "to_add_out", None) is not None:
+                enc_out = attn.to_add_out(enc_out)
+            return out, enc_out
+        return out, encoder_hidden_states
+
+
+def _read_inputs(model, args: dict[str, Any]) -> ForwardContext:
+    hidden = args["hidden_states"]
+    p, p_t = model.config.patch_size, model.config.patch_size_t
+    _, _, f, h, w = hidden.shape
+    text = args.get("encoder_hidden_states")
+    mask = args.get("encoder_attention_mask")
+    return ForwardContext(
+        family="hunyuan_video",
+        batch_size=hidden.shape[0],
+        grid=TokenGrid(f // p_t, h // p, w // p),
+        text_len=0 if text is None else text.shape[1],
+        text_mask=None if mask is None else mask.bool(),
+        timestep=timestep_value(args.get("timestep")),
+    )
+
+
+ADAPTER = FamilyAdapter(
+    name="hunyuan_video",
+    model_classes=("HunyuanVideoTransformer3DModel",),
+    processor_cls=HunyuanVideoProcessor,
+    slots=lambda model: block_slots(model, ["transformer_blocks", "single_transformer_blocks"], {"attn": "joint"}),
+    read_inputs=_read_inputs,
+    layer_doc="dual-stream blocks first (transformer_blocks), then single-stream blocks; token refiner untouched",
+)

@@ -1,0 +1,115 @@
+"""`apply` and `remove`: install a method's processors and the context hook on a pipeline or model, and undo it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .adapters import family_of
+from .context import ContextSlot, StepTracker, install_context_hook, make_context_hook, remove_context_hook
+from .registry import get_method
+
+logger = logging.getLogger("diffattn")
+
+PIPELINE_COMPONENTS = ("transformer", "transformer_2", "unet")
+_STATE_ATTR = "_diffattn_state"
+
+
+@dataclass
+class InstalledState:
+    """What `apply` changed on one model, so that `remove` restores it exactly."""
+
+    method: str
+    options: dict[str, Any]
+    family: str
+    original_processors: dict[str, Any]
+    slot: ContextSlot
+    tracker: StepTracker
+    runtime: Any = None
+    replaced: list[str] = field(default_factory=list)
+
+
+def _models_of(pipe_or_model: Any) -> list[tuple[str, torch.nn.Module]]:
+    if isinstance(pipe_or_model, torch.nn.Module):
+        return [("model", pipe_or_model)]
+    found = [
+        (name, getattr(pipe_or_model, name))
+        for name in PIPELINE_COMPONENTS
+        if isinstance(getattr(pipe_or_model, name, None), torch.nn.Module)
+    ]
+    if not found:
+        raise ValueError(
+            f"apply() needs a Diffusers pipeline with a transformer, transformer_2 or unet, or such a model; got "
+            f"{type(pipe_or_model).__name__}"
+        )
+    return found
+
+
+def apply(pipe_or_model: Any, method: str, **options: Any) -> Any:
+    """Install `method` (with validated `options`) on a pipeline's transformer(s)/UNet or on a model.
+
+    Applying again replaces the previous method; `remove` restores the stock processors exactly.
+    Returns `pipe_or_model` for chaining.
+    """
+    spec = get_method(method)
+    config = spec.config_cls.from_options(**options)
+    models = _models_of(pipe_or_model)
+    adapters = []
+    for name, model in models:
+        adapter = family_of(model)
+        if adapter.name not in spec.families:
+            raise ValueError(
+                f"method {method!r} does not support {type(model).__name__} ({adapter.name}); it supports the "
+                f"families: {', '.join(spec.families)}"
+            )
+        adapters.append(adapter)
+
+    remove(pipe_or_model)
+    runtime = spec.build(config)
+    tracker = StepTracker()
+    num_steps_getter = None
+    if not isinstance(pipe_or_model, torch.nn.Module):
+        pipe = pipe_or_model
+        num_steps_getter = lambda: getattr(pipe, "_num_timesteps", None)  # noqa: E731 (set by Diffusers pipelines)
+    for (name, model), adapter in zip(models, adapters):
+        slot = ContextSlot(adapter.name)
+        original = dict(model.attn_processors)
+        new = dict(original)
+        replaced = []
+        for s in adapter.slots(model):
+            key = f"{s.path}.processor"
+            if key not in new:
+                raise RuntimeError(f"internal: attention module {s.path} not found among the model's processors")
+            new[key] = adapter.processor_cls(runtime, layer=s.layer, slot=slot)
+            replaced.append(s.path)
+        model.set_attn_processor(new)
+        hook = make_context_hook(slot, tracker, adapter.read_inputs, adapter.forward_signature(model), num_steps_getter)
+        install_context_hook(model, hook)
+        setattr(
+            model,
+            _STATE_ATTR,
+            InstalledState(method, config.to_dict(), adapter.name, original, slot, tracker, runtime, replaced),
+        )
+        logger.info("diffattn: %s installed on %s (%s, %d attention modules)", method, name, adapter.name, len(replaced))
+    return pipe_or_model
+
+
+def remove(pipe_or_model: Any) -> Any:
+    """Restore the exact processors that were there before `apply`, and remove the context hook. A no-op on a
+    pipeline or model without diffattn."""
+    for _, model in _models_of(pipe_or_model):
+        state: InstalledState | None = getattr(model, _STATE_ATTR, None)
+        if state is None:
+            continue
+        model.set_attn_processor(dict(state.original_processors))
+        remove_context_hook(model)
+        delattr(model, _STATE_ATTR)
+    return pipe_or_model
+
+
+def installed(model: torch.nn.Module) -> InstalledState | None:
+    """The diffattn installation on `model`, if any (for inspection and tests)."""
+    return getattr(model, _STATE_ATTR, None)

@@ -1,0 +1,219 @@
+"""Per-forward state that attention processors need and Diffusers does not pass them (DESIGN.md, layer 4).
+
+A forward pre-hook on the transformer/UNet (Diffusers' `HookRegistry`) reads the model inputs (latent shape,
+patch size, text length and padding mask, timestep) and publishes a `ForwardContext` that every processor of that
+model reads. The denoising step is derived from the timestep, never from counting calls: caching hooks
+(FasterCache, PyramidAttentionBroadcast, FirstBlockCache) skip attention calls, and CFG runs one or two passes per
+step. When the pipeline wraps the call in `model.cache_context(name, step_index=...)` (Wan does), the given step
+index and pass name are used as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+logger = logging.getLogger("diffattn")
+
+
+class TokenGrid(NamedTuple):
+    """Token grid of the video/image stream after patchify: frames, height, width (images have frames=1)."""
+
+    frames: int
+    height: int
+    width: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.height * self.width
+
+
+@dataclass
+class ForwardContext:
+    """What one model forward looks like, as the attention processors see it.
+
+    Attributes:
+        family: model family name (see `diffattn.adapters.FAMILIES`).
+        batch_size: batch of the forward (2 when CFG runs as one batched pass).
+        grid: token grid of the video/image stream at the model's own resolution (UNets: the input level; use
+            `grid_for_tokens` for the down-sampled levels).
+        text_len: number of text tokens (joint sequence part or cross-attention keys), 0 if none.
+        text_mask: `[B, text_len]` bool, True for real (non-padding) text tokens, or None if all are real.
+        image_len: image-conditioning tokens in cross-attention (Wan I2V: 257 CLIP tokens), else 0.
+        step_index: denoising step of this forward, from 0.
+        num_steps: total steps of the running generation when known, else None.
+        timestep: the model's timestep input as a float (largest entry for per-token timesteps).
+        pass_name: `"cond"`, `"uncond"`, `"cond_uncond"` when the pipeline names its pass, else None.
+        pass_index: 0 for the first forward of this step, 1 for the second (separate CFG passes), ...
+    """
+
+    family: str
+    batch_size: int
+    grid: TokenGrid | None
+    text_len: int = 0
+    text_mask: torch.Tensor | None = None
+    image_len: int = 0
+    step_index: int = 0
+    num_steps: int | None = None
+    timestep: float | None = None
+    pass_name: str | None = None
+    pass_index: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def grid_for_tokens(self, num_tokens: int) -> TokenGrid:
+        """The grid of a down-sampled level holding `num_tokens` tokens (UNets), or `grid` itself."""
+        if self.grid is None:
+            raise ValueError("this forward has no token grid")
+        if num_tokens == self.grid.num_tokens:
+            return self.grid
+        t, h, w = self.grid
+        for _ in range(8):
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+            if t * h * w == num_tokens:
+                return TokenGrid(t, h, w)
+        raise ValueError(f"no down-sampled level of grid {tuple(self.grid)} holds {num_tokens} tokens")
+
+
+class StepTracker:
+    """Derives the denoising step index from the sequence of timesteps a model (or two experts) sees.
+
+    Rules, in order: a step index given by the pipeline's cache context wins; otherwise a timestep lower than the
+    last one starts the next step, an equal one is another pass of the same step (CFG as separate calls), and a
+    higher one starts a new generation at step 0 (diffusion timesteps decrease within one generation). Shared by
+    all models of one pipeline, so Wan 2.2's switch between experts does not reset it.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.last_timestep: float | None = None
+        self.step_index = -1
+        self.pass_index = 0
+
+    def update(self, timestep: float | None, given_step: int | None = None) -> tuple[int, int]:
+        """Record one forward; returns `(step_index, pass_index)`."""
+        if given_step is not None:
+            new_step = given_step != self.step_index
+            self.step_index = given_step
+        elif timestep is None or self.last_timestep is None:
+            new_step = True
+            self.step_index = 0 if self.last_timestep is None or timestep is None else self.step_index + 1
+        elif math.isclose(timestep, self.last_timestep, rel_tol=1e-6, abs_tol=1e-6):
+            new_step = False
+        elif timestep < self.last_timestep:
+            new_step = True
+            self.step_index += 1
+        else:
+            new_step = True
+            self.step_index = 0
+        self.pass_index = 0 if new_step else self.pass_index + 1
+        self.last_timestep = timestep
+        return self.step_index, self.pass_index
+
+
+def timestep_value(timestep: Any) -> float | None:
+    """The scalar that orders steps: the largest entry (Wan 2.2 TI2V passes per-token timesteps, 0 on the
+    conditioning frame). One host read per model forward, never per attention call."""
+    if timestep is None:
+        return None
+    if isinstance(timestep, torch.Tensor):
+        if timestep.numel() == 0:
+            return None
+        return float(timestep.detach().max())
+    return float(timestep)
+
+
+class ContextSlot:
+    """Holds the current `ForwardContext` of one model; processors keep a reference to it."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self.current: ForwardContext | None = None
+
+
+def _load_hooks():
+    from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
+
+    return HookRegistry, ModelHook, StateManager
+
+
+HOOK_NAME = "diffattn_context"
+
+
+class _NoState:
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def make_context_hook(
+    slot: ContextSlot,
+    tracker: StepTracker,
+    read_inputs: Callable[[torch.nn.Module, dict[str, Any]], ForwardContext],
+    forward_signature: Any,
+    num_steps_getter: Callable[[], int | None] | None = None,
+):
+    """Build the forward pre-hook that fills `slot` before every forward of the model.
+
+    `read_inputs(model, bound_arguments)` is the family adapter's reader of the forward's inputs.
+    """
+    _, ModelHook, StateManager = _load_hooks()
+
+    class DiffattnContextHook(ModelHook):
+        # Stateful so that Diffusers' `cache_context(name, step_index=...)` reaches us through a StateManager.
+        _is_stateful = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.cache_state = StateManager(_NoState)
+
+        def pre_forward(self, module, *args, **kwargs):
+            bound = forward_signature.bind_partial(*args, **kwargs)
+            ctx = read_inputs(module, dict(bound.arguments))
+            cache_ctx = self.cache_state._context
+            given_step = getattr(cache_ctx, "step_index", None) if cache_ctx is not None else None
+            step, pass_index = tracker.update(ctx.timestep, given_step)
+            num_steps = getattr(cache_ctx, "num_inference_steps", None) if cache_ctx is not None else None
+            if num_steps is None and num_steps_getter is not None:
+                num_steps = num_steps_getter()
+            slot.current = replace(
+                ctx,
+                step_index=step,
+                pass_index=pass_index,
+                num_steps=num_steps,
+                pass_name=getattr(cache_ctx, "name", None) if cache_ctx is not None else None,
+            )
+            return args, kwargs
+
+        def post_forward(self, module, output):
+            slot.current = None
+            return output
+
+        def reset_state(self, module):
+            tracker.reset()
+            slot.current = None
+            return module
+
+    return DiffattnContextHook()
+
+
+def install_context_hook(model: torch.nn.Module, hook: Any) -> None:
+    HookRegistry, _, _ = _load_hooks()
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    if registry.get_hook(HOOK_NAME) is not None:
+        registry.remove_hook(HOOK_NAME, recurse=False)
+    registry.register_hook(hook, HOOK_NAME)
+
+
+def remove_context_hook(model: torch.nn.Module) -> None:
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+        registry.remove_hook(HOOK_NAME, recurse=False)

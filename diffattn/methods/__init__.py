@@ -1,0 +1,1 @@
+"""Attention methods: each one a config dataclass and an `AttentionMethod`."""

@@ -1,0 +1,81 @@
+"""The method registry: each method declares its options, the families it supports and how it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .config import MethodConfig
+from .methods.base import AttentionMethod
+
+ALL_FAMILIES = ("wan", "hunyuan_video", "cogvideox", "flux", "sd3", "unet")
+
+# Methods of DESIGN.md that are not implemented yet, with the families they will support (for `diffattn methods`).
+PLANNED: dict[str, tuple[str, tuple[str, ...]]] = {
+    "radial": ("static O(n log n) spatio-temporal block mask", ("wan", "hunyuan_video", "cogvideox")),
+    "rectified": ("top-p block selection + pooled-attention rectification", ("wan", "hunyuan_video", "cogvideox", "flux")),
+    "freeswim": ("inward window + cross-attention override, training-free high-res video", ("wan",)),
+    "gna": ("generalized neighborhood attention (window, stride, dilation)", ("wan", "hunyuan_video", "cogvideox", "flux", "sd3")),
+    "agent": ("agent tokens + agent attention (AgentSD)", ("unet", "flux", "sd3")),
+    "softpag": ("head-level soft perturbed-attention guidance", ("sd3", "flux", "unet", "wan", "hunyuan_video")),
+    "ficgen": ("frequency-aware regional (layout) attention", ("unet",)),
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    summary: str
+    config_cls: type[MethodConfig]
+    families: tuple[str, ...]
+    build: Callable[[MethodConfig], AttentionMethod]
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    unknown = set(spec.families) - set(ALL_FAMILIES)
+    if unknown:
+        raise ValueError(f"method {spec.name!r} names unknown families {sorted(unknown)}; known: {ALL_FAMILIES}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def available_methods() -> list[str]:
+    """Names of the methods that can be applied now, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a name (str), got {type(name).__name__}")
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in PLANNED:
+        raise ValueError(
+            f"method {name!r} is not available yet in this version of diffattn; available: {', '.join(_REGISTRY)}"
+        )
+    raise ValueError(f"unknown method {name!r}; available: {', '.join(_REGISTRY)}")
+
+
+def build_method(name: str, **options: Any) -> AttentionMethod:
+    spec = get_method(name)
+    return spec.build(spec.config_cls.from_options(**options))
+
+
+def _register_builtins() -> None:
+    from .methods.dense import DenseConfig, DenseMethod
+
+    register_method(
+        MethodSpec(
+            name="dense",
+            summary="full attention through diffattn's path (equals the stock processors; the A/B baseline)",
+            config_cls=DenseConfig,
+            families=ALL_FAMILIES,
+            build=DenseMethod,
+        )
+    )
+
+
+_register_builtins()
