@@ -1,0 +1,171 @@
+"""block_sparse_attention on CPU: the reference against an independent per-query fp64 loop, index lists,
+argument validation, LSE merging; and the Triton kernels run under TRITON_INTERPRET=1 in a subprocess
+(the interpreter must be switched on before triton is imported, which this process may already have done)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffattn.kernels import block_sparse_attention, merge_attention_states
+from diffattn.kernels.block_sparse import block_sparse_attention_reference, build_block_index, get_block_index
+
+
+def _naive(q, k, v, block_mask, bs, scale, ek=None, ev=None):
+    """Per (b, h, query) loop in float64: gather the allowed keys explicitly, softmax, weighted sum."""
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    out = torch.zeros(B, H, Sq, D, dtype=torch.float64)
+    lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            m = block_mask[min(b, block_mask.shape[0] - 1), min(h, block_mask.shape[1] - 1)]
+            for i in range(Sq):
+                keys = [j for j in range(Sk) if m[i // bs, j // bs]]
+                kk = k[b, h, keys].double()
+                vv = v[b, h, keys].double()
+                if ek is not None:
+                    kk = torch.cat([kk, ek[b, h].double()])
+                    vv = torch.cat([vv, ev[b, h].double()])
+                if kk.shape[0] == 0:
+                    continue
+                s = kk @ q[b, h, i].double() * scale
+                lse[b, h, i] = torch.logsumexp(s, 0)
+                out[b, h, i] = torch.softmax(s, 0) @ vv
+    return out, lse
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize(
+    "B,H,Sq,Sk,D,bs,T,mb,mh",
+    [(2, 3, 37, 53, 8, 16, 0, 1, 3), (1, 2, 64, 64, 16, 32, 4, 1, 1), (2, 2, 20, 45, 5, 16, 3, 2, 2), (1, 1, 17, 0, 4, 16, 2, 1, 1)],
+)
+def test_reference_matches_naive_loop(B, H, Sq, Sk, D, bs, T, mb, mh):
+    q, k, v = torch.randn(B, H, Sq, D), torch.randn(B, H, Sk, D), torch.randn(B, H, Sk, D)
+    mask = torch.rand(mb, mh, math.ceil(Sq / bs), math.ceil(Sk / bs)) < 0.5
+    if mask.shape[2] > 1:
+        mask[:, :, 1] = False  # a fully masked query block
+    ek = torch.randn(B, H, T, D) if T else None
+    ev = torch.randn(B, H, T, D) if T else None
+    scale = 0.3
+    out, lse = block_sparse_attention(q, k, v, mask, block_size=bs, scale=scale, extra_k=ek, extra_v=ev, return_lse=True)
+    ref_out, ref_lse = _naive(q, k, v, mask, bs, scale, ek, ev)
+    assert not torch.isnan(out).any()
+    assert _rel(out, ref_out) < 1e-5
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    if fin.any():
+        assert _rel(lse[fin], ref_lse[fin]) < 1e-5
+    assert (out[~fin] == 0).all()
+
+
+def test_reference_fully_masked_gradients_are_zero_not_nan():
+    q, k, v = (torch.randn(1, 2, 40, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
+    mask[0, 0, 0, 1] = True
+    out, lse = block_sparse_attention(q, k, v, mask, block_size=16, return_lse=True)
+    (out.sum() + lse[torch.isfinite(lse)].sum()).backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert (q.grad[:, :, 16:] == 0).all()
+    assert (out[:, :, 16:] == 0).all() and torch.isinf(lse[:, :, 16:]).all()
+
+
+def test_extra_keys_equal_lse_merge_of_two_parts():
+    B, H, S, D, T = 1, 2, 50, 16, 7
+    q, k, v = torch.randn(B, H, S, D), torch.randn(B, H, S, D), torch.randn(B, H, S, D)
+    ek, ev = torch.randn(B, H, T, D), torch.randn(B, H, T, D)
+    mask = torch.rand(1, H, 4, 4) < 0.4
+    both, lse_both = block_sparse_attention(q, k, v, mask, block_size=16, extra_k=ek, extra_v=ev, return_lse=True)
+    a, lse_a = block_sparse_attention(q, k, v, mask, block_size=16, return_lse=True)
+    full = torch.ones(1, 1, 4, 1, dtype=torch.bool)
+    b, lse_b = block_sparse_attention(q, ek, ev, full, block_size=16, return_lse=True)
+    merged, lse_m = merge_attention_states(a, lse_a, b, lse_b)
+    assert _rel(merged, both) < 1e-5 and _rel(lse_m, lse_both) < 1e-5
+
+
+def test_index_lists_are_ascending_csr():
+    mask = torch.rand(2, 3, 7, 9) < 0.3
+    idx = build_block_index(mask)
+    for b in range(2):
+        for h in range(3):
+            for r in range(7):
+                cols = torch.nonzero(mask[b, h, r]).flatten().tolist()
+                assert idx.kv_cnt[b, h, r].item() == len(cols)
+                assert idx.kv_idx[b, h, r, : len(cols)].tolist() == cols
+            for c in range(9):
+                rows = torch.nonzero(mask[b, h, :, c]).flatten().tolist()
+                assert idx.q_idx[b, h, c, : len(rows)].tolist() == rows
+    assert get_block_index(mask) is get_block_index(mask)
+    cached = get_block_index(mask)
+    mask[0, 0, 0, 0] = ~mask[0, 0, 0, 0]  # in-place change bumps the version: the cache must rebuild
+    assert get_block_index(mask) is not cached
+
+
+def _args(**over):
+    a = dict(q=torch.randn(1, 2, 40, 16), k=torch.randn(1, 2, 40, 16), v=torch.randn(1, 2, 40, 16),
+             block_mask=torch.ones(1, 1, 3, 3, dtype=torch.bool), block_size=16)
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize(
+    "over,exc,word",
+    [
+        (dict(q=torch.randn(2, 40, 16)), ValueError, "q must be 4-D"),
+        (dict(k=torch.randn(1, 2, 40, 16, dtype=torch.float64)), TypeError, "k dtype"),
+        (dict(block_mask=torch.ones(1, 1, 3, 3)), TypeError, "block_mask must be a bool"),
+        (dict(block_mask=torch.ones(1, 1, 2, 3, dtype=torch.bool)), ValueError, "block_mask shape"),
+        (dict(block_mask=torch.ones(3, 1, 3, 3, dtype=torch.bool)), ValueError, "block_mask shape"),
+        (dict(block_size=24), ValueError, "block_size"),
+        (dict(block_size=64.0), TypeError, "block_size"),
+        (dict(q=torch.randn(1, 2, 40, 300), k=torch.randn(1, 2, 40, 300), v=torch.randn(1, 2, 40, 300)), ValueError, "head dim"),
+        (dict(v=torch.randn(1, 2, 40, 8)), ValueError, "v head dim"),
+        (dict(extra_k=torch.randn(1, 2, 3, 16)), ValueError, "together"),
+        (dict(extra_k=torch.randn(1, 2, 3, 8), extra_v=torch.randn(1, 2, 3, 8)), ValueError, "extra_k must be"),
+        (dict(scale=-1.0), ValueError, "scale"),
+        (dict(backend="cuda"), ValueError, "backend"),
+    ],
+)
+def test_validation_names_the_argument(over, exc, word):
+    with pytest.raises(exc, match=word):
+        block_sparse_attention(**_args(**over))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("interpreter is on in this process")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        block_sparse_attention(**_args(backend="triton"))
+
+
+def test_reference_float64_and_backend_env(monkeypatch):
+    monkeypatch.setenv("DIFFATTN_BLOCK_SPARSE_BACKEND", "reference")
+    a = _args(q=torch.randn(1, 2, 40, 16, dtype=torch.float64), k=torch.randn(1, 2, 40, 16, dtype=torch.float64),
+              v=torch.randn(1, 2, 40, 16, dtype=torch.float64))
+    out = block_sparse_attention(**a)
+    ref = block_sparse_attention_reference(**{k: a[k] for k in ("q", "k", "v", "block_mask")}, block_size=16)[0]
+    assert out.dtype == torch.float64 and torch.equal(out, ref)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine test_block_sparse_triton.py runs directly")
+def test_triton_kernels_under_interpreter():
+    """Runs tests/test_block_sparse_triton.py in a fresh process with TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    path = Path(__file__).with_name("test_block_sparse_triton.py")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.split("\n")[-2], r.stdout[-2000:]
