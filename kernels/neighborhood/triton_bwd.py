@@ -1,0 +1,546 @@
+"""Triton backward for neighborhood attention (FlashAttention-2 style, recomputing P from the saved lse).
+
+Three kernels:
+- dQ: one program per query tile, visiting the same key-tile box as the forward (mask-free inner box + masked slabs)
+  and the text tokens;
+- dK/dV: one program per key tile, visiting the query tiles whose box contains it (the inverse relation,
+  `AxisPlan.kv_tab`), again mask-free where the pair is full;
+- dK/dV of the text tokens: one program per text tile, visiting every query tile of every dilation group.
+delta = rowsum(dO * O) - dlse is computed in PyTorch beforehand (dlse: gradient flowing into the returned lse).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .tiling import Plan
+from .triton_fwd import LOG2E, _cdiv, _intra, _pad3, _window_ok, addressing, axis_tables
+
+
+@triton.jit
+def _dq_box(
+    dq, q, do, lse2, delta, K, V, kv_base,
+    lo0, hi0, lo1, hi1, lo2, hi2,
+    n0, n1, n2, offs_d, dmask,
+    k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
+    lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
+    NDIM: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr, MASKED: tl.constexpr,
+):
+    c1 = hi1 - lo1
+    c2 = hi2 - lo2
+    count = (hi0 - lo0) * c1 * c2
+    for it in range(0, count):
+        k2 = lo2 + it % c2
+        k1 = lo1 + (it // c2) % c1
+        k0 = lo0 + it // (c2 * c1)
+        off = kv_base + k0 * k_ts0 + n0 * k_is0
+        if NDIM > 1:
+            off += k1 * k_ts1 + n1 * k_is1
+        if NDIM > 2:
+            off += k2 * k_ts2 + n2 * k_is2
+        ptr = off[:, None] + offs_d[None, :]
+        y0 = k0 * TK0 + n0
+        kvalid = y0 < lg0
+        if NDIM > 1:
+            y1 = k1 * TK1 + n1
+            kvalid &= y1 < lg1
+        if NDIM > 2:
+            y2 = k2 * TK2 + n2
+            kvalid &= y2 < lg2
+        kk = tl.load(K + ptr, mask=kvalid[:, None] & dmask[None, :], other=0.0)
+        vv = tl.load(V + ptr, mask=kvalid[:, None] & dmask[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(kk)) * qk_scale
+        p = tl.math.exp2(qk - lse2[:, None])
+        if MASKED:
+            ok = _window_ok(y0, st0, ln0)
+            if NDIM > 1:
+                ok &= _window_ok(y1, st1, ln1)
+            if NDIM > 2:
+                ok &= _window_ok(y2, st2, ln2)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, tl.trans(vv))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kk.dtype), kk, dq)
+    return dq
+
+
+@triton.jit
+def _na_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, EK, EV,
+    R0, QT0, R1, QT1, R2, QT2,
+    sq_b, sq_h, q_gs0, q_gs1, q_gs2, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2,
+    sk_b, sk_h, k_gs0, k_gs1, k_gs2, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
+    so_b, so_h, o_gs0, o_gs1, o_gs2, o_ts0, o_ts1, o_ts2, o_is0, o_is1, o_is2,
+    sl_b, sl_h, l_gs0, l_gs1, l_gs2, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2,
+    se_b, se_h, se_t, n_extra,
+    H, G, L0, L1, L2, DL0, DL1, DL2, NQ0, NQ1, NQ2, X0, X1, X2,
+    qk_scale, scale, head_dim,
+    NDIM: tl.constexpr,
+    TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
+    TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_EXTRA: tl.constexpr,
+):
+    """Q, DO and DQ share q's addressing ("q_*"; DO/DQ made contiguous like q by the host: "o_*")."""
+    BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
+    BLOCK_N: tl.constexpr = TK0 * TK1 * TK2
+    pid_t = tl.program_id(0)
+    pid_bgh = tl.program_id(1)
+    h = pid_bgh % H
+    bg = pid_bgh // H
+    g = bg % G
+    b = bg // G
+    g2 = g % DL2
+    g1 = (g // DL2) % DL1
+    g0 = g // (DL2 * DL1)
+    qt2 = pid_t % NQ2
+    qt1 = (pid_t // NQ2) % NQ1
+    qt0 = pid_t // (NQ2 * NQ1)
+    lg0 = (L0 - g0 + DL0 - 1) // DL0
+    lg1 = (L1 - g1 + DL1 - 1) // DL1
+    lg2 = (L2 - g2 + DL2 - 1) // DL2
+    t0 = QT0 + (g0 * NQ0 + qt0) * 4
+    lo0 = tl.load(t0)
+    hi0 = tl.load(t0 + 1)
+    ilo0 = tl.load(t0 + 2)
+    ihi0 = tl.load(t0 + 3)
+    t1 = QT1 + (g1 * NQ1 + qt1) * 4
+    lo1 = tl.load(t1)
+    hi1 = tl.load(t1 + 1)
+    ilo1 = tl.load(t1 + 2)
+    ihi1 = tl.load(t1 + 3)
+    t2 = QT2 + (g2 * NQ2 + qt2) * 4
+    lo2 = tl.load(t2)
+    hi2 = tl.load(t2 + 1)
+    ilo2 = tl.load(t2 + 2)
+    ihi2 = tl.load(t2 + 3)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < head_dim
+    m0, m1, m2 = _intra(offs_m, TQ1, TQ2)
+    n0, n1, n2 = _intra(offs_n, TK1, TK2)
+    x0 = qt0 * TQ0 + m0
+    x1 = qt1 * TQ1 + m1
+    x2 = qt2 * TQ2 + m2
+    qvalid = x0 < lg0
+    if NDIM > 1:
+        qvalid &= x1 < lg1
+    if NDIM > 2:
+        qvalid &= x2 < lg2
+    b64 = b.to(tl.int64)
+    Q += b64 * sq_b + h * sq_h
+    DO += b64 * so_b + h * so_h
+    DQ += b64 * so_b + h * so_h
+    LSE += b64 * sl_b + h * sl_h
+    DELTA += b64 * sl_b + h * sl_h
+    K += b64 * sk_b + h * sk_h
+    V += b64 * sk_b + h * sk_h
+    q_off = g0 * q_gs0 + qt0 * q_ts0 + m0 * q_is0
+    o_off = g0 * o_gs0 + qt0 * o_ts0 + m0 * o_is0
+    l_off = g0 * l_gs0 + qt0 * l_ts0 + m0 * l_is0
+    kv_base = g0 * k_gs0
+    if NDIM > 1:
+        q_off += g1 * q_gs1 + qt1 * q_ts1 + m1 * q_is1
+        o_off += g1 * o_gs1 + qt1 * o_ts1 + m1 * o_is1
+        l_off += g1 * l_gs1 + qt1 * l_ts1 + m1 * l_is1
+        kv_base += g1 * k_gs1
+    if NDIM > 2:
+        q_off += g2 * q_gs2 + qt2 * q_ts2 + m2 * q_is2
+        o_off += g2 * o_gs2 + qt2 * o_ts2 + m2 * o_is2
+        l_off += g2 * l_gs2 + qt2 * l_ts2 + m2 * l_is2
+        kv_base += g2 * k_gs2
+    qmask = qvalid[:, None] & dmask[None, :]
+    q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + o_off[:, None] + offs_d[None, :], mask=qmask, other=0.0)
+    lse2 = tl.load(LSE + l_off, mask=qvalid, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + l_off, mask=qvalid, other=0.0)
+    st0 = tl.load(R0 + (g0 * X0 + x0) * 2)
+    ln0 = tl.load(R0 + (g0 * X0 + x0) * 2 + 1)
+    st1 = st0
+    ln1 = ln0
+    st2 = st0
+    ln2 = ln0
+    if NDIM > 1:
+        st1 = tl.load(R1 + (g1 * X1 + x1) * 2)
+        ln1 = tl.load(R1 + (g1 * X1 + x1) * 2 + 1)
+    if NDIM > 2:
+        st2 = tl.load(R2 + (g2 * X2 + x2) * 2)
+        ln2 = tl.load(R2 + (g2 * X2 + x2) * 2 + 1)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_box(dq, q, do, lse2, delta, K, V, kv_base, ilo0, ihi0, ilo1, ihi1, ilo2, ihi2, n0, n1, n2, offs_d,
+                 dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2, lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2,
+                 qk_scale, NDIM, TK0, TK1, TK2, False)
+    dq = _dq_box(dq, q, do, lse2, delta, K, V, kv_base, lo0, ilo0, lo1, hi1, lo2, hi2, n0, n1, n2, offs_d,
+                 dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2, lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2,
+                 qk_scale, NDIM, TK0, TK1, TK2, True)
+    dq = _dq_box(dq, q, do, lse2, delta, K, V, kv_base, ihi0, hi0, lo1, hi1, lo2, hi2, n0, n1, n2, offs_d,
+                 dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2, lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2,
+                 qk_scale, NDIM, TK0, TK1, TK2, True)
+    if NDIM > 1:
+        dq = _dq_box(dq, q, do, lse2, delta, K, V, kv_base, ilo0, ihi0, lo1, ilo1, lo2, hi2, n0, n1, n2, offs_d,
+                     dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2, lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2,
+                     qk_scale, NDIM, TK0, TK1, TK2, True)
+        dq = _dq_box(dq, q, do, lse2, delta, K, V, kv_base, ilo0, ihi0, ihi1, hi1, lo2, hi2, n0, n1, n2, offs_d,
+                     dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2, lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2,
+                     qk_scale, NDIM, TK0, TK1, TK2, True)
+    if NDIM > 2:
+        dq = _dq_box(dq, q, do, lse2, delta, K, V, kv_base, ilo0, ihi0, ilo1, ihi1, lo2, ilo2, n0, n1, n2, offs_d,
+                     dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2, lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2,
+                     qk_scale, NDIM, TK0, TK1, TK2, True)
+        dq = _dq_box(dq, q, do, lse2, delta, K, V, kv_base, ilo0, ihi0, ilo1, ihi1, ihi2, hi2, n0, n1, n2, offs_d,
+                     dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2, lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2,
+                     qk_scale, NDIM, TK0, TK1, TK2, True)
+    if HAS_EXTRA:
+        EK += b64 * se_b + h * se_h
+        EV += b64 * se_b + h * se_h
+        for j in range(0, tl.cdiv(n_extra, BLOCK_N)):
+            cols = j * BLOCK_N + offs_n
+            cvalid = cols < n_extra
+            ptr = cols[:, None] * se_t + offs_d[None, :]
+            kk = tl.load(EK + ptr, mask=cvalid[:, None] & dmask[None, :], other=0.0)
+            vv = tl.load(EV + ptr, mask=cvalid[:, None] & dmask[None, :], other=0.0)
+            qk = tl.dot(q, tl.trans(kk)) * qk_scale
+            p = tl.math.exp2(qk - lse2[:, None])
+            p = tl.where(cvalid[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(vv))
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(kk.dtype), kk, dq)
+    dq = dq * scale
+    tl.store(DQ + o_off[:, None] + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _dkv_box(
+    dk, dv, kk, vv, Q, DO, LSE, DELTA, R0, R1, R2,
+    g0, g1, g2, X0, X1, X2,
+    lo0, hi0, lo1, hi1, lo2, hi2,
+    m0, m1, m2, y0, y1, y2, offs_d, dmask,
+    q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2,
+    o_base, o_ts0, o_ts1, o_ts2, o_is0, o_is1, o_is2,
+    l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2,
+    lg0, lg1, lg2, qk_scale,
+    NDIM: tl.constexpr, TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
+    MASKED: tl.constexpr, WINDOW: tl.constexpr,
+):
+    """Accumulate dK/dV of one key tile over the query tiles in [lo, hi) per axis. WINDOW=False: no window test
+    (text tokens); MASKED=False: the pairs are full (no per-element test)."""
+    c1 = hi1 - lo1
+    c2 = hi2 - lo2
+    count = (hi0 - lo0) * c1 * c2
+    for it in range(0, count):
+        qt2 = lo2 + it % c2
+        qt1 = lo1 + (it // c2) % c1
+        qt0 = lo0 + it // (c2 * c1)
+        x0 = qt0 * TQ0 + m0
+        qvalid = x0 < lg0
+        q_off = q_base + qt0 * q_ts0 + m0 * q_is0
+        o_off = o_base + qt0 * o_ts0 + m0 * o_is0
+        l_off = l_base + qt0 * l_ts0 + m0 * l_is0
+        if NDIM > 1:
+            x1 = qt1 * TQ1 + m1
+            qvalid &= x1 < lg1
+            q_off += qt1 * q_ts1 + m1 * q_is1
+            o_off += qt1 * o_ts1 + m1 * o_is1
+            l_off += qt1 * l_ts1 + m1 * l_is1
+        if NDIM > 2:
+            x2 = qt2 * TQ2 + m2
+            qvalid &= x2 < lg2
+            q_off += qt2 * q_ts2 + m2 * q_is2
+            o_off += qt2 * o_ts2 + m2 * o_is2
+            l_off += qt2 * l_ts2 + m2 * l_is2
+        qmask = qvalid[:, None] & dmask[None, :]
+        q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=qmask, other=0.0)
+        do = tl.load(DO + o_off[:, None] + offs_d[None, :], mask=qmask, other=0.0)
+        lse2 = tl.load(LSE + l_off, mask=qvalid, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + l_off, mask=qvalid, other=0.0)
+        qk = tl.dot(q, tl.trans(kk)) * qk_scale
+        p = tl.math.exp2(qk - lse2[:, None])
+        if MASKED:
+            if WINDOW:
+                st0 = tl.load(R0 + (g0 * X0 + x0) * 2)
+                ln0 = tl.load(R0 + (g0 * X0 + x0) * 2 + 1)
+                ok = _window_ok(y0, st0, ln0)
+                if NDIM > 1:
+                    st1 = tl.load(R1 + (g1 * X1 + x1) * 2)
+                    ln1 = tl.load(R1 + (g1 * X1 + x1) * 2 + 1)
+                    ok &= _window_ok(y1, st1, ln1)
+                if NDIM > 2:
+                    st2 = tl.load(R2 + (g2 * X2 + x2) * 2)
+                    ln2 = tl.load(R2 + (g2 * X2 + x2) * 2 + 1)
+                    ok &= _window_ok(y2, st2, ln2)
+                p = tl.where(ok, p, 0.0)
+        # padded query rows have dO = 0 and delta = 0, so they contribute nothing below
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
+        dp = tl.dot(do, tl.trans(vv))
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _na_bwd_dkv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    R0, KT0, R1, KT1, R2, KT2,
+    sq_b, sq_h, q_gs0, q_gs1, q_gs2, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2,
+    sk_b, sk_h, k_gs0, k_gs1, k_gs2, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
+    so_b, so_h, o_gs0, o_gs1, o_gs2, o_ts0, o_ts1, o_ts2, o_is0, o_is1, o_is2,
+    sl_b, sl_h, l_gs0, l_gs1, l_gs2, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2,
+    sd_b, sd_h, d_gs0, d_gs1, d_gs2, d_ts0, d_ts1, d_ts2, d_is0, d_is1, d_is2,
+    H, G, L0, L1, L2, DL0, DL1, DL2, NK0, NK1, NK2, X0, X1, X2,
+    qk_scale, scale, head_dim,
+    NDIM: tl.constexpr,
+    TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
+    TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One program per key tile; DK/DV use the "d_*" addressing (contiguous like k)."""
+    BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
+    BLOCK_N: tl.constexpr = TK0 * TK1 * TK2
+    pid_t = tl.program_id(0)
+    pid_bgh = tl.program_id(1)
+    h = pid_bgh % H
+    bg = pid_bgh // H
+    g = bg % G
+    b = bg // G
+    g2 = g % DL2
+    g1 = (g // DL2) % DL1
+    g0 = g // (DL2 * DL1)
+    kt2 = pid_t % NK2
+    kt1 = (pid_t // NK2) % NK1
+    kt0 = pid_t // (NK2 * NK1)
+    lg0 = (L0 - g0 + DL0 - 1) // DL0
+    lg1 = (L1 - g1 + DL1 - 1) // DL1
+    lg2 = (L2 - g2 + DL2 - 1) // DL2
+    t0 = KT0 + (g0 * NK0 + kt0) * 4
+    lo0 = tl.load(t0)
+    hi0 = tl.load(t0 + 1)
+    ilo0 = tl.load(t0 + 2)
+    ihi0 = tl.load(t0 + 3)
+    t1 = KT1 + (g1 * NK1 + kt1) * 4
+    lo1 = tl.load(t1)
+    hi1 = tl.load(t1 + 1)
+    ilo1 = tl.load(t1 + 2)
+    ihi1 = tl.load(t1 + 3)
+    t2 = KT2 + (g2 * NK2 + kt2) * 4
+    lo2 = tl.load(t2)
+    hi2 = tl.load(t2 + 1)
+    ilo2 = tl.load(t2 + 2)
+    ihi2 = tl.load(t2 + 3)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < head_dim
+    m0, m1, m2 = _intra(offs_m, TQ1, TQ2)
+    n0, n1, n2 = _intra(offs_n, TK1, TK2)
+    y0 = kt0 * TK0 + n0
+    y1 = kt1 * TK1 + n1
+    y2 = kt2 * TK2 + n2
+    kvalid = y0 < lg0
+    if NDIM > 1:
+        kvalid &= y1 < lg1
+    if NDIM > 2:
+        kvalid &= y2 < lg2
+    b64 = b.to(tl.int64)
+    Q += b64 * sq_b + h * sq_h
+    DO += b64 * so_b + h * so_h
+    LSE += b64 * sl_b + h * sl_h
+    DELTA += b64 * sl_b + h * sl_h
+    K += b64 * sk_b + h * sk_h
+    V += b64 * sk_b + h * sk_h
+    DK += b64 * sd_b + h * sd_h
+    DV += b64 * sd_b + h * sd_h
+    k_off = g0 * k_gs0 + kt0 * k_ts0 + n0 * k_is0
+    d_off = g0 * d_gs0 + kt0 * d_ts0 + n0 * d_is0
+    q_base = g0 * q_gs0
+    o_base = g0 * o_gs0
+    l_base = g0 * l_gs0
+    if NDIM > 1:
+        k_off += g1 * k_gs1 + kt1 * k_ts1 + n1 * k_is1
+        d_off += g1 * d_gs1 + kt1 * d_ts1 + n1 * d_is1
+        q_base += g1 * q_gs1
+        o_base += g1 * o_gs1
+        l_base += g1 * l_gs1
+    if NDIM > 2:
+        k_off += g2 * k_gs2 + kt2 * k_ts2 + n2 * k_is2
+        d_off += g2 * d_gs2 + kt2 * d_ts2 + n2 * d_is2
+        q_base += g2 * q_gs2
+        o_base += g2 * o_gs2
+        l_base += g2 * l_gs2
+    kmask = kvalid[:, None] & dmask[None, :]
+    kk = tl.load(K + k_off[:, None] + offs_d[None, :], mask=kmask, other=0.0)
+    vv = tl.load(V + k_off[:, None] + offs_d[None, :], mask=kmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk, dv = _dkv_box(dk, dv, kk, vv, Q, DO, LSE, DELTA, R0, R1, R2, g0, g1, g2, X0, X1, X2,
+                      ilo0, ihi0, ilo1, ihi1, ilo2, ihi2, m0, m1, m2, y0, y1, y2, offs_d, dmask,
+                      q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2, o_base, o_ts0, o_ts1, o_ts2, o_is0, o_is1,
+                      o_is2, l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2, lg0, lg1, lg2, qk_scale,
+                      NDIM, TQ0, TQ1, TQ2, False, True)
+    dk, dv = _dkv_box(dk, dv, kk, vv, Q, DO, LSE, DELTA, R0, R1, R2, g0, g1, g2, X0, X1, X2,
+                      lo0, ilo0, lo1, hi1, lo2, hi2, m0, m1, m2, y0, y1, y2, offs_d, dmask,
+                      q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2, o_base, o_ts0, o_ts1, o_ts2, o_is0, o_is1,
+                      o_is2, l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2, lg0, lg1, lg2, qk_scale,
+                      NDIM, TQ0, TQ1, TQ2, True, True)
+    dk, dv = _dkv_box(dk, dv, kk, vv, Q, DO, LSE, DELTA, R0, R1, R2, g0, g1, g2, X0, X1, X2,
+                      ihi0, hi0, lo1, hi1, lo2, hi2, m0, m1, m2, y0, y1, y2, offs_d, dmask,
+                      q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2, o_base, o_ts0, o_ts1, o_ts2, o_is0, o_is1,
+                      o_is2, l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2, lg0, lg1, lg2, qk_scale,
+                      NDIM, TQ0, TQ1, TQ2, True, True)
+    if NDIM > 1:
+        dk, dv = _dkv_box(dk, dv, kk, vv, Q, DO, LSE, DELTA, R0, R1, R2, g0, g1, g2, X0, X1, X2,
+                          ilo0, ihi0, lo1, ilo1, lo2, hi2, m0, m1, m2, y0, y1, y2, offs_d, dmask,
+                          q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2, o_base, o_ts0, o_ts1, o_ts2, o_is0,
+                          o_is1, o_is2, l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2, lg0, lg1, lg2, qk_scale,
+                          NDIM, TQ0, TQ1, TQ2, True, True)
+        dk, dv = _dkv_box(dk, dv, kk, vv, Q, DO, LSE, DELTA, R0, R1, R2, g0, g1, g2, X0, X1, X2,
+                          ilo0, ihi0, ihi1, hi1, lo2, hi2, m0, m1, m2, y0, y1, y2, offs_d, dmask,
+                          q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2, o_base, o_ts0, o_ts1, o_ts2, o_is0,
+                          o_is1, o_is2, l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2, lg0, lg1, lg2, qk_scale,
+                          NDIM, TQ0, TQ1, TQ2, True, True)
+    if NDIM > 2:
+        dk, dv = _dkv_box(dk, dv, kk, vv, Q, DO, LSE, DELTA, R0, R1, R2, g0, g1, g2, X0, X1, X2,
+                          ilo0, ihi0, ilo1, ihi1, lo2, ilo2, m0, m1, m2, y0, y1, y2, offs_d, dmask,
+                          q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2, o_base, o_ts0, o_ts1, o_ts2, o_is0,
+                          o_is1, o_is2, l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2, lg0, lg1, lg2, qk_scale,
+                          NDIM, TQ0, TQ1, TQ2, True, True)
+        dk, dv = _dkv_box(dk, dv, kk, vv, Q, DO, LSE, DELTA, R0, R1, R2, g0, g1, g2, X0, X1, X2,
+                          ilo0, ihi0, ilo1, ihi1, ihi2, hi2, m0, m1, m2, y0, y1, y2, offs_d, dmask,
+                          q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2, o_base, o_ts0, o_ts1, o_ts2, o_is0,
+                          o_is1, o_is2, l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2, lg0, lg1, lg2, qk_scale,
+                          NDIM, TQ0, TQ1, TQ2, True, True)
+    dmask2 = kvalid[:, None] & dmask[None, :]
+    tl.store(DK + d_off[:, None] + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=dmask2)
+    tl.store(DV + d_off[:, None] + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=dmask2)
+
+
+@triton.jit
+def _na_bwd_extra_kernel(
+    Q, EK, EV, DO, LSE, DELTA, DEK, DEV,
+    sq_b, sq_h, q_gs0, q_gs1, q_gs2, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2,
+    so_b, so_h, o_gs0, o_gs1, o_gs2, o_ts0, o_ts1, o_ts2, o_is0, o_is1, o_is2,
+    sl_b, sl_h, l_gs0, l_gs1, l_gs2, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2,
+    se_b, se_h, se_t, sde_b, sde_h, sde_t, n_extra,
+    H, L0, L1, L2, DL0, DL1, DL2, NQ0, NQ1, NQ2,
+    qk_scale, scale, head_dim,
+    NDIM: tl.constexpr,
+    TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK/dV of the text tokens: one program per (text tile, batch, head), all query tiles of all groups."""
+    BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    h = pid_bh % H
+    b = pid_bh // H
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_t * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < head_dim
+    m0, m1, m2 = _intra(offs_m, TQ1, TQ2)
+    cvalid = offs_n < n_extra
+    b64 = b.to(tl.int64)
+    Q += b64 * sq_b + h * sq_h
+    DO += b64 * so_b + h * so_h
+    LSE += b64 * sl_b + h * sl_h
+    DELTA += b64 * sl_b + h * sl_h
+    EK += b64 * se_b + h * se_h
+    EV += b64 * se_b + h * se_h
+    DEK += b64 * sde_b + h * sde_h
+    DEV += b64 * sde_b + h * sde_h
+    emask = cvalid[:, None] & dmask[None, :]
+    kk = tl.load(EK + offs_n[:, None] * se_t + offs_d[None, :], mask=emask, other=0.0)
+    vv = tl.load(EV + offs_n[:, None] * se_t + offs_d[None, :], mask=emask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g0 in range(0, DL0):
+        for g1 in range(0, DL1):
+            for g2 in range(0, DL2):
+                lg0 = (L0 - g0 + DL0 - 1) // DL0
+                lg1 = (L1 - g1 + DL1 - 1) // DL1
+                lg2 = (L2 - g2 + DL2 - 1) // DL2
+                q_base = g0 * q_gs0 + g1 * q_gs1 + g2 * q_gs2
+                o_base = g0 * o_gs0 + g1 * o_gs1 + g2 * o_gs2
+                l_base = g0 * l_gs0 + g1 * l_gs1 + g2 * l_gs2
+                dk, dv = _dkv_box(dk, dv, kk, vv, Q, DO, LSE, DELTA, Q, Q, Q, g0, g1, g2, 0, 0, 0,
+                                  0, tl.cdiv(lg0, TQ0), 0, tl.cdiv(lg1, TQ1), 0, tl.cdiv(lg2, TQ2),
+                                  m0, m1, m2, offs_n, offs_n, offs_n, offs_d, dmask,
+                                  q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2, o_base, o_ts0, o_ts1, o_ts2,
+                                  o_is0, o_is1, o_is2, l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2,
+                                  lg0, lg1, lg2, qk_scale, NDIM, TQ0, TQ1, TQ2, False, False)
+    optr = offs_n[:, None] * sde_t + offs_d[None, :]
+    tl.store(DEK + optr, (dk * scale).to(DEK.dtype.element_ty), mask=emask)
+    tl.store(DEV + optr, dv.to(DEV.dtype.element_ty), mask=emask)
+
+
+def na_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor | None, ev: torch.Tensor | None,
+    out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor | None, plan: Plan,
+    scale: float, num_warps: int = 4, num_stages: int = 2,
+):
+    """Gradients (dq, dk, dv, d_extra_k, d_extra_v) for the spatial layout `[B, *spatial, H, D]`."""
+    nd = plan.ndim
+    b, h, d = q.shape[0], q.shape[1 + nd], q.shape[-1]
+    d_out = d_out.contiguous()
+    delta = (d_out.float() * out.float()).sum(-1)
+    if d_lse is not None:
+        delta = delta - d_lse.float()
+    delta = delta.contiguous()
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    qa = addressing(q, "spatial", plan, plan.q_tile)
+    ka = addressing(k, "spatial", plan, plan.kv_tile)
+    oa = addressing(d_out, "spatial", plan, plan.q_tile)
+    la = addressing(lse, "spatial", plan, plan.q_tile)
+    da = addressing(dk, "spatial", plan, plan.kv_tile)
+    ax = plan.axes
+    tq = _pad3(list(plan.q_tile), 1)
+    tk = _pad3(list(plan.kv_tile), 1)
+    nq = _pad3([a.n_q_tiles for a in ax], 1)
+    nk = _pad3([a.n_kv_tiles for a in ax], 1)
+    xs = _pad3([a.n_q_tiles * a.q_tile for a in ax], 1)
+    ls = _pad3([a.length for a in ax], 1)
+    dl = _pad3([a.dilation for a in ax], 1)
+    block_d = max(16, triton.next_power_of_2(d))
+    tabs = axis_tables(plan, q.device)
+    has_extra = ek is not None
+    if has_extra:
+        assert ev is not None
+        ea = [ek.stride(0), ek.stride(2), ek.stride(1), ek.shape[1]]
+    else:
+        ea = [0, 0, 0, 0]
+    consts = dict(NDIM=nd, TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], BLOCK_D=block_d, num_warps=num_warps,
+                  num_stages=num_stages)
+    _na_bwd_dq_kernel[(nq[0] * nq[1] * nq[2], b * plan.groups * h)](
+        q, k, v, d_out, lse, delta, dq, ek if has_extra else q, ev if has_extra else q,
+        tabs[0], tabs[1], tabs[3], tabs[4], tabs[6], tabs[7],
+        *qa, *ka, *oa, *la, *ea,
+        h, plan.groups, *ls, *dl, *nq, *xs,
+        scale * LOG2E, scale, d,
+        TK0=tk[0], TK1=tk[1], TK2=tk[2], HAS_EXTRA=has_extra, **consts,
+    )
+    _na_bwd_dkv_kernel[(nk[0] * nk[1] * nk[2], b * plan.groups * h)](
+        q, k, v, d_out, lse, delta, dk, dv,
+        tabs[0], tabs[2], tabs[3], tabs[5], tabs[6], tabs[8],
+        *qa, *ka, *oa, *la, *da,
+        h, plan.groups, *ls, *dl, *nk, *xs,
+        scale * LOG2E, scale, d,
+        TK0=tk[0], TK1=tk[1], TK2=tk[2], **consts,
+    )
+    dek = dev = None
+    if has_extra:
+        dek = torch.empty_like(ek, memory_format=torch.contiguous_format)
+        dev = torch.empty_like(ev, memory_format=torch.contiguous_format)
+        block_n = 64
+        _na_bwd_extra_kernel[(_cdiv(ek.shape[1], block_n), b * h)](
+            q, ek, ev, d_out, lse, delta, dek, dev,
+            *qa, *oa, *la, ek.stride(0), ek.stride(2), ek.stride(1), dek.stride(0), dek.stride(2), dek.stride(1),
+            ek.shape[1], h, *ls, *dl, *nq,
+            scale * LOG2E, scale, d, BLOCK_N=block_n, **consts,
+        )
+    return dq, dk, dv, dek, dev
