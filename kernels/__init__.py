@@ -7,5 +7,6 @@ Front doors (validated in one place, backend chosen per device):
 
 from .merge import merge_attention_states
 from .block_sparse import block_sparse_attention
+from .neighborhood import neighborhood_attention
 
-__all__ = ["merge_attention_states", "block_sparse_attention"]
+__all__ = ["merge_attention_states", "block_sparse_attention", "neighborhood_attention"]
