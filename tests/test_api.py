@@ -1,0 +1,153 @@
+"""The public API: registry, option validation, apply/remove on pipelines and models, clear errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import diffattn
+from diffattn import registry
+from diffattn.api import installed
+from diffattn.config import MethodConfig, option
+from diffattn.methods.dense import DenseMethod
+
+import tiny
+
+
+@dataclass
+class ToyConfig(MethodConfig):
+    method_name = "toy"
+    decay_factor: float = option(0.5, help="band decay", low=0.0, high=1.0, low_inclusive=False)
+    dense_timesteps: int = option(2, help="dense warm-up steps", low=0)
+    block_size: int = option(128, help="block size", choices=(64, 128))
+    sink: bool = option(True, help="frame-0 sink")
+    layers: list | None = option(None, help="layer indices")
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    spec = registry.MethodSpec("toy", "test method", ToyConfig, ("wan",), lambda cfg: DenseMethod(cfg))
+    monkeypatch.setitem(registry._REGISTRY, "toy", spec)
+    return spec
+
+
+def test_available_methods_lists_dense_first():
+    methods = diffattn.available_methods()
+    assert methods[0] == "dense"
+    assert all(isinstance(m, str) for m in methods)
+
+
+def test_unknown_and_planned_methods_raise_clearly():
+    model, _ = tiny.BUILDERS["wan"]()
+    with pytest.raises(ValueError, match="unknown method 'nope'.*available: dense"):
+        diffattn.apply(model, "nope")
+    for planned in registry.PLANNED:
+        if planned not in diffattn.available_methods():
+            with pytest.raises(ValueError, match="not available yet"):
+                diffattn.apply(model, planned)
+
+
+def test_options_are_validated_with_names_and_ranges(toy):
+    model, _ = tiny.BUILDERS["wan"]()
+    with pytest.raises(ValueError, match=r"unknown option\(s\) 'decay'.*accepted options: block_size, decay_factor"):
+        diffattn.apply(model, "toy", decay=0.2)
+    with pytest.raises(ValueError, match=r"'decay_factor'.*got 1.5; expected float > 0.0 and <= 1.0"):
+        diffattn.apply(model, "toy", decay_factor=1.5)
+    with pytest.raises(ValueError, match=r"'decay_factor'.*got 0.0"):
+        diffattn.apply(model, "toy", decay_factor=0.0)
+    with pytest.raises(ValueError, match=r"'block_size'.*one of 64, 128"):
+        diffattn.apply(model, "toy", block_size=100)
+    with pytest.raises(ValueError, match=r"'dense_timesteps'.*expected int >= 0"):
+        diffattn.apply(model, "toy", dense_timesteps=-1)
+    with pytest.raises(ValueError, match=r"'dense_timesteps'.*of type str"):
+        diffattn.apply(model, "toy", dense_timesteps="3")
+    with pytest.raises(ValueError, match=r"'sink'"):
+        diffattn.apply(model, "toy", sink="yes")
+    assert installed(model) is None, "a failed apply must leave the model untouched"
+    diffattn.apply(model, "toy", decay_factor=0.2, block_size=64, layers=[0, 1])
+    assert installed(model).options["decay_factor"] == 0.2
+    diffattn.remove(model)
+
+
+def test_cli_style_option_parsing(toy):
+    assert ToyConfig.parse_option("decay_factor", "0.25") == 0.25
+    assert ToyConfig.parse_option("dense_timesteps", "12") == 12
+    assert ToyConfig.parse_option("sink", "false") is False
+    assert ToyConfig.parse_option("layers", "none") is None
+    with pytest.raises(ValueError, match="cannot parse 'abc'"):
+        ToyConfig.parse_option("dense_timesteps", "abc")
+    with pytest.raises(ValueError, match="unknown option 'x'"):
+        ToyConfig.parse_option("x", "1")
+
+
+def test_unsupported_family_and_model_raise(toy):
+    flux, _ = tiny.BUILDERS["flux"]()
+    with pytest.raises(ValueError, match=r"method 'toy' does not support FluxTransformer2DModel \(flux\); it supports the families: wan"):
+        diffattn.apply(flux, "toy")
+    with pytest.raises(ValueError, match="unsupported model class Linear; diffattn supports: WanTransformer3DModel"):
+        diffattn.apply(torch.nn.Linear(2, 2), "dense")
+    with pytest.raises(ValueError, match="needs a Diffusers pipeline"):
+        diffattn.apply(object(), "dense")
+    with pytest.raises(TypeError, match="method must be a name"):
+        diffattn.apply(flux, 3)
+
+
+def test_apply_twice_replaces_and_remove_restores(toy):
+    model, make_inputs = tiny.BUILDERS["wan"]()
+    stock = dict(model.attn_processors)
+    diffattn.apply(model, "dense")
+    first = dict(model.attn_processors)
+    diffattn.apply(model, "toy", decay_factor=0.3)
+    assert installed(model).method == "toy"
+    assert all(model.attn_processors[k] is not first[k] for k in first)
+    registry_hooks = model._diffusers_hook._hook_order
+    assert registry_hooks.count("diffattn_context") == 1, "re-applying must not stack context hooks"
+    diffattn.remove(model)
+    assert all(model.attn_processors[k] is stock[k] for k in stock)
+    assert "diffattn_context" not in model._diffusers_hook._hook_order
+    diffattn.remove(model)  # a second remove is a no-op
+
+
+def test_processor_works_with_diffusers_set_attn_processor():
+    """Processors are plain Diffusers processors: usable without diffattn.apply (no context then)."""
+    from diffattn.processors import WanProcessor
+
+    model, make_inputs = tiny.BUILDERS["wan"]()
+    inputs = make_inputs(batch=1)
+    ref = tiny.output_of(model, inputs)
+    stock = dict(model.attn_processors)
+    model.set_attn_processor(WanProcessor("dense"))
+    out = tiny.output_of(model, inputs)
+    model.set_attn_processor(stock)
+    assert (out - ref).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="grid must be"):
+        WanProcessor("dense", grid=(0, 2, 2))
+    with pytest.raises(ValueError, match="unknown option"):
+        WanProcessor("dense", foo=1)
+
+
+def test_processor_without_context_explains_how_to_get_a_grid():
+    from diffattn.call import AttentionCall, LayerInfo
+    from diffattn.methods.base import require_grid
+
+    q = torch.zeros(1, 1, 4, 8)
+    call = AttentionCall(q, q, q, LayerInfo(0, "attn1", "blocks.0.attn1", "self", 1), "self", None)
+    with pytest.raises(RuntimeError, match=r"diffattn.apply\(pipe_or_model, ...\) or pass grid=\(frames, height, width\)"):
+        require_grid(call, "radial")
+
+
+def test_pipeline_finds_transformer_transformer2_and_unet():
+    from diffattn.api import _models_of
+
+    class FakeWan22:
+        transformer = torch.nn.Linear(1, 1)
+        transformer_2 = torch.nn.Linear(1, 1)
+        vae = torch.nn.Linear(1, 1)
+
+    class FakeSD:
+        unet = torch.nn.Linear(1, 1)
+
+    assert [n for n, _ in _models_of(FakeWan22())] == ["transformer", "transformer_2"]
+    assert [n for n, _ in _models_of(FakeSD())] == ["unet"]
