@@ -68,7 +68,7 @@ def _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, key_ok, MASKED: tl.constexpr, IE
 
 @triton.jit
 def _bsa_fwd_kernel(
-    Q, K, V, EK, EV, O, LSE, KV_IDX, KV_CNT,
+    Q, K, V, EK, EV, O, LSE, KV_IDX, KV_CNT, K_DESC, V_DESC,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -80,6 +80,7 @@ def _bsa_fwd_kernel(
     H, Sq, Sk, T, D, NKB, qk_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, HAS_EXTRA: tl.constexpr, IEEE: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
     pid_m = tl.program_id(0)
@@ -110,11 +111,14 @@ def _bsa_fwd_kernel(
         has_tail = (cnt > 0) & (last == NKB - 1)
         n_full = cnt - has_tail.to(tl.int32)
 
-    for it in range(0, n_full * N_SUB):
+    for it in tl.range(0, n_full * N_SUB, warp_specialize=WARP_SPEC):
         kb = tl.load(row + it // N_SUB)
         start_n = kb * BLOCK_SIZE + (it % N_SUB) * BLOCK_N
         kv_off = (start_n + offs_n)[:, None]
-        if EVEN_D:
+        if USE_TMA:
+            k = K_DESC.load([b, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = V_DESC.load([b, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        elif EVEN_D:
             k = tl.load(k_base + kv_off * stride_ks + offs_d[None, :])
             v = tl.load(v_base + kv_off * stride_vs + offs_d[None, :])
         else:
@@ -204,6 +208,14 @@ def forward(
         return out, lse
     cfg = dict(config) if config else fwd_config(D, block_size, q.dtype, interpret)
     BLOCK_M, BLOCK_N = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    use_tma = bool(cfg.pop("tma", False)) and _tma_ok(k, v, D)
+    warp_spec = bool(cfg.pop("warp_specialize", False))
+    k_desc = v_desc = None
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, BLOCK_N, head_dim_pad(D)])
+        v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, BLOCK_N, head_dim_pad(D)])
     has_extra = extra_k is not None and extra_k.shape[2] > 0
     T = extra_k.shape[2] if has_extra else 0
     ek = extra_k if has_extra else q
@@ -215,12 +227,23 @@ def forward(
     ch = kv_cnt.stride(1) if kv_cnt.shape[1] > 1 else 0
     grid = (triton.cdiv(Sq, BLOCK_M), B * H)
     _bsa_fwd_kernel[grid](
-        q, k, v, ek, ev, out, lse, kv_idx, kv_cnt,
+        q, k, v, ek, ev, out, lse, kv_idx, kv_cnt, k_desc, v_desc,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(ek), *_strides3(ev), *_strides3(out),
         ib, ih, kv_idx.stride(2), cb, ch,
         H, Sq, Sk, T, D, nkb, scale * LOG2E,
         BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=head_dim_pad(D),
         EVEN_K=(Sk % block_size == 0), EVEN_D=(D == head_dim_pad(D)), HAS_EXTRA=has_extra,
-        IEEE=(q.dtype == torch.float32), **cfg,
+        IEEE=(q.dtype == torch.float32), USE_TMA=use_tma, WARP_SPEC=warp_spec, **cfg,
     )
     return out, lse
+
+
+def _tma_ok(k: torch.Tensor, v: torch.Tensor, d: int) -> bool:
+    """TMA (tensor descriptors) needs 16-byte aligned base and strides and a unit last stride."""
+    if d != head_dim_pad(d):
+        return False
+    for t in (k, v):
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]):
+            return False
+    return True

@@ -1,0 +1,324 @@
+"""Benchmark block_sparse_attention against cuDNN SDPA (dense) and FlexAttention (same block mask) on a GPU.
+
+    python -m diffattn.kernels.block_sparse.bench                     # the full table (forward; backward subset)
+    python -m diffattn.kernels.block_sparse.bench --shapes wan1.3b --densities 1.0,0.1 --masks random
+    python -m diffattn.kernels.block_sparse.bench --sweep             # kernel-config sweep (tuning aid)
+
+Effective TFLOP/s = 4*Sq*Sk*D*H*density / time (forward); forward+backward counts 3.5x that (2 + 5 matmuls).
+FlexAttention's BlockMask is built from the same CSR index lists (`BlockMask.from_kv_blocks`, all blocks "full",
+no mask_mod); its construction time is excluded from its timing and reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+
+import torch
+
+SHAPES: dict[str, tuple[int, int, int]] = {
+    # name: (heads, tokens, tokens per "frame" used by the radial-like mask)
+    "wan1.3b": (12, 32_760, 1_560),  # Wan2.1-1.3B 480p 81 frames: 21 x 30 x 52
+    "wan14b": (40, 75_600, 3_600),  # Wan2.1-14B 720p 81 frames: 21 x 45 x 80
+    "hunyuan": (24, 118_800, 3_600),  # HunyuanVideo 720p 129 frames: 33 x 45 x 80
+    "flux1024": (24, 4_608, 512),  # FLUX 1024^2: 4096 image + 512 text (frame = 8 latent rows)
+    "flux4096": (24, 66_048, 2_048),  # FLUX 4096^2: 65536 image + 512 text (frame = 8 latent rows)
+}
+
+
+def _block_centers(nb: int, bs: int) -> torch.Tensor:
+    return torch.arange(nb, dtype=torch.float64) * bs + bs / 2
+
+
+def band_mask(nb: int, density: float) -> torch.Tensor:
+    """|i - j| <= w in blocks, w chosen so that the fraction of set blocks is closest to `density`."""
+    i = torch.arange(nb)
+    dist = (i[:, None] - i[None, :]).abs()
+    per_d = torch.cat([torch.tensor([nb]), 2 * (nb - torch.arange(1, nb))]).double()
+    frac = per_d.cumsum(0) / nb**2  # frac[w] = density of the band of half-width w
+    best = int((frac - density).abs().argmin())
+    return dist <= best
+
+
+def radial_mask(nb: int, bs: int, tpf: int, density: float) -> torch.Tensor:
+    """Radial-like: a key block is kept if its in-frame position is within W0 / 2^floor(log2(frame distance + 1))
+    of the query block's, so the band narrows as frames get farther; the diagonal is always kept. W0 is bisected
+    to hit `density`."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    c = _block_centers(nb, bs).to(dev)
+    f, p = torch.div(c, tpf, rounding_mode="floor"), torch.remainder(c, tpf)
+    fd = (f[:, None] - f[None, :]).abs()
+    pd = (p[:, None] - p[None, :]).abs()
+    shrink = torch.exp2(torch.floor(torch.log2(fd + 1)))
+    eye = torch.eye(nb, dtype=torch.bool, device=dev)
+
+    def make(w0: float) -> torch.Tensor:
+        return (pd + bs / 2 <= w0 / shrink) | eye
+
+    lo, hi = 0.0, float(tpf) * 64
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if make(mid).float().mean().item() < density:
+            lo = mid
+        else:
+            hi = mid
+    return make(hi).cpu()
+
+
+def make_mask(kind: str, heads: int, nb: int, bs: int, tpf: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    if density >= 1.0:
+        return torch.ones(1, 1, nb, nb, dtype=torch.bool)
+    if kind == "random":
+        return torch.rand(1, heads, nb, nb, generator=gen) < density
+    if kind == "band":
+        return band_mask(nb, density)[None, None]
+    if kind == "radial":
+        return radial_mask(nb, bs, tpf, density)[None, None]
+    raise ValueError(f"mask kind must be random, band or radial, got {kind!r}")
+
+
+def _env_line() -> str:
+    import triton
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return (f"device: {dev}; torch {torch.__version__}; triton {triton.__version__}; CUDA {torch.version.cuda}; "
+            f"python {platform.python_version()}; date {datetime.date.today().isoformat()}")
+
+
+def _bench(fn, rep: int, grad_to_none=None) -> float:
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=max(25, rep // 4), rep=rep, grad_to_none=grad_to_none, return_mode="median"))
+
+
+class _Flex:
+    def __init__(self) -> None:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+        self.BlockMask = BlockMask
+        self.fn = torch.compile(flex_attention, dynamic=False)
+
+    def block_mask(self, kv_idx: torch.Tensor, kv_cnt: torch.Tensor, S: int, bs: int):
+        zeros = torch.zeros_like(kv_cnt)
+        kwargs = dict(full_kv_num_blocks=kv_cnt, full_kv_indices=kv_idx, BLOCK_SIZE=bs)
+        try:
+            return self.BlockMask.from_kv_blocks(zeros, torch.zeros_like(kv_idx), seq_lengths=(S, S), **kwargs)
+        except TypeError:  # older torch without seq_lengths
+            return self.BlockMask.from_kv_blocks(zeros, torch.zeros_like(kv_idx), **kwargs)
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Time the forward and backward kernels over a grid of configs at one shape (tuning aid)."""
+    from . import triton_bwd, triton_fwd
+    from .index import get_block_index
+
+    H, S, tpf = SHAPES[args.shapes.split(",")[0]]
+    D, bs = args.head_dim, args.block_size
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, H, S, D, device="cuda", dtype=dt) for _ in range(4))
+    nb = math.ceil(S / bs)
+    rows = []
+    for dens in [float(x) for x in args.densities.split(",")]:
+        mask = make_mask("random", H, nb, bs, tpf, dens, gen).cuda()
+        real = mask.float().mean().item()
+        idx = get_block_index(mask)
+        flops = 4 * S * S * D * H * real
+        ref = None
+        for bn in (64, 128):
+            for nw in (4, 8):
+                for ns in (2, 3, 4):
+                    for tma, ws in ((False, False), (True, False), (True, True)):
+                        cfg = dict(BLOCK_M=128, BLOCK_N=bn, num_warps=nw, num_stages=ns, tma=tma, warp_specialize=ws)
+                        try:
+                            o, _ = triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None, config=cfg)
+                            if ref is None:
+                                ref = o
+                            err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
+                            ms = _bench(lambda: triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None, config=cfg), args.rep)
+                            rows.append(("fwd", dens, cfg, ms, flops / ms * 1e-9, err))
+                        except Exception as e:  # noqa: BLE001 - report and go on
+                            rows.append(("fwd", dens, cfg, float("nan"), float("nan"), repr(e)[:80]))
+                        print(rows[-1], flush=True)
+        o, lse = triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None)
+        for bm1, bn1, nw1, ns1 in ((32, 128, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 4, 2)):
+            for bm2, bn2, nw2, ns2 in ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 4, 3)):
+                cfg = dict(dkdv=dict(BLOCK_M=bm1, BLOCK_N=bn1, num_warps=nw1, num_stages=ns1),
+                           dq=dict(BLOCK_M=bm2, BLOCK_N=bn2, num_warps=nw2, num_stages=ns2))
+                if bm2 != 128 and (bm1, bn1, nw1, ns1) != (64, 128, 8, 2):
+                    continue
+                try:
+                    f = lambda: triton_bwd.backward(do, q, k, v, o, lse, None, idx.kv_idx, idx.kv_cnt, idx.q_idx, idx.q_cnt,  # noqa: E731
+                                                    bs, D**-0.5, None, None, config=cfg)
+                    f()
+                    ms = _bench(f, args.rep)
+                    rows.append(("bwd", dens, cfg, ms, 2.5 * flops / ms * 1e-9, ""))
+                except Exception as e:  # noqa: BLE001
+                    rows.append(("bwd", dens, cfg, float("nan"), float("nan"), repr(e)[:80]))
+                print(rows[-1], flush=True)
+    print("\n## sweep results (best first per pass/density)")
+    for kind in ("fwd", "bwd"):
+        for dens in sorted({r[1] for r in rows}, reverse=True):
+            sel = sorted([r for r in rows if r[0] == kind and r[1] == dens and r[3] == r[3]], key=lambda r: r[3])[:6]
+            for r in sel:
+                print(f"{kind} d={dens} {r[3]:.3f} ms {r[4]:.0f} TF/s {r[2]} {r[5]}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="diffattn bench kernels", description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="wan1.3b,wan14b,hunyuan,flux1024,flux4096", help=f"comma list of {list(SHAPES)}")
+    p.add_argument("--densities", default="1.0,0.5,0.25,0.1,0.05")
+    p.add_argument("--masks", default="random,band,radial")
+    p.add_argument("--backward", default="wan1.3b,flux1024", help="shapes that also time forward+backward ('all', 'none')")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--rep", type=int, default=200, help="do_bench repetition time per measurement, ms")
+    p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="sweep kernel configs at the first shape instead")
+    p.add_argument("--out", default=None, help="write the markdown table (.md) and raw rows (.json) with this stem")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("the benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.sweep:
+        return sweep(args)
+
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from .index import get_block_index
+    from .op import block_sparse_attention
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    D, bs = args.head_dim, args.block_size
+    flex = None if args.no_flex else _Flex()
+    gen = torch.Generator().manual_seed(0)
+    bwd_shapes = set(SHAPES) if args.backward == "all" else set() if args.backward == "none" else set(args.backward.split(","))
+    rows: list[dict] = []
+    print(_env_line(), flush=True)
+    for name in args.shapes.split(","):
+        H, S, tpf = SHAPES[name]
+        nb = math.ceil(S / bs)
+        q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=dt) for _ in range(3))
+        dense_flops = 4 * S * S * D * H
+        with_bwd = name in bwd_shapes
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            cudnn_ms = _bench(lambda: F.scaled_dot_product_attention(q, k, v), args.rep)
+            cudnn_fb = None
+            if with_bwd:
+                qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+                g = torch.randn_like(q)
+                cudnn_fb = _bench(lambda: F.scaled_dot_product_attention(qg, kg, vg).backward(g), args.rep, [qg, kg, vg])
+        print(f"{name}: cuDNN dense fwd {cudnn_ms:.3f} ms ({dense_flops / cudnn_ms * 1e-9:.0f} TF/s)"
+              + (f", fwd+bwd {cudnn_fb:.3f} ms" if cudnn_fb else ""), flush=True)
+        seen_dense = False
+        for kind in args.masks.split(","):
+            for dens in [float(x) for x in args.densities.split(",")]:
+                if dens >= 1.0:
+                    if seen_dense:
+                        continue
+                    seen_dense = True
+                mask = make_mask(kind, H, nb, bs, tpf, dens, gen).cuda()
+                real = mask.float().mean().item()
+                flops = dense_flops * real
+                ours = lambda: block_sparse_attention(q, k, v, mask, block_size=bs)  # noqa: E731
+                o = ours()
+                ms = _bench(ours, args.rep)
+                row = dict(shape=name, heads=H, tokens=S, mask="dense" if dens >= 1.0 else kind, target=dens, density=real,
+                           ours_ms=ms, ours_tflops=flops / ms * 1e-9, cudnn_ms=cudnn_ms,
+                           cudnn_tflops=dense_flops / cudnn_ms * 1e-9)
+                if flex is not None:
+                    idx = get_block_index(mask)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    bm = flex.block_mask(idx.kv_idx, idx.kv_cnt, S, bs)
+                    torch.cuda.synchronize()
+                    row["flex_build_ms"] = (time.perf_counter() - t0) * 1e3
+                    fo = flex.fn(q, k, v, block_mask=bm)
+                    row["max_abs_diff_vs_flex"] = (fo.float() - o.float()).abs().max().item()
+                    fms = _bench(lambda: flex.fn(q, k, v, block_mask=bm), args.rep)
+                    row.update(flex_ms=fms, flex_tflops=flops / fms * 1e-9)
+                if with_bwd:
+                    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+                    g = torch.randn_like(q)
+                    row["ours_fb_ms"] = _bench(lambda: block_sparse_attention(qg, kg, vg, mask, block_size=bs).backward(g), args.rep, [qg, kg, vg])
+                    row["cudnn_fb_ms"] = cudnn_fb
+                    if flex is not None:
+                        row["flex_fb_ms"] = _bench(lambda: flex.fn(qg, kg, vg, block_mask=bm).backward(g), args.rep, [qg, kg, vg])
+                    del qg, kg, vg
+                rows.append(row)
+                print(_fmt_row(row), flush=True)
+                del mask
+        del q, k, v
+        torch.cuda.empty_cache()
+    md = render(rows, args)
+    print(md)
+    if args.out:
+        with open(args.out + ".md", "w") as f:
+            f.write(md)
+        with open(args.out + ".json", "w") as f:
+            json.dump(dict(env=_env_line(), argv=sys.argv, rows=rows), f, indent=1)
+    return 0
+
+
+def _fmt_row(r: dict) -> str:
+    s = (f"{r['shape']:9s} {r['mask']:6s} d={r['density']:.3f} ours {r['ours_ms']:.3f} ms {r['ours_tflops']:.0f} TF/s "
+         f"| cudnn*d {r['cudnn_ms'] * r['density']:.3f}")
+    if "flex_ms" in r:
+        s += f" | flex {r['flex_ms']:.3f} ms {r['flex_tflops']:.0f} TF/s (x{r['flex_ms'] / r['ours_ms']:.2f}) build {r['flex_build_ms']:.1f} ms diff {r['max_abs_diff_vs_flex']:.2e}"
+    if "ours_fb_ms" in r:
+        s += f" | fwd+bwd ours {r['ours_fb_ms']:.3f} flex {r.get('flex_fb_ms', float('nan')):.3f} cudnn {r['cudnn_fb_ms']:.3f}"
+    return s
+
+
+def render(rows: list[dict], args: argparse.Namespace) -> str:
+    """Markdown tables: forward, then forward+backward, with the targets' verdicts."""
+    out = [f"{_env_line()}; bf16, head dim {args.head_dim}, block {args.block_size}, batch 1; median of "
+           f"`triton.testing.do_bench`.", ""]
+    out.append("Forward. TF/s = effective (4·S²·D·H·density / time). `vs cuDNN·d` = our time / (cuDNN dense time × density) "
+               "(target ≤ 1.2 for d ≤ 0.5; at d = 1 the ratio is our throughput vs cuDNN's, target ≥ 0.85 as 1/ratio). "
+               "`vs Flex` = Flex time / our time (target ≥ 1.15).")
+    out.append("")
+    out.append("| shape | H | tokens | mask | density | ours ms | ours TF/s | cuDNN dense ms | cuDNN TF/s | vs cuDNN·d | Flex ms | Flex TF/s | vs Flex | Flex mask build ms | targets |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = r["ours_ms"] / (r["cudnn_ms"] * r["density"])
+        vs_flex = r["flex_ms"] / r["ours_ms"] if "flex_ms" in r else float("nan")
+        if r["mask"] == "dense":
+            ok = (r["ours_tflops"] / r["cudnn_tflops"] >= 0.85) and (vs_flex != vs_flex or vs_flex >= 1.0)
+            verdict = f"{'met' if r['ours_tflops'] / r['cudnn_tflops'] >= 0.85 else 'MISSED'} ({r['ours_tflops'] / r['cudnn_tflops']:.2f}x cuDNN)"
+        else:
+            ok = ratio <= 1.2 and (vs_flex != vs_flex or vs_flex >= 1.15)
+            verdict = "met" if ok else "MISSED" + (" (≤1.2x cuDNN·d)" if ratio > 1.2 else "") + (" (≥1.15x Flex)" if vs_flex == vs_flex and vs_flex < 1.15 else "")
+        out.append(
+            f"| {r['shape']} | {r['heads']} | {r['tokens']:,} | {r['mask']} | {r['density']:.3f} | {r['ours_ms']:.3f} | "
+            f"{r['ours_tflops']:.0f} | {r['cudnn_ms']:.3f} | {r['cudnn_tflops']:.0f} | {ratio:.2f} | "
+            f"{r.get('flex_ms', float('nan')):.3f} | {r.get('flex_tflops', float('nan')):.0f} | {vs_flex:.2f} | "
+            f"{r.get('flex_build_ms', float('nan')):.1f} | {verdict} |"
+        )
+    fb = [r for r in rows if "ours_fb_ms" in r]
+    if fb:
+        out += ["", "Forward + backward (one fwd and one bwd per iteration; TF/s = 3.5 × forward FLOPs / time). "
+                "Target: ours ≤ Flex time.", ""]
+        out.append("| shape | mask | density | ours ms | ours TF/s | Flex ms | vs Flex | cuDNN dense ms | vs cuDNN·d | target |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in fb:
+            flops = 3.5 * 4 * r["tokens"] ** 2 * args.head_dim * r["heads"] * r["density"]
+            vs_flex = r.get("flex_fb_ms", float("nan")) / r["ours_fb_ms"]
+            out.append(
+                f"| {r['shape']} | {r['mask']} | {r['density']:.3f} | {r['ours_fb_ms']:.3f} | {flops / r['ours_fb_ms'] * 1e-9:.0f} | "
+                f"{r.get('flex_fb_ms', float('nan')):.3f} | {vs_flex:.2f} | {r['cudnn_fb_ms']:.3f} | "
+                f"{r['ours_fb_ms'] / (r['cudnn_fb_ms'] * r['density']):.2f} | {'met' if vs_flex >= 1.0 else 'MISSED'} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
