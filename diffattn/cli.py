@@ -1,0 +1,124 @@
+"""The `diffattn` console script.
+
+Subcommands: `methods` (what exists, for which families, with which options), `bench` (kernel benchmarks on a
+GPU), `mask` (draw a method's block mask); `generate`, `render`, `app` and `headhunt` say plainly that they are not
+available yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Callable
+
+NOT_YET = {
+    "generate": "image/video generation from the command line (issue: CLI and app; needs the bundled demo models)",
+    "render": "high-resolution (FreeSwim) and long (Radial) video rendering",
+    "app": "the Gradio web app",
+    "headhunt": "the HeadHunter search for attention heads (SoftPAG)",
+}
+
+# `diffattn bench <what>`: module with `main(argv) -> int`, loaded only when asked for.
+BENCHES = {
+    "kernels": ("diffattn.kernels.block_sparse.bench", "block-sparse attention kernel vs cuDNN SDPA and FlexAttention"),
+    "gna": ("diffattn.kernels.neighborhood.bench", "neighborhood attention kernel vs cuDNN SDPA (NATTEN's figures)"),
+}
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from .registry import PLANNED, _REGISTRY
+
+    for spec in _REGISTRY.values():
+        print(f"{spec.name}: {spec.summary}")
+        print(f"  families: {', '.join(spec.families)}")
+        specs = spec.config_cls.option_specs()
+        if not specs:
+            print("  options: (none)")
+        for opt in specs:
+            print(f"  --attn-opt {opt.name}=...  default {opt.default!r}; {opt.accepted()}. {opt.help}")
+    if args.all:
+        for name, (summary, families) in PLANNED.items():
+            if name not in _REGISTRY:
+                print(f"{name}: {summary} [not available yet]")
+                print(f"  families: {', '.join(families)}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    module_name, _ = BENCHES[args.what]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        print(f"diffattn bench {args.what}: not available ({exc})", file=sys.stderr)
+        return 2
+    return int(module.main(rest) or 0)
+
+
+def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.method != "radial":
+        print(f"diffattn mask: no mask drawing for method {args.method!r} yet (available: radial)", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="diffattn mask radial", description="draw the Radial block mask as PNG")
+    parser.add_argument("--frames", type=int, required=True, help="latent frames (video tokens along time)")
+    parser.add_argument("--tokens-per-frame", type=int, required=True, help="tokens per latent frame (H*W after patchify)")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--decay-factor", type=float, default=1.0)
+    parser.add_argument("--no-sink", action="store_true", help="no frame-0 attention sink")
+    parser.add_argument("--out", default="radial_mask.png", help="PNG path")
+    opts = parser.parse_args(rest)
+    try:
+        from .masks import draw_block_mask, radial_mask
+        from .masks.radial import describe
+    except ImportError as exc:
+        print(f"diffattn mask radial: not available yet ({exc})", file=sys.stderr)
+        return 2
+    kwargs = dict(block_size=opts.block_size, decay_factor=opts.decay_factor, sink=not opts.no_sink)
+    try:
+        mask = radial_mask(opts.frames, opts.tokens_per_frame, **kwargs)
+        info = describe(opts.frames, opts.tokens_per_frame, **kwargs)
+    except ValueError as exc:
+        print(f"diffattn mask radial: {exc}", file=sys.stderr)
+        return 2
+    title = f"radial {opts.frames}x{opts.tokens_per_frame} block {opts.block_size} decay {opts.decay_factor}"
+    draw_block_mask(mask, opts.out, title=title)
+    for key, value in info.items():
+        print(f"{key}: {value}")
+    print(f"wrote {opts.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffattn", description="Attention methods for Hugging Face Diffusers")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("methods", help="list methods, supported model families and options")
+    p.add_argument("--all", action="store_true", help="also list the methods that are not available yet")
+    p = sub.add_parser("bench", help="benchmarks (GPU)")
+    p.add_argument("what", choices=sorted(BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
+    p = sub.add_parser("mask", help="draw a method's block mask as PNG")
+    p.add_argument("method", help="method name (radial)")
+    for name, what in NOT_YET.items():
+        sub.add_parser(name, help=f"{what} [not available yet]", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    handlers: dict[str, Callable[[], int]] = {
+        "methods": lambda: _cmd_methods(args) if not rest else parser.error(f"unrecognized arguments: {' '.join(rest)}"),
+        "bench": lambda: _cmd_bench(args, rest),
+        "mask": lambda: _cmd_mask(args, rest),
+    }
+    if args.command in NOT_YET:
+        print(f"diffattn {args.command}: not available yet ({NOT_YET[args.command]}).", file=sys.stderr)
+        return 2
+    return handlers[args.command]()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
