@@ -34,7 +34,8 @@ class InstalledState:
 
 def _models_of(pipe_or_model: Any) -> list[tuple[str, torch.nn.Module]]:
     if isinstance(pipe_or_model, torch.nn.Module):
-        return [("model", pipe_or_model)]
+        # torch.compile wraps the model; the processors live on the original module.
+        return [("model", getattr(pipe_or_model, "_orig_mod", pipe_or_model))]
     found = [
         (name, getattr(pipe_or_model, name))
         for name in PIPELINE_COMPONENTS

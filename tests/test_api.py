@@ -151,3 +151,43 @@ def test_pipeline_finds_transformer_transformer2_and_unet():
 
     assert [n for n, _ in _models_of(FakeWan22())] == ["transformer", "transformer_2"]
     assert [n for n, _ in _models_of(FakeSD())] == ["unet"]
+
+
+def test_folders_are_mapped_into_the_diffattn_namespace(tmp_path):
+    """`kernels/` and `pipelines/` are importable only as diffattn.kernels / diffattn.pipelines (the top-level
+    name `kernels` belongs to Hugging Face's kernel hub, which Diffusers imports). Checked in a fresh interpreter
+    outside the repository, as an installed user sees it."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(diffattn.__file__)))
+    code = (
+        "import importlib.util, diffattn.kernels, diffattn.pipelines, diffattn.app\n"
+        "print(diffattn.kernels.__name__)\n"
+        "for top in ('kernels', 'pipelines', 'app'):\n"
+        "    spec = importlib.util.find_spec(top)\n"
+        "    print(top, None if spec is None else spec.origin)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "diffattn.kernels"
+    for line in lines[1:]:
+        assert root not in line, f"a top-level name resolves into diffattn: {line}"
+
+
+def test_context_parallel_is_refused_clearly():
+    from diffattn.processors import WanProcessor
+
+    model, make_inputs = tiny.BUILDERS["wan"]()
+    diffattn.apply(model, "dense")
+    try:
+        for proc in model.attn_processors.values():
+            proc._parallel_config = object()
+        with pytest.raises(NotImplementedError, match="context parallelism"):
+            tiny.output_of(model, make_inputs())
+    finally:
+        diffattn.remove(model)
+    assert isinstance(WanProcessor(), WanProcessor)

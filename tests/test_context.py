@@ -99,17 +99,25 @@ def test_wan_pipeline_steps_with_and_without_cfg(wan_pipe, spy, guidance):
     assert [r["num_steps"] for r in spy[::4]] == [3] * (len(spy[::4]) - len(expected[-4 if guidance > 1 else -2:])) + [2] * (4 if guidance > 1 else 2)
 
 
-def test_wan_pipeline_steps_with_fastercache(wan_pipe, spy):
-    """FasterCache skips attention calls; the step index still follows the denoising step."""
-    from diffusers import FasterCacheConfig
+@pytest.mark.parametrize("cache", ["fastercache", "pab"])
+def test_wan_pipeline_steps_with_attention_caches(wan_pipe, spy, cache):
+    """FasterCache and PyramidAttentionBroadcast skip attention calls; the step index still follows the step."""
+    from diffusers import FasterCacheConfig, PyramidAttentionBroadcastConfig
 
-    config = FasterCacheConfig(
-        spatial_attention_block_skip_range=2,
-        spatial_attention_timestep_skip_range=(-1, 901),
-        current_timestep_callback=lambda: wan_pipe.current_timestep,
-        attention_weight_callback=lambda _: 0.5,
-        is_guidance_distilled=True,  # Wan runs CFG as separate calls: no batch-level CFG skipping
-    )
+    if cache == "fastercache":
+        config = FasterCacheConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=(-1, 901),
+            current_timestep_callback=lambda: wan_pipe.current_timestep,
+            attention_weight_callback=lambda _: 0.5,
+            is_guidance_distilled=True,  # Wan runs CFG as separate calls: no batch-level CFG skipping
+        )
+    else:
+        config = PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=(-1, 901),
+            current_timestep_callback=lambda: wan_pipe.current_timestep,
+        )
     diffattn.apply(wan_pipe, "spy")
     wan_pipe.transformer.enable_cache(config)
     try:
@@ -120,7 +128,7 @@ def test_wan_pipeline_steps_with_fastercache(wan_pipe, spy):
     self_calls = [(r["step"], r["pass_name"]) for r in spy if r["slot"] == "attn1"]
     steps_seen = sorted({s for s, _ in self_calls})
     # Some self-attention calls were skipped by the cache, yet those that ran carry their true step.
-    assert len(self_calls) < 4 * 2 * 2, "FasterCache skipped nothing: the test does not test skipping"
+    assert len(self_calls) < 4 * 2 * 2, "the cache skipped nothing: the test does not test skipping"
     assert steps_seen[0] == 0 and steps_seen[-1] == 3
     cross_steps = [r["step"] for r in spy if r["slot"] == "attn2"]
     assert sorted(set(cross_steps)) == [0, 1, 2, 3]

@@ -94,6 +94,13 @@ class DiffattnProcessor:
 
     def attend(self, call: AttentionCall) -> torch.Tensor:
         """Run the method; returns `[B, H, Sq, D]`."""
+        if self._parallel_config is not None:
+            # Under context parallelism each rank holds a shard of the sequence; computing on the shard alone
+            # would be silently wrong.
+            raise NotImplementedError(
+                f"{type(self).__name__}: context parallelism (model.enable_parallelism) is not supported by diffattn "
+                "yet; call diffattn.remove(...) before enabling it"
+            )
         return self.method.attend(call)
 
 
@@ -130,9 +137,9 @@ class FamilyAdapter:
         return any(name in names for name in self.model_classes)
 
     def forward_signature(self, model: torch.nn.Module) -> inspect.Signature:
-        return inspect.signature(type(model).forward).replace(
-            parameters=list(inspect.signature(type(model).forward).parameters.values())[1:]
-        )
+        """The model's `forward` signature without `self` (hooks wrap the bound method)."""
+        params = list(inspect.signature(type(model).forward).parameters.values())[1:]
+        return inspect.Signature(params)
 
 
 def block_slots(
