@@ -1,0 +1,377 @@
+"""Benchmark and GPU check for neighborhood attention: ours vs cuDNN SDPA (and FlexAttention) in one run.
+
+    python -m diffattn.kernels.neighborhood.bench --cases flux-gna,hunyuan-gna --flex --check
+    diffattn bench gna ...   (same arguments)
+
+Cases are the NATTEN Hopper profiler configurations (docs/profiler.md; fp16, batch 1, head dim 128). Prints a
+Markdown table (ms median of `triton.testing.do_bench`, effective TFLOP/s = 4*N*kernel_volume*D*H / time,
+speed-up over cuDNN measured in the same process) and writes every number to --out as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("diffattn")
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: tuple[int, ...]
+    heads: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    natten_kernel_ms: float | None = None  # NATTEN hopper-fna on H100, kernel only
+    natten_total_ms: float | None = None  # with token permutation
+    natten_cudnn_ms: float | None = None  # their cuDNN baseline
+
+
+CASES: dict[str, Case] = {
+    "hunyuan-na": Case((30, 48, 80), 24, (18, 24, 24), (1, 1, 1), 79.04, 84.42, 283.33),
+    "hunyuan-gna": Case((30, 48, 80), 24, (18, 24, 24), (16, 8, 8), 23.36, 29.11, 283.33),
+    "flux-na": Case((256, 256), 24, (80, 80), (1, 1), 16.20, 18.60, 97.435),
+    "flux-gna": Case((256, 256), 24, (80, 80), (16, 16), 7.91, 10.60, 97.435),
+    "hunyuan-gna-small": Case((8, 32, 32), 8, (6, 16, 16), (4, 8, 8)),
+}
+
+
+def _bench(fn, long: bool = False) -> float:
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench(fn, warmup=100 if long else 50, rep=600 if long else 300,
+                                         return_mode="median"))
+
+
+def _flex_fn(q, k, v, case: Case, order: str, plan):
+    """FlexAttention with the same neighborhood mask, tokens in row-major or in our tile order."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from .tiling import permute_tokens, unpermute_tokens
+
+    dev = q.device
+    nd = len(case.shape)
+    sts, lns = [], []
+    for a in plan.axes:
+        assert a.dilation == 1
+        sts.append(torch.tensor([r[0] for r in a.rows[0]], dtype=torch.int32, device=dev))
+        lns.append(torch.tensor([r[1] for r in a.rows[0]], dtype=torch.int32, device=dev))
+    shape = case.shape
+    if order == "rowmajor":
+        def coords(idx):
+            out = []
+            for i in reversed(range(nd)):
+                out.append(idx % shape[i])
+                idx = idx // shape[i]
+            return out[::-1]
+        tile_q = tile_k = None
+    else:
+        tile_q, tile_k = plan.q_tile, plan.kv_tile
+        def make_coords(tile):
+            nt = [-(-shape[i] // tile[i]) for i in range(nd)]
+            per = math.prod(tile)
+
+            def coords(idx):
+                t, r = idx // per, idx % per
+                tc, rc = [], []
+                for i in reversed(range(nd)):
+                    tc.append(t % nt[i])
+                    t = t // nt[i]
+                    rc.append(r % tile[i])
+                    r = r // tile[i]
+                tc, rc = tc[::-1], rc[::-1]
+                return [tc[i] * tile[i] + rc[i] for i in range(nd)]
+            return coords
+        qcoords, kcoords = make_coords(tile_q), make_coords(tile_k)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qc = coords(q_idx) if order == "rowmajor" else qcoords(q_idx)
+        kc = coords(kv_idx) if order == "rowmajor" else kcoords(kv_idx)
+        ok = None
+        for i in range(nd):
+            qi = torch.clamp(qc[i], max=shape[i] - 1)
+            inside = (kc[i] >= sts[i][qi]) & (kc[i] < sts[i][qi] + lns[i][qi])
+            if order != "rowmajor":
+                inside = inside & (kc[i] < shape[i]) & (qc[i] < shape[i])
+            ok = inside if ok is None else ok & inside
+        return ok
+
+    b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
+    if order == "rowmajor":
+        qf, kf, vf = (t.reshape(b, -1, h, d).transpose(1, 2).contiguous() for t in (q, k, v))
+    else:
+        qf = permute_tokens(q, tile_q, (1,) * nd)[:, 0].contiguous()
+        kf = permute_tokens(k, tile_k, (1,) * nd)[:, 0].contiguous()
+        vf = permute_tokens(v, tile_k, (1,) * nd)[:, 0].contiguous()
+    bm = create_block_mask(mask_mod, None, None, qf.shape[2], kf.shape[2], device=dev, BLOCK_SIZE=128)
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def run():
+        return flex(qf, kf, vf, block_mask=bm)
+
+    def to_spatial(o):
+        if order == "rowmajor":
+            return o.transpose(1, 2).reshape(q.shape)
+        return unpermute_tokens(o[:, None], shape, tile_q, (1,) * nd)
+
+    return run, to_spatial
+
+
+def sampled_check(q, k, v, out, case_args: dict, n_rows: int = 64, seed: int = 0) -> float:
+    """Max relative error of `out` on random query rows against exact attention over each row's key set
+    (key sets from the independent reference's per-axis masks). Works at production sizes."""
+    from .checks import normalize_params
+    from .reference import axis_mask
+
+    p = normalize_params(q.shape[1:-2], case_args["kernel_size"], case_args.get("stride", 1),
+                         case_args.get("dilation", 1), case_args.get("is_causal", False))
+    masks = [axis_mask(p.shape[i], p.kernel_size[i], p.stride[i], p.dilation[i], p.is_causal[i]) for i in range(p.ndim)]
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(p.shape)
+    b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
+    qf, kf, vf, of = (t.reshape(b, n, h, d) for t in (q, k, v, out))
+    worst = 0.0
+    strides = [math.prod(p.shape[i + 1:]) for i in range(p.ndim)]
+    for _ in range(n_rows):
+        idx = int(torch.randint(0, n, (1,), generator=g))
+        bi = int(torch.randint(0, b, (1,), generator=g))
+        coords = [(idx // strides[i]) % p.shape[i] for i in range(p.ndim)]
+        keys = torch.zeros(1, dtype=torch.long)
+        for i in range(p.ndim):
+            ax = torch.nonzero(masks[i][coords[i]]).flatten()
+            keys = (keys[:, None] * p.shape[i] + ax[None, :]).flatten()
+        keys = keys.to(q.device)
+        qi = qf[bi, idx].float()  # [h, d]
+        ki, vi = kf[bi, keys].float(), vf[bi, keys].float()  # [nk, h, d]
+        s = torch.einsum("hd,nhd->hn", qi, ki) * d ** -0.5
+        ref = torch.einsum("hn,nhd->hd", torch.softmax(s, -1), vi)
+        err = ((of[bi, idx].float() - ref).norm() / ref.norm()).item()
+        worst = max(worst, err)
+    return worst
+
+
+def gpu_correctness() -> list[str]:
+    """Small random problems (odd sizes, every feature) against the reference, forward and backward."""
+    from .functional import neighborhood_attention
+    from .reference import neighborhood_attention_reference
+
+    torch.manual_seed(0)
+    lines = []
+    configs = [
+        ((37,), 7, 1, 1, False, 0),
+        ((61,), 8, 3, 2, True, 5),
+        ((19, 23), (6, 5), (2, 5), (2, 1), (False, True), 0),
+        ((9, 12, 14), (3, 4, 5), (1, 2, 5), (1, 2, 1), (False, False, True), 7),
+        ((16, 24, 32), (8, 16, 16), (4, 8, 8), 1, False, 0),
+        ((32, 32), (16, 16), (8, 8), 1, False, 77),
+    ]
+    plan_runs = [(torch.float16, 2e-2, configs), (torch.bfloat16, 4e-2, configs[2:4]), (torch.float32, 1e-2, configs[::3])]
+    for dtype, tol, cfgs in plan_runs:
+        for shape, ks, st, dl, ca, T in cfgs:
+            H, D = 3, 64 if dtype != torch.float32 else 32
+            mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype, requires_grad=True)  # noqa: E731
+            q, k, v = mk(2, *shape, H, D), mk(2, *shape, H, D), mk(2, *shape, H, D)
+            ek = ev = None
+            ins = [q, k, v]
+            if T:
+                ek, ev = mk(2, T, H, D), mk(2, T, H, D)
+                ins += [ek, ev]
+            go = torch.randn(2, *shape, H, D, device="cuda", dtype=dtype)
+            o, lse = neighborhood_attention(q, k, v, ks, st, dl, ca, extra_k=ek, extra_v=ev, return_lse=True)
+            grads = torch.autograd.grad((o.float() * go.float()).sum(), ins)
+            ins64 = [t.detach().double().requires_grad_() for t in ins]
+            ro, rl = neighborhood_attention_reference(
+                ins64[0], ins64[1], ins64[2], ks, st, dl, ca, extra_k=ins64[3] if T else None,
+                extra_v=ins64[4] if T else None, return_lse=True)
+            rg = torch.autograd.grad((ro * go.double()).sum(), ins64)
+
+            def rel(a, b):
+                return ((a.double() - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+            errs = [rel(o, ro), rel(lse, rl)] + [rel(a, b) for a, b in zip(grads, rg)]
+            ok = all(e < tol for e in errs) and all(torch.isfinite(t).all() for t in (o, *grads))
+            lines.append(f"{'PASS' if ok else 'FAIL'} {str(dtype)[6:]} {shape} k{ks} s{st} d{dl} c{ca} T{T}: "
+                         + " ".join(f"{e:.1e}" for e in errs))
+    return lines
+
+
+def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
+    from diffattn.gna import simulate
+
+    from .functional import get_plan, neighborhood_attention
+    from .tiling import permute_tokens, unpermute_tokens
+    from .triton_fwd import na_forward
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    b, h, d = 1, case.heads, args.head_dim
+    n = math.prod(case.shape)
+    kvol = math.prod(case.kernel_size)
+    flops = 4 * n * kvol * d * h * b
+    dense_flops = 4 * n * n * d * h * b
+    q, k, v = (torch.randn(b, *case.shape, h, d, device="cuda", dtype=dtype) for _ in range(3))
+    long = n > 100_000
+
+    def add(impl: str, ms: float, note: str = "", eff_flops: float = flops, **kw):
+        row = dict(case=name, impl=impl, ms=ms, tflops=eff_flops / ms / 1e9, note=note, **kw)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    qs, ks_, vs = (t.reshape(b, n, h, d).transpose(1, 2).contiguous() for t in (q, k, v))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        cudnn_ms = _bench(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks_, vs), long)
+    add("cuDNN SDPA (dense)", cudnn_ms, eff_flops=dense_flops)
+
+    variants = [dict()]
+    if args.sweep:
+        variants += [dict(num_stages=3), dict(num_warps=4), dict(kv64=True), dict(kv64=True, num_stages=3)]
+    for var in variants:
+        q_tile = kv_tile = None
+        if var.get("kv64"):
+            from .tiling import choose_tiles
+            from .checks import normalize_params
+            p = normalize_params(case.shape, case.kernel_size, case.stride)
+            q_tile, kv_tile = choose_tiles(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal, 128, 64)
+        plan = get_plan(case.shape, case.kernel_size, case.stride, 1, False, q_tile, kv_tile)
+        sim = simulate(case.shape, case.kernel_size, case.stride, q_tile=plan.q_tile, kv_tile=plan.kv_tile)
+        scale = d ** -0.5
+        kw = {k_: v_ for k_, v_ in var.items() if k_ in ("num_warps", "num_stages")}
+        tag = f"Q{plan.q_tile} KV{plan.kv_tile} {kw or ''}"
+        try:
+            fn = lambda: na_forward(q, k, v, plan, scale, None, None, False, "spatial", **kw)  # noqa: E731
+            out = fn()[0]
+            err = sampled_check(q, k, v, out, dict(kernel_size=case.kernel_size, stride=case.stride), 32)
+            ms = _bench(fn, long)
+            add("ours, in place (no permutation)", ms, tag, sim_upper=sim.upper_bound_speedup,
+                sim_expected=sim.expected_speedup, perfect=sim.perfectly_block_sparse, sampled_rel_err=err,
+                speedup=cudnn_ms / ms)
+            if var:
+                continue
+            qp = permute_tokens(q, plan.q_tile, (1,) * len(case.shape)).contiguous()
+            kp = permute_tokens(k, plan.kv_tile, (1,) * len(case.shape)).contiguous()
+            vp = permute_tokens(v, plan.kv_tile, (1,) * len(case.shape)).contiguous()
+            fnp = lambda: na_forward(qp, kp, vp, plan, scale, None, None, False, "permuted")  # noqa: E731
+            ms_p = _bench(fnp, long)
+            add("ours, permuted layout (kernel only)", ms_p, tag, speedup=cudnn_ms / ms_p)
+
+            def total():
+                a = permute_tokens(q, plan.q_tile, (1,) * len(case.shape))
+                bb = permute_tokens(k, plan.kv_tile, (1,) * len(case.shape))
+                c = permute_tokens(v, plan.kv_tile, (1,) * len(case.shape))
+                o = na_forward(a, bb, c, plan, scale, None, None, False, "permuted")[0]
+                return unpermute_tokens(o, case.shape, plan.q_tile, (1,) * len(case.shape))
+            ms_t = _bench(total, long)
+            add("ours, permute + kernel + unpermute", ms_t, tag, speedup=cudnn_ms / ms_t)
+            if args.dense_ours:
+                dplan = get_plan(case.shape, case.shape, 1, 1, False, plan.q_tile, plan.kv_tile)
+                ms_d = _bench(lambda: na_forward(q, k, v, dplan, scale, None, None, False, "spatial"), long)
+                add("ours, dense (kernel_size = shape)", ms_d, tag, eff_flops=dense_flops, speedup=cudnn_ms / ms_d,
+                    predicted_sparse_ms=ms_d / sim.expected_speedup)
+            if args.backward and not long:
+                qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+                go = torch.randn_like(q)
+
+                def fb():
+                    o = neighborhood_attention(qg, kg, vg, case.kernel_size, case.stride)
+                    torch.autograd.grad(o, (qg, kg, vg), go)
+                ms_b = _bench(fb, long)
+                qsg, ksg, vsg = (t.clone().requires_grad_() for t in (qs, ks_, vs))
+                gos = torch.randn_like(qs)
+
+                def fbc():
+                    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                        o = torch.nn.functional.scaled_dot_product_attention(qsg, ksg, vsg)
+                    torch.autograd.grad(o, (qsg, ksg, vsg), gos)
+                ms_bc = _bench(fbc, long)
+                add("cuDNN SDPA fwd+bwd (dense)", ms_bc, eff_flops=dense_flops * 3.5)
+                add("ours fwd+bwd", ms_b, tag, eff_flops=flops * 3.5, speedup=ms_bc / ms_b)
+        except Exception as e:  # keep the other variants going; report the failure in the table
+            add("ours FAILED", float("nan"), f"{tag}: {type(e).__name__}: {str(e)[:300]}")
+    if args.flex:
+        plan = get_plan(case.shape, case.kernel_size, case.stride, 1, False)
+        for order in ("rowmajor", "tiled"):
+            try:
+                t0 = time.time()
+                run, to_spatial = _flex_fn(q, k, v, case, order, plan)
+                o = to_spatial(run())
+                err = sampled_check(q, k, v, o, dict(kernel_size=case.kernel_size, stride=case.stride), 16)
+                ms = _bench(run, long)
+                add(f"FlexAttention ({order} tokens)", ms, f"setup {time.time() - t0:.0f}s", speedup=cudnn_ms / ms,
+                    sampled_rel_err=err)
+            except Exception as e:
+                add(f"FlexAttention ({order}) FAILED", float("nan"), f"{type(e).__name__}: {str(e)[:300]}")
+    del q, k, v, qs, ks_, vs
+    torch.cuda.empty_cache()
+
+
+def format_table(rows: list[dict]) -> str:
+    out = ["| case | implementation | ms (median) | eff. TFLOP/s | speed-up vs cuDNN | NATTEN H100 | simulator | note |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = CASES.get(r["case"])
+        nat = ""
+        if c and c.natten_kernel_ms and r["impl"].startswith("ours"):
+            nat = (f"{c.natten_cudnn_ms / c.natten_kernel_ms:.1f}x kernel / "
+                   f"{c.natten_cudnn_ms / c.natten_total_ms:.1f}x total")
+        sim = ""
+        if "sim_upper" in r:
+            sim = f"bound {r['sim_upper']:.1f}x, exp. {r['sim_expected']:.1f}x" + (", perfect" if r.get("perfect") else "")
+        if "predicted_sparse_ms" in r:
+            sim = f"predicts {r['predicted_sparse_ms']:.2f} ms sparse"
+        sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        note = r.get("note", "")
+        if "sampled_rel_err" in r:
+            note += f" err {r['sampled_rel_err']:.1e}"
+        out.append(f"| {r['case']} | {r['impl']} | {r['ms']:.3f} | {r['tflops']:.0f} | {sp} | {nat} | {sim} | {note} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="diffattn bench gna", description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="flux-na,flux-gna,hunyuan-na,hunyuan-gna",
+                    help=f"comma-separated, from {sorted(CASES)}")
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--flex", action="store_true", help="also time FlexAttention with the same mask")
+    ap.add_argument("--sweep", action="store_true", help="also try other tile/warp/stage settings")
+    ap.add_argument("--dense-ours", action="store_true", help="time our kernel on dense attention (simulator anchor)")
+    ap.add_argument("--backward", action="store_true", help="time forward+backward (cases under 100k tokens)")
+    ap.add_argument("--check", action="store_true", help="run the small-shape correctness suite first")
+    ap.add_argument("--out", default=None, help="write JSON lines here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("a CUDA device is needed for this benchmark", file=sys.stderr)
+        return 2
+    import triton
+
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"{args.dtype}, head dim {args.head_dim}, batch 1", flush=True)
+    if args.check:
+        lines = gpu_correctness()
+        print("\n".join(lines), flush=True)
+    rows: list[dict] = []
+    for name in args.cases.split(","):
+        if name not in CASES:
+            print(f"unknown case {name!r}; known: {sorted(CASES)}", file=sys.stderr)
+            return 2
+        run_case(name, CASES[name], args, rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
