@@ -66,6 +66,7 @@ def build_method(name: str, **options: Any) -> AttentionMethod:
 
 def _register_builtins() -> None:
     from .methods.dense import DenseConfig, DenseMethod
+    from .methods.radial import RadialConfig, RadialMethod
 
     register_method(
         MethodSpec(
@@ -74,6 +75,15 @@ def _register_builtins() -> None:
             config_cls=DenseConfig,
             families=ALL_FAMILIES,
             build=DenseMethod,
+        )
+    )
+    register_method(
+        MethodSpec(
+            name="radial",
+            summary="Radial Attention: static O(n log n) spatio-temporal block mask, dense warm-up steps and layers",
+            config_cls=RadialConfig,
+            families=("wan", "hunyuan_video", "cogvideox"),
+            build=RadialMethod,
         )
     )
 
