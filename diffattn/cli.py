@@ -24,6 +24,7 @@ NOT_YET = {
 BENCHES = {
     "kernels": ("diffattn.kernels.block_sparse.bench", "block-sparse attention kernel vs cuDNN SDPA and FlexAttention"),
     "gna": ("diffattn.kernels.neighborhood.bench", "neighborhood attention kernel vs cuDNN SDPA (NATTEN's figures)"),
+    "step": ("diffattn.step_bench", "one denoising step of a full-size video transformer, dense vs a method"),
 }
 
 
