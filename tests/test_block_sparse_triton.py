@@ -74,31 +74,52 @@ def _check(B, H, Sq, Sk, D, bs, T, mb, mh, dtype, density=0.5, empty_row=True, g
         assert _rel(a.grad, b.grad) < tol, f"{name} (seed {seed})"
 
 
+BF, FP, F32 = torch.bfloat16, torch.float16, torch.float32
 if CUDA:
-    SHAPES = [
-        # B, H, Sq, Sk, D, bs, T, mb, mh
-        (1, 2, 1000, 1000, 128, 128, 0, 1, 2),
-        (2, 2, 777, 1030, 64, 64, 13, 2, 1),
-        (1, 3, 515, 515, 80, 128, 77, 1, 1),
-        (1, 2, 300, 300, 40, 64, 5, 1, 2),
-        (1, 1, 400, 257, 160, 128, 0, 1, 1),
-        (1, 1, 256, 300, 256, 64, 9, 1, 1),
-        (2, 2, 500, 500, 128, 128, 512, 2, 2),
+    CASES = [
+        # (B, H, Sq, Sk, D, block_size, T extra keys, mask B, mask H), dtype
+        ((1, 2, 1000, 1000, 128, 128, 0, 1, 2), BF),
+        ((2, 2, 777, 1030, 64, 64, 13, 2, 1), BF),
+        ((1, 3, 515, 515, 80, 128, 77, 1, 1), BF),
+        ((1, 2, 300, 300, 40, 64, 5, 1, 2), FP),
+        ((1, 1, 400, 257, 160, 128, 0, 1, 1), BF),
+        ((1, 1, 256, 300, 256, 64, 9, 1, 1), FP),
+        ((2, 2, 500, 500, 128, 128, 512, 2, 2), FP),
+        ((1, 2, 1000, 1000, 128, 128, 0, 1, 2), F32),
+        ((2, 1, 333, 200, 64, 64, 7, 2, 1), F32),
+        ((1, 1, 200, 150, 160, 64, 3, 1, 1), F32),
     ]
 else:
-    SHAPES = [
-        (1, 2, 100, 77, 64, 32, 0, 1, 2),
-        (2, 1, 70, 45, 40, 16, 5, 2, 1),
-        (1, 2, 50, 64, 16, 16, 3, 1, 1),
-        (1, 1, 40, 33, 160, 16, 0, 1, 1),
-        (2, 2, 48, 48, 32, 16, 2, 2, 2),
+    CASES = [
+        ((1, 2, 100, 77, 64, 32, 0, 1, 2), BF),
+        ((2, 1, 70, 45, 40, 16, 5, 2, 1), BF),
+        ((1, 1, 40, 33, 160, 16, 0, 1, 1), BF),
+        ((1, 2, 100, 77, 64, 32, 0, 1, 2), FP),
+        ((1, 2, 50, 64, 16, 16, 3, 1, 1), FP),
+        ((2, 2, 48, 48, 32, 16, 2, 2, 2), FP),
+        ((1, 2, 100, 77, 64, 32, 0, 1, 2), F32),
+        ((2, 1, 70, 45, 40, 16, 5, 2, 1), F32),
     ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape,dtype", CASES, ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else str(c))
 def test_forward_backward_vs_fp64(shape, dtype):
     _check(*shape, dtype=dtype)
+
+
+def test_tma_forward_on_transposed_layout():
+    """The tensor-descriptor (TMA) key/value path, on [B, S, H, D] memory viewed as [B, H, S, D] (the layout
+    Diffusers processors produce). On CPU the interpreter runs the descriptor path too."""
+    from diffattn.kernels.block_sparse import get_block_index, triton_fwd
+
+    B, H, S, D, bs = 1, 2, 200, 64, 64 if CUDA else 32
+    q, k, v = (_randn(B, S, H, D, dtype=torch.float16).transpose(1, 2) for _ in range(3))
+    mask = (torch.rand(1, H, math.ceil(S / bs), math.ceil(S / bs), generator=GEN) < 0.6).to(DEVICE)
+    idx = get_block_index(mask)
+    cfg = dict(BLOCK_M=bs, BLOCK_N=bs // 2, num_warps=4, num_stages=2, tma=True, warp_specialize=True)
+    out, _ = triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None, interpret=INTERP, config=cfg)
+    ref, _ = block_sparse_attention_reference(*(t.cpu().double() for t in (q, k, v)), mask.cpu(), block_size=bs)
+    assert _rel(out, ref) < 5e-3
 
 
 @pytest.mark.parametrize("density", [0.0, 1.0])

@@ -72,13 +72,15 @@ def radial_mask(nb: int, bs: int, tpf: int, density: float) -> torch.Tensor:
 
 def make_mask(kind: str, heads: int, nb: int, bs: int, tpf: int, density: float, gen: torch.Generator) -> torch.Tensor:
     if density >= 1.0:
-        return torch.ones(1, 1, nb, nb, dtype=torch.bool)
+        return torch.ones(1, heads, nb, nb, dtype=torch.bool)
     if kind == "random":
         return torch.rand(1, heads, nb, nb, generator=gen) < density
+    # Structured masks are the same for every head; stored per head anyway so that FlexAttention sees one
+    # BlockMask shape per sequence length (no recompilation between mask kinds).
     if kind == "band":
-        return band_mask(nb, density)[None, None]
+        return band_mask(nb, density)[None, None].expand(1, heads, nb, nb).contiguous()
     if kind == "radial":
-        return radial_mask(nb, bs, tpf, density)[None, None]
+        return radial_mask(nb, bs, tpf, density)[None, None].expand(1, heads, nb, nb).contiguous()
     raise ValueError(f"mask kind must be random, band or radial, got {kind!r}")
 
 
@@ -130,24 +132,30 @@ def sweep(args: argparse.Namespace) -> int:
         idx = get_block_index(mask)
         flops = 4 * S * S * D * H * real
         ref = None
-        for bn in (64, 128):
-            for nw in (4, 8):
-                for ns in (2, 3, 4):
-                    for tma, ws in ((False, False), (True, False), (True, True)):
-                        cfg = dict(BLOCK_M=128, BLOCK_N=bn, num_warps=nw, num_stages=ns, tma=tma, warp_specialize=ws)
-                        try:
-                            o, _ = triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None, config=cfg)
-                            if ref is None:
-                                ref = o
-                            err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
-                            ms = _bench(lambda: triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None, config=cfg), args.rep)
-                            rows.append(("fwd", dens, cfg, ms, flops / ms * 1e-9, err))
-                        except Exception as e:  # noqa: BLE001 - report and go on
-                            rows.append(("fwd", dens, cfg, float("nan"), float("nan"), repr(e)[:80]))
-                        print(rows[-1], flush=True)
+        if args.sweep == "quick":
+            grid = [(128, 64, 4, 2, True, True), (128, 64, 4, 3, True, True), (128, 128, 4, 2, True, True),
+                    (128, 128, 8, 3, True, False), (128, 64, 8, 2, True, True), (64, 64, 4, 2, True, True),
+                    (128, 64, 4, 2, False, False)]
+        else:
+            grid = [(128, bn, nw, ns, tma, ws) for bn in (64, 128) for nw in (4, 8) for ns in (2, 3, 4)
+                    for tma, ws in ((False, False), (True, False), (True, True))]
+        for bm, bn, nw, ns, tma, ws in grid:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns, tma=tma, warp_specialize=ws)
+            try:
+                o, _ = triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None, config=cfg)
+                if ref is None:
+                    ref = o
+                err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
+                ms = _bench(lambda: triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None, config=cfg), args.rep)
+                rows.append(("fwd", dens, cfg, ms, flops / ms * 1e-9, err))
+            except Exception as e:  # noqa: BLE001 - report and go on
+                rows.append(("fwd", dens, cfg, float("nan"), float("nan"), repr(e)[:80]))
+            print(rows[-1], flush=True)
         o, lse = triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None)
         for bm1, bn1, nw1, ns1 in ((32, 128, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 4, 2)):
             for bm2, bn2, nw2, ns2 in ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 4, 3)):
+                if args.sweep == "quick" and (bm1, bn1, nw1, ns1, bm2) != (64, 128, 8, 2, 64):
+                    continue
                 cfg = dict(dkdv=dict(BLOCK_M=bm1, BLOCK_N=bn1, num_warps=nw1, num_stages=ns1),
                            dq=dict(BLOCK_M=bm2, BLOCK_N=bn2, num_warps=nw2, num_stages=ns2))
                 if bm2 != 128 and (bm1, bn1, nw1, ns1) != (64, 128, 8, 2):
@@ -181,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--rep", type=int, default=200, help="do_bench repetition time per measurement, ms")
     p.add_argument("--no-flex", action="store_true")
-    p.add_argument("--sweep", action="store_true", help="sweep kernel configs at the first shape instead")
+    p.add_argument("--sweep", nargs="?", const="full", default=None, choices=["full", "quick"],
+                   help="sweep kernel configs at the first shape instead of the table")
     p.add_argument("--out", default=None, help="write the markdown table (.md) and raw rows (.json) with this stem")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -12,6 +12,8 @@ Configs are chosen by `fwd_config` (a fixed table per head dim / block size, tun
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 
@@ -20,6 +22,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+logger = logging.getLogger("diffattn")
 # Triton's CPU interpreter (3.9) mis-computes bfloat16 `tl.dot` (operands read as raw integers), so under
 # TRITON_INTERPRET=1 the dot operands are upcast to float32; compiled kernels never take this branch.
 _INTERP_UPCAST = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
@@ -170,16 +173,37 @@ def head_dim_pad(d: int) -> int:
 
 
 def fwd_config(d: int, block_size: int, dtype: torch.dtype, interpret: bool) -> dict:
-    """Tile sizes, warps and pipeline depth for the forward (a table, tuned on H100 for D=64/128)."""
+    """Tile sizes, warps, pipeline depth and Hopper options for the forward.
+
+    Tuned on an H100 (bf16, D=128, block 128; see NOTES.md): BLOCK_M 128 x BLOCK_N 64 with 4 warps, 2 stages, K/V
+    through TMA tensor descriptors and a warp-specialized key loop was fastest (522 TFLOP/s dense at Wan-1.3B);
+    8 warps / BLOCK_N 128 ran ~12% slower. fp32 inputs get small tiles (correctness path, not tuned).
+    `tma` and `warp_specialize` are dropped automatically on pre-Hopper GPUs and under the interpreter.
+    """
     bd = head_dim_pad(d)
     if interpret:
         return dict(BLOCK_M=_pow2_divisor(block_size, 64), BLOCK_N=_pow2_divisor(block_size, 32), num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        if bd <= 64:
+            return dict(BLOCK_M=_pow2_divisor(block_size, 64), BLOCK_N=_pow2_divisor(block_size, 64), num_warps=4, num_stages=2)
+        if bd <= 128:
+            return dict(BLOCK_M=_pow2_divisor(block_size, 64), BLOCK_N=_pow2_divisor(block_size, 32), num_warps=4, num_stages=2)
+        return dict(BLOCK_M=_pow2_divisor(block_size, 32), BLOCK_N=_pow2_divisor(block_size, 32), num_warps=4, num_stages=1)
     if bd <= 64:
-        return dict(BLOCK_M=_pow2_divisor(block_size, 128), BLOCK_N=_pow2_divisor(block_size, 128), num_warps=4, num_stages=3)
+        return dict(BLOCK_M=_pow2_divisor(block_size, 128), BLOCK_N=_pow2_divisor(block_size, 64), num_warps=4, num_stages=3,
+                    tma=True, warp_specialize=True)
     if bd <= 128:
-        bn = 64 if dtype == torch.float32 else 128
-        return dict(BLOCK_M=_pow2_divisor(block_size, 128), BLOCK_N=_pow2_divisor(block_size, bn), num_warps=8, num_stages=3)
+        return dict(BLOCK_M=_pow2_divisor(block_size, 128), BLOCK_N=_pow2_divisor(block_size, 64), num_warps=4, num_stages=2,
+                    tma=True, warp_specialize=True)
     return dict(BLOCK_M=_pow2_divisor(block_size, 64), BLOCK_N=_pow2_divisor(block_size, 32), num_warps=4, num_stages=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_hopper_or_newer(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+_fallback_logged = False
 
 
 def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -208,8 +232,9 @@ def forward(
         return out, lse
     cfg = dict(config) if config else fwd_config(D, block_size, q.dtype, interpret)
     BLOCK_M, BLOCK_N = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    use_tma = bool(cfg.pop("tma", False)) and _tma_ok(k, v, D)
-    warp_spec = bool(cfg.pop("warp_specialize", False))
+    hopper = q.is_cuda and not interpret and _is_hopper_or_newer(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    use_tma = bool(cfg.pop("tma", False)) and (hopper or interpret) and _tma_ok(k, v, D)
+    warp_spec = bool(cfg.pop("warp_specialize", False)) and (hopper or interpret)
     k_desc = v_desc = None
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -226,15 +251,28 @@ def forward(
     cb = kv_cnt.stride(0) if kv_cnt.shape[0] > 1 else 0
     ch = kv_cnt.stride(1) if kv_cnt.shape[1] > 1 else 0
     grid = (triton.cdiv(Sq, BLOCK_M), B * H)
-    _bsa_fwd_kernel[grid](
-        q, k, v, ek, ev, out, lse, kv_idx, kv_cnt, k_desc, v_desc,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(ek), *_strides3(ev), *_strides3(out),
-        ib, ih, kv_idx.stride(2), cb, ch,
-        H, Sq, Sk, T, D, nkb, scale * LOG2E,
-        BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=head_dim_pad(D),
-        EVEN_K=(Sk % block_size == 0), EVEN_D=(D == head_dim_pad(D)), HAS_EXTRA=has_extra,
-        IEEE=(q.dtype == torch.float32), USE_TMA=use_tma, WARP_SPEC=warp_spec, **cfg,
-    )
+
+    def launch(tma_: bool, ws_: bool, kd, vd) -> None:
+        _bsa_fwd_kernel[grid](
+            q, k, v, ek, ev, out, lse, kv_idx, kv_cnt, kd, vd,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(ek), *_strides3(ev), *_strides3(out),
+            ib, ih, kv_idx.stride(2), cb, ch,
+            H, Sq, Sk, T, D, nkb, scale * LOG2E,
+            BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=head_dim_pad(D),
+            EVEN_K=(Sk % block_size == 0), EVEN_D=(D == head_dim_pad(D)), HAS_EXTRA=has_extra,
+            IEEE=(q.dtype == torch.float32), USE_TMA=tma_, WARP_SPEC=ws_, **cfg,
+        )
+
+    global _fallback_logged
+    try:
+        launch(use_tma, warp_spec, k_desc, v_desc)
+    except Exception as e:  # a Triton build without TMA / warp specialization for this GPU: portable path
+        if not (use_tma or warp_spec):
+            raise
+        if not _fallback_logged:
+            logger.warning("block_sparse forward: TMA/warp-specialized kernel failed to compile (%s); using the portable kernel", e)
+            _fallback_logged = True
+        launch(False, False, None, None)
     return out, lse
 
 
