@@ -41,3 +41,20 @@ def test_bad_arguments_exit_with_usage():
     res = _run("methods", "--bogus")
     assert res.returncode == 2
     assert "unrecognized arguments: --bogus" in res.stderr
+
+
+def test_mask_radial_writes_png_and_density(tmp_path, capsys):
+    out = tmp_path / "mask.png"
+    assert main(["mask", "radial", "--frames", "6", "--tokens-per-frame", "300", "--block-size", "64", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "density: " in text and "speedup_upper_bound" in text
+    from PIL import Image
+
+    with Image.open(out) as img:
+        assert img.size[0] > 64 and img.size[1] > 64
+
+
+def test_mask_bad_geometry_is_one_line_error(tmp_path, capsys):
+    assert main(["mask", "radial", "--frames", "0", "--tokens-per-frame", "300", "--out", str(tmp_path / "m.png")]) == 2
+    err = capsys.readouterr().err
+    assert "num_frames" in err and err.count("\n") == 1
