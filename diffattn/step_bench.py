@@ -149,7 +149,7 @@ class ErrorProbe:
         self.name = getattr(method, "name", "?")
 
     def attend(self, call):
-        from .methods.block_masked import dense_attention
+        from .methods.joint import dense_attention
 
         out = self.method.attend(call)
         if call.role in ("self", "joint"):

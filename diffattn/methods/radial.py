@@ -16,7 +16,8 @@ from ..call import AttentionCall
 from ..config import MethodConfig, option
 from ..masks.radial import radial_mask
 from .base import AttentionMethod, require_grid
-from .block_masked import block_masked_attention, dense_attention, log_once
+from .block_masked import block_masked_attention
+from .joint import dense_attention, log_once
 
 # Defaults per family, from the upstream scripts (Wan 2.1 T2V 14B and HunyuanVideo T2V, 1x length). Upstream has
 # no CogVideoX integration: its defaults here are untuned (Wan's warm-up, a conservative decay factor of 1.0).
