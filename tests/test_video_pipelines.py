@@ -1,0 +1,281 @@
+"""diffattn end to end in whole tiny CogVideoX and HunyuanVideo pipelines (built offline, saved and reloaded).
+
+- "dense" equals the stock pipeline (CFG on: CogVideoX as one batch-2 forward, HunyuanVideo's embedded guidance and
+  its true-CFG path with a negative prompt as a second forward), and `remove` restores the stock output.
+- The per-forward context the methods see matches what the pipeline did: the token grid from the latents' shape
+  and the patch sizes, the text length, HunyuanVideo's padding mask (the pipeline's own prompt mask), the step
+  index of every forward, the pass names and indices.
+- "radial" runs end to end, differs from dense, equals dense when every step is a warm-up step, and equals an
+  independent reference: masked SDPA with the model's own mask AND the radial block mask on the video x video part,
+  its warm-up step counted by the pipeline's step callback (not by diffattn's context).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffattn
+from diffattn import registry
+from diffattn.config import MethodConfig
+from diffattn.masks import radial_mask
+from diffattn.methods.base import AttentionMethod
+from diffattn.methods.radial import FAMILY_DEFAULTS
+
+import tiny_video_pipelines as tvp
+
+STEPS = 3
+NUM_VIDEO = tvp.TOKEN_GRID[0] * tvp.TOKEN_GRID[1] * tvp.TOKEN_GRID[2]
+RADIAL = dict(block_size=16, dense_timesteps=1, dense_layers=0)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    # Stable timings on the 2-core CI box; results do not depend on it.
+    old = torch.get_num_threads()
+    torch.set_num_threads(min(old, 2))
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def cog():
+    pipe = tvp.build_tiny_cogvideox_pipeline()
+    return pipe, tvp.run_tiny_cogvideox(pipe, steps=STEPS)
+
+
+@pytest.fixture(scope="module")
+def hunyuan():
+    pipe = tvp.build_tiny_hunyuan_video_pipeline()
+    stock = {cfg: tvp.run_tiny_hunyuan_video(pipe, steps=STEPS, true_cfg_scale=cfg) for cfg in (1.0, 3.0)}
+    return pipe, stock
+
+
+def test_builders_are_what_the_tests_assume(cog, hunyuan):
+    cog_pipe, cog_out = cog
+    hy_pipe, hy_out = hunyuan
+    assert cog_out.shape == (1, tvp.NUM_FRAMES, 3, tvp.HEIGHT, tvp.WIDTH)
+    assert hy_out[1.0].shape == (1, tvp.NUM_FRAMES, 3, tvp.HEIGHT, tvp.WIDTH)
+    assert cog_pipe.transformer.config.use_rotary_positional_embeddings
+    for out in (cog_out, hy_out[1.0], hy_out[3.0]):
+        assert torch.isfinite(out).all()
+    # True CFG really runs a second, different forward.
+    assert max_diff(hy_out[1.0], hy_out[3.0]) > 1e-4
+    # The template crop leaves exactly the prompt's words and <|eot_id|>, then padding: a non-trivial mask.
+    mask = tvp.hunyuan_prompt_mask(hy_pipe)
+    words = len(tvp.PROMPT.split())
+    assert mask.shape == (1, tvp.MAX_TEXT)
+    assert mask[0].tolist() == [1] * (words + 1) + [0] * (tvp.MAX_TEXT - words - 1)
+
+
+# ---- dense equals stock ---------------------------------------------------------------------------------------
+def test_cogvideox_dense_equals_stock_with_batched_cfg(cog):
+    pipe, stock = cog
+    diffattn.apply(pipe, "dense")
+    try:
+        assert len(diffattn.api.installed(pipe.transformer).replaced) == 2
+        out = tvp.run_tiny_cogvideox(pipe, steps=STEPS)
+    finally:
+        diffattn.remove(pipe)
+    assert max_diff(out, stock) <= 1e-5
+    assert max_diff(tvp.run_tiny_cogvideox(pipe, steps=STEPS), stock) <= 1e-6  # remove restored the stock path
+
+
+@pytest.mark.parametrize("true_cfg", [1.0, 3.0], ids=["distilled", "true_cfg"])
+def test_hunyuan_video_dense_equals_stock(hunyuan, true_cfg):
+    pipe, stock = hunyuan
+    diffattn.apply(pipe, "dense")
+    try:
+        assert len(diffattn.api.installed(pipe.transformer).replaced) == 4
+        out = tvp.run_tiny_hunyuan_video(pipe, steps=STEPS, true_cfg_scale=true_cfg)
+    finally:
+        diffattn.remove(pipe)
+    assert max_diff(out, stock[true_cfg]) <= 1e-5
+    assert max_diff(tvp.run_tiny_hunyuan_video(pipe, steps=STEPS, true_cfg_scale=true_cfg), stock[true_cfg]) <= 1e-6
+
+
+# ---- the context the methods see ------------------------------------------------------------------------------
+def _forwards(records: list[dict], layers: int) -> list[list[dict]]:
+    """Records grouped by model forward (every forward calls each replaced layer once, in order)."""
+    assert records and len(records) % layers == 0, len(records)
+    groups = [records[i : i + layers] for i in range(0, len(records), layers)]
+    for group in groups:
+        assert [r["layer"] for r in group] == list(range(layers))
+        for key in ("step", "pass_name", "pass_index", "num_steps", "timestep", "grid", "text_len"):
+            assert len({repr(r[key]) for r in group}) == 1, f"{key} changed within one forward"
+    return groups
+
+
+def test_cogvideox_context(cog, spy):
+    pipe, _ = cog
+    diffattn.apply(pipe, "spy")
+    try:
+        latents = tvp.run_tiny_cogvideox(pipe, steps=STEPS, output_type="latent")  # [B, F, C, H, W]
+    finally:
+        diffattn.remove(pipe)
+    p = pipe.transformer.config.patch_size
+    _, f, _, h, w = latents.shape
+    grid = (f, h // p, w // p)
+    assert grid == tvp.TOKEN_GRID and f >= 3 and grid[1] * grid[2] >= 16
+    timesteps = pipe.scheduler.timesteps.tolist()
+    forwards = _forwards(spy, layers=2)
+    assert len(forwards) == STEPS  # CFG as one batch-2 forward per step
+    for i, group in enumerate(forwards):
+        r = group[0]
+        assert r["step"] == i and r["pass_index"] == 0 and r["pass_name"] == "cond_uncond"
+        assert r["num_steps"] == STEPS
+        assert r["timestep"] == pytest.approx(timesteps[i])
+        for r in group:
+            assert r["role"] == "joint" and r["grid"] == grid
+            assert r["text_len"] == tvp.MAX_TEXT and r["text_first"]
+            assert r["sq"] == r["sk"] == tvp.MAX_TEXT + NUM_VIDEO
+            assert r["visual"] == (tvp.MAX_TEXT, tvp.MAX_TEXT + NUM_VIDEO)
+            assert r["key_padding"] is None and r["text_mask"] is None
+
+
+@pytest.mark.parametrize("true_cfg", [1.0, 3.0], ids=["distilled", "true_cfg"])
+def test_hunyuan_video_context(hunyuan, spy, true_cfg):
+    pipe, _ = hunyuan
+    masks = {"cond": tvp.hunyuan_prompt_mask(pipe, tvp.PROMPT), "uncond": tvp.hunyuan_prompt_mask(pipe, tvp.NEGATIVE_PROMPT)}
+    assert not torch.equal(masks["cond"], masks["uncond"])
+    diffattn.apply(pipe, "spy")
+    try:
+        latents = tvp.run_tiny_hunyuan_video(pipe, steps=STEPS, true_cfg_scale=true_cfg, output_type="latent")
+    finally:
+        diffattn.remove(pipe)
+    cfg = pipe.transformer.config
+    _, _, f, h, w = latents.shape  # [B, C, F, H, W]
+    grid = (f // cfg.patch_size_t, h // cfg.patch_size, w // cfg.patch_size)
+    assert grid == tvp.TOKEN_GRID
+    timesteps = pipe.scheduler.timesteps.tolist()
+    passes = ["cond", "uncond"] if true_cfg > 1 else ["cond"]
+    forwards = _forwards(spy, layers=4)
+    assert len(forwards) == STEPS * len(passes)
+    for n, group in enumerate(forwards):
+        step, pass_index = divmod(n, len(passes))
+        name = passes[pass_index]
+        r = group[0]
+        assert (r["step"], r["pass_index"], r["pass_name"]) == (step, pass_index, name)
+        assert r["num_steps"] == STEPS
+        assert r["timestep"] == pytest.approx(timesteps[step])
+        for r in group:
+            assert r["role"] == "joint" and r["grid"] == grid
+            assert r["text_len"] == tvp.MAX_TEXT and not r["text_first"]
+            assert r["sq"] == r["sk"] == NUM_VIDEO + tvp.MAX_TEXT
+            assert r["visual"] == (0, NUM_VIDEO)
+            assert torch.equal(r["text_mask"], masks[name].bool())
+            assert r["key_padding"][:, :NUM_VIDEO].all()
+            assert torch.equal(r["key_padding"][:, NUM_VIDEO:], masks[name].bool())
+
+
+# ---- radial ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def radial_reference(monkeypatch):
+    """Registers "radial_ref": masked SDPA with the model's own attention mask AND, from the first non-warm-up
+    step on, the radial block mask over the video x video part. The step comes from the pipeline's step callback;
+    the text position from what the family is (CogVideoX text first, HunyuanVideo text last)."""
+
+    @dataclass
+    class RefConfig(MethodConfig):
+        method_name = "radial_ref"
+
+    state = {"step": 0, "family": None, "calls": 0}
+
+    def callback(pipe, i, t, kwargs):
+        state["step"] = i + 1
+        return {}
+
+    class RadialRef(AttentionMethod):
+        name = "radial_ref"
+
+        def attend(self, call):
+            state["calls"] += 1
+            q, k, v = call.q, call.k, call.v
+            if state["step"] < RADIAL["dense_timesteps"]:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=call.attn_mask)
+            defaults = FAMILY_DEFAULTS[state["family"]]
+            frames, height, width = tvp.TOKEN_GRID
+            block = radial_mask(
+                frames, height * width, block_size=RADIAL["block_size"], decay_factor=defaults["decay_factor"],
+                sink=defaults["sink"],
+            )
+            tokens = block.repeat_interleave(RADIAL["block_size"], 0).repeat_interleave(RADIAL["block_size"], 1)
+            tokens = tokens[:NUM_VIDEO, :NUM_VIDEO]
+            b, _, s, _ = q.shape
+            vis = slice(s - NUM_VIDEO, s) if state["family"] == "cogvideox" else slice(0, NUM_VIDEO)
+            keep = torch.ones(b, 1, s, s, dtype=torch.bool)
+            if call.attn_mask is not None:
+                keep &= call.attn_mask.bool()
+            keep[:, :, vis, vis] &= tokens
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+    spec = registry.MethodSpec("radial_ref", "test reference", RefConfig, registry.ALL_FAMILIES, RadialRef)
+    monkeypatch.setitem(registry._REGISTRY, "radial_ref", spec)
+
+    def run(pipe, family: str, runner, **kwargs):
+        state.update(step=0, family=family, calls=0)
+        diffattn.apply(pipe, "radial_ref")
+        try:
+            out = runner(pipe, steps=STEPS, callback_on_step_end=callback, **kwargs)
+        finally:
+            diffattn.remove(pipe)
+        assert state["calls"] > 0
+        return out
+
+    return run
+
+
+def _run_radial(pipe, runner, **kwargs):
+    out = {}
+    for dense_steps in (RADIAL["dense_timesteps"], STEPS):
+        diffattn.apply(pipe, "radial", **{**RADIAL, "dense_timesteps": dense_steps})
+        try:
+            out[dense_steps] = runner(pipe, steps=STEPS, **kwargs)
+            method = diffattn.api.installed(pipe.transformer).runtime
+        finally:
+            diffattn.remove(pipe)
+        if dense_steps < STEPS:
+            masks = list(method._masks.values())
+            assert len(masks) == 1 and masks[0].float().mean().item() < 0.9, "the test geometry must be sparse"
+    return out[RADIAL["dense_timesteps"]], out[STEPS]
+
+
+def test_cogvideox_radial(cog, radial_reference):
+    pipe, stock = cog
+    sparse, all_dense = _run_radial(pipe, tvp.run_tiny_cogvideox)
+    assert torch.isfinite(sparse).all()
+    assert max_diff(sparse, stock) > 1e-4, "radial must differ from dense on a sparse mask"
+    assert max_diff(all_dense, stock) <= 1e-5
+    ref = radial_reference(pipe, "cogvideox", tvp.run_tiny_cogvideox)
+    assert max_diff(sparse, ref) <= 1e-5
+
+
+HUNYUAN_RADIAL_CASES = {
+    "distilled": dict(true_cfg_scale=1.0),
+    "true_cfg": dict(true_cfg_scale=3.0),
+    # two prompts of different lengths in one batch: per-element text padding
+    "batch2": dict(prompt=[tvp.PROMPT, "big green square"], seed=[0, 1]),
+}
+
+
+@pytest.mark.parametrize("case", list(HUNYUAN_RADIAL_CASES))
+def test_hunyuan_video_radial(hunyuan, radial_reference, case):
+    pipe, stock = hunyuan
+    kwargs = HUNYUAN_RADIAL_CASES[case]
+    dense = stock.get(kwargs.get("true_cfg_scale"))
+    if dense is None:
+        dense = tvp.run_tiny_hunyuan_video(pipe, steps=STEPS, **kwargs)
+    sparse, all_dense = _run_radial(pipe, tvp.run_tiny_hunyuan_video, **kwargs)
+    assert torch.isfinite(sparse).all()
+    assert max_diff(sparse, dense) > 1e-4, "radial must differ from dense on a sparse mask"
+    assert max_diff(all_dense, dense) <= 1e-5
+    ref = radial_reference(pipe, "hunyuan_video", tvp.run_tiny_hunyuan_video, **kwargs)
+    assert max_diff(sparse, ref) <= 1e-5
