@@ -57,6 +57,8 @@ class OptionSpec:
         """A short human description of the accepted values."""
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.type is Any:
+            return "an int, a per-axis tuple (CLI: 18,24,24) or JSON"
         parts = []
         if self.low is not None:
             parts.append(f"{'>=' if self.low_inclusive else '>'} {self.low}")
@@ -64,6 +66,36 @@ class OptionSpec:
             parts.append(f"{'<=' if self.high_inclusive else '<'} {self.high}")
         base = _type_name(self.type)
         return base + (" " + " and ".join(parts) if parts else "")
+
+
+def _parse_structured(text: str) -> Any:
+    """CLI text for a structured option: JSON (`{"0": ...}`, `[1, 2]`), or comma-separated scalars (`18,24,24`)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+        parts = [p.strip() for p in text.split(",")]
+        parsed = []
+        for part in parts:
+            for cast in (int, float):
+                try:
+                    parsed.append(cast(part))
+                    break
+                except ValueError:
+                    continue
+            else:
+                if part.lower() in ("true", "false"):
+                    parsed.append(part.lower() == "true")
+                else:
+                    raise ValueError(f"cannot parse {text!r}: expected JSON or comma-separated numbers") from None
+        return parsed[0] if len(parsed) == 1 else tuple(parsed)
+    if isinstance(value, dict):  # JSON object keys are strings; layer indices are ints
+        return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(value)
+    return value
 
 
 def _type_name(tp: Any) -> str:
@@ -136,8 +168,14 @@ class MethodConfig:
         spec = specs[name]
         bases = _base_types(spec.type)
         low = text.strip()
-        if type(None) in bases and low.lower() in ("none", "null", ""):
+        if (type(None) in bases or Any in bases) and low.lower() in ("none", "null", ""):
             return None
+        if spec.choices is not None:
+            for choice in spec.choices:
+                if str(choice) == low:
+                    return choice
+        if any(b is Any or typing.get_origin(b) in (list, tuple, dict) or b in (list, tuple, dict) for b in bases):
+            return _parse_structured(low)
         for tp in bases:
             try:
                 if tp is bool:
@@ -170,6 +208,8 @@ class MethodConfig:
     def _check_one(self, spec: OptionSpec, value: Any) -> None:
         where = f"option {spec.name!r} of method {self.method_name!r}"
         bases = _base_types(spec.type)
+        if Any in bases:
+            return  # structured options (per-axis tuples, per-layer dicts) are checked by the subclass's check()
         if value is None:
             if type(None) in bases:
                 return

@@ -66,6 +66,7 @@ def build_method(name: str, **options: Any) -> AttentionMethod:
 
 def _register_builtins() -> None:
     from .methods.dense import DenseConfig, DenseMethod
+    from .methods.neighborhood import GNAConfig, GNAMethod
     from .methods.radial import RadialConfig, RadialMethod
 
     register_method(
@@ -84,6 +85,15 @@ def _register_builtins() -> None:
             config_cls=RadialConfig,
             families=("wan", "hunyuan_video", "cogvideox"),
             build=RadialMethod,
+        )
+    )
+    register_method(
+        MethodSpec(
+            name="gna",
+            summary="generalized neighborhood attention (window, stride, dilation, causal) over the token grid",
+            config_cls=GNAConfig,
+            families=("wan", "hunyuan_video", "cogvideox", "flux", "sd3"),
+            build=GNAMethod,
         )
     )
 

@@ -1,0 +1,198 @@
+"""`gna`: generalized neighborhood attention (NATTEN semantics: window, stride, dilation, causal per axis) over the
+video/image token grid, text tokens as extra keys every visual query attends, text queries dense.
+
+Video families (Wan, HunyuanVideo, CogVideoX) use 3-D windows over (frames, height, width); image families (FLUX,
+SD3) use 2-D windows over (height, width). Settings may differ per layer (`per_layer`, or a preset such as the
+published HunyuanVideo and FLUX-4K configurations). A window larger than the grid at the running resolution is
+clamped to the grid (logged once); -1 means the whole axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..call import AttentionCall
+from ..config import MethodConfig, option
+from ..kernels import neighborhood_attention
+from .base import AttentionMethod, require_grid
+from .joint import can_split, dense_attention, log_once, visual_with_text
+
+IMAGE_FAMILIES = ("flux", "sd3")
+
+# Published configurations (NATTEN docs / GNA paper) and a Cosmos-style per-layer mix for Wan 720p.
+PRESETS: dict[str, dict[str, Any]] = {
+    "hunyuan-720p": {
+        "doc": "HunyuanVideo 720p (latent 30x48x80): window (18,24,24), stride (16,8,8), ~91% sparse (GNA paper)",
+        "kernel_size": (18, 24, 24),
+        "stride": (16, 8, 8),
+    },
+    "hunyuan-720p-na": {
+        "doc": "HunyuanVideo 720p: plain neighborhood attention window (18,24,24), stride 1",
+        "kernel_size": (18, 24, 24),
+        "stride": 1,
+    },
+    "flux-4k": {
+        "doc": "FLUX.1-dev 4K (256x256 tokens): window (80,80), stride (16,16), ~90% sparse (GNA paper)",
+        "kernel_size": (80, 80),
+        "stride": (16, 16),
+    },
+    "wan-720p-cosmos-mix": {
+        "doc": (
+            "Wan 720p (21x45x80): a Cosmos-Predict2-style per-layer mix: every 4th layer (0, 4, ...) a wide window "
+            "(-1,20,40) stride (1,4,8), every 4th from 2 a sparse-global window (-1,4,16) dilation (1,11,5), the "
+            "others a local window (-1,12,24) stride (1,4,8). The mix rule is ours; the three windows are Cosmos'"
+        ),
+        "kernel_size": (-1, 12, 24),
+        "stride": (1, 4, 8),
+        "per_layer_rule": "cosmos-mix",
+    },
+}
+
+
+def _per_axis_values(value: Any, name: str) -> tuple:
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,)
+
+
+@dataclass
+class GNAConfig(MethodConfig):
+    method_name = "gna"
+
+    kernel_size: Any = option(
+        None, help="window per axis (int, or (T,H,W) / (H,W)); -1 = the whole axis. Needed unless a preset is given"
+    )
+    stride: Any = option(1, help="stride per axis (1 = sliding window, = kernel_size = blocked)")
+    dilation: Any = option(1, help="dilation per axis")
+    is_causal: Any = option(False, help="causal per axis (bool or tuple)")
+    preset: str | None = option(None, choices=(None, *PRESETS), help="a published configuration by name")
+    layers: list | None = option(None, help="layer indices that use GNA (None: all); the others run dense")
+    per_layer: dict | None = option(
+        None, help="{layer_index: {kernel_size/stride/dilation/is_causal: ...}} overrides for single layers"
+    )
+    dense_timesteps: int = option(0, low=0, help="the first N denoising steps run dense")
+
+    def check(self) -> None:
+        if self.kernel_size is None and self.preset is None:
+            raise ValueError("method 'gna' needs kernel_size=... or preset=...; presets: " + ", ".join(PRESETS))
+        for name in ("kernel_size", "stride", "dilation"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            for v in _per_axis_values(value, name):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise ValueError(f"option {name!r} of method 'gna' must be ints, got {value!r}")
+                low = -1 if name == "kernel_size" else 1
+                if v < low or v == 0:
+                    raise ValueError(
+                        f"option {name!r} of method 'gna' got {value!r}; expected ints >= 1"
+                        + (" (or -1 for the whole axis)" if name == "kernel_size" else "")
+                    )
+        if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
+            raise ValueError(f"option 'layers' of method 'gna' must be a list of layer indices >= 0, got {self.layers!r}")
+        if self.per_layer is not None:
+            allowed = {"kernel_size", "stride", "dilation", "is_causal"}
+            for key, settings in self.per_layer.items():
+                if not isinstance(key, int) or key < 0 or not isinstance(settings, dict) or set(settings) - allowed:
+                    raise ValueError(
+                        "option 'per_layer' of method 'gna' must map layer indices >= 0 to dicts with keys "
+                        f"{sorted(allowed)}, got {{{key!r}: {settings!r}}}"
+                    )
+
+
+class GNAMethod(AttentionMethod):
+    name = "gna"
+
+    def settings_for(self, layer_index: int) -> dict[str, Any]:
+        """Window, stride, dilation and causality of one layer (preset, then options, then per-layer overrides)."""
+        cfg = self.config
+        out: dict[str, Any] = {"kernel_size": None, "stride": 1, "dilation": 1, "is_causal": False}
+        if cfg.preset is not None:
+            preset = PRESETS[cfg.preset]
+            out.update({k: preset[k] for k in ("kernel_size", "stride", "dilation", "is_causal") if k in preset})
+            if preset.get("per_layer_rule") == "cosmos-mix" and layer_index >= 0:
+                if layer_index % 4 == 0:
+                    out.update(kernel_size=(-1, 20, 40), stride=(1, 4, 8), dilation=1)
+                elif layer_index % 4 == 2:
+                    out.update(kernel_size=(-1, 4, 16), stride=1, dilation=(1, 11, 5))
+        if cfg.kernel_size is not None:
+            out["kernel_size"] = cfg.kernel_size
+        for key in ("stride", "dilation", "is_causal"):
+            if getattr(cfg, key) != {"stride": 1, "dilation": 1, "is_causal": False}[key]:
+                out[key] = getattr(cfg, key)
+        if cfg.per_layer and layer_index in cfg.per_layer:
+            out.update(cfg.per_layer[layer_index])
+        return out
+
+    def fit(self, shape: tuple[int, ...], s: dict[str, Any], where: str) -> dict[str, tuple]:
+        """Per-axis settings for a spatial `shape`, clamped to it (logged once when anything is clamped)."""
+        n = len(shape)
+
+        def axes(value, name):
+            values = _per_axis_values(value, name)
+            if len(values) == 1:
+                values = values * n
+            if len(values) == n + 1 and n == 2:  # a (T, H, W) setting on an image grid: drop T
+                values = values[1:]
+            if len(values) != n:
+                raise ValueError(f"gna: {name}={value!r} does not fit a {n}-D token grid {shape} ({where})")
+            return tuple(values)
+
+        ks, st, dl = axes(s["kernel_size"], "kernel_size"), axes(s["stride"], "stride"), axes(s["dilation"], "dilation")
+        causal = axes(s["is_causal"], "is_causal")
+        new_ks, new_dl, new_st = [], [], []
+        for size, k, d, st_i in zip(shape, ks, dl, st):
+            d = min(d, size)
+            k = size // d if k == -1 else min(k, size // d)
+            new_ks.append(k)
+            new_dl.append(d)
+            new_st.append(min(st_i, k))
+        fitted = {"kernel_size": tuple(new_ks), "stride": tuple(new_st), "dilation": tuple(new_dl), "is_causal": causal}
+        if fitted["kernel_size"] != tuple(size // d if k == -1 else k for size, k, d in zip(shape, ks, dl)) or (
+            tuple(new_dl) != dl or tuple(new_st) != st
+        ):
+            log_once(
+                f"gna:clamp:{shape}:{s}",
+                "diffattn gna: window %s stride %s dilation %s clamped to %s for token grid %s",
+                ks, st, dl, fitted, shape,
+            )
+        return fitted
+
+    def attend(self, call: AttentionCall) -> torch.Tensor:
+        if not can_split(call):
+            return dense_attention(call)
+        if self.config.layers is not None and call.layer.index not in self.config.layers:
+            return dense_attention(call)
+        ctx = call.context
+        if self.config.dense_timesteps:
+            if ctx is None:
+                raise RuntimeError(
+                    "gna: dense_timesteps needs the denoising step and this processor has no per-forward context: "
+                    "install it with diffattn.apply(...) or pass dense_timesteps=0"
+                )
+            if ctx.step_index < self.config.dense_timesteps:
+                return dense_attention(call)
+        grid = require_grid(call, self.name)
+        family = ctx.family if ctx is not None else ""
+        shape: tuple[int, ...] = tuple(grid)
+        if family in IMAGE_FAMILIES or grid.frames == 1:
+            shape = (grid.height, grid.width)
+        s = self.fit(shape, self.settings_for(call.layer.index), call.layer.path)
+        b, h, _, d = call.q.shape
+
+        def to_grid(x: torch.Tensor) -> torch.Tensor:  # [b, H, S, D] -> [b, *shape, H, D]
+            return x.reshape(x.shape[0], h, *shape, d).movedim(1, -2)
+
+        def visual(batch_index, q, k, v, extra_k, extra_v):
+            ek = None if extra_k is None else extra_k.transpose(1, 2)
+            ev = None if extra_v is None else extra_v.transpose(1, 2)
+            out = neighborhood_attention(
+                to_grid(q), to_grid(k), to_grid(v), s["kernel_size"], s["stride"], s["dilation"], s["is_causal"],
+                scale=call.scale, extra_k=ek, extra_v=ev,
+            )
+            return out.movedim(-2, 1).reshape(q.shape)
+
+        return visual_with_text(call, visual)
