@@ -46,9 +46,9 @@ def _two_threads():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(scope="module")
-def cog():
-    pipe = tvp.build_tiny_cogvideox_pipeline()
+@pytest.fixture(scope="module", params=[None, 2], ids=["cogvideox1.0", "cogvideox1.5"])
+def cog(request):
+    pipe = tvp.build_tiny_cogvideox_pipeline(patch_size_t=request.param)
     return pipe, tvp.run_tiny_cogvideox(pipe, steps=STEPS)
 
 
@@ -62,7 +62,8 @@ def hunyuan():
 def test_builders_are_what_the_tests_assume(cog, hunyuan):
     cog_pipe, cog_out = cog
     hy_pipe, hy_out = hunyuan
-    assert cog_out.shape == (1, tvp.NUM_FRAMES, 3, tvp.HEIGHT, tvp.WIDTH)
+    cog_frames = tvp.NUM_FRAMES if cog_pipe.transformer.config.patch_size_t is None else tvp.NUM_FRAMES_COGVIDEOX_15
+    assert cog_out.shape == (1, cog_frames, 3, tvp.HEIGHT, tvp.WIDTH)
     assert hy_out[1.0].shape == (1, tvp.NUM_FRAMES, 3, tvp.HEIGHT, tvp.WIDTH)
     assert cog_pipe.transformer.config.use_rotary_positional_embeddings
     for out in (cog_out, hy_out[1.0], hy_out[3.0]):
@@ -121,10 +122,10 @@ def test_cogvideox_context(cog, spy):
         latents = tvp.run_tiny_cogvideox(pipe, steps=STEPS, output_type="latent")  # [B, F, C, H, W]
     finally:
         diffattn.remove(pipe)
-    p = pipe.transformer.config.patch_size
-    _, f, _, h, w = latents.shape
-    grid = (f, h // p, w // p)
-    assert grid == tvp.TOKEN_GRID and f >= 3 and grid[1] * grid[2] >= 16
+    p, p_t = pipe.transformer.config.patch_size, pipe.transformer.config.patch_size_t or 1
+    _, f, _, h, w = latents.shape  # CogVideoX 1.5: frames padded to a multiple of p_t
+    grid = (f // p_t, h // p, w // p)
+    assert grid == tvp.TOKEN_GRID and grid[0] >= 3 and grid[1] * grid[2] >= 16
     timesteps = pipe.scheduler.timesteps.tolist()
     forwards = _forwards(spy, layers=2)
     assert len(forwards) == STEPS  # CFG as one batch-2 forward per step

@@ -14,8 +14,10 @@ from typing import Any
 import torch
 
 # Both pipelines: 9 pixel frames (3 latent frames, temporal factor 4), 32 x 48 pixels (8 x 12 latent, spatial
-# factor 4), patch 2 -> token grid (3, 4, 6).
+# factor 4), patch 2 -> token grid (3, 4, 6). CogVideoX 1.5 (temporal patch 2) runs 17 frames: 5 latent frames,
+# padded by the pipeline to 6, hence the same grid.
 HEIGHT, WIDTH, NUM_FRAMES = 32, 48, 9
+NUM_FRAMES_COGVIDEOX_15 = 17
 TOKEN_GRID = (3, 4, 6)
 MAX_TEXT = 12
 
@@ -85,9 +87,10 @@ def _roundtrip(pipe, path: str | None):
 
 
 # ---- CogVideoX ------------------------------------------------------------------------------------------------
-def build_tiny_cogvideox_pipeline(path: str | None = None):
+def build_tiny_cogvideox_pipeline(path: str | None = None, *, patch_size_t: int | None = None):
     """Build, save and reload a tiny CogVideoX (5B-style: rotary embeddings, no learned positions) pipeline with a
-    `CogVideoXDDIMScheduler` configured as CogVideoX-5B's. Returns the loaded pipeline (CPU, fp32)."""
+    `CogVideoXDDIMScheduler` configured as CogVideoX-5B's; `patch_size_t=2` gives the CogVideoX 1.5 layout.
+    Returns the loaded pipeline (CPU, fp32)."""
     from diffusers import (
         AutoencoderKLCogVideoX,
         CogVideoXDDIMScheduler,
@@ -114,7 +117,7 @@ def build_tiny_cogvideox_pipeline(path: str | None = None):
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
         text_embed_dim=24, num_layers=2, sample_width=WIDTH // 4, sample_height=HEIGHT // 4, sample_frames=NUM_FRAMES,
-        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=MAX_TEXT,
+        patch_size=2, patch_size_t=patch_size_t, temporal_compression_ratio=4, max_text_seq_length=MAX_TEXT,
         use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False,
     )
     scheduler = CogVideoXDDIMScheduler(
@@ -128,10 +131,11 @@ def build_tiny_cogvideox_pipeline(path: str | None = None):
 
 
 def run_tiny_cogvideox(pipe, *, steps: int = 3, guidance: float = 6.0, seed: int = 0, **kwargs) -> torch.Tensor:
-    """9 frames of 32x48 pixels with a fixed seed; CFG (guidance > 1) runs as one batch-2 forward per step.
-    Returns the frames `[B, F, C, H, W]` in [0, 1]."""
+    """9 frames (CogVideoX 1.5: 17) of 32x48 pixels with a fixed seed; CFG (guidance > 1) runs as one batch-2
+    forward per step. Returns the frames `[B, F, C, H, W]` in [0, 1]."""
+    frames = NUM_FRAMES if pipe.transformer.config.patch_size_t is None else NUM_FRAMES_COGVIDEOX_15
     options: dict[str, Any] = dict(
-        prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT, height=HEIGHT, width=WIDTH, num_frames=NUM_FRAMES,
+        prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT, height=HEIGHT, width=WIDTH, num_frames=frames,
         num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=MAX_TEXT,
         generator=torch.Generator().manual_seed(seed), output_type="pt",
     )
