@@ -234,18 +234,22 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
 
     variants = [dict()]
     if args.sweep:
-        variants += [dict(num_stages=3), dict(num_warps=4), dict(kv64=True), dict(kv64=True, num_stages=3)]
+        variants += [dict(num_stages=3), dict(kv64=True, num_stages=3), dict(kv64=True, num_stages=4),
+                     dict(q64=True, kv64=True, num_warps=4, num_stages=3)]
     for var in variants:
         q_tile = kv_tile = None
         if var.get("kv64"):
-            from .tiling import choose_tiles
             from .checks import normalize_params
+            from .tiling import choose_tiles
             p = normalize_params(case.shape, case.kernel_size, case.stride)
-            q_tile, kv_tile = choose_tiles(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal, 128, 64)
+            q_tile, kv_tile = choose_tiles(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal,
+                                           64 if var.get("q64") else 128, 64)
         plan = get_plan(case.shape, case.kernel_size, case.stride, 1, False, q_tile, kv_tile)
         sim = simulate(case.shape, case.kernel_size, case.stride, q_tile=plan.q_tile, kv_tile=plan.kv_tile)
         scale = d ** -0.5
         kw = {k_: v_ for k_, v_ in var.items() if k_ in ("num_warps", "num_stages")}
+        if var.get("kv64") and "num_warps" not in kw:
+            kw["num_warps"] = 8
         tag = f"Q{plan.q_tile} KV{plan.kv_tile} {kw or ''}"
         try:
             fn = lambda: na_forward(q, k, v, plan, scale, None, None, False, "spatial", **kw)  # noqa: E731
@@ -263,6 +267,18 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
             fnp = lambda: na_forward(qp, kp, vp, plan, scale, None, None, False, "permuted")  # noqa: E731
             ms_p = _bench(fnp, long)
             add("ours, permuted layout (kernel only)", ms_p, tag, speedup=cudnn_ms / ms_p)
+            if sim.perfectly_block_sparse and args.tma:
+                from .triton_fwd_tma import na_forward_tma
+                for ws, st in ((False, 3), (True, 3), (False, 4)):
+                    try:
+                        ft = lambda: na_forward_tma(qp, kp, vp, plan, scale, 8, st, ws)  # noqa: E731
+                        o_t = unpermute_tokens(ft(), case.shape, plan.q_tile, (1,) * len(case.shape))
+                        err_t = sampled_check(q, k, v, o_t, dict(kernel_size=case.kernel_size, stride=case.stride), 16)
+                        ms_tma = _bench(ft, long)
+                        add("ours TMA (experimental), permuted, kernel only", ms_tma,
+                            f"{tag} ws={ws} stages={st}", speedup=cudnn_ms / ms_tma, sampled_rel_err=err_t)
+                    except Exception as e:
+                        add("ours TMA FAILED", float("nan"), f"ws={ws} stages={st}: {type(e).__name__}: {str(e)[:200]}")
 
             def total():
                 a = permute_tokens(q, plan.q_tile, (1,) * len(case.shape))
@@ -295,9 +311,18 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
                 ms_bc = _bench(fbc, long)
                 add("cuDNN SDPA fwd+bwd (dense)", ms_bc, eff_flops=dense_flops * 3.5)
                 add("ours fwd+bwd", ms_b, tag, eff_flops=flops * 3.5, speedup=ms_bc / ms_b)
+                from .triton_bwd import na_backward
+                o1, l1 = na_forward(q, k, v, plan, scale, None, None, True, "spatial")
+                for bw, bs in ((4, 2), (8, 2), (4, 3), (8, 3)):
+                    try:
+                        fbw = lambda: na_backward(q, k, v, None, None, o1, l1, go, None, plan, scale, bw, bs)  # noqa: E731
+                        ms_bw = _bench(fbw, long)
+                        add("ours backward only", ms_bw, f"{tag} bwd warps={bw} stages={bs}", eff_flops=flops * 2.5)
+                    except Exception as e:
+                        add("ours backward FAILED", float("nan"), f"warps={bw} stages={bs}: {type(e).__name__}: {str(e)[:200]}")
         except Exception as e:  # keep the other variants going; report the failure in the table
             add("ours FAILED", float("nan"), f"{tag}: {type(e).__name__}: {str(e)[:300]}")
-    if args.flex:
+    if args.flex and (not long or args.flex_long):
         plan = get_plan(case.shape, case.kernel_size, case.stride, 1, False)
         for order in ("rowmajor", "tiled"):
             try:
@@ -343,9 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--flex", action="store_true", help="also time FlexAttention with the same mask")
+    ap.add_argument("--flex-long", action="store_true", help="FlexAttention also on cases over 100k tokens")
     ap.add_argument("--sweep", action="store_true", help="also try other tile/warp/stage settings")
     ap.add_argument("--dense-ours", action="store_true", help="time our kernel on dense attention (simulator anchor)")
     ap.add_argument("--backward", action="store_true", help="time forward+backward (cases under 100k tokens)")
+    ap.add_argument("--tma", action="store_true", help="also time the experimental TMA path on block-sparse cases")
     ap.add_argument("--check", action="store_true", help="run the small-shape correctness suite first")
     ap.add_argument("--out", default=None, help="write JSON lines here")
     args = ap.parse_args(argv)

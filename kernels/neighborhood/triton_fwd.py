@@ -37,7 +37,7 @@ def _window_ok(y, st, ln):
 
 @triton.jit
 def _fwd_box(
-    acc, m_i, l_i, q, K, V, kv_base,
+    acc, m_i, l_i, q, K, V, kv_base, kv_intra,
     lo0, hi0, lo1, hi1, lo2, hi2,
     n0, n1, n2, offs_d, dmask,
     k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
@@ -54,12 +54,12 @@ def _fwd_box(
         k2 = lo2 + it % c2
         k1 = lo1 + (it // c2) % c1
         k0 = lo0 + it // (c2 * c1)
-        off = kv_base + k0 * k_ts0 + n0 * k_is0
+        tile_off = kv_base + k0 * k_ts0
         if NDIM > 1:
-            off += k1 * k_ts1 + n1 * k_is1
+            tile_off += k1 * k_ts1
         if NDIM > 2:
-            off += k2 * k_ts2 + n2 * k_is2
-        ptr = off[:, None] + offs_d[None, :]
+            tile_off += k2 * k_ts2
+        ptr = tile_off + kv_intra
         if MASKED:
             y0 = k0 * TK0 + n0
             kvalid = y0 < lg0
@@ -185,6 +185,13 @@ def _na_fwd_kernel(
         l_off += g2 * l_gs2 + qt2 * l_ts2 + m2 * l_is2
         kv_base += g2 * k_gs2
     q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=qvalid[:, None] & dmask[None, :], other=0.0)
+    # loop-invariant part of every key tile's element offsets
+    kv_rows = n0 * k_is0
+    if NDIM > 1:
+        kv_rows += n1 * k_is1
+    if NDIM > 2:
+        kv_rows += n2 * k_is2
+    kv_intra = kv_rows[:, None] + offs_d[None, :]
 
     # per-row windows (group-local key coordinates), for the masked slabs
     st0 = tl.load(R0 + (g0 * X0 + x0) * 2)
@@ -204,36 +211,36 @@ def _na_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # 1) mask-free inner box
-    acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, ilo0, ihi0, ilo1, ihi1, ilo2, ihi2,
+    acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, kv_intra, ilo0, ihi0, ilo1, ihi1, ilo2, ihi2,
                              n0, n1, n2, offs_d, dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
                              lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
                              NDIM, TK0, TK1, TK2, False, EVEN_D)
     # 2) slabs outside the inner range along axis 0
-    acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, lo0, ilo0, lo1, hi1, lo2, hi2,
+    acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, kv_intra, lo0, ilo0, lo1, hi1, lo2, hi2,
                              n0, n1, n2, offs_d, dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
                              lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
                              NDIM, TK0, TK1, TK2, True, False)
-    acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, ihi0, hi0, lo1, hi1, lo2, hi2,
+    acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, kv_intra, ihi0, hi0, lo1, hi1, lo2, hi2,
                              n0, n1, n2, offs_d, dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
                              lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
                              NDIM, TK0, TK1, TK2, True, False)
     if NDIM > 1:
         # 3) inside along axis 0, outside along axis 1
-        acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, ilo0, ihi0, lo1, ilo1, lo2, hi2,
+        acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, kv_intra, ilo0, ihi0, lo1, ilo1, lo2, hi2,
                                  n0, n1, n2, offs_d, dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
                                  lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
                                  NDIM, TK0, TK1, TK2, True, False)
-        acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, ilo0, ihi0, ihi1, hi1, lo2, hi2,
+        acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, kv_intra, ilo0, ihi0, ihi1, hi1, lo2, hi2,
                                  n0, n1, n2, offs_d, dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
                                  lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
                                  NDIM, TK0, TK1, TK2, True, False)
     if NDIM > 2:
         # 4) inside along axes 0 and 1, outside along axis 2
-        acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, ilo0, ihi0, ilo1, ihi1, lo2, ilo2,
+        acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, kv_intra, ilo0, ihi0, ilo1, ihi1, lo2, ilo2,
                                  n0, n1, n2, offs_d, dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
                                  lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
                                  NDIM, TK0, TK1, TK2, True, False)
-        acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, ilo0, ihi0, ilo1, ihi1, ihi2, hi2,
+        acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, kv_intra, ilo0, ihi0, ilo1, ihi1, ihi2, hi2,
                                  n0, n1, n2, offs_d, dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
                                  lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
                                  NDIM, TK0, TK1, TK2, True, False)
@@ -327,8 +334,9 @@ def axis_tables(plan: Plan, device: torch.device) -> list[torch.Tensor]:
 
 def launch_config(block_m: int, block_n: int, head_dim: int) -> tuple[int, int]:
     """(num_warps, num_stages) defaults for the forward."""
+    # H100, fp16, d=128 (bench.py sweep, NOTES.md): 128x128 tiles, 8 warps, 3 stages beat 2 stages by 2-5%.
     warps = 8 if block_m * block_n >= 128 * 64 and block_m >= 64 else 4
-    stages = 2 if block_n * head_dim >= 128 * 128 else 3
+    stages = 3 if block_n * head_dim <= 128 * 128 else 2
     return warps, stages
 
 
