@@ -177,8 +177,7 @@ def _build_block_mask(f: int, s: int, block_size: int, decay_factor: float, sink
     c0, c1 = lo.view(1, -1), hi.view(1, -1)
     sink_col = (frame == 0).view(1, -1) if sink else None
 
-    # piece-pair results OR-ed over query pieces of a block: [nb, npiece]
-    per_row = torch.zeros(nb, npiece, dtype=torch.int32)
+    per_block = torch.zeros(nb, nb, dtype=torch.int32)  # passing tiles per block pair
     step = max(1, _CHUNK_ELEMENTS // npiece)
     for p0 in range(0, npiece, step):
         p1 = min(npiece, p0 + step)
@@ -194,9 +193,8 @@ def _build_block_mask(f: int, s: int, block_size: int, decay_factor: float, sink
         nonzero = _count_in_range(c0, c1, r0, r1, w, torch.zeros_like(rows))
         high = _count_in_range(c0, c1, r0, r1, w, rows // 3)  # 3 * count > rows  <=>  count > rows // 3
         ok = kept & (5 * high > 3 * nonzero)
-        per_row.index_add_(0, blk[p0:p1], ok.to(torch.int32))
-    per_block = torch.zeros(nb, nb, dtype=torch.int32)
-    per_block.index_add_(1, blk, per_row)
+        by_key_block = torch.zeros(p1 - p0, nb, dtype=torch.int32).index_add_(1, blk, ok.to(torch.int32))
+        per_block.index_add_(0, blk[p0:p1], by_key_block)
     return per_block > 0
 
 
