@@ -324,3 +324,16 @@ def test_read_video_resizes_covers_and_centre_crops(tmp_path):
     clip = rl.read_video(small, 9, 32, 32)
     assert clip.shape == (3, 9, 32, 32)
     assert torch.allclose(clip[:, :, 4:28, 4:28].mean(dim=(1, 2, 3)), torch.tensor([-1.0, 1.0, -1.0]), atol=0.05)
+
+
+def test_read_video_webm_and_frame_stride(tmp_path):
+    # frame i is uniformly grey level 20*i; stride 2 must read frames 0, 2, 4, 6, 8
+    frames = [np.full((48, 80, 3), 20 * i, np.uint8) for i in range(11)]
+    path = tmp_path / "grey.webm"
+    imageio.mimwrite(path, frames, fps=8, codec="libvpx-vp9")
+    clip = rl.read_video(path, 5, 32, 48, frame_stride=2)
+    assert clip.shape == (3, 5, 32, 48)
+    levels = ((clip.mean(dim=(0, 2, 3)) + 1) * 127.5).tolist()
+    assert levels == pytest.approx([0, 40, 80, 120, 160], abs=4)
+    with pytest.raises(ValueError, match="grey.webm.* too short: it has 6 .*frame_stride=2"):
+        rl.read_video(path, 9, 32, 48, frame_stride=2)
