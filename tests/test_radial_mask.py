@@ -245,6 +245,12 @@ def test_odd_totals_and_tiny_geometries():
     assert radial_mask(1, 1000, block_size=128).all()  # one frame: dense
     assert radial_mask(5, 129, block_size=128).shape == (6, 6)
     assert radial_mask(7, 33, block_size=48).shape == (5, 5)  # block size need not be a power of two
+    # huge decay factors widen every band to the whole frame pair (only decimation is left); tiny ones floor at B
+    wide = radial_mask(6, 256, block_size=64, decay_factor=1e308, sink=False)
+    assert torch.equal(wide, radial_mask(6, 256, block_size=64, decay_factor=64.0, sink=False))
+    assert torch.equal(radial_token_mask(6, 256, block_size=64, decay_factor=1e308, sink=False), torch.from_numpy(
+        _ref_token_mask(6, 256, 64, 1e30, False)))
+    assert torch.equal(radial_mask(6, 256, block_size=64, decay_factor=1e-300), radial_mask(6, 256, block_size=64, decay_factor=0.01))
 
 
 def test_production_geometries():

@@ -111,9 +111,15 @@ def _frame_tables(f: int, s: int, block_size: int, decay_factor: float) -> tuple
         if d <= 1:
             width.append(s)
         else:
-            decay_length = math.ldexp(decay_factor, bs - g)  # == 2**bs / 2**g * decay_factor, exactly
-            w = decay_length if decay_length >= block_size else float(block_size)
-            width.append(min(math.floor(_float32(w)), s))
+            try:
+                decay_length = math.ldexp(decay_factor, bs - g)  # == 2**bs / 2**g * decay_factor, exactly
+            except OverflowError:  # absurdly large decay factors: the band covers the frame pair
+                decay_length = math.inf
+            if decay_length >= s:
+                width.append(s)
+            else:
+                w = decay_length if decay_length >= block_size else float(block_size)
+                width.append(min(math.floor(_float32(w)), s))
     return keep, width
 
 
