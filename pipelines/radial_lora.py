@@ -29,7 +29,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -683,7 +683,8 @@ def train_radial_lora(config: RadialLoRAConfig) -> Path:
         "alpha": cfg.lora_alpha,
         "target_modules": list(cfg.target_modules),
         "lora_dropout": cfg.lora_dropout,
-        "radial": radial_cfg.to_dict(),
+        "radial": radial_cfg.to_dict(),  # as given (None: the Wan default); what load_radial_lora applies
+        "radial_effective": {k: settings[k] for k in ("block_size", "decay_factor", "sink", "dense_layers")},
         "radial_mask": {"frames": frames, "tokens_per_frame": tpf, "density": density, "sparse_from_block": settings["dense_layers"]},
         "num_frames": cfg.num_frames, "height": cfg.height, "width": cfg.width,
         "base_model": str(cfg.pretrained_model),
@@ -696,7 +697,7 @@ def train_radial_lora(config: RadialLoRAConfig) -> Path:
     # ---- resume --------------------------------------------------------------------------------------------
     start_step = 0
     if cfg.resume and existing:
-        step0, ckpt = existing[-1]
+        _, ckpt = existing[-1]
         saved = json.loads((ckpt / LORA_CONFIG_NAME).read_text(encoding="utf-8"))
         for key in ("rank", "alpha", "target_modules"):
             if saved[key] != info[key]:
