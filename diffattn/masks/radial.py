@@ -271,20 +271,16 @@ def radial_token_mask(
             "Use radial_mask() for the block mask at production sizes."
         )
     keep_l, width_l = _frame_tables(f, s, block_size, df)
-    keep_t = torch.tensor(keep_l, dtype=torch.bool)
-    width_t = torch.tensor(width_l, dtype=torch.int64)
-    kf = torch.arange(n) // s
-    kc = torch.arange(n) % s
-    r = torch.arange(s).view(-1, 1)
-    out = torch.empty(n, n, dtype=torch.bool)
-    for i in range(f):  # loop over frames, vectorized over tokens
-        d = (kf - i).abs()
-        band = (kc.view(1, -1) - r).abs() <= width_t[d].view(1, -1)
-        rows = band & keep_t[d].view(1, -1)
-        if sink:
-            rows |= (kf == 0).view(1, -1)
-        out[i * s : (i + 1) * s] = rows
-    return out
+    # a frame pair's s x s mask depends only on its distance d (plus the sink): build one per distance, tile them
+    r = torch.arange(s)
+    gap = (r.view(1, -1) - r.view(-1, 1)).abs()
+    per_distance = torch.stack([(gap <= width_l[d]) & keep_l[d] for d in range(f)])  # [f, s, s]
+    idx = torch.arange(f)
+    dist = (idx.view(-1, 1) - idx.view(1, -1)).abs()  # [f (query frame), f (key frame)]
+    tiles = per_distance[dist]  # [f, f, s, s]
+    if sink:
+        tiles[:, 0] = True
+    return tiles.permute(0, 2, 1, 3).reshape(n, n)
 
 
 def radial_token_density(
