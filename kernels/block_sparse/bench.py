@@ -132,7 +132,9 @@ def sweep(args: argparse.Namespace) -> int:
         idx = get_block_index(mask)
         flops = 4 * S * S * D * H * real
         ref = None
-        if args.sweep == "quick":
+        if args.sweep == "bwd":
+            grid = []
+        elif args.sweep == "quick":
             grid = [(128, 64, 4, 2, True, True), (128, 64, 4, 3, True, True), (128, 128, 4, 2, True, True),
                     (128, 128, 8, 3, True, False), (128, 64, 8, 2, True, True), (64, 64, 4, 2, True, True),
                     (128, 64, 4, 2, False, False)]
@@ -152,23 +154,23 @@ def sweep(args: argparse.Namespace) -> int:
                 rows.append(("fwd", dens, cfg, float("nan"), float("nan"), repr(e)[:80]))
             print(rows[-1], flush=True)
         o, lse = triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None)
-        for bm1, bn1, nw1, ns1 in ((32, 128, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 4, 2)):
-            for bm2, bn2, nw2, ns2 in ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 4, 3)):
-                if args.sweep == "quick" and (bm1, bn1, nw1, ns1, bm2) != (64, 128, 8, 2, 64):
-                    continue
-                cfg = dict(dkdv=dict(BLOCK_M=bm1, BLOCK_N=bn1, num_warps=nw1, num_stages=ns1),
-                           dq=dict(BLOCK_M=bm2, BLOCK_N=bn2, num_warps=nw2, num_stages=ns2))
-                if bm2 != 128 and (bm1, bn1, nw1, ns1) != (64, 128, 8, 2):
-                    continue
-                try:
-                    f = lambda: triton_bwd.backward(do, q, k, v, o, lse, None, idx.kv_idx, idx.kv_cnt, idx.q_idx, idx.q_cnt,  # noqa: E731
-                                                    bs, D**-0.5, None, None, config=cfg)
-                    f()
-                    ms = _bench(f, args.rep)
-                    rows.append(("bwd", dens, cfg, ms, 2.5 * flops / ms * 1e-9, ""))
-                except Exception as e:  # noqa: BLE001
-                    rows.append(("bwd", dens, cfg, float("nan"), float("nan"), repr(e)[:80]))
-                print(rows[-1], flush=True)
+        F, T_ = False, True
+        bwd_grid = [((64, 128, 8, 2, F, F), (64, 64, 4, 2, F, F)), ((64, 128, 8, 2, T_, F), (64, 64, 4, 2, T_, F)),
+                    ((64, 128, 8, 2, T_, T_), (64, 64, 4, 2, T_, T_)), ((64, 128, 8, 3, T_, F), (128, 64, 8, 2, T_, F)),
+                    ((32, 128, 4, 2, T_, F), (64, 64, 4, 3, T_, F)), ((64, 128, 4, 2, T_, F), (128, 64, 4, 2, T_, T_)),
+                    ((64, 64, 4, 2, T_, F), (64, 128, 4, 2, T_, F)), ((128, 128, 8, 2, T_, F), (128, 128, 8, 2, T_, F))]
+        for c1, c2 in bwd_grid:
+            cfg = {name: dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3], tma=c[4], warp_specialize=c[5])
+                   for name, c in (("dkdv", c1), ("dq", c2))}
+            try:
+                f = lambda: triton_bwd.backward(do, q, k, v, o, lse, None, idx.kv_idx, idx.kv_cnt, idx.q_idx, idx.q_cnt,  # noqa: E731
+                                                bs, D**-0.5, None, None, config=cfg)
+                f()
+                ms = _bench(f, args.rep)
+                rows.append(("bwd", dens, cfg, ms, 2.5 * flops / ms * 1e-9, ""))
+            except Exception as e:  # noqa: BLE001
+                rows.append(("bwd", dens, cfg, float("nan"), float("nan"), repr(e)[:80]))
+            print(rows[-1], flush=True)
     print("\n## sweep results (best first per pass/density)")
     for kind in ("fwd", "bwd"):
         for dens in sorted({r[1] for r in rows}, reverse=True):
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--rep", type=int, default=200, help="do_bench repetition time per measurement, ms")
     p.add_argument("--no-flex", action="store_true")
-    p.add_argument("--sweep", nargs="?", const="full", default=None, choices=["full", "quick"],
+    p.add_argument("--sweep", nargs="?", const="full", default=None, choices=["full", "quick", "bwd"],
                    help="sweep kernel configs at the first shape instead of the table")
     p.add_argument("--out", default=None, help="write the markdown table (.md) and raw rows (.json) with this stem")
     args = p.parse_args(argv)

@@ -12,13 +12,16 @@ outputs differentiable, which LSE merging in training needs). A row that saw no 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import LOG2E, _dot, _dot0, _pow2_divisor, _strides3, head_dim_pad
+from .triton_fwd import LOG2E, _dot, _dot0, _is_hopper_or_newer, _pow2_divisor, _strides3, _tma_ok, head_dim_pad
+
+logger = logging.getLogger("diffattn")
 
 
 @triton.jit
@@ -28,12 +31,17 @@ def _load_rows(base, offs, stride, n_lim, offs_d, d_ok):
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, stride_qs, stride_dos, Sq,
-               qk_scale, offs_m0, offs_d, d_ok, IEEE: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, b, h, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, start_m, stride_qs,
+               stride_dos, Sq, qk_scale, offs_m0, offs_d, d_ok, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               USE_TMA: tl.constexpr, IEEE: tl.constexpr):
     offs_m = start_m + offs_m0
     m_ok = offs_m < Sq
-    q = _load_rows(q_base, offs_m, stride_qs, Sq, offs_d, d_ok)
-    do = _load_rows(do_base, offs_m, stride_dos, Sq, offs_d, d_ok)
+    if USE_TMA:  # out-of-range rows come back as zeros
+        q = Q_DESC.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        do = DO_DESC.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        q = _load_rows(q_base, offs_m, stride_qs, Sq, offs_d, d_ok)
+        do = _load_rows(do_base, offs_m, stride_dos, Sq, offs_d, d_ok)
     lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
@@ -48,7 +56,7 @@ def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, str
 
 @triton.jit
 def _bsa_bwd_dkdv_kernel(
-    Q, K, V, EK, EV, DO, LSE, DELTA, DK, DV, DEK, DEV, Q_IDX, Q_CNT,
+    Q, K, V, EK, EV, DO, LSE, DELTA, DK, DV, DEK, DEV, Q_IDX, Q_CNT, Q_DESC, DO_DESC,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -59,7 +67,7 @@ def _bsa_bwd_dkdv_kernel(
     stride_cb, stride_ch,
     H, Sq, Sk, T, D, NKT, qk_scale, sm_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     M_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
     pid_n = tl.program_id(0)
@@ -84,11 +92,11 @@ def _bsa_bwd_dkdv_kernel(
         kblk = start_n // BLOCK_SIZE
         row = Q_IDX + b * stride_ib + h * stride_ih + kblk * stride_ir
         cnt = tl.load(Q_CNT + b * stride_cb + h * stride_ch + kblk)
-        for it in range(0, cnt * M_SUB):
+        for it in tl.range(0, cnt * M_SUB, warp_specialize=WARP_SPEC):
             qb = tl.load(row + it // M_SUB)
             start_m = qb * BLOCK_SIZE + (it % M_SUB) * BLOCK_M
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, stride_qs, stride_dos,
-                                Sq, qk_scale, offs_m0, offs_d, d_ok, IEEE)
+            dk, dv = _dkdv_step(dk, dv, k, v, b, h, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, start_m,
+                                stride_qs, stride_dos, Sq, qk_scale, offs_m0, offs_d, d_ok, BLOCK_M, BLOCK_D, USE_TMA, IEEE)
         n_ok = offs_n < Sk
         st = n_ok[:, None] & d_ok[None, :]
         tl.store(DK + pid_bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=st)
@@ -99,8 +107,8 @@ def _bsa_bwd_dkdv_kernel(
         k = _load_rows(EK + b * stride_ekb + h * stride_ekh, offs_n, stride_eks, T, offs_d, d_ok)
         v = _load_rows(EV + b * stride_evb + h * stride_evh, offs_n, stride_evs, T, offs_d, d_ok)
         for start_m in range(0, Sq, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, stride_qs, stride_dos,
-                                Sq, qk_scale, offs_m0, offs_d, d_ok, IEEE)
+            dk, dv = _dkdv_step(dk, dv, k, v, b, h, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, start_m,
+                                stride_qs, stride_dos, Sq, qk_scale, offs_m0, offs_d, d_ok, BLOCK_M, BLOCK_D, USE_TMA, IEEE)
         n_ok = offs_n < T
         st = n_ok[:, None] & d_ok[None, :]
         tl.store(DEK + pid_bh * T * D + offs_n[:, None] * D + offs_d[None, :], (dk * sm_scale).to(DEK.dtype.element_ty), mask=st)
@@ -121,7 +129,7 @@ def _dq_step(dq, q, do, lse, delta, k, v, qk_scale, key_ok, MASKED: tl.constexpr
 
 @triton.jit
 def _bsa_bwd_dq_kernel(
-    Q, K, V, EK, EV, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT,
+    Q, K, V, EK, EV, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, K_DESC, V_DESC,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -132,7 +140,8 @@ def _bsa_bwd_dq_kernel(
     stride_cb, stride_ch,
     H, Sq, Sk, T, D, NKB, qk_scale, sm_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_K: tl.constexpr, HAS_EXTRA: tl.constexpr, IEEE: tl.constexpr,
+    EVEN_K: tl.constexpr, HAS_EXTRA: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
     pid_m = tl.program_id(0)
@@ -162,12 +171,16 @@ def _bsa_bwd_dq_kernel(
         last = tl.load(row + tl.maximum(cnt - 1, 0))
         has_tail = (cnt > 0) & (last == NKB - 1)
         n_full = cnt - has_tail.to(tl.int32)
-    for it in range(0, n_full * N_SUB):
+    for it in tl.range(0, n_full * N_SUB, warp_specialize=WARP_SPEC):
         kb = tl.load(row + it // N_SUB)
         start_n = kb * BLOCK_SIZE + (it % N_SUB) * BLOCK_N
-        kv_off = (start_n + offs_n)[:, None]
-        k = tl.load(k_base + kv_off * stride_ks + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_base + kv_off * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        if USE_TMA:
+            k = K_DESC.load([b, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = V_DESC.load([b, h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            kv_off = (start_n + offs_n)[:, None]
+            k = tl.load(k_base + kv_off * stride_ks + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_base + kv_off * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         dq = _dq_step(dq, q, do, lse, delta, k, v, qk_scale, offs_n, False, IEEE)
     if not EVEN_K:
         if has_tail:
@@ -262,25 +275,64 @@ def backward(
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(ek), *_strides3(ev), *_strides3(do))
     bd = head_dim_pad(D)
     ieee = q.dtype == torch.float32
+    hopper = q.is_cuda and not interpret and _is_hopper_or_newer(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    allow = hopper or interpret
+
+    def desc(t: torch.Tensor, rows: int):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, bd])
+
     c1 = dict(cfgs["dkdv"])
     bm1, bn1 = c1.pop("BLOCK_M"), c1.pop("BLOCK_N")
+    tma1 = bool(c1.pop("tma", False)) and allow and _tma_ok(q, do, D)
+    ws1 = bool(c1.pop("warp_specialize", False)) and allow
     nkt = triton.cdiv(Sk, bn1)
     grid1 = (nkt + triton.cdiv(T, bn1), B * H)
-    if grid1[0] > 0:
+
+    def launch1(tma_: bool, ws_: bool) -> None:
         _bsa_bwd_dkdv_kernel[grid1](
             q, k, v, ek, ev, do, lse, delta, dk, dv, dek, dev, q_idx, q_cnt,
+            desc(q, bm1) if tma_ else None, desc(do, bm1) if tma_ else None,
             *common, *bstr(q_idx), q_idx.stride(2), *bstr(q_cnt),
             H, Sq, Sk, T, D, nkt, scale * LOG2E, scale,
-            BLOCK_SIZE=block_size, BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_D=bd, IEEE=ieee, **c1,
+            BLOCK_SIZE=block_size, BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_D=bd, IEEE=ieee, USE_TMA=tma_, WARP_SPEC=ws_, **c1,
         )
+
+    if grid1[0] > 0:
+        _launch_with_fallback(launch1, tma1, ws1)
     c2 = dict(cfgs["dq"])
     bm2, bn2 = c2.pop("BLOCK_M"), c2.pop("BLOCK_N")
+    tma2 = bool(c2.pop("tma", False)) and allow and _tma_ok(k, v, D)
+    ws2 = bool(c2.pop("warp_specialize", False)) and allow
     grid2 = (triton.cdiv(Sq, bm2), B * H)
-    _bsa_bwd_dq_kernel[grid2](
-        q, k, v, ek, ev, do, lse, delta, dq, kv_idx, kv_cnt,
-        *common, *bstr(kv_idx), kv_idx.stride(2), *bstr(kv_cnt),
-        H, Sq, Sk, T, D, math.ceil(Sk / block_size), scale * LOG2E, scale,
-        BLOCK_SIZE=block_size, BLOCK_M=bm2, BLOCK_N=bn2, BLOCK_D=bd,
-        EVEN_K=(Sk % block_size == 0), HAS_EXTRA=has_extra, IEEE=ieee, **c2,
-    )
+
+    def launch2(tma_: bool, ws_: bool) -> None:
+        _bsa_bwd_dq_kernel[grid2](
+            q, k, v, ek, ev, do, lse, delta, dq, kv_idx, kv_cnt,
+            desc(k, bn2) if tma_ else None, desc(v, bn2) if tma_ else None,
+            *common, *bstr(kv_idx), kv_idx.stride(2), *bstr(kv_cnt),
+            H, Sq, Sk, T, D, math.ceil(Sk / block_size), scale * LOG2E, scale,
+            BLOCK_SIZE=block_size, BLOCK_M=bm2, BLOCK_N=bn2, BLOCK_D=bd,
+            EVEN_K=(Sk % block_size == 0), HAS_EXTRA=has_extra, IEEE=ieee, USE_TMA=tma_, WARP_SPEC=ws_, **c2,
+        )
+
+    _launch_with_fallback(launch2, tma2, ws2)
     return dq, dk, dv, dek, dev
+
+
+_fallback_logged = False
+
+
+def _launch_with_fallback(launch, tma: bool, ws: bool) -> None:
+    """Launch with the Hopper options; if they fail to compile on this Triton/GPU, log once and use the portable path."""
+    global _fallback_logged
+    try:
+        launch(tma, ws)
+    except Exception as e:
+        if not (tma or ws):
+            raise
+        if not _fallback_logged:
+            logger.warning("block_sparse backward: TMA/warp-specialized kernel failed to compile (%s); using the portable kernel", e)
+            _fallback_logged = True
+        launch(False, False)
