@@ -193,9 +193,8 @@ def make_context_hook(
             )
             return args, kwargs
 
-        def post_forward(self, module, output):
-            slot.current = None
-            return output
+        # The context is kept after the forward: gradient checkpointing re-runs the blocks during backward, after
+        # the forward returned, and their processors need the same context again.
 
         def reset_state(self, module):
             tracker.reset()
@@ -205,15 +204,56 @@ def make_context_hook(
     return DiffattnContextHook()
 
 
+def _inner_forward_attr(fn_ref: Any) -> str:
+    """The attribute through which a hook's fn_ref reaches the next-inner forward (`original_forward` for hooks
+    that replace the forward with their own `new_forward`)."""
+    return "original_forward" if fn_ref.original_forward is not None else "forward"
+
+
 def install_context_hook(model: torch.nn.Module, hook: Any) -> None:
+    """Register `hook` as the innermost hook of `model`, so it reads the inputs the model's own forward receives.
+
+    Other model-level hooks may change the inputs (FasterCache cuts the batch-2 CFG input to batch 1 on some steps);
+    registered the usual way (outermost) the context would describe the wrong batch. Diffusers' `HookRegistry` only
+    appends hooks outermost, so the chain is spliced here as if ours had been registered first; hooks registered
+    later wrap it as usual.
+    """
+    from diffusers.hooks.hooks import HookFunctionReference
+
     HookRegistry, _, _ = _load_hooks()
+    remove_context_hook(model)
     registry = HookRegistry.check_if_exists_or_initialize(model)
-    if registry.get_hook(HOOK_NAME) is not None:
-        registry.remove_hook(HOOK_NAME, recurse=False)
-    registry.register_hook(hook, HOOK_NAME)
+    if not registry._hook_order:
+        registry.register_hook(hook, HOOK_NAME)
+        return
+    first = registry._fn_refs[0]
+    attr = _inner_forward_attr(first)
+    fn_ref = HookFunctionReference()
+    fn_ref.pre_forward, fn_ref.post_forward, fn_ref.forward = hook.pre_forward, hook.post_forward, getattr(first, attr)
+
+    def innermost(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = fn_ref.pre_forward(model, *args, **kwargs)
+        return fn_ref.post_forward(model, fn_ref.forward(*args, **kwargs))
+
+    setattr(first, attr, innermost)
+    hook.fn_ref = fn_ref
+    registry.hooks[HOOK_NAME] = hook
+    registry._hook_order.insert(0, HOOK_NAME)
+    registry._fn_refs.insert(0, fn_ref)
 
 
 def remove_context_hook(model: torch.nn.Module) -> None:
+    """Unlink our hook wherever it sits in the chain and restore the forward it wrapped."""
     registry = getattr(model, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
-        registry.remove_hook(HOOK_NAME, recurse=False)
+    if registry is None or HOOK_NAME not in registry.hooks:
+        return
+    index = registry._hook_order.index(HOOK_NAME)
+    fn_ref = registry._fn_refs[index]
+    if index == len(registry._hook_order) - 1:
+        model.forward = fn_ref.forward
+    else:
+        outer = registry._fn_refs[index + 1]
+        setattr(outer, _inner_forward_attr(outer), fn_ref.forward)
+    del registry.hooks[HOOK_NAME]
+    registry._hook_order.pop(index)
+    registry._fn_refs.pop(index)

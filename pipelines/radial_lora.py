@@ -567,31 +567,6 @@ def read_loss_log(path: str | Path) -> list[dict[str, float | None]]:
     return out
 
 
-class _KeepContextForRecompute:
-    """Gradient checkpointing re-runs blocks during backward, after the diffattn context hook has cleared the
-    per-forward context; the processors would then find no token grid. Capture the context during the forward
-    (a pre-hook on the first block) and republish it for the backward."""
-
-    def __init__(self, transformer) -> None:
-        from diffattn.api import installed
-
-        self.slot = installed(transformer).slot
-        self.ctx = None
-        self.handle = transformer.blocks[0].register_forward_pre_hook(self._capture)
-
-    def _capture(self, module, args):
-        if self.slot.current is not None:
-            self.ctx = self.slot.current
-
-    def __enter__(self):
-        self.slot.current = self.ctx
-        return self
-
-    def __exit__(self, *exc):
-        self.slot.current = None
-        return False
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The entry point
 # ---------------------------------------------------------------------------------------------------------------
@@ -650,7 +625,6 @@ def train_radial_lora(config: RadialLoRAConfig) -> Path:
         transformer.enable_gradient_checkpointing()
     transformer.train()
     diffattn.apply(transformer, "radial", **radial_cfg.to_dict())
-    keep_ctx = _KeepContextForRecompute(transformer) if cfg.gradient_checkpointing else None
 
     # What the sparse layers see: the mask over this clip geometry.
     settings = diffattn.api.installed(transformer).runtime.settings("wan")
@@ -784,11 +758,7 @@ def train_radial_lora(config: RadialLoRAConfig) -> Path:
                     num_train_timesteps, dtype,
                 )
                 scaled = loss / cfg.gradient_accumulation
-                if keep_ctx is not None:
-                    with keep_ctx:
-                        scaled.backward()
-                else:
-                    scaled.backward()
+                scaled.backward()  # with gradient checkpointing the recompute reads the kept per-forward context
                 step_loss += loss.item() / cfg.gradient_accumulation
             if not math.isfinite(step_loss):
                 raise RuntimeError(f"radial LoRA: the loss is {step_loss} at step {step}; lower the learning rate or use float32/bfloat16")
@@ -812,8 +782,6 @@ def train_radial_lora(config: RadialLoRAConfig) -> Path:
                 save_checkpoint(step)
     finally:
         bar.close()
-        if keep_ctx is not None:
-            keep_ctx.handle.remove()
 
     _save_lora(type(pipe), out_dir, transformer, lora_metadata, {**info, "step": cfg.steps})
     diffattn.remove(transformer)

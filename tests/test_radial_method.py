@@ -133,3 +133,26 @@ def test_processor_without_context():
     ref = tiny.output_of(model, inputs)
     diffattn.remove(model)
     assert (out - ref).abs().max().item() <= 1e-6
+
+
+def test_gradient_checkpointing_recompute_sees_the_context():
+    """Checkpointed blocks re-run in backward, after the forward returned; they must still find the context."""
+    model, make_inputs = tiny.BUILDERS["wan"]()
+    inputs = make_inputs(batch=1, frames=4, height=8, width=10)
+    diffattn.apply(model, "radial", block_size=16, dense_layers=0, dense_timesteps=0)
+    try:
+        grads = []
+        for checkpointing in (False, True):
+            model.zero_grad(set_to_none=True)
+            if checkpointing:
+                model.enable_gradient_checkpointing()
+            model.train()
+            model(**inputs, return_dict=False)[0].square().mean().backward()
+            grads.append(model.blocks[1].attn1.to_q.weight.grad.clone())
+            model.disable_gradient_checkpointing()
+            model.eval()
+    finally:
+        diffattn.remove(model)
+        model.requires_grad_(False)
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
