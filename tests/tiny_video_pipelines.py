@@ -147,7 +147,10 @@ def run_tiny_cogvideox(pipe, *, steps: int = 3, guidance: float = 6.0, seed: int
 def build_tiny_hunyuan_video_pipeline(path: str | None = None):
     """Build, save and reload a tiny HunyuanVideo pipeline: Llama text encoder (hidden state 3rd from last, as
     the real one) with a Llama-like tokenizer (bos, header tokens, <|eot_id|>), CLIP for the pooled projection,
-    guidance-distilled transformer. Returns the loaded pipeline (CPU, fp32)."""
+    guidance-distilled transformer. Returns the loaded pipeline (CPU, fp32).
+
+    Call it with `prompt_template=HUNYUAN_TEMPLATE` (as `run_tiny_hunyuan_video` does): the pipeline's default
+    template hard-codes `crop_start=95`, the length of the real Llama-3 tokenization of its system prompt."""
     from diffusers import (
         AutoencoderKLHunyuanVideo,
         FlowMatchEulerDiscreteScheduler,
