@@ -83,7 +83,7 @@ def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"diffattn mask radial: {exc}", file=sys.stderr)
         return 2
     title = f"radial {opts.frames}x{opts.tokens_per_frame} block {opts.block_size} decay {opts.decay_factor}"
-    draw_block_mask(mask, opts.out, title=title)
+    draw_block_mask(mask, opts.out, title=title, tokens_per_frame=opts.tokens_per_frame, block_size=opts.block_size)
     for key, value in info.items():
         print(f"{key}: {value}")
     print(f"wrote {opts.out}")
