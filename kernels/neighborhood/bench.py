@@ -261,6 +261,19 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
                 speedup=cudnn_ms / ms)
             if var:
                 continue
+            from .triton_fwd_tma import na_forward_tma_inplace, tma_inplace_ok
+            if tma_inplace_ok(q, plan):
+                try:
+                    fti = lambda: na_forward_tma_inplace(q, k, v, plan, scale, None, None, False)  # noqa: E731
+                    err_i = sampled_check(q, k, v, fti()[0], dict(kernel_size=case.kernel_size, stride=case.stride), 16)
+                    ms_i = _bench(fti, long)
+                    add("ours TMA in place (no permutation)", ms_i, tag, speedup=cudnn_ms / ms_i, sampled_rel_err=err_i)
+                except Exception as e:
+                    add("ours TMA in place FAILED", float("nan"), f"{type(e).__name__}: {str(e)[:300]}")
+            ffd = lambda: neighborhood_attention(q, k, v, case.kernel_size, case.stride)  # noqa: E731
+            err_f = sampled_check(q, k, v, ffd(), dict(kernel_size=case.kernel_size, stride=case.stride), 16)
+            ms_f = _bench(ffd, long)
+            add("ours, front door neighborhood_attention()", ms_f, tag, speedup=cudnn_ms / ms_f, sampled_rel_err=err_f)
             qp = permute_tokens(q, plan.q_tile, (1,) * len(case.shape)).contiguous()
             kp = permute_tokens(k, plan.kv_tile, (1,) * len(case.shape)).contiguous()
             vp = permute_tokens(v, plan.kv_tile, (1,) * len(case.shape)).contiguous()

@@ -480,7 +480,7 @@ def _na_bwd_extra_kernel(
 def na_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor | None, ev: torch.Tensor | None,
     out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor | None, plan: Plan,
-    scale: float, num_warps: int = 4, num_stages: int = 2,
+    scale: float, num_warps: int = 8, num_stages: int = 2,
 ):
     """Gradients (dq, dk, dv, d_extra_k, d_extra_v) for the spatial layout `[B, *spatial, H, D]`."""
     nd = plan.ndim
