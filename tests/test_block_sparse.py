@@ -169,3 +169,24 @@ def test_triton_kernels_under_interpreter():
     )
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout.split("\n")[-2], r.stdout[-2000:]
+
+
+def test_hopper_variant_failure_is_remembered_and_falls_back():
+    pytest.importorskip("triton")
+    from diffattn.kernels.block_sparse import triton_fwd
+
+    key = ("unit-test", 1)
+    calls = []
+
+    def launch(tma, ws):
+        calls.append((tma, ws))
+        if ws:
+            raise RuntimeError("PassManager::run failed")
+
+    for _ in range(3):
+        for tma, ws in triton_fwd.hopper_fallbacks(True, True, key):
+            if triton_fwd.run_or_record(lambda: launch(tma, ws), key, tma, ws):
+                break
+    assert calls == [(True, True), (True, False), (True, False), (True, False)]
+    with pytest.raises(RuntimeError):  # the portable variant's errors are never swallowed
+        triton_fwd.run_or_record(lambda: launch(False, True), key, False, False)

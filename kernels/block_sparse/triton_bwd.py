@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import LOG2E, _dot, _dot0, _is_hopper_or_newer, _pow2_divisor, _strides3, _tma_ok, head_dim_pad
+from .triton_fwd import (
+    LOG2E, _dot, _dot0, _is_hopper_or_newer, _pow2_divisor, _strides3, _tma_ok, head_dim_pad, hopper_fallbacks, run_or_record,
+)
 
 logger = logging.getLogger("diffattn")
 
@@ -205,8 +207,8 @@ def _bsa_bwd_dq_kernel(
 def bwd_config(d: int, block_size: int, dtype: torch.dtype, interpret: bool) -> dict:
     """Tiles for the two backward kernels: dkdv (BLOCK_M queries x BLOCK_N keys), dq (BLOCK_M queries x BLOCK_N keys).
 
-    Tuned on an H100 (bf16, D=128): dkdv 64x128 with 8 warps, 2 stages; dq 64x64 with 4 warps, 2 stages
-    (307 TFLOP/s dense at Wan-1.3B). fp32 inputs get small tiles (correctness path, not tuned).
+    Tuned on an H100 (bf16, D=128): dkdv 64x128 with 8 warps, 3 stages; dq 128x64 with 8 warps, 2 stages; q/dO and
+    k/v through TMA descriptors (319 TFLOP/s dense at Wan-1.3B; 308 without TMA; warp specialization: no gain). fp32 inputs get small tiles (correctness path, not tuned).
     """
     bd = head_dim_pad(d)
     p = _pow2_divisor
@@ -224,7 +226,10 @@ def bwd_config(d: int, block_size: int, dtype: torch.dtype, interpret: bool) -> 
             return cfg(32, 64, 8, 1, 64, 32, 8, 1)
         return cfg(16, 32, 8, 1, 32, 16, 8, 1)
     if bd <= 128:
-        return cfg(64, 128, 8, 2, 64, 64, 4, 2)
+        c = cfg(64, 128, 8, 3, 128, 64, 8, 2)
+        for part in c.values():
+            part["tma"] = True
+        return c
     return cfg(32, 64, 8, 1, 64, 32, 8, 1)
 
 
@@ -300,7 +305,7 @@ def backward(
         )
 
     if grid1[0] > 0:
-        _launch_with_fallback(launch1, tma1, ws1)
+        _launch_with_fallback(launch1, tma1, ws1, ("dkdv", q.dtype, D, block_size, bm1, bn1, has_extra, tuple(sorted(c1.items()))))
     c2 = dict(cfgs["dq"])
     bm2, bn2 = c2.pop("BLOCK_M"), c2.pop("BLOCK_N")
     tma2 = bool(c2.pop("tma", False)) and allow and _tma_ok(k, v, D)
@@ -317,22 +322,12 @@ def backward(
             EVEN_K=(Sk % block_size == 0), HAS_EXTRA=has_extra, IEEE=ieee, USE_TMA=tma_, WARP_SPEC=ws_, **c2,
         )
 
-    _launch_with_fallback(launch2, tma2, ws2)
+    _launch_with_fallback(launch2, tma2, ws2, ("dq", q.dtype, D, block_size, bm2, bn2, Sk % block_size == 0, has_extra, tuple(sorted(c2.items()))))
     return dq, dk, dv, dek, dev
 
 
-_fallback_logged = False
-
-
-def _launch_with_fallback(launch, tma: bool, ws: bool) -> None:
-    """Launch with the Hopper options; if they fail to compile on this Triton/GPU, log once and use the portable path."""
-    global _fallback_logged
-    try:
-        launch(tma, ws)
-    except Exception as e:
-        if not (tma or ws):
-            raise
-        if not _fallback_logged:
-            logger.warning("block_sparse backward: TMA/warp-specialized kernel failed to compile (%s); using the portable kernel", e)
-            _fallback_logged = True
-        launch(False, False)
+def _launch_with_fallback(launch, tma: bool, ws: bool, key: tuple) -> None:
+    """Launch with the Hopper options, falling back (remembered per specialization) if they fail to compile."""
+    for tma_, ws_ in hopper_fallbacks(tma, ws, key):
+        if run_or_record(lambda: launch(tma_, ws_), key, tma_, ws_):
+            return

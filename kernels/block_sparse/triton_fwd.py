@@ -203,7 +203,31 @@ def _is_hopper_or_newer(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-_fallback_logged = False
+_failed: set[tuple] = set()
+
+
+def hopper_fallbacks(tma: bool, ws: bool, key: tuple) -> list[tuple[bool, bool]]:
+    """Variants to try, best first, skipping those that already failed to compile for this specialization.
+
+    Triton 3.6's Hopper warp-specialization pass fails on some specializations (seen: the forward with a
+    block-aligned key length); a failure is remembered per key so each call does not recompile."""
+    chain = [(tma, ws)] + ([(tma, False)] if ws else []) + ([(False, False)] if tma else [])
+    ok = [c for c in dict.fromkeys(chain) if key + c not in _failed]
+    return ok or [(False, False)]
+
+
+def run_or_record(launch, key: tuple, tma: bool, ws: bool) -> bool:
+    """Launch; on a compile failure of a Hopper variant, remember it, log once per key and return False."""
+    try:
+        launch()
+        return True
+    except Exception as e:
+        if not (tma or ws):
+            raise
+        _failed.add(key + (tma, ws))
+        logger.warning("block_sparse: Triton could not compile the %s variant (tma=%s, warp_specialize=%s): %s; "
+                       "falling back", key[0], tma, ws, str(e).splitlines()[0][:200])
+        return False
 
 
 def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -235,6 +259,8 @@ def forward(
     hopper = q.is_cuda and not interpret and _is_hopper_or_newer(q.device.index if q.device.index is not None else torch.cuda.current_device())
     use_tma = bool(cfg.pop("tma", False)) and (hopper or interpret) and _tma_ok(k, v, D)
     warp_spec = bool(cfg.pop("warp_specialize", False)) and (hopper or interpret)
+    if Sk % block_size == 0 and not interpret:
+        warp_spec = False  # Triton 3.6 fails to warp-specialize this specialization (no tail branch); see NOTES.md
     k_desc = v_desc = None
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -263,16 +289,10 @@ def forward(
             IEEE=(q.dtype == torch.float32), USE_TMA=tma_, WARP_SPEC=ws_, **cfg,
         )
 
-    global _fallback_logged
-    try:
-        launch(use_tma, warp_spec, k_desc, v_desc)
-    except Exception as e:  # a Triton build without TMA / warp specialization for this GPU: portable path
-        if not (use_tma or warp_spec):
-            raise
-        if not _fallback_logged:
-            logger.warning("block_sparse forward: TMA/warp-specialized kernel failed to compile (%s); using the portable kernel", e)
-            _fallback_logged = True
-        launch(False, False, None, None)
+    key = ("fwd", q.dtype, D, block_size, BLOCK_M, BLOCK_N, Sk % block_size == 0, has_extra, tuple(sorted(cfg.items())))
+    for tma_, ws_ in hopper_fallbacks(use_tma, warp_spec, key):
+        if run_or_record(lambda: launch(tma_, ws_, k_desc if tma_ else None, v_desc if tma_ else None), key, tma_, ws_):
+            break
     return out, lse
 
 
