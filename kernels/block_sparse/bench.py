@@ -180,6 +180,48 @@ def sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def overhead(args: argparse.Namespace) -> int:
+    """Diagnose small-shape cost: device time vs host time per call, through the op and the bare launcher."""
+    from . import triton_fwd
+    from .index import get_block_index
+    from .op import block_sparse_attention
+
+    H, S, tpf = SHAPES[args.shapes.split(",")[0]]
+    D, bs = args.head_dim, args.block_size
+    nb = math.ceil(S / bs)
+    q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    gen = torch.Generator().manual_seed(0)
+    for dens in [float(x) for x in args.densities.split(",")]:
+        mask = make_mask("random", H, nb, bs, tpf, dens, gen).cuda()
+        idx = get_block_index(mask)
+        fns = {
+            "op": lambda: block_sparse_attention(q, k, v, mask, block_size=bs),
+            "launcher": lambda: triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None),
+            "launcher_no_tma": lambda: triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None,
+                                                          config=dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)),
+        }
+        for name, fn in fns.items():
+            fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                fn()
+            host_us = (time.perf_counter() - t0) / 200 * 1e6
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            graph_ms = _bench(g.replay, args.rep)
+            print(f"d={dens} {name:16s} do_bench {_bench(fn, args.rep) * 1e3:8.1f} us | host {host_us:7.1f} us/call | "
+                  f"CUDA-graph replay {graph_ms * 1e3:8.1f} us", flush=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                fns["op"]()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="diffattn bench kernels", description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="wan1.3b,wan14b,hunyuan,flux1024,flux4096", help=f"comma list of {list(SHAPES)}")
@@ -193,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--sweep", nargs="?", const="full", default=None, choices=["full", "quick", "bwd"],
                    help="sweep kernel configs at the first shape instead of the table")
+    p.add_argument("--overhead", action="store_true", help="diagnose per-call overhead at the first shape instead")
     p.add_argument("--out", default=None, help="write the markdown table (.md) and raw rows (.json) with this stem")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -200,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.sweep:
         return sweep(args)
+    if args.overhead:
+        return overhead(args)
 
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
