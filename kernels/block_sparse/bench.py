@@ -214,11 +214,27 @@ def overhead(args: argparse.Namespace) -> int:
             graph_ms = _bench(g.replay, args.rep)
             print(f"d={dens} {name:16s} do_bench {_bench(fn, args.rep) * 1e3:8.1f} us | host {host_us:7.1f} us/call | "
                   f"CUDA-graph replay {graph_ms * 1e3:8.1f} us", flush=True)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(20):
-                fns["op"]()
+        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        g = torch.randn_like(q)
+
+        def fb():
+            block_sparse_attention(qg, kg, vg, mask, block_size=bs).backward(g)
+
+        fb()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            fb()
+        host_us = (time.perf_counter() - t0) / 50 * 1e6
+        torch.cuda.synchronize()
+        print(f"d={dens} fwd+bwd do_bench {_bench(fb, args.rep) * 1e3:8.1f} us | host {host_us:7.1f} us/call", flush=True)
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(10):
+                fb()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8), flush=True)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=50), flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=50), flush=True)
     return 0
 
 
