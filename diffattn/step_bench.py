@@ -175,10 +175,15 @@ def _layer_type(family: str, num_dual: int):
 
 @contextmanager
 def sdpa_backend(name: str):
+    """Prefer cuDNN (or flash) for every SDPA call, falling back where a call's mask rules it out (HunyuanVideo's
+    token refiner and padded joint attention: flash takes no mask, so mem-efficient runs there)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name]
-    with sdpa_kernel(backend):
+    order = {
+        "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+        "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+    }[name]
+    with sdpa_kernel(order + [SDPBackend.MATH], set_priority=True):
         yield
 
 
