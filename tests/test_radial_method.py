@@ -32,6 +32,7 @@ def token_level_reference(call, block_mask, block_size):
 CASES = {
     # family: (inputs, options) with grids that make the mask sparse at block 16
     "wan": (dict(frames=4, height=8, width=10), dict(block_size=16, decay_factor=0.5)),
+    "wan_i2v": (dict(frames=4, height=8, width=10, text=512), dict(block_size=16, decay_factor=0.5)),
     "hunyuan_video": (dict(frames=4, height=8, width=10), dict(block_size=16)),
     "cogvideox": (dict(frames=4, height=8, width=10), dict(block_size=16, decay_factor=0.5)),
 }
