@@ -133,6 +133,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.block_size = block_size
     ctx.scale = scale
     ctx.has_extra = extra_k is not None
+    ctx.set_materialize_grads(False)  # an unused lse gets no zero-filled gradient (fewer kernels per backward)
     ctx.save_for_backward(q, k, v, out, lse, block_mask, extra_k, extra_v)
 
 
