@@ -364,9 +364,9 @@ def _fmt_row(r: dict) -> str:
     return s
 
 
-def render(rows: list[dict], args: argparse.Namespace) -> str:
+def render(rows: list[dict], args: argparse.Namespace, env: str | None = None) -> str:
     """Markdown tables: forward, then forward+backward, with the targets' verdicts."""
-    out = [f"{_env_line()}; bf16, head dim {args.head_dim}, block {args.block_size}, batch 1; median of "
+    out = [f"{env or _env_line()}; bf16, head dim {args.head_dim}, block {args.block_size}, batch 1; median of "
            f"`triton.testing.do_bench`.", ""]
     out.append("Forward. TF/s = effective (4·S²·D·H·density / time). `vs cuDNN·d` = our time / (cuDNN dense time × density) "
                "(target ≤ 1.2 for d ≤ 0.5; at d = 1 the ratio is our throughput vs cuDNN's, target ≥ 0.85 as 1/ratio). "
