@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Optional
@@ -29,6 +30,14 @@ def _triton_ok(device: torch.device) -> bool:
 
 def get_plan(shape, kernel_size, stride, dilation, is_causal, q_tile=None, kv_tile=None) -> Plan:
     """The tile plan the kernel will use (tiles chosen by simulated cost unless given)."""
+    def tup(x):
+        return tuple(x) if isinstance(x, (list, tuple)) else x
+
+    return _get_plan(tup(shape), tup(kernel_size), tup(stride), tup(dilation), tup(is_causal), tup(q_tile), tup(kv_tile))
+
+
+@functools.lru_cache(maxsize=256)
+def _get_plan(shape, kernel_size, stride, dilation, is_causal, q_tile, kv_tile) -> Plan:
     p = normalize_params(shape, kernel_size, stride, dilation, is_causal)
     if q_tile is None or kv_tile is None:
         cq, ck = choose_tiles(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal)

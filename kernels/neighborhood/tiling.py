@@ -61,6 +61,11 @@ class AxisPlan:
     q_tab: tuple[tuple[tuple[int, int, int, int], ...], ...]
     kv_tab: tuple[tuple[tuple[int, int, int, int], ...], ...]
 
+    @property
+    def key(self) -> tuple:
+        """The small integers this plan is a function of (cheap to hash, unlike the tables)."""
+        return (self.length, self.kernel_size, self.stride, self.dilation, self.causal, self.q_tile, self.kv_tile)
+
     def visited(self) -> int:
         """Sum over (group, query tile) of key tiles visited along this axis."""
         return sum(hi - lo for tab in self.q_tab for lo, hi, _, _ in tab)
@@ -156,16 +161,20 @@ class Plan:
 
     def tables(self, device: torch.device | str) -> list[torch.Tensor]:
         """Per axis (rows [G, X, 2], q_tab [G, nq, 4], kv_tab [G, nkv, 4]) as int32 tensors on `device`."""
-        return _tables(self, str(device))
+        key = (tuple(a.key for a in self.axes), str(device))
+        tabs = _TABLES.get(key)
+        if tabs is None:
+            tabs = []
+            for a in self.axes:
+                for tab in (a.rows, a.q_tab, a.kv_tab):
+                    tabs.append(torch.tensor(tab, dtype=torch.int32).contiguous().to(device))
+            if len(_TABLES) > 256:
+                _TABLES.clear()
+            _TABLES[key] = tabs
+        return tabs
 
 
-@functools.lru_cache(maxsize=128)
-def _tables(plan: Plan, device: str) -> list[torch.Tensor]:
-    out = []
-    for a in plan.axes:
-        for tab in (a.rows, a.q_tab, a.kv_tab):
-            out.append(torch.tensor(tab, dtype=torch.int32).contiguous().to(device))
-    return out
+_TABLES: dict[tuple, list[torch.Tensor]] = {}
 
 
 def make_plan(shape: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
