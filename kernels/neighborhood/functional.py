@@ -170,7 +170,11 @@ def neighborhood_attention(
     (`diffattn::neighborhood_attn_fwd`/`_bwd`), so torch.compile(fullgraph=True) traces through it.
 
     backend: None (Triton on CUDA, or on CPU under TRITON_INTERPRET=1; otherwise the reference), "triton" or
-    "reference" (dense-mask PyTorch, small problems only). q_tile/kv_tile: override the tile shapes (powers of two).
+    "reference" (dense-mask PyTorch, small problems only). q_tile/kv_tile: override the tile shapes (powers of two,
+    at least 16 tokens per tile; default: chosen by the simulator's cost, see `diffattn.gna.simulate`).
+
+    Perfectly block-sparse settings (see `diffattn.gna.propose_stride`) on Hopper run a TMA forward that reads tiles
+    in place (set DIFFATTN_NA_TMA=0 to force the pointer kernel). No permutation copy is ever made.
     """
     check_qkv(q, k, v, extra_k, extra_v, scale)
     shape = spatial_shape(q)
