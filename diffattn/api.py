@@ -87,7 +87,9 @@ def apply(pipe_or_model: Any, method: str, **options: Any) -> Any:
             new[key] = adapter.processor_cls(runtime, layer=s.layer, slot=slot)
             replaced.append(s.path)
         model.set_attn_processor(new)
-        hook = make_context_hook(slot, tracker, adapter.read_inputs, adapter.forward_signature(model), num_steps_getter)
+        hook = make_context_hook(
+            slot, tracker, adapter.read_inputs, adapter.forward_signature(model), num_steps_getter, runtime
+        )
         install_context_hook(model, hook)
         setattr(
             model,

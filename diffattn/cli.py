@@ -15,7 +15,6 @@ from typing import Callable
 
 NOT_YET = {
     "generate": "image/video generation from the command line (issue: CLI and app; needs the bundled demo models)",
-    "render": "high-resolution (FreeSwim) and long (Radial) video rendering",
     "app": "the Gradio web app",
     "headhunt": "the HeadHunter search for attention heads (SoftPAG)",
 }
@@ -90,6 +89,90 @@ def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_render(args: argparse.Namespace, rest: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="diffattn render", description="high-resolution or long video rendering")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--highres", action="store_true", help="FreeSwim: native-size pass, then refine at the target size")
+    mode.add_argument("--long", action="store_true", help="Radial long video (not available yet)")
+    parser.add_argument("--model", required=True, help="a Wan T2V Diffusers folder or hub id")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--height", type=int, default=1088)
+    parser.add_argument("--width", type=int, default=1920)
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--base-height", type=int, default=480)
+    parser.add_argument("--base-width", type=int, default=832)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--strength", type=float, default=0.7)
+    parser.add_argument("--cache-steps", type=int, default=2)
+    parser.add_argument("--cache-device", choices=("same", "cpu"), default="same")
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-sequence-length", type=int, default=512)
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--offload", action="store_true", help="model CPU offload (fits 1080p in 24 GB with the cache on CPU)")
+    parser.add_argument("--out", default="freeswim.mp4", help=".mp4 or .gif; a .json sidecar with the settings is written next to it")
+    opts = parser.parse_args(rest)
+    if opts.long:
+        print("diffattn render --long: not available yet (Radial long-video rendering)", file=sys.stderr)
+        return 2
+    import json
+    import os
+    import time
+
+    import torch
+    from diffusers.utils import export_to_video
+
+    from .pipelines import FreeSwimPipeline
+
+    if os.path.sep in opts.model and not os.path.isdir(opts.model):
+        print(f"diffattn render: model folder {opts.model!r} does not exist", file=sys.stderr)
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[opts.dtype]
+    try:
+        pipe = FreeSwimPipeline.from_pretrained(opts.model, dtype=dtype)
+        if opts.offload:
+            pipe.enable_model_cpu_offload(device=opts.device)
+        else:
+            pipe.to(opts.device)
+        start = time.perf_counter()
+        frames = pipe(
+            opts.prompt, negative_prompt=opts.negative_prompt, height=opts.height, width=opts.width,
+            num_frames=opts.frames, base_height=opts.base_height, base_width=opts.base_width,
+            num_inference_steps=opts.steps, strength=opts.strength, cache_steps=opts.cache_steps,
+            cache_device=opts.cache_device, guidance_scale=opts.guidance, max_sequence_length=opts.max_sequence_length,
+            generator=torch.Generator(device="cpu").manual_seed(opts.seed), output_type="np",
+        ).frames[0]
+        seconds = time.perf_counter() - start
+    except torch.cuda.OutOfMemoryError:
+        print("diffattn render: CUDA out of memory; try --offload and --cache-device cpu", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"diffattn render: {exc}", file=sys.stderr)
+        return 2
+    export_to_video(list(frames), opts.out, fps=16)
+    sidecar = os.path.splitext(opts.out)[0] + ".json"
+    import diffusers
+
+    from . import __version__
+
+    with open(sidecar, "w") as fh:
+        json.dump({**vars(opts), "seconds": seconds, "diffattn": __version__, "diffusers": diffusers.__version__,
+                   "torch": torch.__version__}, fh, indent=2)
+    print(f"wrote {opts.out} ({len(frames)} frames, {seconds:.1f} s) and {sidecar}")
+    return 0
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffattn", description="Attention methods for Hugging Face Diffusers")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -98,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also list the methods that are not available yet")
     p = sub.add_parser("bench", help="benchmarks (GPU)")
     p.add_argument("what", choices=sorted(BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
+    sub.add_parser("render", help="--highres (FreeSwim) or --long (Radial) video rendering", add_help=False)
     p = sub.add_parser("mask", help="draw a method's block mask as PNG")
     p.add_argument("method", help="method name (radial)")
     for name, what in NOT_YET.items():
@@ -114,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "methods": lambda: _cmd_methods(args) if not rest else parser.error(f"unrecognized arguments: {' '.join(rest)}"),
         "bench": lambda: _cmd_bench(args, rest),
         "mask": lambda: _cmd_mask(args, rest),
+        "render": lambda: _cmd_render(args, rest),
     }
     if args.command in NOT_YET:
         print(f"diffattn {args.command}: not available yet ({NOT_YET[args.command]}).", file=sys.stderr)

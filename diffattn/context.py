@@ -160,11 +160,17 @@ def make_context_hook(
     read_inputs: Callable[[torch.nn.Module, dict[str, Any]], ForwardContext],
     forward_signature: Any,
     num_steps_getter: Callable[[], int | None] | None = None,
+    method: Any = None,
 ):
     """Build the forward pre-hook that fills `slot` before every forward of the model.
 
-    `read_inputs(model, bound_arguments)` is the family adapter's reader of the forward's inputs.
+    `read_inputs(model, bound_arguments)` is the family adapter's reader of the forward's inputs. A method that must
+    change a forward's inputs or outputs (FreeSwim runs a second, full-attention branch in the same batch) defines
+    `prepare_forward(ctx, arguments) -> arguments | None` and `finish_forward(ctx, output) -> output`; they run
+    after the context is read, on the forward's bound arguments.
     """
+    prepare = getattr(method, "prepare_forward", None)
+    finish = getattr(method, "finish_forward", None)
     _, ModelHook, StateManager = _load_hooks()
 
     class DiffattnContextHook(ModelHook):
@@ -191,10 +197,19 @@ def make_context_hook(
                 num_steps=num_steps,
                 pass_name=getattr(cache_ctx, "name", None) if cache_ctx is not None else None,
             )
+            if prepare is not None:
+                changed = prepare(slot.current, dict(bound.arguments))
+                if changed is not None:
+                    bound.arguments.update(changed)
+                    return bound.args, bound.kwargs
             return args, kwargs
 
         # The context is kept after the forward: gradient checkpointing re-runs the blocks during backward, after
         # the forward returned, and their processors need the same context again.
+        def post_forward(self, module, output):
+            if finish is not None:
+                return finish(slot.current, output)
+            return output
 
         def reset_state(self, module):
             tracker.reset()

@@ -66,6 +66,7 @@ def build_method(name: str, **options: Any) -> AttentionMethod:
 
 def _register_builtins() -> None:
     from .methods.dense import DenseConfig, DenseMethod
+    from .methods.freeswim import FreeSwimConfig, FreeSwimMethod
     from .methods.neighborhood import GNAConfig, GNAMethod
     from .methods.radial import RadialConfig, RadialMethod
 
@@ -94,6 +95,15 @@ def _register_builtins() -> None:
             config_cls=GNAConfig,
             families=("wan", "hunyuan_video", "cogvideox", "flux", "sd3"),
             build=GNAMethod,
+        )
+    )
+    register_method(
+        MethodSpec(
+            name="freeswim",
+            summary="FreeSwim: inward window + full-branch cross-attention override + cache, training-free high-res",
+            config_cls=FreeSwimConfig,
+            families=("wan",),
+            build=FreeSwimMethod,
         )
     )
 

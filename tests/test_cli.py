@@ -58,3 +58,30 @@ def test_mask_bad_geometry_is_one_line_error(tmp_path, capsys):
     assert main(["mask", "radial", "--frames", "0", "--tokens-per-frame", "300", "--out", str(tmp_path / "m.png")]) == 2
     err = capsys.readouterr().err
     assert "num_frames" in err and err.count("\n") == 1
+
+
+def test_render_highres_on_a_tiny_wan_folder(tmp_path, capsys):
+    import json
+
+    import imageio.v3 as iio
+
+    import tiny_pipelines as tp
+
+    model = tmp_path / "wan"
+    tp.build_tiny_wan_pipeline(str(model))
+    out = tmp_path / "clip.mp4"
+    args = ["render", "--highres", "--model", str(model), "--prompt", "a red circle moving left", "--height", "64",
+            "--width", "96", "--frames", "5", "--base-height", "32", "--base-width", "48", "--steps", "4",
+            "--max-sequence-length", "16", "--dtype", "fp32", "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    frames = iio.imread(out)
+    assert frames.shape[0] == 5 and frames.shape[1:3] == (64, 96)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["height"] == 64 and meta["cache_steps"] == 2 and meta["seconds"] > 0
+
+
+def test_render_errors_are_one_line(tmp_path, capsys):
+    assert main(["render", "--highres", "--model", str(tmp_path / "missing" / "x"), "--prompt", "a"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["render", "--long", "--model", "x", "--prompt", "a"]) == 2
+    assert "not available yet" in capsys.readouterr().err

@@ -1,0 +1,170 @@
+"""`freeswim`: FreeSwim (arXiv 2511.14712), training-free high-resolution video for Wan.
+
+Self-attention is an inward sliding window whose spatial extent is the training resolution's token grid (full along
+time): NATTEN's neighborhood attention with kernel (T, 2*dh+1, 2*dw+1). A second, full-attention branch runs in the
+same batch (each conditional forward is duplicated: rows [window; full], the full branch re-seeded from the window
+latent every step) and its text cross-attention output replaces the window branch's in every layer; image
+cross-attention (I2V) is not overridden. Every `cache_steps` steps the full branch runs and its cross-attention
+outputs are cached per layer; in between, conditional forwards run the window branch alone with the cached outputs.
+Unconditional passes run the window branch with its own cross-attention.
+
+Differences from upstream, on purpose: the window comes from `base_height/base_width` and the VAE and patch factors
+(not fixed numbers); the attention scale is computed from the token counts (below) instead of upstream's constant
+sqrt(log_1560(3120)); the text length is whatever the prompt has (upstream assumes 512); batch > 1 works; non-guide
+steps run batch 1 instead of a wasted second row.
+
+Scale (`scale_mode`): "keys" (default) multiplies the default 1/sqrt(d) by sqrt(log(n_keys) / log(n_train)), with
+n_train the training token count (frames x base grid) and n_keys the keys the branch's queries attend (the window's
+or all tokens); "upstream" uses upstream's factor computed from the base grid, sqrt(log(2 s) / log(s)) with s the base
+tokens per frame; "none" keeps 1/sqrt(d).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..call import AttentionCall
+from ..config import MethodConfig, option
+from ..context import ForwardContext
+from ..kernels import neighborhood_attention
+from .base import AttentionMethod, require_grid
+from .joint import log_once
+
+logger = logging.getLogger("diffattn")
+
+DUAL, CACHED, WINDOW = "dual", "cached", "window"
+
+
+@dataclass
+class FreeSwimConfig(MethodConfig):
+    method_name = "freeswim"
+
+    base_height: int = option(480, low=16, help="training height in pixels (the window is its token grid)")
+    base_width: int = option(832, low=16, help="training width in pixels")
+    cache_steps: int = option(2, low=1, help="the full branch runs every N steps; its cross-attention is reused between")
+    cache_device: str = option("same", choices=("same", "cpu"), help="where the cross-attention cache lives")
+    scale_mode: str = option("keys", choices=("keys", "upstream", "none"), help="attention scale rule (see docs)")
+    vae_scale_factor: int = option(8, choices=(4, 8, 16), help="VAE spatial compression (Wan 2.1: 8; Wan 2.2 TI2V: 16)")
+    dual_path: bool = option(True, help="run the full branch and its cross-attention override (False: window only)")
+
+
+class FreeSwimMethod(AttentionMethod):
+    name = "freeswim"
+
+    def __init__(self, config: FreeSwimConfig) -> None:
+        super().__init__(config)
+        self.cache: dict[int, torch.Tensor] = {}
+        self._cache_batch: int | None = None
+
+    # ---- forward-level: duplicate the conditional input into [window; full] on guide steps --------------------
+    def _mode(self, ctx: ForwardContext) -> str:
+        if not self.config.dual_path:
+            return WINDOW
+        if ctx.pass_name not in ("cond", "uncond", None):
+            log_once(
+                "freeswim:batched-cfg",
+                "diffattn freeswim: CFG runs as one batched pass (%s); the full branch and its cross-attention "
+                "override need separate cond/uncond passes, so only the window branch runs",
+                ctx.pass_name,
+            )
+            return WINDOW
+        conditional = ctx.pass_name == "cond" or (ctx.pass_name is None and ctx.pass_index == 0)
+        if not conditional:
+            return WINDOW
+        if ctx.step_index % self.config.cache_steps == 0 or not self.cache:
+            return DUAL
+        return CACHED
+
+    def prepare_forward(self, ctx: ForwardContext, args: dict[str, Any]) -> dict[str, Any] | None:
+        if ctx.step_index == 0 and ctx.pass_index == 0:
+            self.cache.clear()  # a new generation
+        mode = self._mode(ctx)
+        ctx.extras["freeswim_mode"] = mode
+        ctx.extras["freeswim_batch"] = ctx.batch_size
+        if mode != DUAL:
+            return None
+        changed = {}
+        for name in ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"):
+            value = args.get(name)
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == ctx.batch_size:
+                changed[name] = torch.cat([value, value], dim=0)
+        return changed
+
+    def finish_forward(self, ctx: ForwardContext | None, output: Any) -> Any:
+        if ctx is None or ctx.extras.get("freeswim_mode") != DUAL:
+            return output
+        b = ctx.extras["freeswim_batch"]
+        if isinstance(output, tuple):
+            return (output[0][:b], *output[1:])
+        if hasattr(output, "sample"):
+            output.sample = output.sample[:b]
+            return output
+        return output[:b]
+
+    # ---- attention ------------------------------------------------------------------------------------------
+    def window(self, grid) -> tuple[int, int, int]:
+        """Kernel (T, 2*dh+1, 2*dw+1) from the base resolution, clamped to the grid."""
+        patch = 2  # Wan's spatial patch
+        dh = self.config.base_height // self.config.vae_scale_factor // patch // 2
+        dw = self.config.base_width // self.config.vae_scale_factor // patch // 2
+        return grid.frames, min(2 * dh + 1, grid.height), min(2 * dw + 1, grid.width)
+
+    def scale(self, head_dim: int, grid, n_keys: int) -> float:
+        default = head_dim**-0.5
+        base_h = self.config.base_height // self.config.vae_scale_factor // 2
+        base_w = self.config.base_width // self.config.vae_scale_factor // 2
+        if self.config.scale_mode == "none":
+            return default
+        if self.config.scale_mode == "upstream":
+            s = base_h * base_w
+            return default * math.sqrt(math.log(2 * s) / math.log(s))
+        n_train = grid.frames * base_h * base_w
+        return default * math.sqrt(max(math.log(n_keys) / math.log(n_train), 1.0))
+
+    def _window_attention(self, q, k, v, grid) -> torch.Tensor:
+        kernel = self.window(grid)
+        b, h, _, d = q.shape
+
+        def to_grid(x):
+            return x.reshape(x.shape[0], h, *grid, d).movedim(1, -2)
+
+        scale = self.scale(d, grid, kernel[0] * kernel[1] * kernel[2])
+        out = neighborhood_attention(to_grid(q), to_grid(k), to_grid(v), kernel, scale=scale)
+        return out.movedim(-2, 1).reshape(q.shape)
+
+    def attend(self, call: AttentionCall) -> torch.Tensor:
+        ctx = call.context
+        mode = ctx.extras.get("freeswim_mode", WINDOW) if ctx is not None else WINDOW
+        if call.role == "self":
+            grid = require_grid(call, self.name)
+            if mode != DUAL:
+                return self._window_attention(call.q, call.k, call.v, grid)
+            b = call.q.shape[0] // 2
+            out_w = self._window_attention(call.q[:b], call.k[:b], call.v[:b], grid)
+            scale = self.scale(call.q.shape[-1], grid, grid.num_tokens)
+            out_f = F.scaled_dot_product_attention(call.q[b:], call.k[b:], call.v[b:], scale=scale)
+            return torch.cat([out_w, out_f], dim=0)
+        if call.role == "cross" and mode == DUAL:
+            b = call.q.shape[0] // 2
+            out_f = F.scaled_dot_product_attention(call.q[b:], call.k[b:], call.v[b:], attn_mask=None, scale=call.scale)
+            store = out_f.to("cpu", non_blocking=True) if self.config.cache_device == "cpu" else out_f
+            self.cache[call.layer.index] = store
+            return torch.cat([out_f, out_f], dim=0)
+        if call.role == "cross" and mode == CACHED:
+            cached = self.cache.get(call.layer.index)
+            if cached is None or cached.shape[0] != call.q.shape[0] or cached.shape[2] != call.q.shape[2]:
+                raise RuntimeError(
+                    f"freeswim: no cached cross-attention for layer {call.layer.path} at this shape; the cache was "
+                    "filled for another batch or resolution"
+                )
+            return cached.to(call.q.device, non_blocking=True)
+        return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=call.attn_mask, scale=call.scale)
+
+    def __repr__(self) -> str:
+        return f"FreeSwimMethod({self.config}, cached layers: {len(self.cache)})"
