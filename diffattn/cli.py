@@ -1,8 +1,8 @@
 """The `diffattn` console script.
 
-Subcommands: `methods` (what exists, for which families, with which options), `bench` (kernel benchmarks on a
-GPU), `mask` (draw a method's block mask); `generate`, `render`, `app` and `headhunt` say plainly that they are not
-available yet.
+Subcommands: `methods` (what exists, for which families, with which options), `bench` (GPU benchmarks), `mask`
+(draw a method's block mask), `render --highres` (FreeSwim), `headhunt` (HeadHunter search); `generate`, `app` and
+`render --long` say plainly that they are not available yet.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Callable
 NOT_YET = {
     "generate": "image/video generation from the command line (issue: CLI and app; needs the bundled demo models)",
     "app": "the Gradio web app",
-    "headhunt": "the HeadHunter search for attention heads (SoftPAG)",
 }
 
 # `diffattn bench <what>`: module with `main(argv) -> int`, loaded only when asked for.
@@ -164,6 +163,12 @@ def _cmd_render(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _headhunt(rest: list[str]) -> int:
+    from .pipelines.headhunter import main as headhunt_main
+
+    return headhunt_main(rest)
+
+
 def _cuda() -> bool:
     try:
         import torch
@@ -182,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks (GPU)")
     p.add_argument("what", choices=sorted(BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
     sub.add_parser("render", help="--highres (FreeSwim) or --long (Radial) video rendering", add_help=False)
+    sub.add_parser("headhunt", help="HeadHunter: greedy search for SoftPAG heads (--help for options)", add_help=False)
     p = sub.add_parser("mask", help="draw a method's block mask as PNG")
     p.add_argument("method", help="method name (radial)")
     for name, what in NOT_YET.items():
@@ -199,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": lambda: _cmd_bench(args, rest),
         "mask": lambda: _cmd_mask(args, rest),
         "render": lambda: _cmd_render(args, rest),
+        "headhunt": lambda: _headhunt(rest),
     }
     if args.command in NOT_YET:
         print(f"diffattn {args.command}: not available yet ({NOT_YET[args.command]}).", file=sys.stderr)
