@@ -36,7 +36,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         if not specs:
             print("  options: (none)")
         for opt in specs:
-            print(f"  --attn-opt {opt.name}=...  default {opt.default!r}; {opt.accepted()}. {opt.help}")
+            print(f"  {opt.name}: default {opt.default!r}; {opt.accepted()}. {opt.help}")
     if args.all:
         for name, (summary, families) in PLANNED.items():
             if name not in _REGISTRY:
