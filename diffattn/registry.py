@@ -69,6 +69,7 @@ def _register_builtins() -> None:
     from .methods.freeswim import FreeSwimConfig, FreeSwimMethod
     from .methods.neighborhood import GNAConfig, GNAMethod
     from .methods.radial import RadialConfig, RadialMethod
+    from .methods.softpag import SoftPAGConfig, SoftPAGMethod
 
     register_method(
         MethodSpec(
@@ -104,6 +105,15 @@ def _register_builtins() -> None:
             config_cls=FreeSwimConfig,
             families=("wan",),
             build=FreeSwimMethod,
+        )
+    )
+    register_method(
+        MethodSpec(
+            name="softpag",
+            summary="SoftPAG: head-level soft perturbed-attention guidance (HeadHunter heads, Diffusers PAG parity)",
+            config_cls=SoftPAGConfig,
+            families=("sd3", "flux", "unet", "wan", "hunyuan_video"),
+            build=SoftPAGMethod,
         )
     )
 
