@@ -95,6 +95,7 @@ class HeadSpec:
 
 
 _ITEM = re.compile(r"^L(\d+)(?:H(\d+))?$", re.IGNORECASE)
+_RANGE = re.compile(r"^L(\d+)-L?(\d+)$", re.IGNORECASE)
 
 
 def _int(value: Any, what: str) -> int:
@@ -107,7 +108,8 @@ def _int(value: Any, what: str) -> int:
 
 
 def parse_heads(spec: Any) -> HeadSpec:
-    """Parse `heads`: `"L11H15,L1H10"`, `"L5"` (all heads of layer 5), `"all"`, presets (`"sd3:golden-hour"`),
+    """Parse `heads`: `"L11H15,L1H10"`, `"L5"` (all heads of layer 5), `"L60-L69"` (all heads of those layers),
+    `"all"`, presets (`"sd3:golden-hour"`),
     mixes of these separated by commas, a dict `{layer: [head, ...] | "all"}`, or a list of `(layer, head)` pairs
     and/or such strings. Raises `ValueError` naming what is accepted."""
     accepted = (
@@ -137,6 +139,12 @@ def parse_heads(spec: Any) -> HeadSpec:
                 families.add(family)
                 for layer, head in heads:
                     add(layer, head)
+            elif _RANGE.match(item):
+                first, last = (int(g) for g in _RANGE.match(item).groups())
+                if last < first:
+                    raise ValueError(f"option 'heads' of method 'softpag': empty layer range {item!r}")
+                for layer in range(first, last + 1):
+                    add(layer, None)
             else:
                 match = _ITEM.match(item)
                 if match is None:
