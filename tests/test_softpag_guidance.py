@@ -266,3 +266,25 @@ def test_parity_with_diffusers_pag(kind, guidance, batched):
     got = run(pipe, guidance=guidance, output_type="latent")
     assert (got - expected).abs().max() <= 1e-4
     assert (stock - expected).abs().max() > 1e-2  # PAG does change the result
+
+
+def test_unnamed_repeated_timestep_is_guided_again():
+    """Second-order solvers call the model twice at one t: each unnamed forward is conditional and guided alone."""
+    model, make_inputs = BUILDERS["flux"]()
+    inputs = make_inputs(batch=1)
+    diffattn.apply(model, "softpag", heads="L2", guidance="on", scale=S)
+    try:
+        first, second = output_of(model, inputs), output_of(model, inputs)
+    finally:
+        diffattn.remove(model)
+    assert installed(model) is None and torch.equal(first, second)
+
+
+def test_bound_pipeline_gives_the_same_result():
+    pipe = build_tiny_sd3_pipeline()
+    diffattn.apply(pipe, "softpag", heads="L1H2", u=0.5, scale=S)
+    detected = run_tiny_sd3(pipe, steps=2, output_type="latent")
+    installed(pipe.transformer).runtime.bind_pipeline(pipe)  # what apply() on a pipeline should do (see docs)
+    bound = run_tiny_sd3(pipe, steps=2, output_type="latent")
+    diffattn.remove(pipe)
+    assert torch.equal(detected, bound)

@@ -40,9 +40,11 @@ Which rows are conditional (the rule, in order): a forward under `cache_context(
 the shift stored by the same step's conditional pass, which must come first: Wan and FLUX true-CFG do); under
 `"cond"` all rows are conditional; otherwise (SD, SD3 and FLUX-dev pipelines, which name no pass) the batch holds
 [uncond; cond] halves when CFG is on -- `cfg=True/False` says so explicitly; `cfg=None` asks the pipeline bound with
-`bind_pipeline` (`do_classifier_free_guidance`), else treats an even batch whose two latent halves are identical
-(pipelines feed `cat([latents] * 2)`) as CFG; a second unnamed forward of the same step (pass_index >= 1) is taken as
-a separate unconditional pass.
+`bind_pipeline` (`do_classifier_free_guidance`), else takes `"cond_uncond"` passes and an even batch whose two latent
+halves are identical (pipelines feed `cat([latents] * 2)`) as CFG halves -- and any other unnamed forward is
+conditional, each guided on its own (so second-order solvers' repeated timesteps are fine). Separate CFG passes must
+therefore be named with `model.cache_context("cond"/"uncond")`, as Diffusers' Wan, HunyuanVideo and FLUX true-CFG
+pipelines do.
 
 s_t: the scale `scale`, or with `adaptive_scale` Diffusers' max(0, scale - adaptive_scale * (1000 - t)) with t the
 model's timestep on the 0..1000 scale (FLUX's transformer input t/1000 is rescaled); zero outside the step window
@@ -494,14 +496,12 @@ class SoftPAGMethod(AttentionMethod):
         if ctx.step_index == 0 and ctx.pass_index == 0:
             self._pending.clear()
         s = self.scale_at(ctx)
-        if ctx.pass_name == "uncond" or (ctx.pass_name is None and ctx.pass_index >= 1 and not self._cfg_batch(ctx, args)):
+        if ctx.pass_name == "uncond":
             ctx.extras[_STATE_KEY] = _ForwardState(rows=slice(0, 0), kind="uncond", scale=s, batch=b)
             return None
-        if ctx.pass_name == "cond":
-            kind, cond = "cond", slice(0, b)
-        elif self._cfg_batch(ctx, args):
+        if ctx.pass_name != "cond" and self._cfg_batch(ctx, args):
             kind, cond = "cfg_batch", slice(b // 2, b)
-        else:
+        else:  # "cond", or an unnamed forward without CFG halves (FLUX-dev; second-order solvers' repeated t)
             kind, cond = "cond", slice(0, b)
         state = _ForwardState(rows=slice(0, 0), kind=kind, scale=s, batch=b, cond=cond)
         ctx.extras[_STATE_KEY] = state
