@@ -201,12 +201,12 @@ def record_states(pipe, model):
     """Per forward: (step, timestep, s_t, perturbed rows, batch the attention sees), read from the attention calls."""
     runtime = installed(model).runtime
     original = runtime.attend
-    states, seen = [], set()
+    states, seen = [], []  # contexts kept alive, so that ids are not reused
 
     def attend(call):
         ctx = call.context
-        if id(ctx) not in seen:
-            seen.add(id(ctx))
+        if not any(ctx is other for other in seen):
+            seen.append(ctx)
             state = ctx.extras["softpag"]
             states.append((ctx.step_index, ctx.timestep, state.scale, state.rows, call.q.shape[0]))
         return original(call)

@@ -513,22 +513,30 @@ class SoftPAGMethod(AttentionMethod):
         state.rows = slice(b, b + cond.stop - cond.start)
         return {k: _append_rows(v, b, cond, k) for k, v in args.items()}
 
-    def _find_model(self) -> torch.nn.Module:
-        if self._model is not None and self._model() is not None:
-            return self._model()
+    def _find_model(self, ctx: ForwardContext) -> torch.nn.Module:
+        """The model whose forward is finishing (the separate perturbed pass re-runs it).
+
+        Found, in order, in `ctx.extras["module"]` (if the context hook provides it), in the context hook's frame
+        (`post_forward(module, output)`, a few frames up; checked to be a model this method is installed on), or as
+        the model given to `bind_model`. Never cached from the frame: Wan 2.2's two experts share one method.
+        """
+        module = ctx.extras.get("module")
+        if isinstance(module, torch.nn.Module):
+            return module
         from ..api import installed
 
         frame = sys._getframe(1)
-        for _ in range(8):  # the context hook's post_forward(module, output) is a few frames up
+        for _ in range(8):
             if frame is None:
                 break
             module = frame.f_locals.get("module")
             if isinstance(module, torch.nn.Module):
                 state = installed(module)
                 if state is not None and state.runtime is self:
-                    self._model = weakref.ref(module)
                     return module
             frame = frame.f_back
+        if self._model is not None and self._model() is not None:
+            return self._model()
         raise RuntimeError(
             "softpag (batched=False): cannot find the model to run the perturbed pass; call "
             "method.bind_model(model) or use batched=True"
@@ -556,7 +564,7 @@ class SoftPAGMethod(AttentionMethod):
             eps, perturbed = sample[:b], sample[b:]
         else:
             eps = sample
-            model = self._find_model()
+            model = self._find_model(ctx)
             self._inner = True
             try:
                 perturbed = _sample(model(**state.arguments))
