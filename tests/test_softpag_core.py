@@ -154,3 +154,16 @@ def test_presets_follow_the_paper():
 def test_config_errors(options, match):
     with pytest.raises(ValueError, match=match):
         SoftPAGConfig.from_options(**options)
+
+
+@pytest.mark.parametrize("target", ["identity", "uniform", "mean_q"])
+def test_image_scope_with_a_masked_image_key(target):
+    """A per-key mask over an image key: that key leaves every image row (the own-key logit of its query too)."""
+    b, h, s, d, text_len = 2, 2, 9, 4, 3
+    q, k, v = rand(b, h, s, d, seed=17), rand(b, h, s, d, seed=18), rand(b, h, s, d, seed=19)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[0, 2] = False
+    mask = valid[:, None, None, :]
+    out = soft_perturbed_attention(q, k, v, 1.0, target, "image", text_len=text_len, attn_mask=mask)
+    ref = reference(q, k, v, 1.0, target, "image", text_len, False, mask=mask)
+    assert (out.double() - ref).abs().max() < 1e-5
