@@ -288,3 +288,30 @@ def test_bound_pipeline_gives_the_same_result():
     bound = run_tiny_sd3(pipe, steps=2, output_type="latent")
     diffattn.remove(pipe)
     assert torch.equal(detected, bound)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_sdxl_unet_added_cond_kwargs(batched):
+    """SDXL's `added_cond_kwargs` (text_embeds, time_ids) are split/duplicated with the rows (a nested dict)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), cross_attention_dim=24, attention_head_dim=(2, 4), norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=12 + 6 * 8,
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "sample": torch.randn(1, 4, 12, 20, generator=g).repeat(2, 1, 1, 1), "timestep": torch.tensor(500.0),
+        "encoder_hidden_states": torch.randn(2, 7, 24, generator=g),
+        "added_cond_kwargs": {"text_embeds": torch.randn(2, 12, generator=g), "time_ids": torch.randn(2, 6, generator=g)},
+    }
+    cond = {k: v[1:] if isinstance(v, torch.Tensor) and v.ndim else v for k, v in inputs.items()}
+    cond["added_cond_kwargs"] = {k: v[1:] for k, v in inputs["added_cond_kwargs"].items()}
+    perturb = dict(heads="L1H1,L6", u=0.7)
+    stock = eps(model, inputs)
+    ptb = eps(model, cond, guidance="off", **perturb)
+    got = eps(model, inputs, guidance="on", scale=S, batched=batched, **perturb)
+    assert (got - (stock + S * (stock[1:] - ptb))).abs().max() < 1e-5

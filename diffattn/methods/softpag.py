@@ -363,10 +363,14 @@ class _ForwardState:
     arguments: dict[str, Any] | None = None
 
 
+# FLUX's 2-D position ids [S, 3] have no batch dimension (S may equal the batch by chance); SDXL's `time_ids` do.
+_POSITION_IDS = ("img_ids", "txt_ids")
+
+
 def _rows_of(value: Any, batch: int, rows: slice, name: str = "") -> Any:
     """`value` restricted to batch `rows` (tensors whose first dim is the batch; dicts recursively)."""
     if isinstance(value, torch.Tensor):
-        if value.ndim == 0 or value.shape[0] != batch or (name.endswith("_ids") and value.ndim == 2):
+        if value.ndim == 0 or value.shape[0] != batch or (name in _POSITION_IDS and value.ndim == 2):
             return value
         return value[rows]
     if isinstance(value, dict):
@@ -377,7 +381,7 @@ def _rows_of(value: Any, batch: int, rows: slice, name: str = "") -> Any:
 def _append_rows(value: Any, batch: int, rows: slice, name: str = "") -> Any:
     """`value` with batch `rows` appended (the perturbed copies of the conditional rows)."""
     if isinstance(value, torch.Tensor):
-        if value.ndim == 0 or value.shape[0] != batch or (name.endswith("_ids") and value.ndim == 2):
+        if value.ndim == 0 or value.shape[0] != batch or (name in _POSITION_IDS and value.ndim == 2):
             return value
         return torch.cat([value, value[rows]], dim=0)
     if isinstance(value, dict):
