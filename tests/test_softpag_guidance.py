@@ -60,9 +60,10 @@ def test_batched_cfg_forward_algebra(batched):
 
 
 @pytest.mark.parametrize("batched", [True, False])
-def test_named_separate_passes_algebra(batched):
-    """Wan bare model, cond then uncond under cache_context: both outputs are shifted by the cond pass's s Delta."""
-    model, make_inputs = BUILDERS["wan"]()
+@pytest.mark.parametrize("family", ["wan", "hunyuan_video"])
+def test_named_separate_passes_algebra(batched, family):
+    """Bare model, cond then uncond under cache_context: both outputs are shifted by the cond pass's s Delta."""
+    model, make_inputs = BUILDERS[family]()
     inputs = make_inputs(batch=1)
     uncond = dict(inputs, encoder_hidden_states=torch.randn(inputs["encoder_hidden_states"].shape,
                                                             generator=torch.Generator().manual_seed(5)))
