@@ -167,3 +167,13 @@ def test_image_scope_with_a_masked_image_key(target):
     out = soft_perturbed_attention(q, k, v, 1.0, target, "image", text_len=text_len, attn_mask=mask)
     ref = reference(q, k, v, 1.0, target, "image", text_len, False, mask=mask)
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("L11H15,L1H10", "L11H15,L1H10"), ("sd3:golden-hour", "sd3:golden-hour"), ("L5", "L5"),
+    ('{"3": [1, 2]}', {3: [1, 2]}), ("[[0, 1], [2, 3]]", [[0, 1], [2, 3]]),
+])
+def test_cli_heads_text(text, expected):
+    value = SoftPAGConfig.parse_option("heads", text)
+    assert value == expected
+    SoftPAGConfig.from_options(heads=value)  # and it validates

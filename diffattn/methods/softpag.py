@@ -342,6 +342,22 @@ class SoftPAGConfig(MethodConfig):
         None, help="whether unnamed batched forwards hold [uncond; cond] halves (None: from the pipeline or inputs)"
     )
 
+    @classmethod
+    def parse_option(cls, name: str, text: str) -> Any:
+        """CLI text: `heads` is kept as written ('L11H15,L1H10', 'sd3:golden-hour') unless it is a JSON object or
+        list; the generic structured parser would read it as numbers."""
+        if name == "heads":
+            import json
+
+            stripped = text.strip()
+            if stripped[:1] in ("{", "[", '"'):
+                value = json.loads(stripped)
+                if isinstance(value, dict):
+                    return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in value.items()}
+                return value
+            return stripped
+        return super().parse_option(name, text)
+
     def check(self) -> None:
         parse_heads(self.heads)
         if self.start >= self.end:
