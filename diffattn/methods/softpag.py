@@ -607,14 +607,18 @@ class SoftPAGMethod(AttentionMethod):
 
     def attend(self, call: AttentionCall) -> torch.Tensor:
         q, k, v = call.q, call.k, call.v
-        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=call.attn_mask, scale=call.scale)
         if call.role not in PERTURBED_ROLES or self.config.u == 0.0:
-            return dense
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=call.attn_mask, scale=call.scale)
         if call.context is not None:
             self._check_family(call.context.family)
         chosen = self.spec.heads_of(call.layer.index)
         self._check_layers(call)
         rows = self._rows(call.context)
+        cfg = self.config
+        if (chosen is None and rows is None and cfg.u == 1.0 and cfg.target == "identity"
+                and (cfg.scope == "full" or call.role != "joint" or call.text_len == 0)):
+            return v  # the whole call is perturbed to the identity map: no attention to compute
+        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=call.attn_mask, scale=call.scale)
         if chosen is False or (rows is not None and rows.stop <= rows.start):
             return dense
         num_heads = q.shape[1]
