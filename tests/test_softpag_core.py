@@ -17,7 +17,10 @@ def reference(q, k, v, u, target, scope, text_len=0, text_first=False, mask=None
     logits = q @ k.transpose(-1, -2) * d**-0.5
     add = torch.zeros(1, 1, s, s, dtype=torch.float64)
     if mask is not None:
-        add = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else mask.double()
+        if mask.dtype == torch.bool:
+            add = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+        else:
+            add = mask.double()
     add = add.expand(b, h, s, s)
     attn = torch.softmax(logits + add, -1)
     if scope == "full" or text_len == 0:
@@ -56,7 +59,9 @@ def rand(*shape, seed=0):
 
 
 @pytest.mark.parametrize("target", ["identity", "uniform", "mean_q"])
-@pytest.mark.parametrize("scope,text_len,text_first", [("full", 4, False), ("image", 4, False), ("image", 3, True), ("image", 0, False)])
+@pytest.mark.parametrize(
+    "scope,text_len,text_first", [("full", 4, False), ("image", 4, False), ("image", 3, True), ("image", 0, False)]
+)
 @pytest.mark.parametrize("u", [1.0, 0.3])
 def test_targets_match_materialised_reference(target, scope, text_len, text_first, u):
     b, h, s, d = 2, 3, 11, 5

@@ -261,7 +261,8 @@ def target_attention(
     if dense is None:
         dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     out = dense.clone()
-    qi, ki, vi, kt, vt = q[:, :, img].float(), k[:, :, img].float(), v[:, :, img].float(), k[:, :, txt].float(), v[:, :, txt].float()
+    qi, ki, vi = q[:, :, img].float(), k[:, :, img].float(), v[:, :, img].float()
+    kt, vt = k[:, :, txt].float(), v[:, :, txt].float()
     n_img = qi.shape[2]
     m4 = _additive_mask(mask)
     per_query = m4 is not None and m4.shape[-2] > 1
@@ -306,7 +307,10 @@ def target_attention(
     return out
 
 
-def soft_perturbed_attention(q, k, v, u: float, target: str = "identity", scope: str = "full", **kwargs: Any) -> torch.Tensor:
+def soft_perturbed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: float, target: str = "identity", scope: str = "full",
+    **kwargs: Any,
+) -> torch.Tensor:
     """(1 - u) * attention(q, k, v) + u * target_attention(...): the SoftPAG output of all given heads and rows."""
     mask, scale = kwargs.get("attn_mask"), kwargs.get("scale")
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
