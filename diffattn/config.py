@@ -58,7 +58,7 @@ class OptionSpec:
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         if self.type is Any:
-            return "an int, a per-axis tuple (CLI: 18,24,24) or JSON"
+            return "a structured value (CLI: comma-separated numbers, JSON, or text as the help says)"
         parts = []
         if self.low is not None:
             parts.append(f"{'>=' if self.low_inclusive else '>'} {self.low}")
@@ -69,7 +69,8 @@ class OptionSpec:
 
 
 def _parse_structured(text: str) -> Any:
-    """CLI text for a structured option: JSON (`{"0": ...}`, `[1, 2]`), or comma-separated scalars (`18,24,24`)."""
+    """CLI text for a structured option: JSON (`{"0": ...}`, `[1, 2]`), comma-separated scalars (`18,24,24`), or
+    else the text itself (head specs, preset names), which the method's config validates."""
     import json
 
     try:
@@ -89,7 +90,7 @@ def _parse_structured(text: str) -> Any:
                 if part.lower() in ("true", "false"):
                     parsed.append(part.lower() == "true")
                 else:
-                    raise ValueError(f"cannot parse {text!r}: expected JSON or comma-separated numbers") from None
+                    return text  # free text (e.g. a head spec "L11H15,L1H10" or a preset name): the config checks it
         return parsed[0] if len(parsed) == 1 else tuple(parsed)
     if isinstance(value, dict):  # JSON object keys are strings; layer indices are ints
         return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in value.items()}

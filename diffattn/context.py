@@ -197,6 +197,7 @@ def make_context_hook(
                 num_steps=num_steps,
                 pass_name=getattr(cache_ctx, "name", None) if cache_ctx is not None else None,
             )
+            slot.current.extras["module"] = module  # methods that re-run the forward (SoftPAG's separate pass)
             if prepare is not None:
                 changed = prepare(slot.current, dict(bound.arguments))
                 if changed is not None:

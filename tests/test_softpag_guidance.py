@@ -282,11 +282,14 @@ def test_unnamed_repeated_timestep_is_guided_again():
 
 
 def test_bound_pipeline_gives_the_same_result():
+    """apply() on a pipeline binds it (CFG read from the pipeline); unbound, CFG is detected from the latent halves."""
     pipe = build_tiny_sd3_pipeline()
     diffattn.apply(pipe, "softpag", heads="L1H2", u=0.5, scale=S)
-    detected = run_tiny_sd3(pipe, steps=2, output_type="latent")
-    installed(pipe.transformer).runtime.bind_pipeline(pipe)  # what apply() on a pipeline should do (see docs)
+    runtime = installed(pipe.transformer).runtime
+    assert runtime._pipeline() is pipe
     bound = run_tiny_sd3(pipe, steps=2, output_type="latent")
+    runtime._pipeline = None
+    detected = run_tiny_sd3(pipe, steps=2, output_type="latent")
     diffattn.remove(pipe)
     assert torch.equal(detected, bound)
 

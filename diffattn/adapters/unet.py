@@ -1,9 +1,9 @@
 """SD1.5 / SDXL UNets (`UNet2DConditionModel`): `attn1` image self-attention and `attn2` text cross-attention
 (77 tokens) in every `BasicTransformerBlock`, at several resolutions.
 
-Layer index = order of the transformer blocks in the model (down blocks, then mid block, then up blocks, as
-`named_modules()` walks them); `attn1` and `attn2` of a block share it. The grid of a level is derived from the
-latent size and the level's token count.
+Layer index = order of the transformer blocks as `named_modules()` walks them: down blocks, then up blocks, then
+the mid block (Diffusers' registration order; SD1.5's mid block is layer 15); `attn1` and `attn2` of a block share
+it. The grid of a level is derived from the latent size and the level's token count.
 Mirrors `AttnProcessor2_0` and `FusedAttnProcessor2_0` (diffusers 0.42.1).
 """
 
@@ -106,5 +106,5 @@ ADAPTER = FamilyAdapter(
     processor_cls=UNetProcessor,
     slots=_slots,
     read_inputs=_read_inputs,
-    layer_doc="order of BasicTransformerBlocks in named_modules() (down, mid, up); attn1 and attn2 share it",
+    layer_doc="order of BasicTransformerBlocks in named_modules(): down, up, then mid; attn1 and attn2 share it",
 )

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -444,7 +443,7 @@ class SoftPAGMethod(AttentionMethod):
     # ---- binding ------------------------------------------------------------------------------------------------
     def bind_pipeline(self, pipe: Any) -> None:
         """Tell the method which pipeline drives it (weakly held): turns `guidance="auto"` on and lets `cfg=None`
-        read `pipe.do_classifier_free_guidance`. `diffattn.apply` on a pipeline should call this."""
+        read `pipe.do_classifier_free_guidance`. `diffattn.apply` on a pipeline calls this."""
         self._pipeline = weakref.ref(pipe)
 
     def bind_model(self, model: torch.nn.Module) -> None:
@@ -540,25 +539,12 @@ class SoftPAGMethod(AttentionMethod):
     def _find_model(self, ctx: ForwardContext) -> torch.nn.Module:
         """The model whose forward is finishing (the separate perturbed pass re-runs it).
 
-        Found, in order, in `ctx.extras["module"]` (if the context hook provides it), in the context hook's frame
-        (`post_forward(module, output)`, a few frames up; checked to be a model this method is installed on), or as
-        the model given to `bind_model`. Never cached from the frame: Wan 2.2's two experts share one method.
+        Found in `ctx.extras["module"]` (the context hook records the running model, so Wan 2.2's two experts,
+        which share one method, each re-run themselves), else the model given to `bind_model`.
         """
         module = ctx.extras.get("module")
         if isinstance(module, torch.nn.Module):
             return module
-        from ..api import installed
-
-        frame = sys._getframe(1)
-        for _ in range(8):
-            if frame is None:
-                break
-            module = frame.f_locals.get("module")
-            if isinstance(module, torch.nn.Module):
-                state = installed(module)
-                if state is not None and state.runtime is self:
-                    return module
-            frame = frame.f_back
         if self._model is not None and self._model() is not None:
             return self._model()
         raise RuntimeError(
