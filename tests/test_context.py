@@ -84,7 +84,7 @@ def test_wan_pipeline_steps_with_and_without_cfg(wan_pipe, spy, guidance):
     diffattn.apply(wan_pipe, "spy")
     try:
         out = tp.run_tiny_wan(wan_pipe, guidance=guidance)
-        out2 = tp.run_tiny_wan(wan_pipe, guidance=guidance, steps=2)  # a second call restarts at step 0
+        tp.run_tiny_wan(wan_pipe, guidance=guidance, steps=2)  # a second call restarts at step 0
     finally:
         diffattn.remove(wan_pipe)
     assert (out - ref).abs().max().item() <= 1e-5

@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from ..call import AttentionCall, LayerInfo, Role
-from ..context import ContextSlot, ForwardContext, TokenGrid
+from ..context import ContextSlot, ForwardContext, TokenGrid, timestep_value
 
 logger = logging.getLogger("diffattn")
 
@@ -160,6 +160,20 @@ def block_slots(
             path = f"{prefix}.{attn_name}"
             slots.append(Slot(path, module, LayerInfo(index=index, slot=attn_name, path=path, role=role, num_layers=total)))
     return slots
+
+
+def forward_context(family: str, args: dict[str, Any], latent: str, grid: TokenGrid | None, **extra: Any) -> ForwardContext:
+    """The fields every family reads the same way (batch from the latent input, text length from
+    `encoder_hidden_states`, the timestep), plus the family's `extra` fields."""
+    text = args.get("encoder_hidden_states")
+    return ForwardContext(
+        family=family,
+        batch_size=args[latent].shape[0],
+        grid=grid,
+        text_len=0 if text is None else text.shape[1],
+        timestep=timestep_value(args.get("timestep")),
+        **extra,
+    )
 
 
 def tensor_arg(args: dict[str, Any], *names: str) -> Any:

@@ -12,8 +12,8 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..call import AttentionCall
-from ..context import ForwardContext, TokenGrid, timestep_value
-from .base import DiffattnProcessor, FamilyAdapter, block_slots, legacy_qkv, merge_heads, split_heads
+from ..context import ForwardContext, TokenGrid
+from .base import DiffattnProcessor, FamilyAdapter, forward_context, block_slots, legacy_qkv, merge_heads, split_heads
 
 
 class CogVideoXProcessor(DiffattnProcessor):
@@ -64,15 +64,8 @@ def _read_inputs(model, args: dict[str, Any]) -> ForwardContext:
     hidden = args["hidden_states"]  # [B, F, C, H, W]
     p, p_t = model.config.patch_size, model.config.patch_size_t
     _, f, _, h, w = hidden.shape
-    text = args.get("encoder_hidden_states")
     frames = f if p_t is None else f // p_t
-    return ForwardContext(
-        family="cogvideox",
-        batch_size=hidden.shape[0],
-        grid=TokenGrid(frames, h // p, w // p),
-        text_len=0 if text is None else text.shape[1],
-        timestep=timestep_value(args.get("timestep")),
-    )
+    return forward_context("cogvideox", args, "hidden_states", TokenGrid(frames, h // p, w // p))
 
 
 ADAPTER = FamilyAdapter(

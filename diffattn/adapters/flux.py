@@ -14,8 +14,8 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..call import AttentionCall
-from ..context import ForwardContext, TokenGrid, timestep_value
-from .base import DiffattnProcessor, FamilyAdapter, block_slots, to_heads_first
+from ..context import ForwardContext, TokenGrid
+from .base import DiffattnProcessor, FamilyAdapter, forward_context, block_slots, to_heads_first
 
 
 def _projections(attn, hidden_states, encoder_hidden_states):
@@ -86,7 +86,6 @@ class FluxProcessor(DiffattnProcessor):
 
 def _read_inputs(model, args: dict[str, Any]) -> ForwardContext:
     hidden = args["hidden_states"]
-    text = args.get("encoder_hidden_states")
     img_ids = args.get("img_ids")
     grid = None
     if img_ids is not None:
@@ -96,13 +95,7 @@ def _read_inputs(model, args: dict[str, Any]) -> ForwardContext:
         cols = int(ids[:, 2].max()) + 1
         if rows * cols == hidden.shape[1]:
             grid = TokenGrid(1, rows, cols)
-    return ForwardContext(
-        family="flux",
-        batch_size=hidden.shape[0],
-        grid=grid,
-        text_len=0 if text is None else text.shape[1],
-        timestep=timestep_value(args.get("timestep")),
-    )
+    return forward_context("flux", args, "hidden_states", grid)
 
 
 ADAPTER = FamilyAdapter(

@@ -14,8 +14,8 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..call import AttentionCall
-from ..context import ForwardContext, TokenGrid, timestep_value
-from .base import DiffattnProcessor, FamilyAdapter, block_slots, to_heads_first
+from ..context import ForwardContext, TokenGrid
+from .base import DiffattnProcessor, FamilyAdapter, forward_context, block_slots, to_heads_first
 
 
 class HunyuanVideoProcessor(DiffattnProcessor):
@@ -90,15 +90,10 @@ def _read_inputs(model, args: dict[str, Any]) -> ForwardContext:
     hidden = args["hidden_states"]
     p, p_t = model.config.patch_size, model.config.patch_size_t
     _, _, f, h, w = hidden.shape
-    text = args.get("encoder_hidden_states")
     mask = args.get("encoder_attention_mask")
-    return ForwardContext(
-        family="hunyuan_video",
-        batch_size=hidden.shape[0],
-        grid=TokenGrid(f // p_t, h // p, w // p),
-        text_len=0 if text is None else text.shape[1],
+    return forward_context(
+        "hunyuan_video", args, "hidden_states", TokenGrid(f // p_t, h // p, w // p),
         text_mask=None if mask is None else mask.bool(),
-        timestep=timestep_value(args.get("timestep")),
     )
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from ..call import AttentionCall
-from ..context import ForwardContext, TokenGrid, timestep_value
-from .base import DiffattnProcessor, FamilyAdapter, block_slots, legacy_qkv, merge_heads, split_heads
+from ..context import ForwardContext, TokenGrid
+from .base import DiffattnProcessor, FamilyAdapter, forward_context, block_slots, legacy_qkv, merge_heads, split_heads
 
 
 def _added_qkv(attn, encoder_hidden_states: torch.Tensor):
@@ -81,14 +81,7 @@ class SD3Processor(DiffattnProcessor):
 def _read_inputs(model, args: dict[str, Any]) -> ForwardContext:
     hidden = args["hidden_states"]  # [B, C, H, W]
     p = model.config.patch_size
-    text = args.get("encoder_hidden_states")
-    return ForwardContext(
-        family="sd3",
-        batch_size=hidden.shape[0],
-        grid=TokenGrid(1, hidden.shape[-2] // p, hidden.shape[-1] // p),
-        text_len=0 if text is None else text.shape[1],
-        timestep=timestep_value(args.get("timestep")),
-    )
+    return forward_context("sd3", args, "hidden_states", TokenGrid(1, hidden.shape[-2] // p, hidden.shape[-1] // p))
 
 
 ADAPTER = FamilyAdapter(

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from ..call import AttentionCall, LayerInfo
-from ..context import ForwardContext, TokenGrid, timestep_value
-from .base import DiffattnProcessor, FamilyAdapter, Slot, legacy_qkv, merge_heads, split_heads
+from ..context import ForwardContext, TokenGrid
+from .base import DiffattnProcessor, FamilyAdapter, forward_context, Slot, legacy_qkv, merge_heads, split_heads
 
 
 class UNetProcessor(DiffattnProcessor):
@@ -90,14 +90,7 @@ def _slots(model) -> list[Slot]:
 
 def _read_inputs(model, args: dict[str, Any]) -> ForwardContext:
     sample = args["sample"]  # [B, C, H, W]
-    text = args.get("encoder_hidden_states")
-    return ForwardContext(
-        family="unet",
-        batch_size=sample.shape[0],
-        grid=TokenGrid(1, sample.shape[-2], sample.shape[-1]),
-        text_len=0 if text is None else text.shape[1],
-        timestep=timestep_value(args.get("timestep")),
-    )
+    return forward_context("unet", args, "sample", TokenGrid(1, sample.shape[-2], sample.shape[-1]))
 
 
 ADAPTER = FamilyAdapter(

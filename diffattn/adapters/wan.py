@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from ..call import AttentionCall
-from ..context import ForwardContext, TokenGrid, timestep_value
-from .base import DiffattnProcessor, FamilyAdapter, block_slots, to_heads_first
+from ..context import ForwardContext, TokenGrid
+from .base import DiffattnProcessor, FamilyAdapter, forward_context, block_slots, to_heads_first
 
 STOCK_TEXT_LEN = 512  # the stock processor's hard-coded umT5 length, used only without a context
 
@@ -106,15 +106,10 @@ def _read_inputs(model, args: dict[str, Any]) -> ForwardContext:
     hidden = args["hidden_states"]
     p_t, p_h, p_w = model.config.patch_size
     _, _, f, h, w = hidden.shape
-    text = args.get("encoder_hidden_states")
     image = args.get("encoder_hidden_states_image")
-    return ForwardContext(
-        family="wan",
-        batch_size=hidden.shape[0],
-        grid=TokenGrid(f // p_t, h // p_h, w // p_w),
-        text_len=0 if text is None else text.shape[1],
+    return forward_context(
+        "wan", args, "hidden_states", TokenGrid(f // p_t, h // p_h, w // p_w),
         image_len=0 if image is None else image.shape[1],
-        timestep=timestep_value(args.get("timestep")),
     )
 
 
