@@ -1,8 +1,8 @@
 """The `diffattn` console script.
 
-Subcommands: `methods` (what exists, for which families, with which options), `bench` (GPU benchmarks), `mask`
-(draw a method's block mask), `render --highres` (FreeSwim), `headhunt` (HeadHunter search); `generate`, `app` and
-`render --long` say plainly that they are not available yet.
+Subcommands: `generate` (an image or a video with a method), `methods` (what exists, for which families, with which
+options), `bench` (GPU benchmarks), `mask` (draw a method's block mask), `render --highres` (FreeSwim), `headhunt`
+(HeadHunter search); `app` and `render --long` say plainly that they are not available yet.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import argparse
 import importlib
 import logging
 import sys
+import time
 from typing import Callable
 
 NOT_YET = {
-    "generate": "image/video generation from the command line (issue: CLI and app; needs the bundled demo models)",
     "app": "the Gradio web app",
 }
 
@@ -116,50 +116,85 @@ def _cmd_render(args: argparse.Namespace, rest: list[str]) -> int:
     if opts.long:
         print("diffattn render --long: not available yet (Radial long-video rendering)", file=sys.stderr)
         return 2
-    import json
-    import os
-    import time
-
     import torch
-    from diffusers.utils import export_to_video
 
+    from .generate import load_pipeline, write_result, write_sidecar
     from .pipelines import FreeSwimPipeline
 
-    if os.path.sep in opts.model and not os.path.isdir(opts.model):
-        print(f"diffattn render: model folder {opts.model!r} does not exist", file=sys.stderr)
-        return 2
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[opts.dtype]
     try:
-        pipe = FreeSwimPipeline.from_pretrained(opts.model, dtype=dtype)
-        if opts.offload:
-            pipe.enable_model_cpu_offload(device=opts.device)
-        else:
-            pipe.to(opts.device)
+        pipe = load_pipeline(opts.model, dtype=opts.dtype, device=opts.device, offload=opts.offload, cls=FreeSwimPipeline)
         start = time.perf_counter()
-        frames = pipe(
+        result = pipe(
             opts.prompt, negative_prompt=opts.negative_prompt, height=opts.height, width=opts.width,
             num_frames=opts.frames, base_height=opts.base_height, base_width=opts.base_width,
             num_inference_steps=opts.steps, strength=opts.strength, cache_steps=opts.cache_steps,
             cache_device=opts.cache_device, guidance_scale=opts.guidance, max_sequence_length=opts.max_sequence_length,
             generator=torch.Generator(device="cpu").manual_seed(opts.seed), output_type="np",
-        ).frames[0]
+        )
         seconds = time.perf_counter() - start
+        written = write_result(result, opts.out)
     except torch.cuda.OutOfMemoryError:
         print("diffattn render: CUDA out of memory; try --offload and --cache-device cpu", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:
         print(f"diffattn render: {exc}", file=sys.stderr)
         return 2
-    export_to_video(list(frames), opts.out, fps=16)
-    sidecar = os.path.splitext(opts.out)[0] + ".json"
-    import diffusers
+    sidecar = write_sidecar(opts.out, vars(opts), written, seconds)
+    print(f"wrote {opts.out} ({written.get('frames', 1)} frames, {seconds:.1f} s) and {sidecar}")
+    return 0
 
-    from . import __version__
 
-    with open(sidecar, "w") as fh:
-        json.dump({**vars(opts), "seconds": seconds, "diffattn": __version__, "diffusers": diffusers.__version__,
-                   "torch": torch.__version__}, fh, indent=2)
-    print(f"wrote {opts.out} ({len(frames)} frames, {seconds:.1f} s) and {sidecar}")
+def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="diffattn generate", description="generate an image or a video")
+    parser.add_argument("--model", default=None, help="a Diffusers pipeline folder or hub id")
+    parser.add_argument("--attn", default=None, help="attention method (diffattn methods); default: the model's own")
+    parser.add_argument("--attn-opt", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--frames", type=int, default=None, help="video pipelines only")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    parser.add_argument("--max-sequence-length", type=int, default=None)
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--offload", action="store_true", help="model CPU offload")
+    parser.add_argument("--fps", type=int, default=16)
+    parser.add_argument("--out", default=None, help=".mp4/.gif/.webm for video, .png/.webp/.jpg for images")
+    opts = parser.parse_args(rest)
+    if opts.model is None:
+        print("diffattn generate: no bundled demo model yet (it is still being trained); pass --model FOLDER_OR_HUB_ID",
+              file=sys.stderr)
+        return 2
+    import torch
+
+    from .generate import load_pipeline, parse_method_options, run_generation, write_result, write_sidecar
+
+    dtype = opts.dtype or ("bf16" if opts.device.startswith("cuda") else "fp32")
+    try:
+        options = parse_method_options(opts.attn, opts.attn_opt) if opts.attn else {}
+        if opts.attn_opt and not opts.attn:
+            raise ValueError("--attn-opt needs --attn METHOD")
+        pipe = load_pipeline(opts.model, dtype=dtype, device=opts.device, offload=opts.offload)
+        result, seconds = run_generation(
+            pipe, opts.prompt, method=opts.attn, options=options, seed=opts.seed,
+            negative_prompt=opts.negative_prompt, num_inference_steps=opts.steps, height=opts.height, width=opts.width,
+            num_frames=opts.frames, guidance_scale=opts.guidance, max_sequence_length=opts.max_sequence_length,
+            output_type="np",
+        )
+        out = opts.out or ("out.mp4" if getattr(result, "frames", None) is not None else "out.png")
+        written = write_result(result, out, fps=opts.fps)
+    except torch.cuda.OutOfMemoryError:
+        print("diffattn generate: CUDA out of memory; try --offload, a smaller size or --dtype bf16", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"diffattn generate: {exc}", file=sys.stderr)
+        return 2
+    settings = {**vars(opts), "dtype": dtype, "out": out, "attn_options": options}
+    sidecar = write_sidecar(out, settings, written, seconds)
+    print(f"wrote {out} ({written['kind']}, {seconds:.1f} s) and {sidecar}")
     return 0
 
 
@@ -186,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also list the methods that are not available yet")
     p = sub.add_parser("bench", help="benchmarks (GPU)")
     p.add_argument("what", choices=sorted(BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
+    sub.add_parser("generate", help="generate an image or a video with a method (--help for options)", add_help=False)
     sub.add_parser("render", help="--highres (FreeSwim) or --long (Radial) video rendering", add_help=False)
     sub.add_parser("headhunt", help="HeadHunter: greedy search for SoftPAG heads (--help for options)", add_help=False)
     p = sub.add_parser("mask", help="draw a method's block mask as PNG")
@@ -205,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": lambda: _cmd_bench(args, rest),
         "mask": lambda: _cmd_mask(args, rest),
         "render": lambda: _cmd_render(args, rest),
+        "generate": lambda: _cmd_generate(args, rest),
         "headhunt": lambda: _headhunt(rest),
     }
     if args.command in NOT_YET:

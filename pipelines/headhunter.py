@@ -316,16 +316,6 @@ class HeadHunter:
 # ---------------------------------------------------------------------------------------------------------------
 # CLI: diffattn headhunt
 # ---------------------------------------------------------------------------------------------------------------
-def _absent_components(model: str) -> dict[str, None]:
-    """Components a local pipeline folder saved as absent (`[null, null]` in model_index.json, e.g. SD3 without
-    T5), passed as None so that `from_pretrained` accepts the folder."""
-    index = Path(model) / "model_index.json"
-    if not index.is_file():
-        return {}
-    data = json.loads(index.read_text())
-    return {k: None for k, v in data.items() if isinstance(v, list) and v == [None, None]}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffattn headhunt", description="greedy search for SoftPAG heads")
     parser.add_argument("--model", required=True, help="a Diffusers pipeline folder or hub id")
@@ -359,11 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         objective = objective_from_name(args.objective)
-        from diffusers import DiffusionPipeline
+        from diffattn.generate import load_pipeline
 
-        if os.path.sep in args.model and not os.path.isdir(args.model):
-            raise ValueError(f"model folder {args.model!r} does not exist")
-        pipe = DiffusionPipeline.from_pretrained(args.model, **_absent_components(args.model)).to(args.device)
+        pipe = load_pipeline(args.model, device=args.device)
         pipe.set_progress_bar_config(disable=True)
         generation: dict[str, Any] = {"num_inference_steps": args.steps, "output_type": "np"}
         for key in ("height", "width"):
