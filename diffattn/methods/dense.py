@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..call import AttentionCall
 from ..config import MethodConfig
 from .base import AttentionMethod
+from .joint import dense_attention
 
 
 @dataclass
@@ -27,4 +27,4 @@ class DenseMethod(AttentionMethod):
     name = "dense"
 
     def attend(self, call: AttentionCall) -> torch.Tensor:
-        return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=call.attn_mask, scale=call.scale)
+        return dense_attention(call)

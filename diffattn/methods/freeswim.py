@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from ..call import AttentionCall
 from ..config import MethodConfig, option
 from ..context import ForwardContext
-from ..kernels import neighborhood_attention
 from .base import AttentionMethod, require_grid
 from .joint import log_once
+from .neighborhood import grid_neighborhood_attention
 
 logger = logging.getLogger("diffattn")
 
@@ -129,14 +129,8 @@ class FreeSwimMethod(AttentionMethod):
 
     def _window_attention(self, q, k, v, grid) -> torch.Tensor:
         kernel = self.window(grid)
-        b, h, _, d = q.shape
-
-        def to_grid(x):
-            return x.reshape(x.shape[0], h, *grid, d).movedim(1, -2)
-
-        scale = self.scale(d, grid, kernel[0] * kernel[1] * kernel[2])
-        out = neighborhood_attention(to_grid(q), to_grid(k), to_grid(v), kernel, scale=scale)
-        return out.movedim(-2, 1).reshape(q.shape)
+        scale = self.scale(q.shape[-1], grid, kernel[0] * kernel[1] * kernel[2])
+        return grid_neighborhood_attention(q, k, v, tuple(grid), kernel, scale=scale)
 
     def attend(self, call: AttentionCall) -> torch.Tensor:
         ctx = call.context

@@ -103,6 +103,35 @@ class GNAConfig(MethodConfig):
                     )
 
 
+def grid_neighborhood_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    shape: tuple[int, ...],
+    kernel_size: Any,
+    stride: Any = 1,
+    dilation: Any = 1,
+    is_causal: Any = False,
+    *,
+    scale: float | None = None,
+    extra_k: torch.Tensor | None = None,
+    extra_v: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Neighborhood attention of raster-ordered tokens `[B, H, S, D]` over the token grid `shape` (S = prod(shape)):
+    the layout change to NATTEN's `[B, *shape, H, D]` and back, text keys `[B, H, T, D]` as extra keys."""
+    b, h, _, d = q.shape
+
+    def to_grid(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], h, *shape, d).movedim(1, -2)
+
+    ek = None if extra_k is None else extra_k.transpose(1, 2)
+    ev = None if extra_v is None else extra_v.transpose(1, 2)
+    out = neighborhood_attention(
+        to_grid(q), to_grid(k), to_grid(v), kernel_size, stride, dilation, is_causal, scale=scale, extra_k=ek, extra_v=ev
+    )
+    return out.movedim(-2, 1).reshape(q.shape)
+
+
 class GNAMethod(AttentionMethod):
     name = "gna"
 
@@ -181,18 +210,8 @@ class GNAMethod(AttentionMethod):
         if family in IMAGE_FAMILIES or grid.frames == 1:
             shape = (grid.height, grid.width)
         s = self.fit(shape, self.settings_for(call.layer.index), call.layer.path)
-        b, h, _, d = call.q.shape
-
-        def to_grid(x: torch.Tensor) -> torch.Tensor:  # [b, H, S, D] -> [b, *shape, H, D]
-            return x.reshape(x.shape[0], h, *shape, d).movedim(1, -2)
 
         def visual(batch_index, q, k, v, extra_k, extra_v):
-            ek = None if extra_k is None else extra_k.transpose(1, 2)
-            ev = None if extra_v is None else extra_v.transpose(1, 2)
-            out = neighborhood_attention(
-                to_grid(q), to_grid(k), to_grid(v), s["kernel_size"], s["stride"], s["dilation"], s["is_causal"],
-                scale=call.scale, extra_k=ek, extra_v=ev,
-            )
-            return out.movedim(-2, 1).reshape(q.shape)
+            return grid_neighborhood_attention(q, k, v, shape, **s, scale=call.scale, extra_k=extra_k, extra_v=extra_v)
 
         return visual_with_text(call, visual)
