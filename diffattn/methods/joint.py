@@ -35,14 +35,15 @@ def dense_attention(call: AttentionCall) -> torch.Tensor:
     return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=call.attn_mask, scale=call.scale)
 
 
-def text_key_groups(call: AttentionCall) -> list[tuple[list[int], torch.Tensor | None]]:
-    """Batch elements grouped by their valid text keys: `[(batch indices, text token indices or None = all)]`.
+def text_key_groups(call: AttentionCall) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Batch elements grouped by their valid text keys: `[(batch index tensor or None = the whole batch, text token
+    indices or None = all)]`; index tensors live on the call's device.
 
     The padding is read to the host once per model forward (cached in the context), never per attention call.
     """
     batch = call.q.shape[0]
     if call.key_padding is None:
-        return [(list(range(batch)), None)]
+        return [(None, None)]
     ctx = call.context
     txt = call.text_slice()
     cache_key = ("text_key_groups", txt.start, txt.stop, tuple(call.key_padding.shape), str(call.k.device))
@@ -56,7 +57,8 @@ def text_key_groups(call: AttentionCall) -> list[tuple[list[int], torch.Tensor |
     result = []
     for valid, members in groups.items():
         idx = None if len(valid) == text_pad.shape[1] else torch.tensor(valid, dtype=torch.long, device=call.k.device)
-        result.append((members, idx))
+        rows = None if len(groups) == 1 else torch.tensor(members, dtype=torch.long, device=call.q.device)
+        result.append((rows, idx))
     if ctx is not None:
         ctx.extras[cache_key] = result
     return result
@@ -72,12 +74,13 @@ def visual_with_text(call: AttentionCall, visual_fn: VisualFn) -> torch.Tensor:
 
     k_t, v_t = call.k[:, :, txt], call.v[:, :, txt]
     groups = text_key_groups(call)
-    if len(groups) == 1 and groups[0][1] is None:
-        out_v = visual_fn(None, q_v, k_v, v_v, k_t, v_t)
+    if len(groups) == 1:
+        rows, idx = groups[0]
+        ek, ev = (k_t, v_t) if idx is None else (k_t[:, :, idx], v_t[:, :, idx])
+        out_v = visual_fn(None, q_v, k_v, v_v, ek, ev)
     else:
         out_v = torch.empty_like(q_v)
-        for members, idx in groups:
-            b = torch.tensor(members, device=call.q.device)
+        for b, idx in groups:
             ek, ev = k_t[b], v_t[b]
             if idx is not None:
                 ek, ev = ek[:, :, idx], ev[:, :, idx]
