@@ -10,14 +10,10 @@ from .methods.base import AttentionMethod
 
 ALL_FAMILIES = ("wan", "hunyuan_video", "cogvideox", "flux", "sd3", "unet")
 
-# Methods of DESIGN.md that are not implemented yet, with the families they will support (for `diffattn methods`).
+# Methods of DESIGN.md that are not implemented yet (removed from here when they land), with the families they will support (for `diffattn methods`).
 PLANNED: dict[str, tuple[str, tuple[str, ...]]] = {
-    "radial": ("static O(n log n) spatio-temporal block mask", ("wan", "hunyuan_video", "cogvideox")),
     "rectified": ("top-p block selection + pooled-attention rectification", ("wan", "hunyuan_video", "cogvideox", "flux")),
-    "freeswim": ("inward window + cross-attention override, training-free high-res video", ("wan",)),
-    "gna": ("generalized neighborhood attention (window, stride, dilation)", ("wan", "hunyuan_video", "cogvideox", "flux", "sd3")),
     "agent": ("agent tokens + agent attention (AgentSD)", ("unet", "flux", "sd3")),
-    "softpag": ("head-level soft perturbed-attention guidance", ("sd3", "flux", "unet", "wan", "hunyuan_video")),
     "ficgen": ("frequency-aware regional (layout) attention", ("unet",)),
 }
 

@@ -36,17 +36,6 @@ MODELS: dict[str, dict[str, Any]] = {
         "text_len": 512,
         "text_dim": 4096,
     },
-    "wan2.1-1.3b": {
-        "class": "WanTransformer3DModel",
-        "config": dict(
-            patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-            text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024,
-        ),
-        "vae": (4, 8),
-        "text_len": 512,
-        "text_dim": 4096,
-    },
     "hunyuan-video": {
         "class": "HunyuanVideoTransformer3DModel",
         "config": dict(
@@ -59,6 +48,13 @@ MODELS: dict[str, dict[str, Any]] = {
         "text_len": 256,
         "text_dim": 4096,
     },
+}
+
+
+# Wan2.1-T2V-1.3B differs from 14B only in width, depth and FFN size.
+MODELS["wan2.1-1.3b"] = {
+    **MODELS["wan2.1-14b"],
+    "config": {**MODELS["wan2.1-14b"]["config"], "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
 }
 
 

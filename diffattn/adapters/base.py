@@ -176,13 +176,6 @@ def forward_context(family: str, args: dict[str, Any], latent: str, grid: TokenG
     )
 
 
-def tensor_arg(args: dict[str, Any], *names: str) -> Any:
-    for name in names:
-        if args.get(name) is not None:
-            return args[name]
-    return None
-
-
 def legacy_qkv(attn, hidden_states: torch.Tensor, context: torch.Tensor | None = None):
     """q, k, v `[B, S, inner]` of Diffusers' legacy `Attention`, fused projections included.
 
