@@ -2,7 +2,7 @@
 
 Subcommands: `generate` (an image or a video with a method), `methods` (what exists, for which families, with which
 options), `bench` (GPU benchmarks), `mask` (draw a method's block mask), `render --highres` (FreeSwim), `headhunt`
-(HeadHunter search); `app` and `render --long` say plainly that they are not available yet.
+(HeadHunter search), `app` (the Gradio web app).
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ import sys
 import time
 from typing import Callable
 
-NOT_YET = {
-    "app": "the Gradio web app",
-}
-
 # `diffattn bench <what>`: module with `main(argv) -> int`, loaded only when asked for.
 BENCHES = {
     "kernels": ("diffattn.kernels.block_sparse.bench", "block-sparse attention kernel vs cuDNN SDPA and FlexAttention"),
     "gna": ("diffattn.kernels.neighborhood.bench", "neighborhood attention kernel vs cuDNN SDPA (NATTEN's figures)"),
     "step": ("diffattn.step_bench", "one denoising step of a full-size video transformer, dense vs a method"),
+    "quality": ("diffattn.quality_bench", "every method vs dense on the demo models: PSNR, SSIM, attention energy decay"),
 }
 
 
@@ -198,6 +195,15 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _app(rest: list[str]) -> int:
+    try:
+        from .app import main as app_main
+    except ImportError as exc:
+        print(f"diffattn app: the app needs the app extra (pip install -e '.[app]'): {exc}", file=sys.stderr)
+        return 2
+    return int(app_main(rest) or 0)
+
+
 def _headhunt(rest: list[str]) -> int:
     from .pipelines.headhunter import main as headhunt_main
 
@@ -224,10 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("generate", help="generate an image or a video with a method (--help for options)", add_help=False)
     sub.add_parser("render", help="--highres (FreeSwim) or --long (Radial) video rendering", add_help=False)
     sub.add_parser("headhunt", help="HeadHunter: greedy search for SoftPAG heads (--help for options)", add_help=False)
+    sub.add_parser("app", help="the Gradio web app (--help for options)", add_help=False)
     p = sub.add_parser("mask", help="draw a method's block mask as PNG")
     p.add_argument("method", help="method name (radial)")
-    for name, what in NOT_YET.items():
-        sub.add_parser(name, help=f"{what} [not available yet]", add_help=False)
     return parser
 
 
@@ -243,10 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         "render": lambda: _cmd_render(args, rest),
         "generate": lambda: _cmd_generate(args, rest),
         "headhunt": lambda: _headhunt(rest),
+        "app": lambda: _app(rest),
     }
-    if args.command in NOT_YET:
-        print(f"diffattn {args.command}: not available yet ({NOT_YET[args.command]}).", file=sys.stderr)
-        return 2
     return handlers[args.command]()
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from diffattn.cli import NOT_YET, main
+from diffattn.cli import main
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -29,12 +29,6 @@ def test_methods_all_marks_unavailable_ones(capsys):
     out = capsys.readouterr().out
     for name in ("radial", "gna", "softpag"):
         assert f"\n{name}:" in out
-
-
-@pytest.mark.parametrize("command", sorted(NOT_YET))
-def test_unavailable_commands_say_so(command, capsys):
-    assert main([command]) == 2
-    assert "not available yet" in capsys.readouterr().err
 
 
 def test_bad_arguments_exit_with_usage():
