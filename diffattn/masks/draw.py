@@ -11,7 +11,7 @@ import torch
 
 logger = logging.getLogger("diffattn")
 
-__all__ = ["block_mask_density", "draw_block_mask"]
+__all__ = ["block_mask_density", "block_mask_image", "draw_block_mask"]
 
 _KEPT = (236, 236, 228)  # light
 _DROPPED = (28, 30, 40)  # dark
@@ -39,7 +39,7 @@ def block_mask_density(mask: torch.Tensor) -> float:
     return float(m.sum().item()) / float(m.numel())
 
 
-def _font(size: int):  # noqa: ANN202 - Pillow's font classes differ between versions
+def _font(size: int):  # Pillow's font classes differ between versions
     from PIL import ImageFont
 
     try:
@@ -70,6 +70,28 @@ def draw_block_mask(
 
     Returns:
         The path written.
+    """
+    canvas = block_mask_image(mask, title=title, tokens_per_frame=tokens_per_frame, block_size=block_size, cell=cell)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out, format="PNG", optimize=True)
+    logger.debug("wrote block mask picture %s (%dx%d px)", out, canvas.width, canvas.height)
+    return out
+
+
+def block_mask_image(
+    mask: torch.Tensor,
+    *,
+    title: str | None = None,
+    tokens_per_frame: int | None = None,
+    block_size: int = 128,
+    cell: int | None = None,
+    caption: str | None = None,
+):  # -> PIL.Image.Image (Pillow is imported lazily)
+    """The picture ``draw_block_mask`` writes, as a ``PIL.Image`` (for the app and ``masks.explore``).
+
+    ``caption`` replaces the whole caption (title and the density of ``mask``): for a picture of a down-sampled
+    mask, whose own density is not the real one.
     """
     from PIL import Image, ImageDraw
 
@@ -107,10 +129,11 @@ def draw_block_mask(
                     draw.line([(x, 0), (x, nq * cell - 1)], fill=_FRAME_LINE, width=1)
                 i += 1
 
-    kept = int(arr.sum())
-    caption = f"density {kept / arr.size:.1%} ({kept}/{arr.size} blocks of {nq}x{nk})"
-    if title:
-        caption = f"{title} - {caption}"
+    if caption is None:
+        kept = int(arr.sum())
+        caption = f"density {kept / arr.size:.1%} ({kept}/{arr.size} blocks of {nq}x{nk})"
+        if title:
+            caption = f"{title} - {caption}"
     font_size = 14
     pad = 6
     margin = 8
@@ -124,8 +147,4 @@ def draw_block_mask(
     ImageDraw.Draw(canvas).text((margin, pad - top), caption, fill=_TEXT, font=font)
     canvas.paste(body, ((width - body.width) // 2, text_h + 2 * pad))
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out, format="PNG", optimize=True)
-    logger.debug("wrote block mask picture %s (%dx%d px)", out, width, height)
-    return out
+    return canvas
