@@ -212,9 +212,12 @@ def _picture(mask: torch.Tensor, caption: str, *, tokens_per_frame: int | None =
     from .draw import block_mask_image
 
     pooled, factor = _pool_any(mask)
+    how = "all blocks"
     if factor > 1:
+        how = f"{factor}x{factor} blocks/px (a pixel is kept when any of its blocks is)"
         caption += f" [{factor}x{factor} blocks/px]"
-    return block_mask_image(pooled, caption=caption, tokens_per_frame=tokens_per_frame, block_size=block_size * factor)
+    image = block_mask_image(pooled, caption=caption, tokens_per_frame=tokens_per_frame, block_size=block_size * factor)
+    return image, how
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -236,7 +239,7 @@ def _explore_radial(label: str, grid: tuple[int, ...], family: str, options: dic
     density = info["density"]
     caption = (f"radial {label} ({frames}x{tokens}) block {s['block_size']} decay {s['decay_factor']:g}"
                f"{'' if s['sink'] else ' no sink'} - density {density:.1%} ({info['kept_blocks']}/{mask.numel()} blocks)")
-    image = _picture(mask, caption, tokens_per_frame=tokens, block_size=s["block_size"])
+    image, info["picture"] = _picture(mask, caption, tokens_per_frame=tokens, block_size=s["block_size"])
     return MaskView("radial", grid, image, density, 1.0 / density, info)
 
 
@@ -285,7 +288,8 @@ def _tile_picture(plan, caption: str):
     n_q = plan.groups * math.prod(a.n_q_tiles for a in plan.axes)
     n_k = plan.groups * math.prod(a.n_kv_tiles for a in plan.axes)
     if n_q * n_k <= _MAX_FULL_ELEMENTS:
-        return _picture(_tile_mask(plan, torch.arange(n_q), torch.arange(n_k)), caption), "all tiles"
+        image, how = _picture(_tile_mask(plan, torch.arange(n_q), torch.arange(n_k)), caption)
+        return image, how.replace("block", "tile")
     # too many tiles to build: sample evenly spaced rows and columns (each pixel shows one tile pair)
     rows = torch.linspace(0, n_q - 1, MAX_PICTURE).round().long().unique()
     cols = torch.linspace(0, n_k - 1, MAX_PICTURE).round().long().unique()
@@ -333,6 +337,8 @@ def _explore_window(method: str, label: str, grid: tuple[int, ...], settings: di
                f"{'' if set(sim.dilation) == {1} else ' dilation ' + fmt(sim.dilation)}"
                f" tiles {fmt(sim.q_tile)}/{fmt(sim.kv_tile)} - computed density {sim.visited_density:.1%}"
                f" (useful {sim.flop_density:.1%})")
+    if sim.visited_density > 1:
+        info["padding_note"] = "the tiles pad the grid: the kernel computes more than dense attention would"
     image, how = _tile_picture(plan, caption)
     info["picture"] = how
     return MaskView(method, grid, image, sim.visited_density, sim.upper_bound_speedup, info)
