@@ -147,8 +147,9 @@ class FreeSwimMethod(AttentionMethod):
         if call.role == "cross" and mode == DUAL:
             b = call.q.shape[0] // 2
             out_f = F.scaled_dot_product_attention(call.q[b:], call.k[b:], call.v[b:], attn_mask=None, scale=call.scale)
-            store = out_f.to("cpu", non_blocking=True) if self.config.cache_device == "cpu" else out_f
-            self.cache[call.layer.index] = store
+            if self.config.cache_steps > 1:  # with 1 nothing is ever reused: holding it would only cost memory
+                store = out_f.to("cpu", non_blocking=True) if self.config.cache_device == "cpu" else out_f
+                self.cache[call.layer.index] = store
             return torch.cat([out_f, out_f], dim=0)
         if call.role == "cross" and mode == CACHED:
             cached = self.cache.get(call.layer.index)
