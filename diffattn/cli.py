@@ -8,11 +8,14 @@ options), `bench` (GPU benchmarks), `mask` (draw a method's block mask), `render
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import inspect
 import logging
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 # `diffattn bench <what>`: module with `main(argv) -> int`, loaded only when asked for.
 BENCHES = {
@@ -24,7 +27,7 @@ BENCHES = {
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from .registry import PLANNED, _REGISTRY
+    from .registry import _REGISTRY, PLANNED
 
     for spec in _REGISTRY.values():
         print(f"{spec.name}: {spec.summary}")
@@ -52,44 +55,220 @@ def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     return int(module.main(rest) or 0)
 
 
+def _fail(prog: str, message: object) -> int:
+    """One line on stderr, exit status 2 (the CLI never shows a traceback for a user error)."""
+    text = " ".join(str(message).split())
+    print(f"{prog}: {text}", file=sys.stderr)
+    return 2
+
+
+def _guarded(prog: str, fn: Callable[[], int], *, oom_advice: str = "try --offload or a smaller size") -> int:
+    """Run `fn`; user errors (bad value, missing file, unsupported model, CUDA out of memory) become one line."""
+    try:
+        import torch
+
+        oom: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        oom = ()
+    try:
+        return fn()
+    except oom:
+        return _fail(prog, f"CUDA out of memory; {oom_advice}")
+    except (ValueError, OSError) as exc:
+        return _fail(prog, exc)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# mask
+# ------------------------------------------------------------------------------------------------------------------
+def _mask_parser(method: str) -> argparse.ArgumentParser:
+    from .masks.explore import GEOMETRIES, mask_options
+
+    geometries = "\n".join(f"  {name:16} {'x'.join(map(str, g.grid)):10} {g.doc}" for name, g in GEOMETRIES.items())
+    parser = argparse.ArgumentParser(
+        prog=f"diffattn mask {method}", description=f"draw the {method} mask at a model geometry, with its density and "
+        "predicted attention speed-up", epilog=f"geometries (--geometry NAME):\n{geometries}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--geometry", help="a named model geometry (below)")
+    where.add_argument("--grid", help="token grid F,H,W (video) or H,W (image), after patchify")
+    parser.add_argument("--family", default=None, help="model family whose defaults apply (default: the geometry's)")
+    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="mask option, repeatable")
+    for name, help_text in mask_options(method).items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=f"opt_{name}", metavar=name.upper(), default=None,
+                            help=help_text)
+    if method == "radial":  # the flags of the first version keep working
+        parser.add_argument("--frames", type=int, help="latent frames (with --tokens-per-frame, instead of --grid)")
+        parser.add_argument("--tokens-per-frame", type=int, help="tokens per latent frame (H*W after patchify)")
+        parser.add_argument("--no-sink", action="store_true", help="no frame-0 attention sink (= --sink false)")
+    parser.add_argument("--out", default=f"{method}_mask.png", help="PNG path")
+    return parser
+
+
 def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
-    if args.method != "radial":
-        print(f"diffattn mask: no mask drawing for method {args.method!r} yet (available: radial)", file=sys.stderr)
-        return 2
-    parser = argparse.ArgumentParser(prog="diffattn mask radial", description="draw the Radial block mask as PNG")
-    parser.add_argument("--frames", type=int, required=True, help="latent frames (video tokens along time)")
-    parser.add_argument("--tokens-per-frame", type=int, required=True, help="tokens per latent frame (H*W after patchify)")
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--decay-factor", type=float, default=1.0)
-    parser.add_argument("--no-sink", action="store_true", help="no frame-0 attention sink")
-    parser.add_argument("--out", default="radial_mask.png", help="PNG path")
-    opts = parser.parse_args(rest)
+    from .masks.explore import METHODS, explore_mask, parse_mask_options
+
+    if args.method not in METHODS:
+        return _fail("diffattn mask", f"no mask picture for method {args.method!r}; accepted: {', '.join(METHODS)}")
+    prog = f"diffattn mask {args.method}"
+    opts = _mask_parser(args.method).parse_args(rest)
+
+    def run() -> int:
+        pairs = list(opts.opt)
+        pairs += [f"{k[4:]}={v}" for k, v in vars(opts).items() if k.startswith("opt_") and v is not None]
+        if getattr(opts, "no_sink", False):
+            pairs.append("sink=false")
+        options = parse_mask_options(args.method, pairs)
+        geometry = _mask_geometry(opts)
+        if Path(opts.out).suffix.lower() != ".png":
+            raise ValueError(f"--out must end in .png, got {opts.out!r}")
+        view = explore_mask(args.method, geometry, family=opts.family, **options)
+        view.save(opts.out)
+        for key, value in view.info.items():
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+        print(f"predicted attention speed-up: {view.predicted_speedup:.2f}x (1 / density {view.density:.4f}; "
+              "the sparse part only, before warm-up steps, dense layers and text)")
+        print(f"wrote {opts.out}")
+        return 0
+
+    return _guarded(prog, run)
+
+
+def _mask_geometry(opts: argparse.Namespace) -> str | tuple[int, ...]:
+    frames, per_frame = getattr(opts, "frames", None), getattr(opts, "tokens_per_frame", None)
+    if frames is not None or per_frame is not None:
+        if opts.geometry or opts.grid:
+            raise ValueError("--frames/--tokens-per-frame replace --geometry/--grid; give one of them")
+        if frames is None or per_frame is None:
+            raise ValueError("--frames and --tokens-per-frame go together")
+        for name, value in (("num_frames", frames), ("tokens_per_frame", per_frame)):
+            if value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value}")
+        return (frames, 1, per_frame)
+    if opts.geometry:
+        return opts.geometry
+    if opts.grid:
+        try:
+            return tuple(int(v) for v in opts.grid.split(","))
+        except ValueError:
+            raise ValueError(f"--grid must be comma-separated ints F,H,W or H,W, got {opts.grid!r}") from None
+    raise ValueError("give --geometry NAME or --grid F,H,W (see --help for the names)")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# generation: shared by generate, render --long and render --highres
+# ------------------------------------------------------------------------------------------------------------------
+def _resolve_model(model: str | None) -> tuple[str, bool]:
+    """(model, is_demo): the given folder/hub id, or the bundled demo video model (FileNotFoundError if absent)."""
+    if model:
+        return model, False
+    from .demo import demo_model_path
+
+    return demo_model_path("video"), True
+
+
+def _resolve_prompt(prompt: str | None, is_demo: bool) -> str:
+    if prompt:
+        return prompt
+    if is_demo:
+        from .demo import DEMO_PROMPTS
+
+        return DEMO_PROMPTS["video"]
+    raise ValueError("--prompt is required with --model")
+
+
+def _check_suffix(out: str | None) -> None:
+    """An output suffix no writer knows is refused before the model loads."""
+    from .generate import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+
+    if out is not None and Path(out).suffix.lower() not in VIDEO_SUFFIXES + IMAGE_SUFFIXES:
+        raise ValueError(f"unknown output suffix in --out {out!r}; video: {', '.join(VIDEO_SUFFIXES)}, "
+                         f"images: {', '.join(IMAGE_SUFFIXES)}")
+
+
+def _makes_video(pipe) -> bool:
+    return "num_frames" in inspect.signature(pipe.__call__).parameters
+
+
+def _output_for(pipe, out: str | None, stem: str) -> str:
+    """`out` checked against what the pipeline makes (before it runs), or `stem` + the first suffix of that kind."""
+    from .generate import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+
+    video = _makes_video(pipe)
+    suffixes = VIDEO_SUFFIXES if video else IMAGE_SUFFIXES
+    if out is None:
+        return stem + suffixes[0]
+    if Path(out).suffix.lower() not in suffixes:
+        raise ValueError(f"this pipeline makes {'video' if video else 'images'}; --out must end in "
+                         f"{', '.join(suffixes)}, got {out!r}")
+    return out
+
+
+@contextlib.contextmanager
+def _decode_notice(pipe, prog: str) -> Iterator[None]:
+    """Say when the VAE decode starts (the pipeline's bar covers denoising only; decoding a long video takes a
+    while): `pipe.vae.decode` is wrapped on the instance while the block runs, then restored."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None or not callable(getattr(vae, "decode", None)):
+        yield
+        return
+    own = vae.__dict__.get("decode")
+    original = vae.decode
+
+    def decode(*args, **kwargs):
+        print(f"{prog}: decoding with the VAE ...", file=sys.stderr, flush=True)
+        return original(*args, **kwargs)
+
+    vae.decode = decode
     try:
-        from .masks import draw_block_mask, radial_mask
-        from .masks.radial import describe
-    except ImportError as exc:
-        print(f"diffattn mask radial: not available yet ({exc})", file=sys.stderr)
-        return 2
-    kwargs = dict(block_size=opts.block_size, decay_factor=opts.decay_factor, sink=not opts.no_sink)
-    try:
-        mask = radial_mask(opts.frames, opts.tokens_per_frame, **kwargs)
-        info = describe(opts.frames, opts.tokens_per_frame, **kwargs)
-    except ValueError as exc:
-        print(f"diffattn mask radial: {exc}", file=sys.stderr)
-        return 2
-    title = f"radial {opts.frames}x{opts.tokens_per_frame} block {opts.block_size} decay {opts.decay_factor}"
-    draw_block_mask(mask, opts.out, title=title, tokens_per_frame=opts.tokens_per_frame, block_size=opts.block_size)
-    for key, value in info.items():
-        print(f"{key}: {value}")
-    print(f"wrote {opts.out}")
-    return 0
+        yield
+    finally:
+        if own is None:
+            del vae.decode
+        else:
+            vae.decode = own
+
+
+def _write(prog: str, result, out: str, fps: int) -> dict:
+    from .generate import write_result
+
+    frames = getattr(result, "frames", None)
+    what = f"{len(frames[0])} frames" if frames is not None else "the image"
+    print(f"{prog}: writing {what} to {out} ...", file=sys.stderr, flush=True)
+    return write_result(result, out, fps=fps)
+
+
+def _add_generation_args(parser: argparse.ArgumentParser, *, out_help: str) -> None:
+    """Options every generating command shares; None defaults leave the pipeline's own defaults."""
+    parser.add_argument("--model", default=None,
+                        help="a Diffusers pipeline folder or hub id (default: the bundled demo video model)")
+    parser.add_argument("--prompt", default=None, help="required with --model (default: the demo model's example)")
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    parser.add_argument("--height", type=int, default=None, help="default: the pipeline's")
+    parser.add_argument("--width", type=int, default=None, help="default: the pipeline's")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    parser.add_argument("--max-sequence-length", type=int, default=None)
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--offload", action="store_true", help="model CPU offload (less GPU memory, slower)")
+    parser.add_argument("--fps", type=int, default=16)
+    parser.add_argument("--out", default=None, help=out_help)
 
 
 def _cmd_render(args: argparse.Namespace, rest: list[str]) -> int:
+    if "--long" in rest:
+        return _cmd_render_long([a for a in rest if a != "--long"])
+    return _cmd_render_highres(rest)
+
+
+def _cmd_render_highres(rest: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="diffattn render", description="high-resolution or long video rendering")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--highres", action="store_true", help="FreeSwim: native-size pass, then refine at the target size")
-    mode.add_argument("--long", action="store_true", help="Radial long video (not available yet)")
+    mode.add_argument("--long", action="store_true", help="Radial long video (diffattn render --long --help)")
     parser.add_argument("--model", required=True, help="a Wan T2V Diffusers folder or hub id")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default=None)
@@ -108,91 +287,186 @@ def _cmd_render(args: argparse.Namespace, rest: list[str]) -> int:
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--offload", action="store_true", help="model CPU offload (fits 1080p in 24 GB with the cache on CPU)")
-    parser.add_argument("--out", default="freeswim.mp4", help=".mp4 or .gif; a .json sidecar with the settings is written next to it")
+    parser.add_argument("--fps", type=int, default=16)
+    parser.add_argument("--out", default="freeswim.mp4", help=".mp4, .gif or .webm; a .json sidecar with the settings is written next to it")
     opts = parser.parse_args(rest)
-    if opts.long:
-        print("diffattn render --long: not available yet (Radial long-video rendering)", file=sys.stderr)
-        return 2
-    import torch
+    prog = "diffattn render --highres"
 
-    from .generate import load_pipeline, write_result, write_sidecar
-    from .pipelines import FreeSwimPipeline
+    def run() -> int:
+        import torch
 
-    try:
+        from .generate import load_pipeline, write_sidecar
+        from .pipelines import FreeSwimPipeline
+
+        _check_suffix(opts.out)
         pipe = load_pipeline(opts.model, dtype=opts.dtype, device=opts.device, offload=opts.offload, cls=FreeSwimPipeline)
+        _output_for(pipe, opts.out, "freeswim")
         start = time.perf_counter()
-        result = pipe(
-            opts.prompt, negative_prompt=opts.negative_prompt, height=opts.height, width=opts.width,
-            num_frames=opts.frames, base_height=opts.base_height, base_width=opts.base_width,
-            num_inference_steps=opts.steps, strength=opts.strength, cache_steps=opts.cache_steps,
-            cache_device=opts.cache_device, guidance_scale=opts.guidance, max_sequence_length=opts.max_sequence_length,
-            generator=torch.Generator(device="cpu").manual_seed(opts.seed), output_type="np",
-        )
+        with _decode_notice(pipe, prog):
+            result = pipe(
+                opts.prompt, negative_prompt=opts.negative_prompt, height=opts.height, width=opts.width,
+                num_frames=opts.frames, base_height=opts.base_height, base_width=opts.base_width,
+                num_inference_steps=opts.steps, strength=opts.strength, cache_steps=opts.cache_steps,
+                cache_device=opts.cache_device, guidance_scale=opts.guidance,
+                max_sequence_length=opts.max_sequence_length,
+                generator=torch.Generator(device="cpu").manual_seed(opts.seed), output_type="np",
+            )
         seconds = time.perf_counter() - start
-        written = write_result(result, opts.out)
-    except torch.cuda.OutOfMemoryError:
-        print("diffattn render: CUDA out of memory; try --offload and --cache-device cpu", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as exc:
-        print(f"diffattn render: {exc}", file=sys.stderr)
-        return 2
-    sidecar = write_sidecar(opts.out, vars(opts), written, seconds)
-    print(f"wrote {opts.out} ({written.get('frames', 1)} frames, {seconds:.1f} s) and {sidecar}")
-    return 0
+        written = _write(prog, result, opts.out, opts.fps)
+        sidecar = write_sidecar(opts.out, vars(opts), written, seconds)
+        print(f"wrote {opts.out} ({written.get('frames', 1)} frames, {seconds:.1f} s) and {sidecar}")
+        return 0
+
+    return _guarded(prog, run, oom_advice="try --offload and --cache-device cpu")
+
+
+# Radial options with their own flags in `render --long` (the rest go through --attn-opt).
+_LONG_FLAGS = ("decay_factor", "dense_timesteps", "dense_layers", "block_size")
+
+
+def _cmd_render_long(rest: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="diffattn render --long", description="Radial Attention long video: more frames than the model was "
+        "trained on, optionally with a length-extension LoRA (diffattn.pipelines.radial_lora)",
+    )
+    _add_generation_args(parser, out_help=".mp4, .gif or .webm (default long.mp4); a .json sidecar is written next to it")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="video frames (default: the LoRA's training length, else --extend x the pipeline's)")
+    parser.add_argument("--extend", type=int, default=2, help="without --frames: this many times the pipeline's "
+                        "default length, (F - 1) * N + 1 frames (default 2)")
+    parser.add_argument("--lora", default=None, help="a LoRA folder or file, loaded with pipe.load_lora_weights; a "
+                        "radial LoRA folder (lora_config.json) also gives its radial options and training length")
+    parser.add_argument("--decay-factor", type=float, default=None, help="radial band-width multiplier (lower is sparser)")
+    parser.add_argument("--dense-timesteps", type=int, default=None, help="first N steps dense (default: the family's, 12)")
+    parser.add_argument("--dense-layers", type=int, default=None, help="layers < N dense (default: the family's)")
+    parser.add_argument("--block-size", type=int, default=None, help="mask block size (16, 32, 64, 128)")
+    parser.add_argument("--attn-opt", action="append", default=[], metavar="KEY=VALUE", help="other radial options")
+    opts = parser.parse_args(rest)
+    prog = "diffattn render --long"
+
+    def run() -> int:
+        from .generate import (
+            load_pipeline,
+            parse_method_options,
+            run_generation,
+            write_sidecar,
+        )
+        from .registry import get_method
+
+        if opts.extend < 1:
+            raise ValueError(f"--extend must be an int >= 1, got {opts.extend}")
+        if opts.lora is not None and not Path(opts.lora).exists():
+            raise ValueError(f"--lora {opts.lora!r} does not exist")
+        _check_suffix(opts.out)
+        model, is_demo = _resolve_model(opts.model)
+        prompt = _resolve_prompt(opts.prompt, is_demo)
+        options = parse_method_options("radial", opts.attn_opt)
+        options.update({k: getattr(opts, k) for k in _LONG_FLAGS if getattr(opts, k) is not None})
+        get_method("radial").config_cls.from_options(**options)  # bad values fail before the model loads
+        dtype = opts.dtype or ("bf16" if opts.device.startswith("cuda") else "fp32")
+        pipe = load_pipeline(model, dtype=dtype, device=opts.device, offload=opts.offload)
+        if not _makes_video(pipe):
+            raise ValueError(f"needs a video pipeline (Wan, HunyuanVideo, CogVideoX); {type(pipe).__name__} makes images")
+        out = _output_for(pipe, opts.out, "long")
+        lora_info = _load_lora(pipe, opts.lora) if opts.lora else {}
+        options = {**lora_info.get("radial", {}), **options}
+        frames, trained = _long_frames(pipe, opts, lora_info)
+        height = opts.height or lora_info.get("height")
+        width = opts.width or lora_info.get("width")
+        with _decode_notice(pipe, prog):
+            result, seconds = run_generation(
+                pipe, prompt, method="radial", options=options, seed=opts.seed, negative_prompt=opts.negative_prompt,
+                num_inference_steps=opts.steps, height=height, width=width, num_frames=frames,
+                guidance_scale=opts.guidance, max_sequence_length=opts.max_sequence_length, output_type="np",
+            )
+        written = _write(prog, result, out, opts.fps)
+        settings = {**vars(opts), "model": model, "prompt": prompt, "dtype": dtype, "out": out, "frames": frames,
+                    "height": height, "width": width, "default_frames": trained, "attn": "radial",
+                    "attn_options": options, "lora_kind": lora_info.get("kind")}
+        sidecar = write_sidecar(out, settings, written, seconds)
+        print(f"wrote {out} ({written['frames']} frames, radial, {seconds:.1f} s) and {sidecar}")
+        return 0
+
+    return _guarded(prog, run, oom_advice="try --offload, fewer --frames or a smaller size")
+
+
+def _load_lora(pipe, path: str) -> dict:
+    """Load a LoRA into `pipe`; a radial LoRA folder also returns its radial options and training geometry."""
+    import json
+
+    from .pipelines.radial_lora import LORA_CONFIG_NAME, load_radial_lora
+
+    config = Path(path) / LORA_CONFIG_NAME
+    try:
+        if config.is_file():
+            info = json.loads(config.read_text(encoding="utf-8"))
+            load_radial_lora(pipe, path, apply_radial=False)  # weights only: the CLI applies radial itself
+            radial = {k: v for k, v in info.get("radial", {}).items() if k != "dense_timesteps" and v is not None}
+            return {"kind": "radial", "radial": radial, "num_frames": info.get("num_frames"),
+                    "height": info.get("height"), "width": info.get("width")}
+        pipe.load_lora_weights(path)
+    except Exception as exc:  # Diffusers, peft and safetensors each raise their own types for a bad LoRA
+        raise ValueError(f"--lora {path!r} could not be loaded: {exc}") from exc
+    return {"kind": "diffusers"}
+
+
+def _long_frames(pipe, opts: argparse.Namespace, lora_info: dict) -> tuple[int, int | None]:
+    """(frames to render, the pipeline's default length): --frames, else the LoRA's training length, else
+    (default - 1) * extend + 1, which keeps the 4k+1 lengths the video VAEs need."""
+    default = inspect.signature(pipe.__call__).parameters["num_frames"].default
+    default = default if isinstance(default, int) else None
+    if opts.frames is not None:
+        if opts.frames < 1:
+            raise ValueError(f"--frames must be >= 1, got {opts.frames}")
+        return opts.frames, default
+    if lora_info.get("num_frames"):
+        return int(lora_info["num_frames"]), default
+    if default is None:
+        raise ValueError(f"{type(pipe).__name__} has no default frame count; pass --frames")
+    return (default - 1) * opts.extend + 1, default
 
 
 def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="diffattn generate", description="generate an image or a video")
-    parser.add_argument("--model", default=None, help="a Diffusers pipeline folder or hub id")
+    _add_generation_args(parser, out_help=".mp4/.gif/.webm for video (default out.mp4), .png/.webp/.jpg for images "
+                         "(default out.png); a .json sidecar with every setting is written next to it")
     parser.add_argument("--attn", default=None, help="attention method (diffattn methods); default: the model's own")
     parser.add_argument("--attn-opt", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--frames", type=int, default=None, help="video pipelines only")
-    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
-    parser.add_argument("--max-sequence-length", type=int, default=None)
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    parser.add_argument("--offload", action="store_true", help="model CPU offload")
-    parser.add_argument("--fps", type=int, default=16)
-    parser.add_argument("--out", default=None, help=".mp4/.gif/.webm for video, .png/.webp/.jpg for images")
     opts = parser.parse_args(rest)
-    if opts.model is None:
-        print("diffattn generate: no bundled demo model yet (it is still being trained); pass --model FOLDER_OR_HUB_ID",
-              file=sys.stderr)
-        return 2
-    import torch
+    prog = "diffattn generate"
 
-    from .generate import load_pipeline, parse_method_options, run_generation, write_result, write_sidecar
+    def run() -> int:
+        from .generate import (
+            load_pipeline,
+            parse_method_options,
+            run_generation,
+            write_sidecar,
+        )
 
-    dtype = opts.dtype or ("bf16" if opts.device.startswith("cuda") else "fp32")
-    try:
-        options = parse_method_options(opts.attn, opts.attn_opt) if opts.attn else {}
         if opts.attn_opt and not opts.attn:
             raise ValueError("--attn-opt needs --attn METHOD")
-        pipe = load_pipeline(opts.model, dtype=dtype, device=opts.device, offload=opts.offload)
-        result, seconds = run_generation(
-            pipe, opts.prompt, method=opts.attn, options=options, seed=opts.seed,
-            negative_prompt=opts.negative_prompt, num_inference_steps=opts.steps, height=opts.height, width=opts.width,
-            num_frames=opts.frames, guidance_scale=opts.guidance, max_sequence_length=opts.max_sequence_length,
-            output_type="np",
-        )
-        out = opts.out or ("out.mp4" if getattr(result, "frames", None) is not None else "out.png")
-        written = write_result(result, out, fps=opts.fps)
-    except torch.cuda.OutOfMemoryError:
-        print("diffattn generate: CUDA out of memory; try --offload, a smaller size or --dtype bf16", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as exc:
-        print(f"diffattn generate: {exc}", file=sys.stderr)
-        return 2
-    settings = {**vars(opts), "dtype": dtype, "out": out, "attn_options": options}
-    sidecar = write_sidecar(out, settings, written, seconds)
-    print(f"wrote {out} ({written['kind']}, {seconds:.1f} s) and {sidecar}")
-    return 0
+        options = parse_method_options(opts.attn, opts.attn_opt) if opts.attn else {}
+        _check_suffix(opts.out)
+        model, is_demo = _resolve_model(opts.model)
+        prompt = _resolve_prompt(opts.prompt, is_demo)
+        dtype = opts.dtype or ("bf16" if opts.device.startswith("cuda") else "fp32")
+        pipe = load_pipeline(model, dtype=dtype, device=opts.device, offload=opts.offload)
+        out = _output_for(pipe, opts.out, "out")
+        with _decode_notice(pipe, prog):
+            result, seconds = run_generation(
+                pipe, prompt, method=opts.attn, options=options, seed=opts.seed,
+                negative_prompt=opts.negative_prompt, num_inference_steps=opts.steps, height=opts.height,
+                width=opts.width, num_frames=opts.frames, guidance_scale=opts.guidance,
+                max_sequence_length=opts.max_sequence_length, output_type="np",
+            )
+        written = _write(prog, result, out, opts.fps)
+        settings = {**vars(opts), "model": model, "prompt": prompt, "dtype": dtype, "out": out, "attn_options": options}
+        sidecar = write_sidecar(out, settings, written, seconds)
+        print(f"wrote {out} ({written['kind']}, {seconds:.1f} s) and {sidecar}")
+        return 0
+
+    return _guarded(prog, run, oom_advice="try --offload, a smaller size or --dtype bf16")
 
 
 def _app(rest: list[str]) -> int:
@@ -231,8 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("render", help="--highres (FreeSwim) or --long (Radial) video rendering", add_help=False)
     sub.add_parser("headhunt", help="HeadHunter: greedy search for SoftPAG heads (--help for options)", add_help=False)
     sub.add_parser("app", help="the Gradio web app (--help for options)", add_help=False)
-    p = sub.add_parser("mask", help="draw a method's block mask as PNG")
-    p.add_argument("method", help="method name (radial)")
+    p = sub.add_parser("mask", help="a method's mask at a model geometry: PNG, density, predicted speed-up",
+                       add_help=False)
+    p.add_argument("method", help="radial, gna or freeswim (diffattn mask METHOD --help for its options)")
     return parser
 
 
