@@ -38,8 +38,6 @@ from .metrics import psnr, ssim
 logger = logging.getLogger("diffattn")
 
 KINDS = ("video", "image")
-# Generated size per kind: the demo models' training size (video: frames x height x width; image: height x width).
-DEMO_SIZES: dict[str, tuple[int, ...]] = {"video": (17, 64, 64), "image": (128, 128)}
 # Methods whose output is meant to differ from dense (listed apart, not as approximations).
 GUIDANCE_METHODS = ("softpag",)
 DEFAULT_PLOT = "docs/img/energy_decay.png"
@@ -125,14 +123,19 @@ def parse_method_opts(pairs: list[str]) -> dict[str, dict[str, Any]]:
 
 @dataclass
 class BenchConfig:
-    """Settings of one bench run. `models`: kind ("video"/"image") -> pipeline folder or hub id."""
+    """Settings of one bench run. `models`: kind ("video"/"image") -> pipeline folder or hub id.
+
+    `steps`, `sizes` (kind -> (frames, height, width) or (height, width) in pixels), `guidance` and
+    `max_sequence_length` left at None use the pipeline's own defaults (the demo pipelines default to their training
+    settings).
+    """
 
     models: dict[str, str]
     methods: list[str] | None = None
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     prompts: list[str] | None = None
-    steps: int = 30
-    sizes: dict[str, tuple[int, ...]] = field(default_factory=lambda: dict(DEMO_SIZES))
+    steps: int | None = None
+    sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     guidance: float | None = None
     max_sequence_length: int | None = None
     dtype: str | None = None
@@ -150,7 +153,7 @@ class BenchConfig:
             raise ValueError("seeds must not be empty")
         if self.prompts is not None and not self.prompts:
             raise ValueError("prompts must not be empty (None: the demo prompt of each model)")
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
@@ -193,12 +196,12 @@ def _versions(device: str) -> dict[str, str]:
 
 
 def _call_args(kind: str, cfg: BenchConfig) -> dict[str, Any]:
-    size = cfg.sizes[kind]
+    size = cfg.sizes.get(kind)
     args: dict[str, Any] = {"num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance,
                             "max_sequence_length": cfg.max_sequence_length, "output_type": "np"}
-    if kind == "video":
+    if size is not None and kind == "video":
         args.update(num_frames=size[0], height=size[1], width=size[2])
-    else:
+    elif size is not None:
         args.update(height=size[0], width=size[1])
     return args
 
@@ -272,7 +275,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     dtype = cfg.dtype or ("bf16" if cfg.device.startswith("cuda") else "fp32")
     report: dict[str, Any] = {
         **_versions(cfg.device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dtype": dtype,
-        "steps": cfg.steps, "seeds": list(cfg.seeds), "warmup": cfg.warmup, "queries": cfg.queries, "models": {},
+        "steps": cfg.steps or "pipeline default", "seeds": list(cfg.seeds), "warmup": cfg.warmup,
+        "queries": cfg.queries, "models": {},
     }
     # Plan first (family per model) so that the progress bar knows its total.
     pipes: dict[str, Any] = {}
@@ -306,10 +310,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             bar.update(1)
             if decay is None:
                 raise RuntimeError(f"the {kind} model's dense run made no self/joint attention call with a token grid")
-            geometry = _model_geometry(pipe, TokenGrid(*decay.grid), cfg.steps)
+            steps = cfg.steps or getattr(pipe, "_num_timesteps", None)  # Diffusers pipelines record their count
+            if not steps:
+                raise RuntimeError(f"cannot tell how many steps the {kind} pipeline ran; pass --steps")
+            geometry = _model_geometry(pipe, TokenGrid(*decay.grid), int(steps))
             entry: dict[str, Any] = {
                 "path": cfg.models[kind], "pipeline": type(pipe).__name__, "family": family,
-                "size": list(cfg.sizes[kind]), "grid": list(decay.grid), "tokens": math.prod(decay.grid),
+                "steps": int(steps), "grid": list(decay.grid), "tokens": math.prod(decay.grid),
                 "layers": geometry.num_layers, "prompts": prompts, "energy": decay.to_dict(), "skipped": skipped,
                 "methods": {},
             }
@@ -323,6 +330,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 bar.set_description(f"{kind} dense (reference) seed {seed}")
                 out, sec = _generate(pipe, prompt, seed, "dense", {}, call, cfg.device)
                 reference[(prompt, seed)] = out
+                entry["size"] = list(out.shape[:-1])  # generated [frames,] height, width
                 ref_seconds.append(sec)
                 bar.update(1)
             ref_median = statistics.median(ref_seconds)
@@ -410,7 +418,7 @@ def render_markdown(report: dict[str, Any], plot: str | None = None) -> str:
         "",
         f"{report['device']}; diffattn {report['diffattn']}, torch {report['torch']}, diffusers {report['diffusers']}"
         + (f", triton {report['triton']}" if "triton" in report else "") + f"; {report['date']}. "
-        f"{report['dtype']}, {report['steps']} steps, seeds {seeds}, {report['warmup']} untimed warm-up run(s) per "
+        f"{report['dtype']}, seeds {seeds}, {report['warmup']} untimed warm-up run(s) per "
         "method. PSNR/SSIM of each method's output against the dense output of the same prompt and seed (mean / min "
         "over prompts x seeds); seconds = median per generation; speed-up = dense median / method median.",
         "",
@@ -420,6 +428,7 @@ def render_markdown(report: dict[str, Any], plot: str | None = None) -> str:
         grid = "x".join(map(str, m["grid"]))
         lines += [
             (f"### {kind} model: `{m['path']}` ({m['pipeline']}, {m['family']}, {m['layers']} layers, {size} px, "
+            f"{m['steps']} steps, "
             f"token grid {grid} = {m['tokens']:,} tokens)"),
             "",
             "Prompts: " + "; ".join(f"\"{p}\"" for p in m["prompts"]),
@@ -490,11 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a demo option, repeatable (e.g. radial:block_size=32)")
     p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--prompts", nargs="+", default=None, help="prompts (default: each demo model's example prompt)")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    p.add_argument("--video-size", type=lambda s: _parse_size(s, 3), default=DEMO_SIZES["video"],
-                   help="FRAMESxHEIGHTxWIDTH in pixels (default 17x64x64)")
-    p.add_argument("--image-size", type=lambda s: _parse_size(s, 2), default=DEMO_SIZES["image"],
-                   help="HEIGHTxWIDTH in pixels (default 128x128)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--video-size", type=lambda s: _parse_size(s, 3), default=None,
+                   help="FRAMESxHEIGHTxWIDTH in pixels (default: the pipeline's; the demo model's is its training size)")
+    p.add_argument("--image-size", type=lambda s: _parse_size(s, 2), default=None,
+                   help="HEIGHTxWIDTH in pixels (default: the pipeline's)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
     p.add_argument("--max-sequence-length", type=int, default=None)
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -528,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
         cfg = BenchConfig(
             models=models, methods=methods, seeds=args.seeds, prompts=args.prompts, steps=args.steps,
-            sizes={"video": args.video_size, "image": args.image_size}, guidance=args.guidance,
+            sizes={k: v for k, v in (("video", args.video_size), ("image", args.image_size)) if v is not None},
+            guidance=args.guidance,
             max_sequence_length=args.max_sequence_length, dtype=args.dtype, device=device, warmup=args.warmup,
             queries=args.queries, method_opts=parse_method_opts(args.method_opt), progress=not args.no_progress,
         )

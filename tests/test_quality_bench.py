@@ -255,6 +255,7 @@ def test_bench_end_to_end(tiny_folders, tmp_path, capsys):
         assert binned + energy["text_mass"] == pytest.approx(1.0, abs=1e-5)
         assert sum(p["mass"] for p in energy["by_spatial"]) == pytest.approx(binned, abs=1e-9)
     assert video["grid"] == [2, 2, 3] and image["grid"] == [1, 6, 8]
+    assert video["size"] == [5, 32, 48] and image["size"] == [24, 32] and video["steps"] == 2
     assert video["energy"]["text_mass"] == 0 and image["energy"]["text_mass"] > 0
     text = md.read_text()
     assert text.strip() == capsys.readouterr().out.strip()
@@ -273,7 +274,7 @@ def test_bench_methods_subset_and_opts(tiny_folders, tmp_path):
     js = tmp_path / "q.json"
     rc = main([
         "--models", "image", "--image-model", str(tiny_folders / "sd3"), "--methods", "gna",
-        "--method-opt", "gna:kernel_size=5,5", "--steps", "1", "--seeds", "3", "--image-size", "24x32",
+        "--method-opt", "gna:kernel_size=5,5", "--seeds", "3", "--image-size", "24x32",
         "--max-sequence-length", "8", "--warmup", "0", "--device", "cpu", "--plot", "none", "--json", str(js),
         "--no-progress",
     ])
@@ -283,6 +284,9 @@ def test_bench_methods_subset_and_opts(tiny_folders, tmp_path):
     assert list(rows) == ["dense (reference)", "dense (rerun)", "gna"]
     assert rows["gna"]["options"] == {"kernel_size": [5, 5]}
     assert "plot" not in report
+    # No --steps: the pipeline's default (StableDiffusion3Pipeline: 28), read back from the dense run.
+    assert report["steps"] == "pipeline default" and report["models"]["image"]["steps"] == 28
+    assert report["models"]["image"]["size"] == [24, 32]
 
 
 def test_bench_errors_are_one_line(monkeypatch, tmp_path, capsys):
