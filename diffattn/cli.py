@@ -410,11 +410,23 @@ def _load_lora(pipe, path: str) -> dict:
     return {"kind": "diffusers"}
 
 
+def _call_default(pipe, name: str):
+    """The pipeline's default for call argument `name`: its `call_defaults` mapping when it has one (pipelines whose
+    signature says None and fill the value in inside `__call__`), else the signature's default (None if neither)."""
+    defaults = getattr(pipe, "call_defaults", None)
+    if callable(defaults):
+        defaults = defaults()
+    if isinstance(defaults, dict) and defaults.get(name) is not None:
+        return defaults[name]
+    param = inspect.signature(pipe.__call__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
 def _long_frames(pipe, opts: argparse.Namespace, lora_info: dict) -> tuple[int, int | None]:
     """(frames to render, the pipeline's default length): --frames, else the LoRA's training length, else
     (default - 1) * extend + 1, which keeps the 4k+1 lengths the video VAEs need."""
-    default = inspect.signature(pipe.__call__).parameters["num_frames"].default
-    default = default if isinstance(default, int) else None
+    default = _call_default(pipe, "num_frames")
+    default = default if isinstance(default, int) and not isinstance(default, bool) else None
     if opts.frames is not None:
         if opts.frames < 1:
             raise ValueError(f"--frames must be >= 1, got {opts.frames}")

@@ -352,6 +352,22 @@ def test_render_long_extends_the_pipeline_length_with_radial(wan_folder, tmp_pat
     assert iio.imread(out).shape[0] == 2 * (trained - 1) + 1
 
 
+def test_render_long_reads_call_defaults_and_refuses_without_a_length(wan_folder, tmp_path, capsys, monkeypatch):
+    from diffusers import WanPipeline
+
+    out = tmp_path / "long.gif"
+    # a pipeline that fills its defaults inside __call__ (signature None) says them in `call_defaults`
+    monkeypatch.setattr(WanPipeline, "call_defaults", {"num_frames": 5}, raising=False)
+    code = main(_long(wan_folder, out, "--extend", "3"))
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert iio.imread(out).shape[0] == 13 and json.loads(out.with_suffix(".json").read_text())["default_frames"] == 5
+    monkeypatch.setattr(WanPipeline, "call_defaults", {"num_frames": None}, raising=False)
+    monkeypatch.setattr(WanPipeline, "__call__", lambda self, prompt=None, num_frames=None, **kw: None)
+    assert main(_long(wan_folder, out)) == 2
+    _one_line_error(capsys, "WanPipeline has no default frame count; pass --frames")
+
+
 @pytest.fixture(scope="module")
 def radial_lora_folder(wan_folder, tmp_path_factory):
     """A LoRA in the radial trainer's layout (weights + lora_config.json), with non-zero random weights."""
