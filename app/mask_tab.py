@@ -59,7 +59,7 @@ def parse_grid(text: str) -> tuple[int, ...] | None:
 def mask_tab(demo: Any) -> None:
     import gradio as gr
 
-    from .tabs import error_text, running, status_html
+    from .tabs import error_text, progress_on, running, status_html
 
     try:
         from ..masks.explore import GEOMETRIES, METHODS, mask_options
@@ -119,5 +119,5 @@ def mask_tab(demo: Any) -> None:
                 f"predicted attention speed-up up to {view.predicted_speedup:.2f}x")
         return view.image, status_html(text), view.info
 
-    button.click(running, None, numbers, queue=False).then(show, [method, geometry, custom, *components],
-                                                           [picture, numbers, info])
+    button.click(running, None, numbers, queue=False, show_progress="hidden").then(
+        show, [method, geometry, custom, *components], [picture, numbers, info], **progress_on([picture]))

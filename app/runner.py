@@ -136,6 +136,7 @@ class Generation:
     pixels: np.ndarray  # [frames, H, W, 3] for video, [H, W, 3] for an image, floats in 0..1
     method: str | None
     options: dict[str, Any]
+    first_run: bool = False  # the pipeline was loaded for this run: its time includes one-time warm-up
 
 
 def result_pixels(result: Any) -> np.ndarray:
@@ -168,7 +169,9 @@ class Runner:
             check_method_supports(settings.method, family)
             get_method(settings.method).config_cls.from_options(**settings.options)
         report(0.0, f"{label}loading {model}")
+        loads = self.cache.loads
         pipe, lock = self.cache.get(model, self.device, self.dtype)
+        first_run = self.cache.loads > loads
 
         def on_step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             total = getattr(pipeline, "num_timesteps", None) or settings.steps or (step + 1)
@@ -194,7 +197,8 @@ class Runner:
             "out": out, "source": "diffattn app",
         }
         sidecar = write_sidecar(out, record, written, seconds)
-        return Generation(out, sidecar, written["kind"], seconds, result_pixels(result), settings.method, settings.options)
+        return Generation(out, sidecar, written["kind"], seconds, result_pixels(result), settings.method,
+                          settings.options, first_run)
 
 
 def enlarged(image: np.ndarray, min_side: int = 384) -> np.ndarray:

@@ -38,6 +38,17 @@ def status_html(message: str, error: bool = False) -> str:
     return f'<div class="diffattn-ok" style="padding:4px 2px;white-space:pre-wrap">{html.escape(message)}</div>'
 
 
+def progress_on(components: list[Any]) -> dict[str, Any]:
+    """Show the step progress bar on these outputs only (Gradio versions without `show_progress_on`: on all)."""
+    import inspect
+
+    import gradio as gr
+
+    if "show_progress_on" in inspect.signature(gr.Button.click).parameters:
+        return {"show_progress_on": components}
+    return {}
+
+
 def running() -> str:
     """Shown at once on click (outside the queue), replaced by the result or the error."""
     return status_html("Running... (waits its turn when another run is in progress)")
@@ -199,7 +210,8 @@ def _settings(model: str, prompt: str, negative: str, method: str | None, option
 def _timing(gen: Any) -> str:
     shape = gen.pixels.shape
     size = f"{shape[0]} frames of {shape[2]}x{shape[1]}" if gen.kind == "video" else f"{shape[1]}x{shape[0]}"
-    return f"{gen.method or 'stock'}: {gen.seconds:.2f} s ({size})"
+    warm = "; first run after loading, includes warm-up" if gen.first_run else ""
+    return f"{gen.method or 'stock'}: {gen.seconds:.2f} s ({size}{warm})"
 
 
 def generation_tab(kind: str, runner: Runner, model_default: str | None, demo: Any) -> None:
@@ -237,8 +249,9 @@ def generation_tab(kind: str, runner: Runner, model_default: str | None, demo: A
         shown = gen.path if gen.kind == "video" else enlarged(gen.pixels)
         return shown, status_html(_timing(gen)), [gen.path, gen.sidecar]
 
-    button.click(running, None, status, queue=False).then(
-        run, [picker.model, prompt, negative, picker.method, *settings, *picker.option_components], [media, status, files])
+    button.click(running, None, status, queue=False, show_progress="hidden").then(
+        run, [picker.model, prompt, negative, picker.method, *settings, *picker.option_components], [media, status, files],
+        **progress_on([media]))
 
 
 def compare_tab(runner: Runner, video_model: str | None, image_model: str | None, demo: Any) -> None:
@@ -310,6 +323,9 @@ def compare_tab(runner: Runner, video_model: str | None, image_model: str | None
         summary = (f"{method} vs dense at seed {base.seed}: {speed:.2f}x the speed of dense; max |diff| "
                    f"{diff.max_abs:.4f}, mean |diff| {diff.mean_abs:.4f}, PSNR {diff.psnr_db:.1f} dB "
                    f"(picture gain x{diff.gain:.1f})")
+        if a.first_run:
+            summary += ("\nThe model was loaded for this comparison, so dense's time includes one-time warm-up; "
+                        "compare again for a fair time.")
         return [
             gr.update(value=a.path if video else None, visible=video),
             gr.update(value=None if video else enlarged(a.pixels), visible=not video),
@@ -322,6 +338,7 @@ def compare_tab(runner: Runner, video_model: str | None, image_model: str | None
             [a.path, a.sidecar, b.path, b.sidecar],
         ]
 
-    button.click(running, None, status, queue=False).then(
-        run, [picker.model, prompt, negative, picker.method, *settings, *picker.option_components], outputs)
+    button.click(running, None, status, queue=False, show_progress="hidden").then(
+        run, [picker.model, prompt, negative, picker.method, *settings, *picker.option_components], outputs,
+        **progress_on([dense_video, dense_image, method_video, method_image]))
 

@@ -82,6 +82,8 @@ def open_tab(page, name: str) -> None:
 
 def choose(page, elem_id: str, value: str) -> None:
     """Pick `value` in the Gradio dropdown with `elem_id`."""
+    if page.locator(f"#{elem_id} input").input_value() == value:
+        return
     page.locator(f"#{elem_id} input").click()
     page.locator(f'li[role="option"][aria-label="{value}"]').click()
     page.wait_for_function(
@@ -96,6 +98,7 @@ def dropdown_options(page, elem_id: str) -> list[str]:
     options.first.wait_for()
     labels = [options.nth(i).get_attribute("aria-label") for i in range(options.count())]
     page.keyboard.press("Escape")
+    options.first.wait_for(state="detached")
     return labels
 
 

@@ -216,7 +216,7 @@ def test_video_tab_generates_with_a_method_then_shows_a_bad_option(page, app_url
     fill_settings(page, "video", TINY_VIDEO)
     text = click_and_wait(page, "video-generate", "video-status")
     screenshot(page, "video-radial")
-    assert "radial:" in text and " s (5 frames of 48x32)" in text, text
+    assert "radial:" in text and " s (5 frames of 48x32" in text, text
     src = page.locator("#video-result video").get_attribute("src")
     assert src and ".mp4" in src
     files = page.locator("#video-files").inner_text()
@@ -251,7 +251,14 @@ def test_image_tab_generates_and_a_missing_model_is_an_error_in_the_page(page):
 
 
 def test_compare_tab_shows_both_results_times_and_difference(page):
-    from app_server import choose, click_and_wait, fill, open_tab, screenshot, status_text
+    from app_server import (
+        choose,
+        click_and_wait,
+        fill,
+        open_tab,
+        screenshot,
+        status_text,
+    )
 
     open_tab(page, "Compare")
     choose(page, "compare-method", "radial")
@@ -286,3 +293,24 @@ def test_mask_explorer_shows_picture_density_and_speedup(page):
     fill(page, "mask-opt-radial-decay_factor", "-1")
     text = click_and_wait(page, "mask-show", "mask-numbers")
     assert "Error:" in text and "decay_factor" in text, text
+
+
+def test_runner_reports_each_step_and_writes_file_and_sidecar(tmp_path):
+    from diffattn.app.runner import Runner, Settings
+    from tiny_pipelines import build_tiny_wan_pipeline
+
+    build_tiny_wan_pipeline(str(tmp_path / "wan"))
+    runner = Runner(tmp_path / "out", device="cpu", dtype="fp32")
+    seen = []
+    settings = Settings(str(tmp_path / "wan"), "a red circle", "radial", {"block_size": 16}, steps=3, height=32,
+                        width=48, frames=5)
+    gen = runner.generate(settings, lambda fraction, desc: seen.append((round(fraction, 3), desc)))
+    assert seen[0][1].startswith("loading")
+    assert seen[1:] == [(0.333, "step 1/3"), (0.667, "step 2/3"), (1.0, "step 3/3")]
+    assert gen.kind == "video" and gen.pixels.shape == (5, 32, 48, 3) and Path(gen.path).suffix == ".mp4"
+    record = sidecar(gen.sidecar)
+    assert record["attn"] == "radial" and record["attn_options"] == {"block_size": 16} and record["steps"] == 3
+    runner.generate(Settings(str(tmp_path / "wan"), "a red circle", None, steps=1, height=32, width=48, frames=5))
+    assert runner.cache.loads == 1  # the second run reuses the loaded pipeline
+    with pytest.raises(ValueError, match="softpag.*heads"):  # validated before anything runs
+        runner.generate(Settings(str(tmp_path / "wan"), "a red circle", "softpag", {}))
