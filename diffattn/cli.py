@@ -1,8 +1,12 @@
-"""The `diffattn` console script.
+"""The `diffattn` console script (docs/cli.md).
 
-Subcommands: `generate` (an image or a video with a method), `methods` (what exists, for which families, with which
-options), `bench` (GPU benchmarks), `mask` (draw a method's block mask), `render --highres` (FreeSwim), `headhunt`
-(HeadHunter search), `app` (the Gradio web app).
+Subcommands: `generate` (an image or a video with a method; the bundled demo model by default), `methods` (what
+exists, for which families, with which options), `bench` (GPU benchmarks), `mask` (a method's mask at a model
+geometry, via `diffattn.masks.explore`), `render --highres` (FreeSwim) and `render --long` (Radial long video, with
+an optional LoRA), `headhunt` (HeadHunter search), `app` (the Gradio web app).
+
+User errors are one line on stderr and exit status 2 (`_guarded`); generation shares `diffattn.generate`'s
+load/run/write helpers.
 """
 
 from __future__ import annotations
@@ -50,8 +54,7 @@ def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        print(f"diffattn bench {args.what}: not available ({exc})", file=sys.stderr)
-        return 2
+        return _fail(f"diffattn bench {args.what}", f"not available ({exc})")
     return int(module.main(rest) or 0)
 
 
