@@ -115,7 +115,7 @@ class EnergyProbe:
     queries: int = 64
     seed: int = 0
     name: str = "dense"
-    _acc: dict[tuple[int, int, int], _Accumulator] = field(default_factory=dict)
+    _acc: dict[tuple[int, int, int], _Accumulator] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.queries < 1:
