@@ -568,3 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffattn bench quality: failed: {', '.join(errors)}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
