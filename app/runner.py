@@ -39,7 +39,10 @@ def resolve_model(model: str) -> str:
         raise ValueError("model is empty; give a Diffusers pipeline folder or hub id")
     for kind in DEMO_MODELS:
         if Path(model).resolve() == Path(default_model(kind)).resolve():
-            return demo_model_path(kind)
+            try:
+                return demo_model_path(kind)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"{exc} (here: put a pipeline folder or hub id in the Model box)") from exc
     return model
 
 

@@ -314,3 +314,30 @@ def test_runner_reports_each_step_and_writes_file_and_sidecar(tmp_path):
     assert runner.cache.loads == 1  # the second run reuses the loaded pipeline
     with pytest.raises(ValueError, match="softpag.*heads"):  # validated before anything runs
         runner.generate(Settings(str(tmp_path / "wan"), "a red circle", "softpag", {}))
+
+
+def test_two_users_at_once_both_get_their_result(browser, app_url):
+    """The queue runs one generation at a time; two pages clicking together both get a result, each its own."""
+    from app_server import status_text
+
+    pages = []
+    for seed in ("1", "2"):
+        context = browser.new_context(viewport={"width": 1200, "height": 900})
+        pg = context.new_page()
+        pg.goto(app_url.url)
+        pg.wait_for_selector("#video-generate")
+        fill_settings(pg, "video", {**TINY_VIDEO, "seed": seed})
+        pages.append(pg)
+    for pg in pages:
+        pg.locator("#video-generate").click()
+    texts = []
+    for pg in pages:
+        pg.wait_for_selector("#video-status .diffattn-ok:has-text('dense:'), #video-status .diffattn-error",
+                             timeout=60000)
+        texts.append(status_text(pg, "video-status"))
+        assert pg.locator("#video-result video").count() == 1
+    assert all(t.startswith("dense:") for t in texts), texts
+    sources = [pg.locator("#video-result video").get_attribute("src") for pg in pages]
+    assert sources[0] != sources[1]
+    for pg in pages:
+        pg.context.close()
