@@ -294,6 +294,19 @@ def test_mask_explorer_shows_picture_density_and_speedup(page):
     text = click_and_wait(page, "mask-show", "mask-numbers")
     assert "Error:" in text and "decay_factor" in text, text
 
+    # gna at a named geometry: its own generated controls, the geometry from the dropdown
+    choose(page, "mask-method", "gna")
+    page.locator("#mask-opt-gna-kernel_size").wait_for(state="visible")
+    assert not page.locator("#mask-opt-radial-decay_factor").is_visible()
+    fill(page, "mask-custom", "")
+    page.locator("#mask-geometry input").click()
+    page.locator('li[role="option"][aria-label^="demo-video:"]').click()
+    fill(page, "mask-opt-gna-kernel_size", "5,7,7")
+    text = click_and_wait(page, "mask-show", "mask-numbers")
+    screenshot(page, "mask-gna")
+    assert text.startswith("gna at demo-video (17x16x16 tokens): density"), text
+    assert '"kernel_size":"5x7x7"' in page.locator("#mask-info").inner_text().replace("\n", "").replace(" ", "")
+
 
 def test_runner_reports_each_step_and_writes_file_and_sidecar(tmp_path):
     from diffattn.app.runner import Runner, Settings
