@@ -56,6 +56,8 @@ def running() -> str:
 
 def error_text(exc: BaseException) -> str:
     """The message shown for a failed run: the exception's own text (ValueError, FileNotFoundError, ...)."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return f"CUDA out of memory; try a smaller size, fewer frames or --dtype bf16 ({exc})"
     if isinstance(exc, (ValueError, FileNotFoundError, TypeError, OSError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
@@ -275,11 +277,11 @@ def compare_tab(runner: Runner, video_model: str | None, image_model: str | None
         with gr.Column(scale=2):
             with gr.Row():
                 with gr.Column():
-                    dense_video = gr.Video(label="dense", autoplay=True, loop=True, elem_id="compare-dense-video")
+                    dense_video = gr.Video(label="dense", loop=True, elem_id="compare-dense-video")
                     dense_image = gr.Image(label="dense", type="numpy", visible=False, elem_id="compare-dense-image")
                     dense_time = gr.HTML("", elem_id="compare-dense-time")
                 with gr.Column():
-                    method_video = gr.Video(label="method", autoplay=True, loop=True, elem_id="compare-method-video")
+                    method_video = gr.Video(label="method", loop=True, elem_id="compare-method-video")
                     method_image = gr.Image(label="method", type="numpy", visible=False,
                                             elem_id="compare-method-image")
                     method_time = gr.HTML("", elem_id="compare-method-time")
