@@ -295,13 +295,17 @@ def compare_tab(runner: Runner, video_model: str | None, image_model: str | None
                                     elem_id="compare-files")
     picker.wire(demo)
 
-    def pick(model: str, kind: str):
-        choices = picker.choices(model)
-        return model, gr.update(choices=choices, value=choices[0] if choices else None), family_note(model), \
-            DEMO_PROMPTS[kind]
+    video_only = [settings[SETTING_NAMES.index("frames")], settings[SETTING_NAMES.index("fps")]]
 
-    use_video.click(lambda: pick(video_default, "video"), None, [picker.model, picker.method, picker.note, prompt])
-    use_image.click(lambda: pick(image_default, "image"), None, [picker.model, picker.method, picker.note, prompt])
+    def pick(model: str, kind: str):
+        """Switch the tab to the video or image model: its methods, its demo prompt, the video-only boxes."""
+        choices = picker.choices(model)
+        return [model, gr.update(choices=choices, value=choices[0] if choices else None), family_note(model),
+                DEMO_PROMPTS[kind]] + [gr.update(visible=kind == "video") for _ in video_only]
+
+    picked = [picker.model, picker.method, picker.note, prompt, *video_only]
+    use_video.click(lambda: pick(video_default, "video"), None, picked)
+    use_image.click(lambda: pick(image_default, "image"), None, picked)
     n_settings = len(settings)
     outputs = [dense_video, dense_image, dense_time, method_video, method_image, method_time, diff_image, status, files]
 

@@ -354,3 +354,28 @@ def test_two_users_at_once_both_get_their_result(browser, app_url):
     assert sources[0] != sources[1]
     for pg in pages:
         pg.context.close()
+
+
+def test_compare_on_the_image_model_shows_images(page):
+    from app_server import (
+        choose,
+        click_and_wait,
+        dropdown_options,
+        fill,
+        open_tab,
+        screenshot,
+    )
+
+    open_tab(page, "Compare")
+    page.locator("#compare-use-image").click()
+    page.wait_for_function("() => document.querySelector('#compare-model textarea').value.endsWith('sd3')")
+    assert dropdown_options(page, "compare-method") == [m for m in methods_for_family("sd3") if m != "dense"]
+    choose(page, "compare-method", "gna")
+    fill(page, "compare-opt-gna-kernel_size", "3,3")
+    fill_settings(page, "compare", {"steps": "2", "height": "64", "width": "64"})
+    text = click_and_wait(page, "compare-run", "compare-status")
+    screenshot(page, "compare-image")
+    assert "gna vs dense" in text, text
+    assert page.locator("#compare-dense-image img").count() == 1 and page.locator("#compare-method-image img").count() == 1
+    assert not page.locator("#compare-dense-video").is_visible()
+    assert not page.locator("#compare-frames").is_visible()  # video-only settings hidden for the image model
