@@ -46,11 +46,26 @@ def absent_components(model: str) -> dict[str, None]:
     return {k: None for k, v in data.items() if isinstance(v, list) and v == [None, None]}
 
 
+def pipeline_class(model: str) -> Any:
+    """The class to load `model` with: diffattn's own pipeline class when the folder names one (the demo models),
+    else Diffusers' `DiffusionPipeline`, which picks the class from the folder or hub."""
+    from diffusers import DiffusionPipeline
+
+    from . import pipelines as ours
+
+    index = Path(model) / "model_index.json"
+    if index.is_file():
+        name = json.loads(index.read_text()).get("_class_name", "")
+        if name in ours.__all__:
+            return getattr(ours, name)
+    return DiffusionPipeline
+
+
 def load_pipeline(model: str, *, dtype: str = "fp32", device: str = "cpu", offload: bool = False, cls: Any = None):
-    """`cls.from_pretrained` (default: Diffusers' `DiffusionPipeline`, which picks the class from the folder)."""
-    if cls is None:
-        from diffusers import DiffusionPipeline as cls
+    """`cls.from_pretrained` (default: `pipeline_class(model)`)."""
     check_model(model)
+    if cls is None:
+        cls = pipeline_class(model)
     pipe = cls.from_pretrained(model, dtype=torch_dtype(dtype), **absent_components(model))
     if offload:
         pipe.enable_model_cpu_offload(device=device)

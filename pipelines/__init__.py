@@ -2,6 +2,8 @@
 
 - `FreeSwimPipeline` (pipelines/freeswim.py): training-free high-resolution Wan video.
 - `radial_lora` (pipelines/radial_lora.py): LoRA length-extension training with the Radial mask.
+- `DemoVideoPipeline`, `DemoImagePipeline`, `PixelSpaceVAE` (pipelines/demo.py): the bundled demo models' classes;
+  `demo_train` trains them on `demo_data`'s procedural shapes.
 
 Imported lazily, so `import diffattn.pipelines` stays cheap.
 """
@@ -10,12 +12,18 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FreeSwimPipeline"]
+_LAZY = {
+    "FreeSwimPipeline": "freeswim",
+    "DemoVideoPipeline": "demo",
+    "DemoImagePipeline": "demo",
+    "PixelSpaceVAE": "demo",
+}
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
-    if name == "FreeSwimPipeline":
-        from .freeswim import FreeSwimPipeline
+    if name in _LAZY:
+        import importlib
 
-        return FreeSwimPipeline
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'diffattn.pipelines' has no attribute {name!r}")
