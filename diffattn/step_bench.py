@@ -16,6 +16,7 @@ sets of one method in the same process; `--vae` adds the peak memory of the Wan 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import statistics
@@ -123,12 +124,13 @@ def _sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _memory(device: torch.device | str, reset: bool = False) -> tuple[int | None, int | None]:
-    """(allocated, peak allocated) bytes on a CUDA device, resetting the peak after reading if asked; (None, None)
-    elsewhere."""
+def _memory(device: torch.device | str, reset: bool = False) -> tuple[int | None, int | None, int | None]:
+    """(allocated, peak allocated, peak reserved by the caching allocator) bytes on a CUDA device, resetting the
+    peaks after reading if asked; Nones elsewhere."""
     if torch.device(device).type != "cuda":
-        return None, None
-    out = torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+        return None, None, None
+    out = (torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device),
+           torch.cuda.max_memory_reserved(device))
     if reset:
         torch.cuda.reset_peak_memory_stats(device)
     return out
@@ -299,6 +301,7 @@ class PipelineResult:
     attention_s: float  # self/joint attention per step (CUDA events), mean over the timed steps
     cross_s: float  # cross-attention per step (FreeSwim's cached steps: the cache read back)
     peak_bytes: int | None  # torch.cuda.max_memory_allocated over the variant (weights included)
+    peak_reserved_bytes: int | None  # torch.cuda.max_memory_reserved (what the caching allocator took from the GPU)
     base_bytes: int | None  # allocated before the variant ran (weights + inputs)
     cache_bytes: int = 0  # what the method holds between steps (FreeSwim's cross-attention cache)
     cache_device: str = ""
@@ -350,7 +353,7 @@ def time_pipeline(
         if hasattr(proc, "method"):
             proc.method = timer
     passes = [("cond", cond)] + ([("uncond", uncond)] if uncond is not None else [])
-    base = peak = None
+    base = peak = reserved = None
     per_period: list[tuple[float, float]] = []
     kinds: dict[str, list[float]] = {}
     schedule: list[list[str]] = []
@@ -359,7 +362,7 @@ def time_pipeline(
     try:
         with torch.no_grad(), sdpa_backend(backend):
             _sync(device)
-            base, _ = _memory(device, reset=True)
+            base, _, _ = _memory(device, reset=True)
             if warmup:
                 _run_step(model, cond, "cond", 0, num_steps)
                 _sync(device)
@@ -389,9 +392,11 @@ def time_pipeline(
                 per_period.append((total / period, cond_total / period))
             cache_bytes, cache_device = _held_bytes(state.runtime)
             _sync(device)
-            _, peak = _memory(device)
+            _, peak, reserved = _memory(device)
     finally:
         diffattn.remove(model)
+        del state, timer
+        gc.collect()  # the removed method can sit in a reference cycle; free its cache before the next variant
     return PipelineResult(
         variant=variant,
         period=period,
@@ -403,6 +408,7 @@ def time_pipeline(
         attention_s=statistics.mean(attn),
         cross_s=statistics.mean(cross),
         peak_bytes=peak,
+        peak_reserved_bytes=reserved,
         base_bytes=base,
         cache_bytes=cache_bytes,
         cache_device=cache_device,
@@ -417,7 +423,7 @@ def measure_vae(shape: tuple[int, int, int], frames: tuple[int, ...] = (5, 9), d
     from diffusers import AutoencoderKLWan
 
     h, w, f_target = shape
-    start, _ = _memory(device)  # what others hold (the transformer): not the VAE's
+    start, _, _ = _memory(device)  # what others hold (the transformer): not the VAE's
     with torch.device(device):
         vae = AutoencoderKLWan().to(torch.bfloat16).eval().requires_grad_(False)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -441,7 +447,7 @@ def measure_vae(shape: tuple[int, int, int], frames: tuple[int, ...] = (5, 9), d
                     y = vae.encode(x).latent_dist.mode() if what == "encode" else vae.decode(x).sample
                 _sync(device)
                 seconds = time.perf_counter() - t0
-                peak = _memory(device)[1]
+                _, peak, _ = _memory(device)
                 out["runs"].append({
                     "what": what, "tiled": tiled, "frames": f, "seconds": seconds, "output_shape": list(y.shape),
                     "peak_bytes": None if peak is None else peak - start,  # VAE weights + input + activations
@@ -621,7 +627,7 @@ def render_pipeline(report: dict[str, Any]) -> list[str]:
     cfg = "cond + uncond" if report.get("cfg") else "cond only"
     lines = [
         (f"| shape (tokens) | variant | period (steps) | step s ({cfg}) | cond-only step s | forwards (median s) | "
-        f"self-attn s/step | cross-attn s/step | peak GiB | cache GiB | projected {report['steps']}-step s | "
+        f"self-attn s/step | cross-attn s/step | peak GiB (reserved) | cache GiB | projected {report['steps']}-step s | "
         "vs dense cuDNN | vs dense cuDNN, cond only |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -629,10 +635,11 @@ def render_pipeline(report: dict[str, Any]) -> list[str]:
         for variant, r in e["results"].items():
             forwards = ", ".join(f"{k} {v:.2f}" for k, v in r["forwards"].items())
             cache = f"{_gib(r['cache_bytes'])} ({r['cache_device']})" if r["cache_bytes"] else "—"
+            peak = f"{_gib(r['peak_bytes'])} ({_gib(r.get('peak_reserved_bytes'))})"
             lines.append(
                 f"| {e['shape']} ({e['tokens']:,}) | {variant} | {r['period']} | {r['step_s']:.2f} | "
                 f"{r['cond_step_s']:.2f} | {forwards} | {r['attention_s']:.2f} | {r['cross_s']:.3f} | "
-                f"{_gib(r['peak_bytes'])} | {cache} | {e.get('projected', {}).get(variant, float('nan')):.0f} | "
+                f"{peak} | {cache} | {e.get('projected', {}).get(variant, float('nan')):.0f} | "
                 f"{e.get('speedup', {}).get(variant, float('nan')):.2f}x | "
                 f"{e.get('speedup_cond_only', {}).get(variant, float('nan')):.2f}x |"
             )

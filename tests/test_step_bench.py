@@ -48,6 +48,17 @@ def test_freeswim_periods_follow_the_pipeline_schedule(wan, cache_steps, device)
     assert diffattn.api.installed(model) is None  # removed afterwards
 
 
+def test_the_cache_does_not_outlive_the_generation(wan):
+    """After the last step's conditional pass nothing reads the cache: FreeSwim frees it there (the method object
+    itself may live on, e.g. in a reference cycle after `remove`, until the garbage collector runs)."""
+    model, cond, uncond = wan
+    options = {**BASE, "cache_steps": 2}
+    r = step_bench.time_pipeline(model, cond, uncond, "freeswim", "freeswim", options, periods=1, num_steps=5)
+    assert r.schedule == [["dual", "window"], ["cached", "window"]] and r.cache_bytes > 0  # steps 2, 3 of 5
+    r = step_bench.time_pipeline(model, cond, uncond, "freeswim", "freeswim", options, periods=1, num_steps=4)
+    assert r.schedule == [["dual", "window"], ["cached", "window"]] and r.cache_bytes == 0  # steps 2, 3 of 4
+
+
 def test_no_cache_is_held_when_every_step_runs_the_full_branch(wan):
     model, cond, _ = wan
     r = step_bench.time_pipeline(model, cond, None, "freeswim", "freeswim", {**BASE, "cache_steps": 1}, periods=2)
@@ -102,7 +113,7 @@ def test_pipeline_table():
     e["speedup_cond_only"] = {k: 10.0 / v["cond_step_s"] for k, v in e["results"].items()}
     text = step_bench.render(report)
     row = next(line for line in text.splitlines() if "freeswim cache_steps=2" in line)
-    assert "| 2.00x | 1.67x |" in row and "| 16.0 | 8.0 (cpu) | 500 |" in row
+    assert "| 2.00x | 1.67x |" in row and "| 16.0 (—) | 8.0 (cpu) | 500 |" in row
     assert "dual 9.00, cached 3.00, window 4.00" in row
 
 
