@@ -572,7 +572,7 @@ def run(args: argparse.Namespace, device: str = "cuda") -> dict[str, Any]:
                 key = (name.split(" ")[0], backend, tuple(sorted((k, str(v)) for k, v in options.items()
                                                                  if k != "cache_steps")))
                 r = time_pipeline(model, inputs, uncond, name, args.method, options, periods=args.repeats,
-                                  num_steps=args.steps, warmup=args.warmup == "each" or key not in warmed,
+                                  num_steps=args.steps, warmup=args.warmup == "each" or (args.warmup == "once" and key not in warmed),
                                   backend=backend)
                 warmed.add(key)
                 results[name] = vars(r)
@@ -718,8 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pipeline", action="store_true",
                         help="time whole periods of steps as a pipeline runs them (cond + uncond under cache_context)")
     parser.add_argument("--no-cfg", action="store_true", help="--pipeline: conditional forwards only")
-    parser.add_argument("--warmup", choices=("once", "each"), default="once",
-                        help="--pipeline: one untimed forward per kernel configuration (once) or per variant (each)")
+    parser.add_argument("--warmup", choices=("once", "each", "none"), default="once",
+                        help="--pipeline: one untimed forward per kernel configuration (once) or per variant (each); "
+                        "none: time compilation too (for memory-only runs)")
     parser.add_argument("--no-errors", action="store_true", help="skip the attention-output error probe")
     parser.add_argument("--vae", action="store_true", help="also measure the Wan VAE's peak memory at the first shape")
     parser.add_argument("--vae-only", action="store_true", help="only the Wan VAE measurement (no transformer)")
