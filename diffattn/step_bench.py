@@ -682,8 +682,10 @@ def render(report: dict[str, Any]) -> str:
             for variant, r in e["results"].items():
                 proj = p[variant]
                 vs = [f"{p[d] / proj:.2f}x" if d in p else "—" for d in ("dense-cudnn", "dense-flash")]
+                density = "1.000" if variant.startswith("dense") else (
+                    f"{e['mask_density']:.3f}" if "mask_density" in e else "—")
                 lines.append(
-                    f"| {e['shape']} ({e['tokens']:,}) | {e.get('mask_density', 1.0):.3f} | {variant} | "
+                    f"| {e['shape']} ({e['tokens']:,}) | {density} | {variant} | "
                     f"{r['step_s']:.2f} | {r['attention_s']:.2f} | {r['cross_s']:.3f} | {proj:.0f} | {vs[0]} | "
                     f"{vs[1]} |"
                 )
