@@ -20,7 +20,9 @@ def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 def _fmt(value: float) -> str:
     if value == 0:
         return "0"
-    if abs(value) >= 1000 or abs(value) < 0.01:
+    if 1000 <= abs(value) < 1e7:
+        return f"{value:,.0f}"
+    if abs(value) >= 1e7 or abs(value) < 0.01:
         return f"{value:.1e}"
     return f"{value:.3g}"
 
@@ -85,7 +87,7 @@ def line_plot(
         for x, y in pts if len(pts) <= 40 else []:
             px, py = to_px(x, y)
             draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
-        lx, ly = width - right - 150, top + 8 + 14 * i
+        lx, ly = width - right - 30 - 6 * max(len(n) for n in points), top + 8 + 14 * i
         draw.line([lx, ly + 6, lx + 18, ly + 6], fill=color, width=3)
         draw.text((lx + 24, ly), name, fill=(0, 0, 0))
     path = Path(path)

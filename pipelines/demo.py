@@ -159,7 +159,7 @@ class DemoVideoConfig:
     layers: int = 6
     ffn: int = 1024
     text_dim: int = 64
-    steps: int = 12
+    steps: int = 20  # sampling default: 12 steps lose the shape for some prompts (checked on the trained model)
     guidance: float = 5.0
     shift: float = 3.0
 
@@ -197,8 +197,14 @@ _V, _I = DemoVideoConfig(), DemoImageConfig()  # the settings the shipped weight
 
 
 class DemoVideoPipeline(WanPipeline):
-    """`WanPipeline` with the demo video model's defaults (64x64, 17 frames, 12 steps, 16 text tokens) in its
+    """`WanPipeline` with the demo video model's defaults (64x64, 17 frames, 20 steps, 16 text tokens) in its
     signature, so callers that read defaults from it (the CLI, the app) see the trained settings."""
+
+    def __init__(self, tokenizer: Any, text_encoder: Any, vae: PixelSpaceVAE, scheduler: Any, transformer: Any = None,
+                 transformer_2: Any = None, boundary_ratio: float | None = None, expand_timesteps: bool = False) -> None:
+        # Same components as WanPipeline; the annotation tells Diffusers' loader that a PixelSpaceVAE is expected.
+        super().__init__(tokenizer, text_encoder, vae, scheduler, transformer=transformer, transformer_2=transformer_2,
+                         boundary_ratio=boundary_ratio, expand_timesteps=expand_timesteps)
 
     def __call__(
         self, prompt: Any = None, negative_prompt: Any = None, height: int = _V.height, width: int = _V.width,
@@ -222,6 +228,13 @@ class DemoVideoPipeline(WanPipeline):
 
 class DemoImagePipeline(StableDiffusion3Pipeline):
     """`StableDiffusion3Pipeline` with the demo image model's defaults (128x128, 12 steps, short text)."""
+
+    def __init__(self, transformer: Any, scheduler: Any, vae: PixelSpaceVAE, text_encoder: Any, tokenizer: Any,
+                 text_encoder_2: Any, tokenizer_2: Any, text_encoder_3: Any = None, tokenizer_3: Any = None,
+                 image_encoder: Any = None, feature_extractor: Any = None) -> None:
+        # Same components as StableDiffusion3Pipeline (no T5 by default); a PixelSpaceVAE is the expected VAE.
+        super().__init__(transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
+                         text_encoder_3, tokenizer_3, image_encoder=image_encoder, feature_extractor=feature_extractor)
 
     def __call__(
         self, prompt: Any = None, negative_prompt: Any = None, height: int = _I.size, width: int = _I.size,

@@ -118,7 +118,7 @@ def train_demo(
 
         cls = DemoVideoPipeline if kind == "video" else DemoImagePipeline
         absent = {} if kind == "video" else {"text_encoder_3": None, "tokenizer_3": None}
-        pipe = cls.from_pretrained(str(init), torch_dtype=torch.float32, **absent)
+        pipe = cls.from_pretrained(str(init), dtype=torch.float32, **absent)
         previous = json.loads((Path(init) / "training.json").read_text())
         if previous["config"] != asdict(cfg):
             raise ValueError(f"--init {init} was trained with another config: {previous['config']}")
@@ -179,7 +179,7 @@ def train_demo(
         opt.step()
         _ema_update(ema, transformer, ema_decay if step >= warmup else 0.0)
         step += 1
-        running.append(float(loss))
+        running.append(float(loss.detach()))
         bar.update(1)
         if step % eval_every == 0:
             entry = {"step": offset + step, "seconds": time.perf_counter() - start, "train_loss": float(np.mean(running)),
@@ -229,6 +229,99 @@ def _loss_plot(log: list[dict[str, float]], path: Path, kind: str) -> None:
     )
 
 
+CARD_PROMPTS = {
+    "video": ["a red circle moving right on a blue background", "a yellow square moving down on a black background",
+              "a white triangle moving left on a purple background", "an orange circle moving up on a green background"],
+    "image": ["a red circle on the left on a blue background", "a yellow square at the top on a black background",
+              "a white triangle in the center on a purple background", "an orange circle at the bottom on a green background"],
+}
+
+
+def render_samples(folder: str | Path, kind: str, device: str | None = None, seed: int = 0) -> list[str]:
+    """Generate the card's prompts with the saved pipeline (its default settings) and write `samples.png` (video:
+    every 4th frame per row) and, for video, `samples.gif`. Returns the file names."""
+    import imageio.v3 as iio
+
+    from .demo import DemoImagePipeline, DemoVideoPipeline
+
+    folder = Path(folder)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    absent = {} if kind == "video" else {"text_encoder_3": None, "tokenizer_3": None}
+    pipe = (DemoVideoPipeline if kind == "video" else DemoImagePipeline).from_pretrained(str(folder), **absent).to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = CARD_PROMPTS[kind]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if kind == "video":
+        videos = pipe(prompts, generator=gen, output_type="np").frames  # [N, F, H, W, 3]
+        sheet = np.concatenate([np.concatenate(list(v[::4]), axis=1) for v in videos], axis=0)
+        iio.imwrite(folder / "samples.png", (sheet * 255).round().astype(np.uint8))
+        clip = np.concatenate(list(videos), axis=2)  # the four clips side by side
+        iio.imwrite(folder / "samples.gif", (clip * 255).round().astype(np.uint8), duration=125, loop=0)
+        return ["samples.png", "samples.gif"]
+    images = pipe(prompts, generator=gen, output_type="np").images
+    iio.imwrite(folder / "samples.png", (np.concatenate(list(images), axis=1) * 255).round().astype(np.uint8))
+    return ["samples.png"]
+
+
+def write_card(folder: str | Path) -> Path:
+    """The model card `README.md` from `training.json`: what the model is, the data, the training, the loss curve and
+    the samples (rendered by `render_samples`)."""
+    folder = Path(folder)
+    rec = json.loads((folder / "training.json").read_text())
+    kind, cfg, last = rec["kind"], rec["config"], rec["log"][-1]
+    sampling = DemoVideoConfig() if kind == "video" else DemoImageConfig()  # the pipeline's call defaults now
+    weights = sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 2**20
+    if kind == "video":
+        what = (f"Text-to-video, Wan architecture (`WanTransformer3DModel`, {cfg['layers']} layers, {cfg['heads']} heads x "
+                f"{cfg['dim_head']}), {cfg['num_frames']} frames of {cfg['height']}x{cfg['width']} px. Latents are pixels "
+                f"packed 4 frames to a latent frame (`PixelSpaceVAE`), patch (1, 2, 2): "
+                f"{(cfg['num_frames'] - 1) // 4 + 1}x{cfg['height'] // 2}x{cfg['width'] // 2} = "
+                f"{((cfg['num_frames'] - 1) // 4 + 1) * cfg['height'] * cfg['width'] // 4:,} video tokens. Text: a tiny umT5 "
+                f"encoder (random, frozen), {cfg['text_length']} tokens. Loads with `DemoVideoPipeline` (a `WanPipeline`).")
+        data = "one shape (circle, square, triangle; 6 colours) moving left, right, up or down over one of 5 backgrounds"
+    else:
+        what = (f"Text-to-image, SD3 architecture (`SD3Transformer2DModel`, {cfg['layers']} layers, {cfg['heads']} heads x "
+                f"{cfg['dim_head']}), {cfg['size']}x{cfg['size']} px in pixel space, patch 2: "
+                f"{(cfg['size'] // 2) ** 2:,} image tokens. Text: two tiny CLIP encoders (random, frozen), no T5 "
+                f"(the pipeline's {cfg['t5_length']} zero T5 tokens). Loads with `DemoImagePipeline` "
+                "(a `StableDiffusion3Pipeline`).")
+        data = "one shape (circle, square, triangle; 6 colours) on the left/right/top/bottom/centre of one of 5 backgrounds"
+    runs = rec.get("stages") or [{"steps": rec["steps"], "seconds": rec["seconds"], "lr": rec["lr"]}]
+    stages = "; ".join(f"{st['steps']} steps in {st['seconds']:.0f} s at lr {st['lr']:g}" for st in runs)
+    total_steps, total_seconds = rec.get("total_steps", rec["steps"]), rec.get("total_seconds", rec["seconds"])
+    lines = [
+        f"# diffattn demo-{kind}",
+        "",
+        ("A small model trained by diffattn itself so that `diffattn generate` and the app show real output offline. "
+        "It is a demonstration of the attention methods, not a generative model of any quality: shapes are soft-edged "
+        "and sometimes misshapen; colours, backgrounds, places and directions follow the prompt most of the time."),
+        "",
+        (f"- **Model**: {what} {rec['parameters'] / 1e6:.1f} M transformer parameters; {weights:.1f} MB of safetensors "
+        "(transformer stored in fp16, loaded as float32 unless a dtype is given)."),
+        (f"- **Data**: procedurally drawn on the fly (`diffattn.pipelines.demo_data`): {data}; prompts say what and "
+        f"where, e.g. \"{CARD_PROMPTS[kind][0]}\". {rec['samples_seen']:,} samples seen in the last stage."),
+        (f"- **Training** (`python -m diffattn.pipelines.demo_train --kind {kind}`): rectified flow (Wan/SD3 loss), "
+        f"batch {rec['batch']}, AdamW, {rec['warmup']}-step warm-up, prompts dropped {rec['drop_prompt']:.0%} for CFG, "
+        f"EMA {rec['ema_decay']} ({rec['saved_weights']} weights saved), seed {rec['seed']}, on {rec['device']} "
+        f"(torch {rec['torch']}). Stages: {stages}. Total {total_steps} steps, {total_seconds:.0f} s."),
+        (f"- **Loss**: evaluation loss (fixed batch, sigmas {', '.join(map(str, rec['eval_sigmas']))}) "
+        f"{last['eval_loss_ema']:.4f} (EMA) / {last['eval_loss']:.4f} (raw) at the end."),
+        "",
+        "![loss curve](loss.png)",
+        "",
+        f"Samples (seed 0, the pipeline's defaults: {sampling.steps} steps, guidance {sampling.guidance}), prompts in order: "
+        + "; ".join(f"\"{p}\"" for p in CARD_PROMPTS[kind]) + ".",
+        "",
+        "![samples](samples.png)",
+        "",
+    ]
+    if kind == "video":
+        lines += ["Rows: the four prompts; columns: every 4th frame. Animated: [samples.gif](samples.gif).", ""]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffattn.pipelines.demo_train", description=__doc__.split("\n")[0])
     parser.add_argument("--kind", choices=("video", "image"), required=True)
@@ -241,13 +334,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--init", default=None, help="continue training from a folder written by an earlier run")
+    parser.add_argument("--card-only", action="store_true", help="only render the samples and the model card of --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.card_only:
+        render_samples(args.out, args.kind, device=args.device, seed=args.seed)
+        print(f"wrote {write_card(args.out)}")
+        return 0
     record = train_demo(args.kind, args.out, minutes=args.minutes, max_steps=args.max_steps, batch=args.batch,
                         lr=args.lr, seed=args.seed, device=args.device, eval_every=args.eval_every, init=args.init)
     last = record["log"][-1]
     print(f"demo-{args.kind}: {record['steps']} steps in {record['seconds']:.0f} s ({record['total_steps']} in all), eval loss (EMA) "
           f"{last['eval_loss_ema']:.4f}; saved to {args.out}")
+    render_samples(args.out, args.kind, device=args.device, seed=args.seed)
+    write_card(args.out)
     return 0
 
 
