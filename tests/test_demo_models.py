@@ -9,9 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from diffattn.demo import DEMO_MODELS, assets_dir, demo_model_path
-from diffattn.generate import load_pipeline, pipeline_class
 from diffattn.pipelines.demo import (
     DemoImageConfig,
     DemoImagePipeline,
@@ -20,8 +17,18 @@ from diffattn.pipelines.demo import (
     PixelSpaceVAE,
     word_tokenizer,
 )
-from diffattn.pipelines.demo_data import BACKGROUNDS, MOTIONS, SHAPE_COLORS, sample_images, sample_videos, vocabulary
+from diffattn.pipelines.demo_data import (
+    BACKGROUNDS,
+    MOTIONS,
+    SHAPE_COLORS,
+    sample_images,
+    sample_videos,
+    vocabulary,
+)
 from diffattn.pipelines.demo_train import train_demo, write_card
+
+from diffattn.demo import DEMO_MODELS, assets_dir, demo_model_path
+from diffattn.generate import load_pipeline, pipeline_class
 
 # ------------------------------------------------------------------------------------------------ pixel-space VAE
 
@@ -56,7 +63,7 @@ def test_image_vae_is_identity_and_config_is_checked(tmp_path):
         PixelSpaceVAE(channels=3, temporal_pack=2)
     vae.save_pretrained(tmp_path)
     again = PixelSpaceVAE.from_pretrained(tmp_path)
-    public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
+    public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}
     assert public(again.config) == public(vae.config)
 
 
