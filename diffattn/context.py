@@ -10,10 +10,12 @@ index and pass name are used as they are.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -169,37 +171,49 @@ def make_context_hook(
     `prepare_forward(ctx, arguments) -> arguments | None` and `finish_forward(ctx, output) -> output`; they run
     after the context is read, on the forward's bound arguments.
     """
-    prepare = getattr(method, "prepare_forward", None)
-    finish = getattr(method, "finish_forward", None)
+    return _context_hook_class()(
+        slot, tracker, read_inputs, forward_signature, num_steps_getter,
+        getattr(method, "prepare_forward", None), getattr(method, "finish_forward", None),
+    )
+
+
+@functools.cache
+def _context_hook_class() -> type:
+    """The hook class, defined once. Its state lives on the instance, not in a closure: a class made per call sits in
+    a reference cycle (as every class does) and would keep the method and its caches (FreeSwim's cross-attention
+    cache: GiBs) alive after `diffattn.remove` until the garbage collector happens to run."""
     _, ModelHook, StateManager = _load_hooks()
 
     class DiffattnContextHook(ModelHook):
         # Stateful so that Diffusers' `cache_context(name, step_index=...)` reaches us through a StateManager.
         _is_stateful = True
 
-        def __init__(self) -> None:
+        def __init__(self, slot, tracker, read_inputs, forward_signature, num_steps_getter, prepare, finish) -> None:
             super().__init__()
             self.cache_state = StateManager(_NoState)
+            self.slot, self.tracker, self.read_inputs = slot, tracker, read_inputs
+            self.forward_signature, self.num_steps_getter = forward_signature, num_steps_getter
+            self.prepare, self.finish = prepare, finish
 
         def pre_forward(self, module, *args, **kwargs):
-            bound = forward_signature.bind_partial(*args, **kwargs)
-            ctx = read_inputs(module, dict(bound.arguments))
+            bound = self.forward_signature.bind_partial(*args, **kwargs)
+            ctx = self.read_inputs(module, dict(bound.arguments))
             cache_ctx = self.cache_state._context
             given_step = getattr(cache_ctx, "step_index", None) if cache_ctx is not None else None
-            step, pass_index = tracker.update(ctx.timestep, given_step)
+            step, pass_index = self.tracker.update(ctx.timestep, given_step)
             num_steps = getattr(cache_ctx, "num_inference_steps", None) if cache_ctx is not None else None
-            if num_steps is None and num_steps_getter is not None:
-                num_steps = num_steps_getter()
-            slot.current = replace(
+            if num_steps is None and self.num_steps_getter is not None:
+                num_steps = self.num_steps_getter()
+            self.slot.current = replace(
                 ctx,
                 step_index=step,
                 pass_index=pass_index,
                 num_steps=num_steps,
                 pass_name=getattr(cache_ctx, "name", None) if cache_ctx is not None else None,
             )
-            slot.current.extras["module"] = module  # methods that re-run the forward (SoftPAG's separate pass)
-            if prepare is not None:
-                changed = prepare(slot.current, dict(bound.arguments))
+            self.slot.current.extras["module"] = module  # methods that re-run the forward (SoftPAG's separate pass)
+            if self.prepare is not None:
+                changed = self.prepare(self.slot.current, dict(bound.arguments))
                 if changed is not None:
                     bound.arguments.update(changed)
                     return bound.args, bound.kwargs
@@ -208,16 +222,21 @@ def make_context_hook(
         # The context is kept after the forward: gradient checkpointing re-runs the blocks during backward, after
         # the forward returned, and their processors need the same context again.
         def post_forward(self, module, output):
-            if finish is not None:
-                return finish(slot.current, output)
+            if self.finish is not None:
+                return self.finish(self.slot.current, output)
             return output
 
         def reset_state(self, module):
-            tracker.reset()
-            slot.current = None
+            self.tracker.reset()
+            self.slot.current = None
             return module
 
-    return DiffattnContextHook()
+        def release(self) -> None:
+            """Drop every reference to the method and its state (called when the hook is removed)."""
+            self.slot = self.tracker = self.read_inputs = self.forward_signature = None
+            self.num_steps_getter = self.prepare = self.finish = None
+
+    return DiffattnContextHook
 
 
 def _inner_forward_attr(fn_ref: Any) -> str:
@@ -270,6 +289,11 @@ def remove_context_hook(model: torch.nn.Module) -> None:
     else:
         outer = registry._fn_refs[index + 1]
         setattr(outer, _inner_forward_attr(outer), fn_ref.forward)
-    del registry.hooks[HOOK_NAME]
+    hook = registry.hooks.pop(HOOK_NAME)
     registry._hook_order.pop(index)
     registry._fn_refs.pop(index)
+    # Diffusers links hook and function reference both ways (a cycle only the garbage collector frees): cut the
+    # links, so that the method and what it holds (FreeSwim's cache: GiBs of GPU memory) are freed right now.
+    fn_ref.pre_forward = fn_ref.post_forward = fn_ref.forward = fn_ref.original_forward = None
+    hook.fn_ref = None
+    hook.release()

@@ -180,3 +180,26 @@ def test_wan22_two_experts_share_one_step_counter(spy):
     from diffattn.api import installed
 
     assert installed(pipe.transformer) is None and installed(pipe.transformer_2) is None
+
+
+@pytest.mark.parametrize("method,options", [("radial", {}), ("softpag", {"heads": "L0"})])
+def test_remove_frees_the_method_without_the_garbage_collector(method, options):
+    """After `remove`, nothing of the installed method may stay alive in a reference cycle (a per-call hook class did:
+    it kept FreeSwim's GPU cache allocated until the garbage collector ran)."""
+    import gc
+    import weakref
+
+    model, make_inputs = tiny.tiny_wan()
+    inputs = make_inputs()
+    diffattn.apply(model, method, **options)  # softpag has prepare/finish_forward hooks into the model's forward
+    tiny.output_of(model, inputs)
+    method_ref = weakref.ref(diffattn.api.installed(model).runtime)
+    assert method_ref() is not None
+    gc.collect()
+    gc.disable()
+    try:
+        diffattn.remove(model)
+        tiny.output_of(model, inputs)  # stock again
+        assert method_ref() is None
+    finally:
+        gc.enable()
