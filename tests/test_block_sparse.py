@@ -49,7 +49,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     "B,H,Sq,Sk,D,bs,T,mb,mh",
     [(2, 3, 37, 53, 8, 16, 0, 1, 3), (1, 2, 64, 64, 16, 32, 4, 1, 1), (2, 2, 20, 45, 5, 16, 3, 2, 2), (1, 1, 17, 0, 4, 16, 2, 1, 1)],
 )
-def test_reference_matches_naive_loop(B, H, Sq, Sk, D, bs, T, mb, mh):
+@pytest.mark.parametrize("backend", ["reference", "blocked"])
+def test_reference_matches_naive_loop(B, H, Sq, Sk, D, bs, T, mb, mh, backend):
     q, k, v = torch.randn(B, H, Sq, D), torch.randn(B, H, Sk, D), torch.randn(B, H, Sk, D)
     mask = torch.rand(mb, mh, math.ceil(Sq / bs), math.ceil(Sk / bs)) < 0.5
     if mask.shape[2] > 1:
@@ -57,7 +58,8 @@ def test_reference_matches_naive_loop(B, H, Sq, Sk, D, bs, T, mb, mh):
     ek = torch.randn(B, H, T, D) if T else None
     ev = torch.randn(B, H, T, D) if T else None
     scale = 0.3
-    out, lse = block_sparse_attention(q, k, v, mask, block_size=bs, scale=scale, extra_k=ek, extra_v=ev, return_lse=True)
+    out, lse = block_sparse_attention(q, k, v, mask, block_size=bs, scale=scale, extra_k=ek, extra_v=ev, return_lse=True,
+                                      backend=backend)
     ref_out, ref_lse = _naive(q, k, v, mask, bs, scale, ek, ev)
     assert not torch.isnan(out).any()
     assert _rel(out, ref_out) < 1e-5
@@ -190,3 +192,44 @@ def test_hopper_variant_failure_is_remembered_and_falls_back():
     assert calls == [(True, True), (True, False), (True, False), (True, False)]
     with pytest.raises(RuntimeError):  # the portable variant's errors are never swallowed
         triton_fwd.run_or_record(lambda: launch(False, True), key, False, False)
+
+
+@pytest.mark.parametrize("Sq,Sk,bs,mb,mh,T", [(50, 70, 16, 1, 1, 3), (33, 33, 16, 2, 3, 0), (96, 40, 32, 1, 3, 5)])
+def test_blocked_backend_equals_reference_values_and_gradients(Sq, Sk, bs, mb, mh, T):
+    """The CPU path (one query block at a time) against the whole-matrix reference, forward and backward, with a
+    fully masked query block, repeated rows (gathered once) and per-batch/per-head masks."""
+    torch.manual_seed(Sq + Sk)
+    B, H, D = 2, 3, 8
+    mask = torch.rand(mb, mh, math.ceil(Sq / bs), math.ceil(Sk / bs)) < 0.5
+    mask[..., 0, :] = False  # a query block with no key block
+    if mask.shape[2] > 2:
+        mask[..., 2, :] = mask[..., 1, :]  # identical rows share one gather
+    inputs = [torch.randn(B, H, n, D, dtype=torch.float64, requires_grad=True) for n in (Sq, Sk, Sk)]
+    extra = [torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True) for _ in range(2)] if T else [None, None]
+    results = {}
+    for backend in ("reference", "blocked"):
+        out, lse = block_sparse_attention(*inputs, mask, block_size=bs, extra_k=extra[0], extra_v=extra[1],
+                                          return_lse=True, backend=backend)
+        finite = torch.isfinite(lse)
+        loss = (out * torch.linspace(-1, 1, D, dtype=torch.float64)).sum() + lse[finite].sum()
+        leaves = [t for t in inputs + extra if t is not None]
+        grads = torch.autograd.grad(loss, leaves)
+        results[backend] = (out, lse, grads)
+    (o1, l1, g1), (o2, l2, g2) = results["reference"], results["blocked"]
+    torch.testing.assert_close(o2, o1, rtol=1e-10, atol=1e-10)
+    fast = block_sparse_attention(*inputs, mask, block_size=bs, extra_k=extra[0], extra_v=extra[1], backend="blocked")
+    torch.testing.assert_close(fast, o1, rtol=1e-10, atol=1e-10)  # the fused-SDPA branch (no lse asked)
+    assert torch.equal(torch.isfinite(l1), torch.isfinite(l2))
+    torch.testing.assert_close(l2[torch.isfinite(l2)], l1[torch.isfinite(l1)], rtol=1e-10, atol=1e-10)
+    for a, b in zip(g2, g1):
+        assert not torch.isnan(a).any()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_auto_backend_on_cpu_is_blocked(monkeypatch):
+    from diffattn.kernels.block_sparse import op
+
+    q = torch.randn(1, 1, 20, 8)
+    assert op._resolve_backend(None, q) == "blocked"
+    monkeypatch.setenv("DIFFATTN_BLOCK_SPARSE_BACKEND", "reference")
+    assert op._resolve_backend(None, q) == "reference"

@@ -10,11 +10,11 @@ import math
 
 import torch
 
-#: dtypes the Triton kernels run on; the reference backend also takes float64 (ground truth in tests).
+#: dtypes the Triton kernels run on; the PyTorch backends also take float64 (ground truth in tests).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 MAX_HEAD_DIM = 256
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "blocked", "reference")
 
 
 def check_block_size(block_size: int) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from .checks import check_inputs
 from .index import get_block_index
+from .blocked import block_sparse_attention_blocked
 from .reference import block_sparse_attention_reference
 
 logger = logging.getLogger("diffattn")
@@ -44,14 +45,14 @@ def triton_available() -> bool:
 def _resolve_backend(backend: str | None, q: torch.Tensor) -> str:
     name = backend or os.environ.get(ENV_BACKEND) or "auto"
     if name == "auto":
-        return "triton" if (q.is_cuda and triton_available()) else "reference"
+        return "triton" if (q.is_cuda and triton_available()) else "blocked"
     if name == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package, which is not importable here")
         if not q.is_cuda and not _interpret():
             raise ValueError(
                 "backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is "
-                f"imported; got tensors on {q.device}. Use backend='reference' (or 'auto') on CPU."
+                f"imported; got tensors on {q.device}. Use backend='blocked' (or 'auto') on CPU."
             )
     return name
 
@@ -180,7 +181,9 @@ def block_sparse_attention(
             (text tokens), with no mask; fused into the same softmax.
         return_lse: also return the log-sum-exp (natural log, float32 `[B, H, Sq]`), for merging partial results
             with `merge_attention_states`. It is differentiable.
-        backend: "auto" (default; Triton on CUDA, the PyTorch reference elsewhere), "triton" or "reference".
+        backend: "auto" (default; Triton on CUDA, "blocked" elsewhere), "triton", "blocked" (plain PyTorch, one query
+            block at a time over its kept key blocks: the CPU path) or "reference" (plain PyTorch over the whole
+            masked score matrix: the ground truth).
             The env var `DIFFATTN_BLOCK_SPARSE_BACKEND` sets the default.
 
     A query with no key at all (every block of its row masked and no extra keys) gets output 0 and lse -inf, and
@@ -198,6 +201,11 @@ def block_sparse_attention(
     if name == "reference":
         out, lse = block_sparse_attention_reference(
             q, k, v, block_mask, block_size=block_size, scale=scale_f, extra_k=extra_k, extra_v=extra_v
+        )
+    elif name == "blocked":
+        out, lse = block_sparse_attention_blocked(
+            q, k, v, block_mask, block_size=block_size, scale=scale_f, extra_k=extra_k, extra_v=extra_v,
+            need_lse=return_lse,
         )
     else:
         out, lse = _fwd_op(q, k, v, block_mask, extra_k, extra_v, block_size, scale_f)
