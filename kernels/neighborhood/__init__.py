@@ -1,17 +1,22 @@
-"""Generalized neighborhood attention (NATTEN semantics) in 1-3 spatial dims: Triton kernel and reference.
+"""Generalized neighborhood attention (NATTEN semantics) in 1-3 spatial dims: Triton kernel, CPU path, reference.
 
-`neighborhood_attention` is the front door; `neighborhood_attention_reference` the ground truth;
+`neighborhood_attention` is the front door; `neighborhood_attention_blocked` the plain-PyTorch tiled path (the
+default off CUDA); `neighborhood_attention_reference` the ground truth;
 `tiling` holds the window tables and tile choice shared with the simulator `diffattn.gna`.
 """
 
-from .checks import NAParams, normalize_params
-from .functional import get_plan, neighborhood_attention
+from .blocked import neighborhood_attention_blocked
+from .checks import BACKENDS, NAParams, normalize_params
+from .functional import default_backend, get_plan, neighborhood_attention
 from .reference import neighborhood_attention_reference, neighborhood_mask
 
 __all__ = [
+    "BACKENDS",
     "NAParams",
+    "default_backend",
     "get_plan",
     "neighborhood_attention",
+    "neighborhood_attention_blocked",
     "neighborhood_attention_reference",
     "neighborhood_mask",
     "normalize_params",

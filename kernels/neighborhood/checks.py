@@ -6,8 +6,8 @@ Every public entry point (`neighborhood_attention`, the reference, the simulator
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -15,6 +15,9 @@ IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# "triton": the kernel (CUDA, or CPU under TRITON_INTERPRET=1); "blocked": plain PyTorch by query tile (the CPU
+# default); "reference": dense-mask PyTorch (ground truth, small problems).
+BACKENDS = ("triton", "blocked", "reference")
 MAX_HEAD_DIM = 256
 
 

@@ -9,14 +9,12 @@ from typing import Optional
 
 import torch
 
-from .checks import check_qkv, normalize_params, spatial_shape
+from .blocked import neighborhood_attention_blocked
+from .checks import BACKENDS, check_qkv, normalize_params, spatial_shape
 from .reference import neighborhood_attention_reference
 from .tiling import Plan, choose_tiles, make_plan
 
 logger = logging.getLogger("diffattn")
-
-BACKENDS = ("triton", "reference")
-
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -26,6 +24,11 @@ def _triton_ok(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and _interpreting()
+
+
+def default_backend(device: torch.device) -> str:
+    """The backend `neighborhood_attention` uses when none is given: Triton where it runs, "blocked" elsewhere."""
+    return "triton" if _triton_ok(device) else "blocked"
 
 
 def get_plan(shape, kernel_size, stride, dilation, is_causal, q_tile=None, kv_tile=None) -> Plan:
@@ -169,9 +172,12 @@ def neighborhood_attention(
     float32 `[B, *spatial, H]`. Differentiable (Triton backward); a torch.library custom op
     (`diffattn::neighborhood_attn_fwd`/`_bwd`), so torch.compile(fullgraph=True) traces through it.
 
-    backend: None (Triton on CUDA, or on CPU under TRITON_INTERPRET=1; otherwise the reference), "triton" or
-    "reference" (dense-mask PyTorch, small problems only). q_tile/kv_tile: override the tile shapes (powers of two,
-    at least 16 tokens per tile; default: chosen by the simulator's cost, see `diffattn.gna.simulate`).
+    backend: None (Triton on CUDA, or on CPU under TRITON_INTERPRET=1; otherwise "blocked"), "triton", "blocked"
+    (plain PyTorch, one query tile at a time over the box of keys it can see: the CPU path, differentiable by
+    autograd) or "reference" (dense `[N, N]` mask, small problems only; the ground truth).
+    q_tile/kv_tile: override the Triton tile shapes (powers of two, at least 16 tokens per tile; default: chosen by
+    the simulator's cost, see `diffattn.gna.simulate`). For "blocked", q_tile (any ints >= 1, group-local) sets its
+    query tile and kv_tile is unused (the key box follows from the windows).
 
     Perfectly block-sparse settings (see `diffattn.gna.propose_stride`) on Hopper run a TMA forward that reads tiles
     in place (set DIFFATTN_NA_TMA=0 to force the pointer kernel). No permutation copy is ever made.
@@ -182,11 +188,15 @@ def neighborhood_attention(
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend is None:
-        backend = "triton" if _triton_ok(q.device) else "reference"
+        backend = default_backend(q.device)
     if backend == "reference":
         return neighborhood_attention_reference(
             q, k, v, params.kernel_size, params.stride, params.dilation, params.is_causal,
             scale=scale, extra_k=extra_k, extra_v=extra_v, return_lse=return_lse)
+    if backend == "blocked":  # plain ops outside the custom op, so autograd differentiates them directly
+        return neighborhood_attention_blocked(
+            q, k, v, params.kernel_size, params.stride, params.dilation, params.is_causal,
+            scale=scale, extra_k=extra_k, extra_v=extra_v, return_lse=return_lse, tile=q_tile)
     if not _triton_ok(q.device):
         raise ValueError(f"backend 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU), got device {q.device}")
     if extra_k is not None and extra_k.shape[1] == 0:
