@@ -386,7 +386,7 @@ def _cmd_render_long(rest: list[str]) -> int:
         settings = {**vars(opts), "model": model, "prompt": prompt, "dtype": dtype, "out": out, "frames": frames,
                     "height": height, "width": width, "default_frames": trained, "attn": "radial",
                     "attn_options": options, "lora_kind": lora_info.get("kind")}
-        sidecar = write_sidecar(out, settings, written, seconds)
+        sidecar = write_sidecar(out, settings, written, seconds, pipe=pipe)
         print(f"wrote {out} ({written['frames']} frames, radial, {seconds:.1f} s) and {sidecar}")
         return 0
 
@@ -477,7 +477,7 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
             )
         written = _write(prog, result, out, opts.fps)
         settings = {**vars(opts), "model": model, "prompt": prompt, "dtype": dtype, "out": out, "attn_options": options}
-        sidecar = write_sidecar(out, settings, written, seconds)
+        sidecar = write_sidecar(out, settings, written, seconds, pipe=pipe)
         print(f"wrote {out} ({written['kind']}, {seconds:.1f} s) and {sidecar}")
         return 0
 

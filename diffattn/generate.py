@@ -130,7 +130,26 @@ def write_result(result: Any, out: str, fps: int = 16) -> dict[str, Any]:
     return {"kind": "image", "size": [image.height, image.width]}
 
 
-def write_sidecar(out: str, settings: dict[str, Any], written: dict[str, Any], seconds: float) -> str:
+# CLI setting -> the pipeline `__call__` parameter it sets.
+CALL_PARAMETERS = {
+    "steps": "num_inference_steps", "height": "height", "width": "width", "frames": "num_frames",
+    "guidance": "guidance_scale", "max_sequence_length": "max_sequence_length",
+}
+
+
+def defaults_used(pipe: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """For each setting left at None, the value the pipeline's `__call__` signature defaults to (None where the
+    pipeline computes it inside, e.g. stock sizes from the model config), so a sidecar says what actually ran."""
+    params = inspect.signature(pipe.__call__).parameters
+    used = {}
+    for key, name in CALL_PARAMETERS.items():
+        if settings.get(key) is None and name in params:
+            default = params[name].default
+            used[key] = None if default is inspect.Parameter.empty else default
+    return used
+
+
+def write_sidecar(out: str, settings: dict[str, Any], written: dict[str, Any], seconds: float, pipe: Any = None) -> str:
     import diffusers
     import torch
 
@@ -142,6 +161,9 @@ def write_sidecar(out: str, settings: dict[str, Any], written: dict[str, Any], s
         "diffusers": diffusers.__version__, "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
+    if pipe is not None:
+        record["pipeline"] = type(pipe).__name__
+        record["defaults_used"] = defaults_used(pipe, settings)
     Path(path).write_text(json.dumps(record, indent=2, default=str))
     return path
 

@@ -209,6 +209,9 @@ def test_generate_video_with_a_method_and_sidecar(wan_folder, tmp_path, capsys):
     assert meta["attn"] == "radial" and meta["attn_options"] == {"block_size": 16, "dense_timesteps": 1, "dense_layers": 0}
     assert meta["output"] == {"kind": "video", "frames": 9, "size": [64, 64]} and meta["seconds"] > 0
     assert meta["diffusers"] and meta["dtype"] == "fp32" and meta["model"] == wan_folder and meta["prompt"] == PROMPT
+    # settings left unset are recorded with the value the pipeline's signature gave them (stock Wan: guidance 5.0)
+    assert meta["pipeline"] == "WanPipeline" and meta["defaults_used"]["guidance"] == 5.0
+    assert "steps" not in meta["defaults_used"]  # set on the command line
     # what the user sees: the pipeline's denoising bar, then a line for decoding and one for writing
     assert "decoding with the VAE" in captured.err and f"writing 9 frames to {out}" in captured.err
     assert captured.err.rindex("3/3") < captured.err.index("decoding") < captured.err.index("writing")
