@@ -145,6 +145,10 @@ def word_tokenizer(max_length: int):
 # --------------------------------------------------------------------------------------------------- configs
 
 
+# Config fields that are only call defaults of the pipelines (tunable after training without retraining).
+SAMPLING_FIELDS = ("steps", "guidance")
+
+
 @dataclass(frozen=True)
 class DemoVideoConfig:
     """Wan-architecture text-to-video at 17 frames x 64x64 px: latent 5x64x64 (12 ch), patch (1,2,2) ->

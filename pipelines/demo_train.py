@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .demo import (
+    SAMPLING_FIELDS,
     DemoImageConfig,
     DemoVideoConfig,
     build_demo_image_pipeline,
@@ -78,6 +79,17 @@ def _loss(transformer: Any, x0: torch.Tensor, cond: dict[str, torch.Tensor], sig
     return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
 
 
+def _decay(on: bool, start: float, deadline: float, step: int, max_steps: int | None) -> float:
+    """Linear decay to 10% over the run (by time when the run is time-limited, else by steps)."""
+    if not on:
+        return 1.0
+    if max_steps is not None and not math.isfinite(deadline):
+        done = step / max_steps
+    else:
+        done = (time.perf_counter() - start) / max(deadline - start, 1e-9)
+    return max(0.1, 1.0 - 0.9 * min(done, 1.0))
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
@@ -100,6 +112,7 @@ def train_demo(
     device: str | None = None,
     eval_every: int = 100,
     init: str | Path | None = None,
+    lr_decay: bool = False,
 ) -> dict[str, Any]:
     """Train the `kind` ("video" or "image") demo model and save it to `out`; returns the training record.
     `init`: a folder this function wrote before, to continue training from (its weights, text encoders and history)."""
@@ -120,7 +133,8 @@ def train_demo(
         absent = {} if kind == "video" else {"text_encoder_3": None, "tokenizer_3": None}
         pipe = cls.from_pretrained(str(init), dtype=torch.float32, **absent)
         previous = json.loads((Path(init) / "training.json").read_text())
-        if previous["config"] != asdict(cfg):
+        model_fields = {k: v for k, v in asdict(cfg).items() if k not in SAMPLING_FIELDS}
+        if {k: v for k, v in previous["config"].items() if k not in SAMPLING_FIELDS} != model_fields:
             raise ValueError(f"--init {init} was trained with another config: {previous['config']}")
     else:
         pipe = (build_demo_video_pipeline if kind == "video" else build_demo_image_pipeline)(cfg, seed=seed)
@@ -172,7 +186,7 @@ def train_demo(
         noise = torch.randn(x0.shape, generator=noise_g, device=dev)
         loss = _loss(transformer, x0, condition(prompts), sigma, noise, autocast)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup)
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * _decay(lr_decay, start, deadline, step, max_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
@@ -206,7 +220,8 @@ def train_demo(
     record = {
         "kind": kind, "config": asdict(cfg), "steps": step, "seconds": round(seconds, 1), "batch": batch, "lr": lr,
         "total_steps": offset + step, "total_seconds": round(sum(x["seconds"] for x in stages) + seconds, 1),
-        "stages": stages + [{"steps": step, "seconds": round(seconds, 1), "lr": lr, "init": str(init) if init else None}],
+        "stages": stages + [{"steps": step, "seconds": round(seconds, 1), "lr": lr, "lr_decay": lr_decay,
+                             "init": str(init) if init else None}],
         "warmup": warmup, "ema_decay": ema_decay, "drop_prompt": drop_prompt, "seed": seed,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
         "samples_seen": step * batch, "saved_weights": saved, "eval_sigmas": list(EVAL_SIGMAS), "log": log,
@@ -287,7 +302,8 @@ def write_card(folder: str | Path) -> Path:
                 "(a `StableDiffusion3Pipeline`).")
         data = "one shape (circle, square, triangle; 6 colours) on the left/right/top/bottom/centre of one of 5 backgrounds"
     runs = rec.get("stages") or [{"steps": rec["steps"], "seconds": rec["seconds"], "lr": rec["lr"]}]
-    stages = "; ".join(f"{st['steps']} steps in {st['seconds']:.0f} s at lr {st['lr']:g}" for st in runs)
+    stages = "; ".join(f"{st['steps']} steps in {st['seconds']:.0f} s at lr {st['lr']:g}"
+                       + (" decaying linearly to 10%" if st.get("lr_decay") else "") for st in runs)
     total_steps, total_seconds = rec.get("total_steps", rec["steps"]), rec.get("total_seconds", rec["seconds"])
     lines = [
         f"# diffattn demo-{kind}",
@@ -334,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--init", default=None, help="continue training from a folder written by an earlier run")
+    parser.add_argument("--lr-decay", action="store_true", help="decay the learning rate linearly to 10%% over the run")
     parser.add_argument("--card-only", action="store_true", help="only render the samples and the model card of --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -342,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {write_card(args.out)}")
         return 0
     record = train_demo(args.kind, args.out, minutes=args.minutes, max_steps=args.max_steps, batch=args.batch,
-                        lr=args.lr, seed=args.seed, device=args.device, eval_every=args.eval_every, init=args.init)
+                        lr=args.lr, seed=args.seed, device=args.device, eval_every=args.eval_every, init=args.init, lr_decay=args.lr_decay)
     last = record["log"][-1]
     print(f"demo-{args.kind}: {record['steps']} steps in {record['seconds']:.0f} s ({record['total_steps']} in all), eval loss (EMA) "
           f"{last['eval_loss_ema']:.4f}; saved to {args.out}")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffattn.pipelines.demo import (
+    SAMPLING_FIELDS,
     DemoImageConfig,
     DemoImagePipeline,
     DemoVideoConfig,
@@ -184,7 +185,7 @@ def test_shipped_demo_model_folder(kind):
         assert (folder / name).is_file(), name
     record = json.loads((folder / "training.json").read_text())
     defaults = DemoVideoConfig() if kind == "video" else DemoImageConfig()
-    sampling = {"steps", "guidance"}  # call defaults that may be tuned after training; the rest is the model
+    sampling = set(SAMPLING_FIELDS)  # call defaults that may be tuned after training; the rest is the model
     trained = {k: v for k, v in record["config"].items() if k not in sampling}
     assert trained == {k: v for k, v in defaults.__dict__.items() if k not in sampling}
     assert record["log"][-1]["eval_loss_ema"] < 0.5 * record["log"][0]["eval_loss_ema"]
@@ -224,3 +225,14 @@ def test_demo_video_model_draws_the_prompt():
     assert slope > 0.7  # and moves right (training clips cross 35-55% of 64 px in 16 frames: 1.4-2.2 px/frame)
     r, g, b = _mean_rgb(video[:, :6, :6])
     assert b > r + 0.1 and b > g + 0.1
+
+
+def test_learning_rate_decay_is_linear_to_ten_percent():
+    import math as _math
+
+    from diffattn.pipelines.demo_train import _decay
+
+    assert _decay(False, 0.0, _math.inf, 5, 10) == 1.0
+    assert _decay(True, 0.0, _math.inf, 0, 10) == 1.0
+    assert abs(_decay(True, 0.0, _math.inf, 5, 10) - 0.55) < 1e-12
+    assert _decay(True, 0.0, _math.inf, 10, 10) == _decay(True, 0.0, _math.inf, 50, 10) == 0.1
