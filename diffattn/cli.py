@@ -289,7 +289,10 @@ def _cmd_render_highres(rest: list[str]) -> int:
     parser.add_argument("--max-sequence-length", type=int, default=512)
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    parser.add_argument("--offload", action="store_true", help="model CPU offload (fits 1080p in 24 GB with the cache on CPU)")
+    parser.add_argument("--offload", action="store_true", help="model CPU offload (for 1080p on 24 GB: with --cache-device "
+                        "cpu and --vae-tiling; see docs/freeswim.md)")
+    parser.add_argument("--vae-tiling", action="store_true", help="decode/encode the VAE in tiles (an untiled 1080p x 81 "
+                        "decode needs tens of GiB)")
     parser.add_argument("--fps", type=int, default=16)
     parser.add_argument("--out", default="freeswim.mp4", help=".mp4, .gif or .webm; a .json sidecar with the settings is written next to it")
     opts = parser.parse_args(rest)
@@ -303,6 +306,8 @@ def _cmd_render_highres(rest: list[str]) -> int:
 
         _check_suffix(opts.out)
         pipe = load_pipeline(opts.model, dtype=opts.dtype, device=opts.device, offload=opts.offload, cls=FreeSwimPipeline)
+        if opts.vae_tiling:
+            pipe.vae.enable_tiling()
         _output_for(pipe, opts.out, "freeswim")
         start = time.perf_counter()
         with _decode_notice(pipe, prog):

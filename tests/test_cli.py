@@ -306,7 +306,13 @@ def test_render_highres(wan_folder, tmp_path, capsys):
     frames = iio.imread(out)
     assert frames.shape[0] == 5 and frames.shape[1:3] == (64, 96)
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["height"] == 64 and meta["cache_steps"] == 2 and meta["seconds"] > 0
+    assert meta["height"] == 64 and meta["cache_steps"] == 2 and meta["seconds"] > 0 and meta["vae_tiling"] is False
+    # --vae-tiling is wired through (these tiny frames are smaller than one VAE tile, so nothing is actually tiled)
+    tiled = tmp_path / "tiled.mp4"
+    assert main(args[:-1] + [str(tiled), "--vae-tiling"]) == 0
+    assert json.loads(tiled.with_suffix(".json").read_text())["vae_tiling"] is True
+    assert iio.imread(tiled).shape == frames.shape
+    capsys.readouterr()
     assert main(["render", "--highres", "--model", str(tmp_path / "missing" / "x"), "--prompt", "a"]) == 2
     _one_line_error(capsys, "does not exist")
     assert main(["render", "--highres", "--model", wan_folder, "--prompt", "a", "--out", "x.png"]) == 2
