@@ -9,37 +9,25 @@ own validation and its `ValueError` message is what the user reads.
 
 from __future__ import annotations
 
-import types
-import typing
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import MethodConfig, OptionSpec
+from ..config import MethodConfig, OptionSpec, base_types
 from ..registry import available_methods, get_method
 
 # Text shown for "no value" in dropdowns of optional choices and optional booleans.
 DEFAULT_CHOICE = "(default)"
 
 
-def _bases(tp: Any) -> tuple[Any, ...]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        out: list[Any] = []
-        for arg in typing.get_args(tp):
-            out.extend(_bases(arg))
-        return tuple(out)
-    return (tp,)
-
-
 def _optional(spec: OptionSpec) -> bool:
-    return type(None) in _bases(spec.type) or spec.default is None
+    return type(None) in base_types(spec.type) or spec.default is None
 
 
 def control_kind(spec: OptionSpec) -> str:
     """Which widget an option gets: "dropdown" (choices, optional bool), "checkbox" (bool), "number" (int/float
     with a default) or "textbox" (strings, optional numbers, structured values such as per-axis tuples, layer
     lists, head specs)."""
-    bases = [b for b in _bases(spec.type) if b is not type(None)]
+    bases = [b for b in base_types(spec.type) if b is not type(None)]
     if spec.choices is not None:
         return "dropdown"
     if bases == [bool]:
@@ -100,7 +88,7 @@ def option_value(config_cls: type[MethodConfig], spec: OptionSpec, raw: Any) -> 
     if kind == "number":
         if raw is None:
             raise ValueError(f"option {spec.name!r} of method {config_cls.method_name!r} is empty; expected {spec.accepted()}")
-        bases = _bases(spec.type)
+        bases = base_types(spec.type)
         if int in bases and float not in bases:
             value = float(raw)
             if value != int(value):
@@ -152,7 +140,7 @@ def make_control(spec: OptionSpec, elem_id: str | None = None) -> Any:
     if kind == "checkbox":
         return gr.Checkbox(**common)
     if kind == "number":
-        bases = _bases(spec.type)
+        bases = base_types(spec.type)
         precision = 0 if int in bases and float not in bases else None
         return gr.Number(precision=precision, **common)
     return gr.Textbox(placeholder="empty: default" if spec.default is None else None, **common)

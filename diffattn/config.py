@@ -105,12 +105,13 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
-def _base_types(tp: Any) -> tuple[Any, ...]:
+def base_types(tp: Any) -> tuple[Any, ...]:
+    """The member types of a (possibly nested) Union annotation; shared with the app's control builder."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         out: list[Any] = []
         for arg in typing.get_args(tp):
-            out.extend(_base_types(arg))
+            out.extend(base_types(arg))
         return tuple(out)
     return (tp,)
 
@@ -147,7 +148,7 @@ class MethodConfig:
         return specs
 
     @classmethod
-    def from_options(cls, **options: Any) -> "MethodConfig":
+    def from_options(cls, **options: Any) -> MethodConfig:
         """Build from keyword options; an unknown name raises `ValueError` listing the accepted ones."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - names)
@@ -167,7 +168,7 @@ class MethodConfig:
                 f"unknown option {name!r} for method {cls.method_name!r}; accepted options: {', '.join(sorted(specs))}"
             )
         spec = specs[name]
-        bases = _base_types(spec.type)
+        bases = base_types(spec.type)
         low = text.strip()
         if (type(None) in bases or Any in bases) and low.lower() in ("none", "null", ""):
             return None
@@ -208,7 +209,7 @@ class MethodConfig:
 
     def _check_one(self, spec: OptionSpec, value: Any) -> None:
         where = f"option {spec.name!r} of method {self.method_name!r}"
-        bases = _base_types(spec.type)
+        bases = base_types(spec.type)
         if Any in bases:
             return  # structured options (per-axis tuples, per-layer dicts) are checked by the subclass's check()
         if value is None:
