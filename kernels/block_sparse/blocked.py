@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .index import get_block_index
+
 
 def _token_index(cols: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
     """Token positions of key blocks `cols` (ascending), the partial tail block clipped at `length`."""
@@ -37,7 +39,7 @@ def block_sparse_attention_blocked(
     `need_lse=False` each block runs PyTorch's fused SDPA (faster on CPU) and lse is None."""
     import torch.nn.functional as F
 
-    B, H, Sq, D = q.shape
+    D = q.shape[-1]
     Sk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -46,7 +48,9 @@ def block_sparse_attention_blocked(
     ek = extra_k.to(cdt) if has_extra else None
     ev = extra_v.to(cdt) if has_extra else None
     Bm, Hm, nq, _ = block_mask.shape
-    mask_cpu = block_mask.cpu()
+    # The key blocks of each mask row: the Triton kernels' cached index lists (built once per mask), read on the host.
+    index = get_block_index(block_mask)
+    kv_idx, kv_cnt = index.kv_idx.cpu(), index.kv_cnt.cpu()
     out_slices: list[torch.Tensor] = []  # per mask slice (batch-major, heads fastest)
     lse_slices: list[torch.Tensor] = []
     for bm in range(Bm):
@@ -56,14 +60,14 @@ def block_sparse_attention_blocked(
             qs, ks, vs = qf[bsel, hsel], kf[bsel, hsel], vf[bsel, hsel]
             eks = ek[bsel, hsel] if has_extra else None
             evs = ev[bsel, hsel] if has_extra else None
-            gathered: dict[bytes, tuple[torch.Tensor, torch.Tensor] | None] = {}
+            gathered: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor] | None] = {}
             outs, lses = [], []
             for i in range(nq):
                 q_blk = qs[:, :, i * block_size:(i + 1) * block_size]
-                row = mask_cpu[bm, hm, i]
-                key = row.numpy().tobytes()
+                cols = kv_idx[bm, hm, i, : int(kv_cnt[bm, hm, i])].long()
+                key = tuple(cols.tolist())
                 if key not in gathered:  # rows repeat (bands, radial diagonals): gather each distinct one once
-                    idx = _token_index(row.nonzero().flatten(), block_size, Sk).to(q.device)
+                    idx = _token_index(cols, block_size, Sk).to(q.device)
                     kk, vv = ks.index_select(2, idx), vs.index_select(2, idx)
                     if has_extra:
                         kk, vv = torch.cat([kk, eks], dim=2), torch.cat([vv, evs], dim=2)
