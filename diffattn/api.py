@@ -115,6 +115,17 @@ def remove(pipe_or_model: Any) -> Any:
     return pipe_or_model
 
 
+def replace_runtime(pipe_or_model: Any, runtime: Any) -> None:
+    """Route every installed diffattn processor to `runtime` (an object with the method's `attend(call)`), keeping
+    the context hook: how benchmarks and probes wrap a method (timers, error probes, the energy probe)."""
+    for _, model in _models_of(pipe_or_model):
+        if getattr(model, _STATE_ATTR, None) is None:
+            raise ValueError(f"replace_runtime: no diffattn method is installed on {type(model).__name__}; apply one first")
+        for proc in model.attn_processors.values():
+            if hasattr(proc, "method"):
+                proc.method = runtime
+
+
 def installed(model: torch.nn.Module) -> InstalledState | None:
     """The diffattn installation on `model`, if any (for inspection and tests)."""
     return getattr(model, _STATE_ATTR, None)

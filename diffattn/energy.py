@@ -107,7 +107,7 @@ class _Accumulator:
 class EnergyProbe:
     """Computes dense attention and records the attention mass of `queries` sampled visual queries per call.
 
-    Install it in place of a method runtime (`proc.method = probe` on diffattn's processors after
+    Install it in place of a method runtime (`diffattn.api.replace_runtime(pipe, probe)` after
     `diffattn.apply(pipe, "dense")`): its outputs equal dense's. Sampling uses its own generator, so the
     pipeline's random numbers are untouched.
     """

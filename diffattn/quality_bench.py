@@ -233,17 +233,13 @@ def _probe_run(pipe, prompt: str, seed: int, call: dict[str, Any], queries: int)
     """One dense generation with `EnergyProbe` in place of dense's runtime; its energy decay (largest grid)."""
     import torch
 
-    from .api import apply, remove
+    from .api import apply, remove, replace_runtime
     from .generate import call_kwargs
 
     probe = EnergyProbe(queries=queries, seed=seed)
     apply(pipe, "dense")
     try:
-        for model in (getattr(pipe, n, None) for n in ("transformer", "transformer_2", "unet")):
-            if isinstance(model, torch.nn.Module):
-                for proc in model.attn_processors.values():
-                    if hasattr(proc, "method"):
-                        proc.method = probe
+        replace_runtime(pipe, probe)
         pipe(prompt=prompt, generator=torch.Generator(device="cpu").manual_seed(seed), **call_kwargs(pipe, **call))
     finally:
         remove(pipe)

@@ -242,9 +242,7 @@ def time_step(model, inputs, variant: str, repeats: int, method: str, options: d
     state = diffattn.api.installed(model)
     device = inputs["hidden_states"].device
     timer = AttentionTimer(state.runtime, cuda=device.type == "cuda")
-    for proc in model.attn_processors.values():
-        if hasattr(proc, "method"):
-            proc.method = timer
+    diffattn.api.replace_runtime(model, timer)
     steps, attn, cross = [], [], []
     try:
         with torch.no_grad(), sdpa_backend(backend):
@@ -349,9 +347,7 @@ def time_pipeline(
     state = diffattn.api.installed(model)
     period = 1 if dense else schedule_period(method, options)
     timer = AttentionTimer(state.runtime, cuda=cuda)
-    for proc in model.attn_processors.values():
-        if hasattr(proc, "method"):
-            proc.method = timer
+    diffattn.api.replace_runtime(model, timer)
     passes = [("cond", cond)] + ([("uncond", uncond)] if uncond is not None else [])
     base = peak = reserved = None
     per_period: list[tuple[float, float]] = []
@@ -474,9 +470,7 @@ def measure_errors(model, inputs, family: str, method: str, options: dict) -> di
     state = diffattn.api.installed(model)
     num_dual = len(getattr(model, "transformer_blocks", []) or [])
     probe = ErrorProbe(state.runtime, _layer_type(family, num_dual))
-    for proc in model.attn_processors.values():
-        if hasattr(proc, "method"):
-            proc.method = probe
+    diffattn.api.replace_runtime(model, probe)
     try:
         with torch.no_grad(), sdpa_backend("cudnn"):
             model(**inputs, return_dict=False)

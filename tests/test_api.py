@@ -191,3 +191,24 @@ def test_context_parallel_is_refused_clearly():
     finally:
         diffattn.remove(model)
     assert isinstance(WanProcessor(), WanProcessor)
+
+
+def test_replace_runtime_routes_every_processor_and_needs_an_installed_method():
+    model, make_inputs = tiny.tiny_wan()
+    with pytest.raises(ValueError, match="no diffattn method is installed"):
+        diffattn.api.replace_runtime(model, object())
+    diffattn.apply(model, "dense")
+    calls = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def attend(self, call):
+            calls.append(call.role)
+            return self.inner.attend(call)
+
+    diffattn.api.replace_runtime(model, Counting(diffattn.api.installed(model).runtime))
+    tiny.output_of(model, make_inputs())
+    assert len(calls) == len(diffattn.api.installed(model).replaced)
+    diffattn.remove(model)
