@@ -3,7 +3,6 @@ difference picture for the Compare tab. No Gradio here; the tabs pass a progress
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -50,14 +49,9 @@ def model_family(model: str) -> tuple[str | None, str | None]:
     """(family, model class) of a local pipeline folder from its model_index.json, without loading weights; (None,
     None) when unknown (hub id, missing folder, unsupported class)."""
     from ..adapters import FAMILIES
+    from ..generate import model_index
 
-    index = Path((model or "").strip()) / "model_index.json"
-    if not index.is_file():
-        return None, None
-    try:
-        data = json.loads(index.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None, None
+    data = model_index(model)
     for component in ("transformer", "unet"):
         entry = data.get(component)
         if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):

@@ -36,14 +36,22 @@ def check_model(model: str) -> None:
         raise ValueError(f"model folder {model!r} does not exist")
 
 
+def model_index(model: str) -> dict[str, Any]:
+    """A local pipeline folder's `model_index.json` (no weights loaded); {} for a hub id, a missing or unreadable
+    file."""
+    index = Path((model or "").strip()) / "model_index.json"
+    if not index.is_file():
+        return {}
+    try:
+        return json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def absent_components(model: str) -> dict[str, None]:
     """Components a local pipeline folder saved as absent (`[null, null]` in model_index.json, e.g. SD3 without
     T5), passed as None so that `from_pretrained` accepts the folder."""
-    index = Path(model) / "model_index.json"
-    if not index.is_file():
-        return {}
-    data = json.loads(index.read_text())
-    return {k: None for k, v in data.items() if isinstance(v, list) and v == [None, None]}
+    return {k: None for k, v in model_index(model).items() if isinstance(v, list) and v == [None, None]}
 
 
 def pipeline_class(model: str) -> Any:
@@ -53,12 +61,8 @@ def pipeline_class(model: str) -> Any:
 
     from . import pipelines as ours
 
-    index = Path(model) / "model_index.json"
-    if index.is_file():
-        name = json.loads(index.read_text()).get("_class_name", "")
-        if name in ours.__all__:
-            return getattr(ours, name)
-    return DiffusionPipeline
+    name = model_index(model).get("_class_name", "")
+    return getattr(ours, name) if name in ours.__all__ else DiffusionPipeline
 
 
 def load_pipeline(model: str, *, dtype: str = "fp32", device: str = "cpu", offload: bool = False, cls: Any = None):
