@@ -240,7 +240,7 @@ def _loss_plot(log: list[dict[str, float]], path: Path, kind: str) -> None:
         {"train (mean since last point)": (steps, [e["train_loss"] for e in log]),
          "eval, fixed batch": (steps, [e["eval_loss"] for e in log]),
          "eval, EMA weights": (steps, [e["eval_loss_ema"] for e in log])},
-        path, title=f"demo-{kind}: rectified-flow loss", xlabel="step", ylabel="MSE", log_y=True,
+        path, title=f"demo-{kind}: rectified-flow loss (MSE, log scale)", xlabel="step",
     )
 
 
