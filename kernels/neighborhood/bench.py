@@ -201,7 +201,93 @@ def gpu_correctness() -> list[str]:
             ok = all(e < tol for e in errs) and all(torch.isfinite(t).all() for t in (o, *grads))
             lines.append(f"{'PASS' if ok else 'FAIL'} {str(dtype)[6:]} {shape} k{ks} s{st} d{dl} c{ca} T{T}: "
                          + " ".join(f"{e:.1e}" for e in errs))
+    lines += _tma_path_checks()
     return lines
+
+
+def _tma_path_checks() -> list[str]:
+    """Perfectly block-sparse problems through the front door, asserting the in-place TMA forward ran: lse, text
+    tokens, batch > 1 (3-D folds batch into axis 0) and the backward from the TMA forward's lse."""
+    from . import triton_fwd_tma
+    from .functional import neighborhood_attention
+    from .reference import neighborhood_attention_reference
+
+    real = triton_fwd_tma.na_forward_tma_inplace
+    calls = [0]
+
+    def counting(*a, **kw):
+        calls[0] += 1
+        return real(*a, **kw)
+
+    triton_fwd_tma.na_forward_tma_inplace = counting
+    lines = []
+    try:
+        for dtype, tol in ((torch.float16, 2e-2), (torch.bfloat16, 4e-2)):
+            for shape, ks, st, qt, kt, T, B in [((8, 16, 32), (4, 8, 16), (4, 8, 16), (2, 8, 8), (2, 8, 8), 0, 2),
+                                                 ((32, 48), (16, 16), (8, 8), (8, 8), (4, 4), 77, 2),
+                                                 ((256,), 64, 64, (64,), (64,), 5, 3)]:
+                torch.manual_seed(1)
+                mk = lambda *s_: torch.randn(*s_, device="cuda", dtype=dtype, requires_grad=True)  # noqa: E731, B023
+                ins = [mk(B, *shape, 2, 64) for _ in range(3)]
+                if T:
+                    ins += [mk(B, T, 2, 64), mk(B, T, 2, 64)]
+                before = calls[0]
+                o, lse = neighborhood_attention(*ins[:3], ks, st, extra_k=ins[3] if T else None,
+                                                extra_v=ins[4] if T else None, return_lse=True, q_tile=qt, kv_tile=kt)
+                took_tma = calls[0] > before
+                go = torch.randn_like(o)
+                grads = torch.autograd.grad((o.float() * go.float()).sum(), ins)
+                i64 = [t.detach().double().requires_grad_() for t in ins]
+                ro, rl = neighborhood_attention_reference(*i64[:3], ks, st, extra_k=i64[3] if T else None,
+                                                          extra_v=i64[4] if T else None, return_lse=True)
+                rg = torch.autograd.grad((ro * go.double()).sum(), i64)
+                errs = [float((a.double() - b).norm() / b.norm()) for a, b in [(o, ro), (lse, rl), *zip(grads, rg)]]
+                ok = took_tma and all(e < tol for e in errs)
+                lines.append(f"{'PASS' if ok else 'FAIL'} TMA path {'taken' if took_tma else 'NOT TAKEN'} "
+                             f"{str(dtype)[6:]} B{B} {shape} k{ks} s{st} T{T}: " + " ".join(f"{e:.1e}" for e in errs))
+    finally:
+        triton_fwd_tma.na_forward_tma_inplace = real
+    return lines
+
+
+# TMA in-place launch variants: (q_tile, kv_tile) by number of spatial axes, then (warps, stages, pipe_qk, ws).
+# 64-row tiles with 4 warps and 64-key tiles with 2 stages fit two programs per SM (shared memory <= 113 KB each),
+# which lets one program's softmax run while the other's tensor-core work does (a hardware "ping-pong").
+TMA_SWEEP: dict[int, list[tuple]] = {
+    2: [((8, 16), (8, 16), 8, 3, False, False), ((8, 16), (8, 16), 8, 2, False, False),
+        ((8, 16), (8, 16), 8, 2, True, False), ((8, 16), (8, 16), 8, 3, True, False),
+        ((8, 16), (8, 16), 8, 2, False, True), ((8, 16), (8, 8), 8, 2, False, False),
+        ((8, 16), (8, 8), 8, 3, True, False), ((4, 16), (8, 8), 4, 2, False, False),
+        ((4, 16), (8, 8), 4, 3, False, False), ((4, 16), (8, 8), 4, 2, True, False),
+        ((4, 16), (8, 16), 4, 2, False, False)],
+    3: [((2, 8, 8), (2, 8, 8), 8, 3, False, False), ((2, 8, 8), (2, 8, 8), 8, 2, False, False),
+        ((2, 8, 8), (2, 8, 8), 8, 2, True, False), ((2, 8, 8), (2, 8, 8), 8, 3, True, False),
+        ((2, 8, 8), (2, 8, 8), 8, 2, False, True), ((2, 8, 8), (1, 8, 8), 8, 2, False, False),
+        ((2, 8, 8), (1, 8, 8), 8, 3, True, False), ((1, 8, 8), (1, 8, 8), 4, 2, False, False),
+        ((1, 8, 8), (1, 8, 8), 4, 3, False, False), ((1, 8, 8), (1, 8, 8), 4, 2, True, False),
+        ((1, 8, 8), (2, 8, 8), 4, 2, False, False)],
+}
+
+
+def tma_sweep(name: str, case: Case, q, k, v, cudnn_ms: float, long: bool, add) -> None:
+    """Time the in-place TMA forward over `TMA_SWEEP` (each variant checked on sampled rows first)."""
+    from .functional import get_plan
+    from .triton_fwd_tma import na_forward_tma_inplace, tma_inplace_ok
+
+    scale = q.shape[-1] ** -0.5
+    for qt, kt, w, st, pipe, ws in TMA_SWEEP[len(case.shape)]:
+        tag = f"Q{qt} KV{kt} warps={w} stages={st} pipe_qk={int(pipe)} ws={int(ws)}"
+        try:
+            plan = get_plan(case.shape, case.kernel_size, case.stride, 1, False, qt, kt)
+            if not tma_inplace_ok(q, plan):
+                add("ours TMA sweep SKIPPED", float("nan"), f"{tag}: not perfectly block-sparse at these tiles")
+                continue
+            fn = lambda: na_forward_tma_inplace(q, k, v, plan, scale, None, None, False, w, st, pipe, ws)  # noqa: E731
+            err = sampled_check(q, k, v, fn()[0], dict(kernel_size=case.kernel_size, stride=case.stride), 16)
+            ms = _bench(fn, long)
+            add("ours TMA in place, sweep", ms, tag, speedup=cudnn_ms / ms, sampled_rel_err=err)
+        except Exception as e:
+            add("ours TMA sweep FAILED", float("nan"), f"{tag}: {type(e).__name__}: {str(e)[:200]}")
 
 
 def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
@@ -233,7 +319,10 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
     add("cuDNN SDPA (dense)", cudnn_ms, eff_flops=dense_flops)
 
     variants = [dict()]
-    if args.sweep:
+    if args.only_tma:
+        tma_sweep(name, case, q, k, v, cudnn_ms, long, add)
+        variants = []
+    elif args.sweep:
         variants += [dict(num_stages=3), dict(kv64=True, num_stages=3), dict(kv64=True, num_stages=4),
                      dict(q64=True, kv64=True, num_warps=4, num_stages=3)]
     for var in variants:
@@ -281,17 +370,7 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
             ms_p = _bench(fnp, long)
             add("ours, permuted layout (kernel only)", ms_p, tag, speedup=cudnn_ms / ms_p)
             if sim.perfectly_block_sparse and args.tma:
-                from .triton_fwd_tma import na_forward_tma
-                for ws, st in ((False, 3), (True, 3), (False, 4)):
-                    try:
-                        ft = lambda: na_forward_tma(qp, kp, vp, plan, scale, 8, st, ws)  # noqa: E731
-                        o_t = unpermute_tokens(ft(), case.shape, plan.q_tile, (1,) * len(case.shape))
-                        err_t = sampled_check(q, k, v, o_t, dict(kernel_size=case.kernel_size, stride=case.stride), 16)
-                        ms_tma = _bench(ft, long)
-                        add("ours TMA (experimental), permuted, kernel only", ms_tma,
-                            f"{tag} ws={ws} stages={st}", speedup=cudnn_ms / ms_tma, sampled_rel_err=err_t)
-                    except Exception as e:
-                        add("ours TMA FAILED", float("nan"), f"ws={ws} stages={st}: {type(e).__name__}: {str(e)[:200]}")
+                tma_sweep(name, case, q, k, v, cudnn_ms, long, add)
 
             def total():
                 a = permute_tokens(q, plan.q_tile, (1,) * len(case.shape))
@@ -335,7 +414,7 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
                         add("ours backward FAILED", float("nan"), f"warps={bw} stages={bs}: {type(e).__name__}: {str(e)[:200]}")
         except Exception as e:  # keep the other variants going; report the failure in the table
             add("ours FAILED", float("nan"), f"{tag}: {type(e).__name__}: {str(e)[:300]}")
-    if args.flex and (not long or args.flex_long):
+    if args.flex and (not long or args.flex_long) and not args.only_tma:
         plan = get_plan(case.shape, case.kernel_size, case.stride, 1, False)
         for order in ("rowmajor", "tiled"):
             try:
@@ -348,8 +427,6 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
                     sampled_rel_err=err)
             except Exception as e:
                 add(f"FlexAttention ({order}) FAILED", float("nan"), f"{type(e).__name__}: {str(e)[:300]}")
-    del q, k, v, qs, ks_, vs
-    torch.cuda.empty_cache()
 
 
 def format_table(rows: list[dict]) -> str:
@@ -385,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="also try other tile/warp/stage settings")
     ap.add_argument("--dense-ours", action="store_true", help="time our kernel on dense attention (simulator anchor)")
     ap.add_argument("--backward", action="store_true", help="time forward+backward (cases under 100k tokens)")
-    ap.add_argument("--tma", action="store_true", help="also time the experimental TMA path on block-sparse cases")
+    ap.add_argument("--tma", action="store_true", help="also sweep the TMA path's launch variants on block-sparse cases")
+    ap.add_argument("--only-tma", action="store_true", help="time cuDNN and the TMA sweep only (with --tma)")
     ap.add_argument("--check", action="store_true", help="run the small-shape correctness suite first")
     ap.add_argument("--out", default=None, help="write JSON lines here")
     args = ap.parse_args(argv)
@@ -405,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unknown case {name!r}; known: {sorted(CASES)}", file=sys.stderr)
             return 2
         run_case(name, CASES[name], args, rows)
+        torch.cuda.empty_cache()  # the case's tensors are gone with its frame
     if args.out:
         with open(args.out, "w") as f:
             for r in rows:

@@ -36,6 +36,43 @@ def _window_ok(y, st, ln):
 
 
 @triton.jit
+def _softmax_step(acc, m_i, l_i, qk, vv, qk_scale):
+    """One online-softmax update from raw scores `qk` (masked entries -inf; `qk_scale` = scale * log2 e, > 0).
+
+    The scale is folded into the max and into one FMA per score (exp2(qk * scale - m)), as FA2/FA3 do."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(vv.dtype), vv, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _extra_tokens(acc, m_i, l_i, q, EK, EV, e_base, se_t, n_extra, offs_n, offs_d, dmask, qk_scale,
+                  BLOCK_N: tl.constexpr):
+    """Text tokens: keys every query attends, one more dense loop in the same online softmax (no LSE merge)."""
+    for j in range(0, tl.cdiv(n_extra, BLOCK_N)):
+        cols = j * BLOCK_N + offs_n
+        cvalid = cols < n_extra
+        ptr = e_base + cols[:, None] * se_t + offs_d[None, :]
+        kk = tl.load(EK + ptr, mask=cvalid[:, None] & dmask[None, :], other=0.0)
+        vv = tl.load(EV + ptr, mask=cvalid[:, None] & dmask[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(kk))
+        qk = tl.where(cvalid[None, :], qk, float("-inf"))
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, vv, qk_scale)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _finish(acc, m_i, l_i):
+    """Normalised output and natural-log LSE (rows with no key at all give 0 and m_i, not NaN)."""
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    return acc / l_safe[:, None], (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
+
+
+@triton.jit
 def _fwd_box(
     acc, m_i, l_i, q, K, V, kv_base, kv_intra,
     lo0, hi0, lo1, hi1, lo2, hi2,
@@ -78,7 +115,7 @@ def _fwd_box(
             else:
                 kk = tl.load(K + ptr, mask=dmask[None, :], other=0.0)
                 vv = tl.load(V + ptr, mask=dmask[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(kk)) * qk_scale
+        qk = tl.dot(q, tl.trans(kk))
         if MASKED:
             ok = _window_ok(y0, st0, ln0)
             if NDIM > 1:
@@ -86,13 +123,7 @@ def _fwd_box(
             if NDIM > 2:
                 ok &= _window_ok(y2, st2, ln2)
             qk = tl.where(ok, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(vv.dtype), vv, acc)
-        m_i = m_new
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, vv, qk_scale)
     return acc, m_i, l_i
 
 
@@ -245,29 +276,11 @@ def _na_fwd_kernel(
                                  lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
                                  NDIM, TK0, TK1, TK2, True, False)
     if HAS_EXTRA:
-        # text tokens: every query attends all of them
-        e_base = b64 * se_b + h * se_h
-        for j in range(0, tl.cdiv(n_extra, BLOCK_N)):
-            cols = j * BLOCK_N + offs_n
-            cvalid = cols < n_extra
-            ptr = e_base + cols[:, None] * se_t + offs_d[None, :]
-            kk = tl.load(EK + ptr, mask=cvalid[:, None] & dmask[None, :], other=0.0)
-            vv = tl.load(EV + ptr, mask=cvalid[:, None] & dmask[None, :], other=0.0)
-            qk = tl.dot(q, tl.trans(kk)) * qk_scale
-            qk = tl.where(cvalid[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(vv.dtype), vv, acc)
-            m_i = m_new
-
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    out = acc / l_safe[:, None]
+        acc, m_i, l_i = _extra_tokens(acc, m_i, l_i, q, EK, EV, b64 * se_b + h * se_h, se_t, n_extra, offs_n, offs_d,
+                                      dmask, qk_scale, BLOCK_N)
+    out, lse = _finish(acc, m_i, l_i)
     tl.store(O + o_off[:, None] + offs_d[None, :], out.to(O.dtype.element_ty), mask=qvalid[:, None] & dmask[None, :])
     if WRITE_LSE:
-        lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
         tl.store(LSE + l_off, lse, mask=qvalid)
 
 

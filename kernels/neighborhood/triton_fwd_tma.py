@@ -1,10 +1,9 @@
-"""Hopper TMA paths for perfectly block-sparse plans (no masked tile pair): the GNA fast path.
+"""Hopper TMA path for perfectly block-sparse plans (no masked tile pair): the GNA fast path.
 
-- `na_forward_tma_inplace` (used by `neighborhood_attention` on sm90+ when `tma_inplace_ok`): every query/key tile
-  is one multi-dimensional TMA box read straight out of the caller's `[B, *spatial, H, D]` tensors, so there is no
-  permutation copy; text tokens and lse as in the pointer kernel. Measured +11-18% over the pointer kernel on H100.
-- `na_forward_tma` (bench only): the same loop over NATTEN-style permuted `[B, 1, H, N_pad, D]` tensors, where each
-  tile is a contiguous run of rows (2-D TMA boxes).
+`na_forward_tma_inplace` (used by `neighborhood_attention` on sm90+ when `tma_inplace_ok`): every query/key tile is
+one multi-dimensional TMA box read straight out of the caller's `[B, *spatial, H, D]` tensors, so there is no
+permutation copy; text tokens and lse as in the pointer kernel, whose @triton.jit helpers (online-softmax step,
+text-token loop, finish) it shares. Measured +11-18% over the pointer kernel on H100 (NOTES.md).
 If the descriptors fail at run time (old Triton or driver), the front door logs once and uses the pointer kernel.
 """
 
@@ -15,87 +14,7 @@ import triton
 import triton.language as tl
 
 from .tiling import Plan
-from .triton_fwd import LOG2E, _pad3, axis_tables
-
-
-@triton.jit
-def _na_fwd_tma_kernel(
-    desc_q, desc_k, desc_v, desc_o,
-    QT0, QT1, QT2,
-    NQ0, NQ1, NQ2, NK1, NK2, NPQ, NPK,
-    qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, WS: tl.constexpr,
-):
-    pid_t = tl.program_id(0)
-    pid_bgh = tl.program_id(1)
-    qt2 = pid_t % NQ2
-    qt1 = (pid_t // NQ2) % NQ1
-    qt0 = pid_t // (NQ2 * NQ1)
-    # pid_bgh = b * heads + h (no dilation on this path): its rows start at pid_bgh * N_pad
-    lo0 = tl.load(QT0 + qt0 * 4)
-    hi0 = tl.load(QT0 + qt0 * 4 + 1)
-    lo1 = tl.load(QT1 + qt1 * 4)
-    hi1 = tl.load(QT1 + qt1 * 4 + 1)
-    lo2 = tl.load(QT2 + qt2 * 4)
-    hi2 = tl.load(QT2 + qt2 * 4 + 1)
-    q_row = pid_bgh * NPQ + pid_t * BLOCK_M
-    kv_row0 = pid_bgh * NPK
-    q = desc_q.load([q_row, 0])
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    c1 = hi1 - lo1
-    c2 = hi2 - lo2
-    count = (hi0 - lo0) * c1 * c2
-    for it in tl.range(0, count, warp_specialize=WS):
-        k2 = lo2 + it % c2
-        k1 = lo1 + (it // c2) % c1
-        k0 = lo0 + it // (c2 * c1)
-        row = kv_row0 + ((k0 * NK1 + k1) * NK2 + k2) * BLOCK_N
-        kk = desc_k.load([row, 0])
-        vv = desc_v.load([row, 0])
-        qk = tl.dot(q, tl.trans(kk)) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(vv.dtype), vv, acc)
-        m_i = m_new
-    out = acc / l_i[:, None]
-    desc_o.store([q_row, 0], out.to(desc_o.dtype))
-
-
-def na_forward_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
-                   num_warps: int = 8, num_stages: int = 3, warp_specialize: bool = False) -> torch.Tensor:
-    """q `[B, 1, H, Nq_pad, D]`, k/v `[B, 1, H, Nk_pad, D]` contiguous (permuted, no dilation); returns out like q."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    if plan.groups != 1:
-        raise ValueError("the TMA path handles dilation 1 only")
-    if plan.counts()["masked"]:
-        raise ValueError("the TMA path needs a perfectly block-sparse plan")
-    b, _, h, npq, d = q.shape
-    npk = k.shape[3]
-    bm, bn = plan.block_m, plan.block_n
-    out = torch.empty_like(q)
-    q2, k2, v2, o2 = (t.reshape(-1, d) for t in (q, k, v, out))
-    dq = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [bm, d])
-    dk = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [bn, d])
-    dv = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, d])
-    do = TensorDescriptor(o2, list(o2.shape), list(o2.stride()), [bm, d])
-    tabs = axis_tables(plan, q.device)
-    ax = plan.axes
-    nq = _pad3([a.n_q_tiles for a in ax], 1)
-    nk = _pad3([a.n_kv_tiles for a in ax], 1)
-    grid = (nq[0] * nq[1] * nq[2], b * h)
-    _na_fwd_tma_kernel[grid](
-        dq, dk, dv, do, tabs[1], tabs[4], tabs[7],
-        nq[0], nq[1], nq[2], nk[1], nk[2], npq, npk,
-        scale * LOG2E,
-        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=d, WS=warp_specialize, num_warps=num_warps, num_stages=num_stages,
-    )
-    return out
+from .triton_fwd import LOG2E, _extra_tokens, _finish, _pad3, _softmax_step, axis_tables
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,16 +24,30 @@ def na_forward_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan
 
 
 @triton.jit
+def _tma_tile(desc, b, h, t0, t1, t2, L0, NDIM: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr,
+              T2: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Tile (t0, t1, t2) of one (batch, head) as a [rows, D] block: one TMA box of the 5-D view (see `_desc5`)."""
+    if NDIM == 1:
+        x = desc.load([b, t0 * T0, 0, h, 0])
+    elif NDIM == 2:
+        x = desc.load([b, t0 * T0, t1 * T1, h, 0])
+    else:
+        x = desc.load([b * L0 + t0 * T0, t1 * T1, t2 * T2, h, 0])
+    return x.reshape(T0 * T1 * T2, HEAD_DIM)
+
+
+@triton.jit
 def _na_fwd_tma_inplace_kernel(
     desc_q, desc_k, desc_v, desc_o, LSE, EK, EV,
     QT0, QT1, QT2,
     NQ0, NQ1, NQ2, L0, L1, L2, H,
     sl_b, sl_0, sl_1, sl_2, se_b, se_h, se_t, n_extra,
-    qk_scale, head_dim,
+    qk_scale,
     NDIM: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
     HEAD_DIM: tl.constexpr, HAS_EXTRA: tl.constexpr, WRITE_LSE: tl.constexpr,
+    PIPE_QK: tl.constexpr, WS: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
     BLOCK_N: tl.constexpr = TK0 * TK1 * TK2
@@ -131,62 +64,42 @@ def _na_fwd_tma_inplace_kernel(
     hi1 = tl.load(QT1 + qt1 * 4 + 1)
     lo2 = tl.load(QT2 + qt2 * 4)
     hi2 = tl.load(QT2 + qt2 * 4 + 1)
-    if NDIM == 1:
-        q = desc_q.load([b, qt0 * TQ0, 0, h, 0]).reshape(BLOCK_M, HEAD_DIM)
-    elif NDIM == 2:
-        q = desc_q.load([b, qt0 * TQ0, qt1 * TQ1, h, 0]).reshape(BLOCK_M, HEAD_DIM)
-    else:
-        q = desc_q.load([b * L0 + qt0 * TQ0, qt1 * TQ1, qt2 * TQ2, h, 0]).reshape(BLOCK_M, HEAD_DIM)
+    q = _tma_tile(desc_q, b, h, qt0, qt1, qt2, L0, NDIM, TQ0, TQ1, TQ2, HEAD_DIM)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     c1 = hi1 - lo1
     c2 = hi2 - lo2
     count = (hi0 - lo0) * c1 * c2
-    for it in range(0, count):
-        k2 = lo2 + it % c2
-        k1 = lo1 + (it // c2) % c1
-        k0 = lo0 + it // (c2 * c1)
-        if NDIM == 1:
-            kk = desc_k.load([b, k0 * TK0, 0, h, 0]).reshape(BLOCK_N, HEAD_DIM)
-            vv = desc_v.load([b, k0 * TK0, 0, h, 0]).reshape(BLOCK_N, HEAD_DIM)
-        elif NDIM == 2:
-            kk = desc_k.load([b, k0 * TK0, k1 * TK1, h, 0]).reshape(BLOCK_N, HEAD_DIM)
-            vv = desc_v.load([b, k0 * TK0, k1 * TK1, h, 0]).reshape(BLOCK_N, HEAD_DIM)
-        else:
-            kk = desc_k.load([b * L0 + k0 * TK0, k1 * TK1, k2 * TK2, h, 0]).reshape(BLOCK_N, HEAD_DIM)
-            vv = desc_v.load([b * L0 + k0 * TK0, k1 * TK1, k2 * TK2, h, 0]).reshape(BLOCK_N, HEAD_DIM)
-        qk = tl.dot(q, tl.trans(kk)) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(vv.dtype), vv, acc)
-        m_i = m_new
+    if PIPE_QK:
+        # scores of key tile it+1 are issued before the softmax of tile it (FA3's intra-warpgroup overlap); the
+        # last iteration recomputes the last tile's scores instead of branching
+        kk = _tma_tile(desc_k, b, h, lo0, lo1, lo2, L0, NDIM, TK0, TK1, TK2, HEAD_DIM)
+        qk = tl.dot(q, tl.trans(kk))
+        for it in range(0, count):
+            nx = tl.minimum(it + 1, count - 1)
+            kn = _tma_tile(desc_k, b, h, lo0 + nx // (c2 * c1), lo1 + (nx // c2) % c1, lo2 + nx % c2, L0, NDIM,
+                           TK0, TK1, TK2, HEAD_DIM)
+            vv = _tma_tile(desc_v, b, h, lo0 + it // (c2 * c1), lo1 + (it // c2) % c1, lo2 + it % c2, L0, NDIM,
+                           TK0, TK1, TK2, HEAD_DIM)
+            qk_next = tl.dot(q, tl.trans(kn))
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, vv, qk_scale)
+            qk = qk_next
+    else:
+        for it in tl.range(0, count, warp_specialize=WS):
+            k0 = lo0 + it // (c2 * c1)
+            k1 = lo1 + (it // c2) % c1
+            k2 = lo2 + it % c2
+            kk = _tma_tile(desc_k, b, h, k0, k1, k2, L0, NDIM, TK0, TK1, TK2, HEAD_DIM)
+            vv = _tma_tile(desc_v, b, h, k0, k1, k2, L0, NDIM, TK0, TK1, TK2, HEAD_DIM)
+            qk = tl.dot(q, tl.trans(kk))
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, vv, qk_scale)
     offs_d = tl.arange(0, HEAD_DIM)
     if HAS_EXTRA:
-        offs_n = tl.arange(0, BLOCK_N)
-        b64 = b.to(tl.int64)
-        EK += b64 * se_b + h * se_h
-        EV += b64 * se_b + h * se_h
-        for j in range(0, tl.cdiv(n_extra, BLOCK_N)):
-            cols = j * BLOCK_N + offs_n
-            cvalid = cols < n_extra
-            ptr = cols[:, None] * se_t + offs_d[None, :]
-            kk = tl.load(EK + ptr, mask=cvalid[:, None], other=0.0)
-            vv = tl.load(EV + ptr, mask=cvalid[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(kk)) * qk_scale
-            qk = tl.where(cvalid[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(vv.dtype), vv, acc)
-            m_i = m_new
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    out = (acc / l_safe[:, None]).to(desc_o.dtype)
+        acc, m_i, l_i = _extra_tokens(acc, m_i, l_i, q, EK, EV, b.to(tl.int64) * se_b + h * se_h, se_t, n_extra,
+                                      tl.arange(0, BLOCK_N), offs_d, offs_d < HEAD_DIM, qk_scale, BLOCK_N)
+    out, lse = _finish(acc, m_i, l_i)
+    out = out.to(desc_o.dtype)
     # TMA stores clip rows outside the tensor (padding of the last tile along an axis)
     if NDIM == 1:
         desc_o.store([b, qt0 * TQ0, 0, h, 0], out.reshape(1, TQ0, 1, 1, HEAD_DIM))
@@ -196,19 +109,15 @@ def _na_fwd_tma_inplace_kernel(
         desc_o.store([b * L0 + qt0 * TQ0, qt1 * TQ1, qt2 * TQ2, h, 0], out.reshape(TQ0, TQ1, TQ2, 1, HEAD_DIM))
     if WRITE_LSE:
         offs_m = tl.arange(0, BLOCK_M)
-        m0 = offs_m // (TQ1 * TQ2)
-        m1 = (offs_m // TQ2) % TQ1
-        m2 = offs_m % TQ2
-        lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
-        x0 = qt0 * TQ0 + m0
+        x0 = qt0 * TQ0 + offs_m // (TQ1 * TQ2)
         valid = x0 < L0
         off = b.to(tl.int64) * sl_b + h + x0 * sl_0
         if NDIM > 1:
-            x1 = qt1 * TQ1 + m1
+            x1 = qt1 * TQ1 + (offs_m // TQ2) % TQ1
             valid &= x1 < L1
             off += x1 * sl_1
         if NDIM > 2:
-            x2 = qt2 * TQ2 + m2
+            x2 = qt2 * TQ2 + offs_m % TQ2
             valid &= x2 < L2
             off += x2 * sl_2
         tl.store(LSE + off, lse, mask=valid)
@@ -262,9 +171,12 @@ def _desc5(t: torch.Tensor, ndim: int, tile: tuple[int, ...]):
 def na_forward_tma_inplace(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
     extra_k: torch.Tensor | None, extra_v: torch.Tensor | None, need_lse: bool,
-    num_warps: int = 8, num_stages: int = 3,
+    num_warps: int = 8, num_stages: int = 3, pipe_qk: bool = False, warp_specialize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Forward for `tma_inplace_ok` problems; same contract as `triton_fwd.na_forward` (spatial layout)."""
+    """Forward for `tma_inplace_ok` problems; same contract as `triton_fwd.na_forward` (spatial layout).
+
+    pipe_qk: issue the next key tile's scores before this tile's softmax; warp_specialize: Triton's automatic
+    producer/consumer split of the loop (both tuning experiments, see NOTES.md)."""
     nd = plan.ndim
     b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -289,8 +201,9 @@ def na_forward_tma_inplace(
         dq, dk, dv, do, lse, ek, ev, tabs[1], tabs[4], tabs[7],
         nq[0], nq[1], nq[2], ls[0], ls[1], ls[2], h,
         lse.stride(0) if need_lse else 0, *ls_strides, *ea,
-        scale * LOG2E, d,
+        scale * LOG2E,
         NDIM=nd, TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], TK0=tk[0], TK1=tk[1], TK2=tk[2], HEAD_DIM=d,
-        HAS_EXTRA=extra_k is not None, WRITE_LSE=need_lse, num_warps=num_warps, num_stages=num_stages,
+        HAS_EXTRA=extra_k is not None, WRITE_LSE=need_lse, PIPE_QK=pipe_qk, WS=warp_specialize,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out, (lse if need_lse else None)
