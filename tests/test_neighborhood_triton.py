@@ -84,13 +84,11 @@ for i, (name, shape, ks, st, dl, ca, T, qt, kt) in enumerate(configs):
 # the in-place TMA path (Hopper fast path for perfectly block-sparse plans), called directly: the front door only
 # takes it on CUDA
 from diffattn.kernels.neighborhood.triton_fwd_tma import na_forward_tma_inplace
-for name, shape, ks, st, qt, kt, B, T, pipe in [
-    ("tma-2d-extra", (8, 16), (4, 8), (4, 8), (4, 4), (4, 4), 2, 5, False),
-    ("tma-3d", (6, 8, 8), (4, 4, 4), (4, 4, 4), (2, 4, 4), (2, 4, 4), 2, 0, False),
-    ("tma-1d-extra", (64,), (32,), (32,), (16,), (16,), 3, 3, False),
-    # the software-pipelined loop (next tile's scores before this tile's softmax), incl. a one-tile box
-    ("tma-2d-pipelined-extra", (8, 16), (4, 8), (4, 8), (4, 4), (4, 4), 2, 5, True),
-    ("tma-1d-pipelined-one-tile", (32,), (16,), (16,), (16,), (16,), 1, 0, True),
+for name, shape, ks, st, qt, kt, B, T in [
+    ("tma-2d-extra", (8, 16), (4, 8), (4, 8), (4, 4), (4, 4), 2, 5),
+    ("tma-3d", (6, 8, 8), (4, 4, 4), (4, 4, 4), (2, 4, 4), (2, 4, 4), 2, 0),
+    ("tma-1d-extra", (64,), (32,), (32,), (16,), (16,), 3, 3),
+    ("tma-1d-one-tile", (32,), (16,), (16,), (16,), (16,), 1, 0),
 ]:
     torch.manual_seed(7)
     q, k, v = (torch.randn(B, *shape, 2, 16) for _ in range(3))
@@ -100,7 +98,7 @@ for name, shape, ks, st, qt, kt, B, T, pipe in [
     plan = get_plan(shape, ks, st, 1, False, qt, kt)
     res = {"name": name, "masked": plan.counts()["masked"]}
     try:
-        o, l = na_forward_tma_inplace(q, k, v, plan, 0.3, ek, ev, True, pipe_qk=pipe)
+        o, l = na_forward_tma_inplace(q, k, v, plan, 0.3, ek, ev, True)
         ro, rl = neighborhood_attention_reference(q, k, v, ks, st, scale=0.3, extra_k=ek, extra_v=ev, return_lse=True)
         res["out"] = float((o - ro).norm() / ro.norm())
         res["lse"] = float((l - rl).norm() / rl.norm())
@@ -151,8 +149,7 @@ def test_triton_matches_reference(results, cfg):
     assert r["permuted_out"] < 1e-5 and r["permuted_lse"] < 1e-5, r
 
 
-@pytest.mark.parametrize("name", ["tma-2d-extra", "tma-3d", "tma-1d-extra", "tma-2d-pipelined-extra",
-                                  "tma-1d-pipelined-one-tile"])
+@pytest.mark.parametrize("name", ["tma-2d-extra", "tma-3d", "tma-1d-extra", "tma-1d-one-tile"])
 def test_tma_inplace_path_matches_reference(results, name):
     r = results.get(name)
     assert r is not None and "error" not in r, r

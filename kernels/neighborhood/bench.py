@@ -250,22 +250,16 @@ def _tma_path_checks() -> list[str]:
     return lines
 
 
-# TMA in-place launch variants: (q_tile, kv_tile) by number of spatial axes, then (warps, stages, pipe_qk, ws).
-# 64-row tiles with 4 warps and 64-key tiles with 2 stages fit two programs per SM (shared memory <= 113 KB each),
-# which lets one program's softmax run while the other's tensor-core work does (a hardware "ping-pong").
+# TMA in-place launch variants: (q_tile, kv_tile) by number of spatial axes, then (warps, stages). 64-row tiles with
+# 4 warps and 64-key tiles with 2-3 stages fit two programs per SM (shared memory <= 113 KB each), so one program's
+# softmax can run under the other's tensor-core work. Software-pipelined scores (next tile's QK^T before this tile's
+# softmax) and Triton 3.6's warp_specialize were tried at commit 091bab3 and lost (NOTES.md).
 TMA_SWEEP: dict[int, list[tuple]] = {
-    2: [((8, 16), (8, 16), 8, 3, False, False), ((8, 16), (8, 16), 8, 2, False, False),
-        ((8, 16), (8, 16), 8, 2, True, False), ((8, 16), (8, 16), 8, 3, True, False),
-        ((8, 16), (8, 16), 8, 2, False, True), ((8, 16), (8, 8), 8, 2, False, False),
-        ((8, 16), (8, 8), 8, 3, True, False), ((4, 16), (8, 8), 4, 2, False, False),
-        ((4, 16), (8, 8), 4, 3, False, False), ((4, 16), (8, 8), 4, 2, True, False),
-        ((4, 16), (8, 16), 4, 2, False, False)],
-    3: [((2, 8, 8), (2, 8, 8), 8, 3, False, False), ((2, 8, 8), (2, 8, 8), 8, 2, False, False),
-        ((2, 8, 8), (2, 8, 8), 8, 2, True, False), ((2, 8, 8), (2, 8, 8), 8, 3, True, False),
-        ((2, 8, 8), (2, 8, 8), 8, 2, False, True), ((2, 8, 8), (1, 8, 8), 8, 2, False, False),
-        ((2, 8, 8), (1, 8, 8), 8, 3, True, False), ((1, 8, 8), (1, 8, 8), 4, 2, False, False),
-        ((1, 8, 8), (1, 8, 8), 4, 3, False, False), ((1, 8, 8), (1, 8, 8), 4, 2, True, False),
-        ((1, 8, 8), (2, 8, 8), 4, 2, False, False)],
+    2: [((8, 16), (8, 16), 8, 3), ((8, 16), (8, 16), 8, 2), ((8, 16), (8, 8), 8, 2), ((8, 16), (8, 8), 8, 3),
+        ((4, 16), (8, 8), 4, 2), ((4, 16), (8, 8), 4, 3), ((4, 16), (8, 16), 4, 2)],
+    3: [((2, 8, 8), (2, 8, 8), 8, 3), ((2, 8, 8), (2, 8, 8), 8, 2), ((2, 8, 8), (1, 8, 8), 8, 2),
+        ((2, 8, 8), (1, 8, 8), 8, 3), ((1, 8, 8), (1, 8, 8), 4, 2), ((1, 8, 8), (1, 8, 8), 4, 3),
+        ((1, 8, 8), (2, 8, 8), 4, 2)],
 }
 
 
@@ -275,14 +269,14 @@ def tma_sweep(name: str, case: Case, q, k, v, cudnn_ms: float, long: bool, add) 
     from .triton_fwd_tma import na_forward_tma_inplace, tma_inplace_ok
 
     scale = q.shape[-1] ** -0.5
-    for qt, kt, w, st, pipe, ws in TMA_SWEEP[len(case.shape)]:
-        tag = f"Q{qt} KV{kt} warps={w} stages={st} pipe_qk={int(pipe)} ws={int(ws)}"
+    for qt, kt, w, st in TMA_SWEEP[len(case.shape)]:
+        tag = f"Q{qt} KV{kt} warps={w} stages={st}"
         try:
             plan = get_plan(case.shape, case.kernel_size, case.stride, 1, False, qt, kt)
             if not tma_inplace_ok(q, plan):
                 add("ours TMA sweep SKIPPED", float("nan"), f"{tag}: not perfectly block-sparse at these tiles")
                 continue
-            fn = lambda: na_forward_tma_inplace(q, k, v, plan, scale, None, None, False, w, st, pipe, ws)  # noqa: E731
+            fn = lambda: na_forward_tma_inplace(q, k, v, plan, scale, None, None, False, w, st)  # noqa: E731
             err = sampled_check(q, k, v, fn()[0], dict(kernel_size=case.kernel_size, stride=case.stride), 16)
             ms = _bench(fn, long)
             add("ours TMA in place, sweep", ms, tag, speedup=cudnn_ms / ms, sampled_rel_err=err)

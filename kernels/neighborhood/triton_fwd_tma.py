@@ -47,7 +47,6 @@ def _na_fwd_tma_inplace_kernel(
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
     HEAD_DIM: tl.constexpr, HAS_EXTRA: tl.constexpr, WRITE_LSE: tl.constexpr,
-    PIPE_QK: tl.constexpr, WS: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
     BLOCK_N: tl.constexpr = TK0 * TK1 * TK2
@@ -71,29 +70,14 @@ def _na_fwd_tma_inplace_kernel(
     c1 = hi1 - lo1
     c2 = hi2 - lo2
     count = (hi0 - lo0) * c1 * c2
-    if PIPE_QK:
-        # scores of key tile it+1 are issued before the softmax of tile it (FA3's intra-warpgroup overlap); the
-        # last iteration recomputes the last tile's scores instead of branching
-        kk = _tma_tile(desc_k, b, h, lo0, lo1, lo2, L0, NDIM, TK0, TK1, TK2, HEAD_DIM)
+    for it in range(0, count):
+        k0 = lo0 + it // (c2 * c1)
+        k1 = lo1 + (it // c2) % c1
+        k2 = lo2 + it % c2
+        kk = _tma_tile(desc_k, b, h, k0, k1, k2, L0, NDIM, TK0, TK1, TK2, HEAD_DIM)
+        vv = _tma_tile(desc_v, b, h, k0, k1, k2, L0, NDIM, TK0, TK1, TK2, HEAD_DIM)
         qk = tl.dot(q, tl.trans(kk))
-        for it in range(0, count):
-            nx = tl.minimum(it + 1, count - 1)
-            kn = _tma_tile(desc_k, b, h, lo0 + nx // (c2 * c1), lo1 + (nx // c2) % c1, lo2 + nx % c2, L0, NDIM,
-                           TK0, TK1, TK2, HEAD_DIM)
-            vv = _tma_tile(desc_v, b, h, lo0 + it // (c2 * c1), lo1 + (it // c2) % c1, lo2 + it % c2, L0, NDIM,
-                           TK0, TK1, TK2, HEAD_DIM)
-            qk_next = tl.dot(q, tl.trans(kn))
-            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, vv, qk_scale)
-            qk = qk_next
-    else:
-        for it in tl.range(0, count, warp_specialize=WS):
-            k0 = lo0 + it // (c2 * c1)
-            k1 = lo1 + (it // c2) % c1
-            k2 = lo2 + it % c2
-            kk = _tma_tile(desc_k, b, h, k0, k1, k2, L0, NDIM, TK0, TK1, TK2, HEAD_DIM)
-            vv = _tma_tile(desc_v, b, h, k0, k1, k2, L0, NDIM, TK0, TK1, TK2, HEAD_DIM)
-            qk = tl.dot(q, tl.trans(kk))
-            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, vv, qk_scale)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, vv, qk_scale)
     offs_d = tl.arange(0, HEAD_DIM)
     if HAS_EXTRA:
         acc, m_i, l_i = _extra_tokens(acc, m_i, l_i, q, EK, EV, b.to(tl.int64) * se_b + h * se_h, se_t, n_extra,
@@ -171,12 +155,10 @@ def _desc5(t: torch.Tensor, ndim: int, tile: tuple[int, ...]):
 def na_forward_tma_inplace(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
     extra_k: torch.Tensor | None, extra_v: torch.Tensor | None, need_lse: bool,
-    num_warps: int = 8, num_stages: int = 3, pipe_qk: bool = False, warp_specialize: bool = False,
+    num_warps: int = 8, num_stages: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward for `tma_inplace_ok` problems; same contract as `triton_fwd.na_forward` (spatial layout).
-
-    pipe_qk: issue the next key tile's scores before this tile's softmax; warp_specialize: Triton's automatic
-    producer/consumer split of the loop (both tuning experiments, see NOTES.md)."""
+    8 warps / 3 stages at 128x128 tiles won the H100 sweep (`bench --tma`, NOTES.md)."""
     nd = plan.ndim
     b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -203,7 +185,6 @@ def na_forward_tma_inplace(
         lse.stride(0) if need_lse else 0, *ls_strides, *ea,
         scale * LOG2E,
         NDIM=nd, TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], TK0=tk[0], TK1=tk[1], TK2=tk[2], HEAD_DIM=d,
-        HAS_EXTRA=extra_k is not None, WRITE_LSE=need_lse, PIPE_QK=pipe_qk, WS=warp_specialize,
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_EXTRA=extra_k is not None, WRITE_LSE=need_lse, num_warps=num_warps, num_stages=num_stages,
     )
     return out, (lse if need_lse else None)
