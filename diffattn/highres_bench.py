@@ -607,6 +607,86 @@ def _summarize(report: dict[str, Any], clock: StageClock, probe: PipelineProbe) 
         report["within_cap"] = report["peak_reserved_bytes"] <= cap["cap_bytes"] and report["oom"] is None
 
 
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def video_writer(path: str) -> str:
+    """Which writer can write `path`: imageio (ffmpeg through imageio-ffmpeg; Pillow for GIF), else OpenCV for
+    .mp4 (GPU images often have opencv-python-headless but not imageio-ffmpeg). ValueError when none can."""
+    from .generate import VIDEO_SUFFIXES
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"--video must end in {', '.join(VIDEO_SUFFIXES)}, got {path!r}")
+    if _has("imageio") and (suffix == ".gif" or _has("imageio_ffmpeg")):
+        return "imageio"
+    if suffix == ".mp4" and _has("cv2"):
+        return "opencv"
+    raise ValueError(f"--video {path!r}: no writer here (needs imageio with imageio-ffmpeg, or OpenCV for .mp4)")
+
+
+def write_video(result: Any, path: str, fps: int = 16) -> dict[str, Any]:
+    """Write the pipeline's video; returns frames, size and the writer used."""
+    writer = video_writer(path)
+    if writer == "imageio":
+        from .generate import write_result
+
+        return {**write_result(result, path, fps=fps), "writer": writer}
+    import cv2
+    import numpy as np
+
+    data = (np.clip(np.asarray(result.frames[0], dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    out = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (data.shape[2], data.shape[1]))
+    if not out.isOpened():
+        raise OSError(f"OpenCV could not open {path!r} for writing")
+    try:
+        for frame in data:
+            out.write(np.ascontiguousarray(frame[..., ::-1]))  # OpenCV takes BGR
+    finally:
+        out.release()
+    return {"kind": "video", "frames": int(data.shape[0]), "size": list(data.shape[1:3]), "writer": writer}
+
+
+def read_back(path: str, writer: str) -> dict[str, Any]:
+    """Frames and frame size as a reader sees the written file (the job's real output, not what was meant)."""
+    frames, size = 0, None
+    if writer == "imageio":
+        import imageio.v3 as iio
+
+        for frame in iio.imiter(path):
+            frames += 1
+            size = list(frame.shape[:2])
+        return {"frames": frames, "size": size}
+    import cv2
+
+    cap = cv2.VideoCapture(path)
+    try:
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            frames += 1
+            size = list(frame.shape[:2])
+    finally:
+        cap.release()
+    return {"frames": frames, "size": size}
+
+
+def preflight(video: str | None) -> None:
+    """Fail before minutes of model building: what the run needs that a bare GPU image may lack."""
+    if not _has("ftfy"):
+        raise ValueError("ftfy is not installed: WanVideoToVideoPipeline (FreeSwim's refine pass) cleans prompts with "
+                         "it unconditionally (pip install ftfy)")
+    if not _has("accelerate"):
+        raise ValueError("accelerate is not installed: enable_model_cpu_offload needs it (pip install accelerate)")
+    if video is not None:
+        video_writer(video)
+
+
 def _versions() -> dict[str, str]:
     out = {"torch": torch.__version__}
     for name in ("diffusers", "transformers", "accelerate", "triton"):
@@ -697,13 +777,16 @@ def run(settings: HighresSettings, *, video: str | None = None, fps: int = 16,
         frames = np.asarray(result.frames[0])
         report["output"] = {"shape": list(frames.shape), "finite": bool(np.isfinite(frames).all())}
         if video:
-            from .generate import write_result
-
-            start = time.perf_counter()
-            written = write_result(result, video, fps=fps)
-            report["video"] = {"path": video, **written, "seconds": time.perf_counter() - start}
-            logger.info("diffattn highres: wrote %s (%d frames, %s)", video, written["frames"],
-                        "x".join(map(str, written["size"])))
+            try:
+                start = time.perf_counter()
+                written = write_video(result, video, fps=fps)
+                report["video"] = {"path": video, **written, "seconds": time.perf_counter() - start,
+                                   "bytes": Path(video).stat().st_size, "read_back": read_back(video, written["writer"])}
+                logger.info("diffattn highres: wrote %s (%d frames, %s, %s)", video, written["frames"],
+                            "x".join(map(str, written["size"])), written["writer"])
+            except Exception as exc:  # noqa: BLE001 - the measurement is saved; a writer problem must not hide it
+                report["video_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+                logger.error("diffattn highres: writing %s failed: %s", video, report["video_error"])
     report["host_peak_rss_bytes"] = _host_peak_rss()
     report["total_s"] = time.perf_counter() - t_build
     dump(report)
@@ -764,7 +847,12 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"OUT OF MEMORY in {report['oom']['stage']}: {report['oom']['message'][:400]}")
     if report.get("video"):
         vid = report["video"]
-        lines.append(f"video: {vid['path']}, {vid['frames']} frames of {vid['size'][0]}x{vid['size'][1]}")
+        back = vid.get("read_back") or {}
+        lines.append(f"video ({vid['writer']}): {vid['path']}, {vid['frames']} frames of {vid['size'][0]}x{vid['size'][1]} written, "
+                     f"{back.get('frames')} frames of {'x'.join(map(str, back.get('size') or []))} read back, "
+                     f"{vid.get('bytes', 0) / 2**20:.1f} MiB")
+    if report.get("video_error"):
+        lines.append(f"video NOT written: {report['video_error']}")
     if report.get("output"):
         lines.append(f"output frames finite: {report['output']['finite']}")
     for note in report.get("notes", []):
@@ -833,11 +921,7 @@ def main(argv: list[str] | None = None) -> int:
             vae_dtype=args.vae_dtype, seed=args.seed, prompt=args.prompt, negative_prompt=args.negative_prompt,
             device=device,
         )
-        if args.video is not None:
-            from .generate import VIDEO_SUFFIXES
-
-            if Path(args.video).suffix.lower() not in VIDEO_SUFFIXES:
-                raise ValueError(f"--video must end in {', '.join(VIDEO_SUFFIXES)}, got {args.video!r}")
+        preflight(args.video)
     except ValueError as exc:
         print(f"diffattn bench highres: {exc}", file=sys.stderr)
         return 2

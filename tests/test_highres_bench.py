@@ -69,6 +69,8 @@ def test_tiny_video_file(tiny_run):
     frames = iio.imread(video)
     assert frames.shape == (5, 64, 96, 3)
     assert report["video"]["frames"] == 5 and report["video"]["size"] == [64, 96]
+    assert report["video"]["read_back"] == {"frames": 5, "size": [64, 96]} and report["video"]["writer"] == "imageio"
+    assert report["video"]["bytes"] == video.stat().st_size
     assert report["output"] == {"shape": [5, 64, 96, 3], "finite": True}
 
 
@@ -125,3 +127,27 @@ def test_bad_arguments(capsys, monkeypatch):
     assert "refine step" in capsys.readouterr().err
     assert hb.main(["--model", "tiny", "--video", "x.png"]) == 2
     assert "--video must end in" in capsys.readouterr().err
+
+
+def test_preflight_fails_before_building(capsys, monkeypatch):
+    real = hb._has
+    monkeypatch.setattr(hb, "_has", lambda m: False if m == "ftfy" else real(m))
+    assert hb.main(["--model", "tiny"]) == 2
+    assert "ftfy is not installed" in capsys.readouterr().err
+    monkeypatch.setattr(hb, "_has", lambda m: False if m in ("imageio_ffmpeg", "cv2") else real(m))
+    assert hb.main(["--model", "tiny", "--video", "x.mp4"]) == 2
+    assert "no writer here" in capsys.readouterr().err
+
+
+def test_opencv_writer_when_imageio_has_no_ffmpeg(tmp_path, monkeypatch):
+    import types
+
+    import numpy as np
+
+    pytest.importorskip("cv2")
+    real = hb._has
+    monkeypatch.setattr(hb, "_has", lambda m: False if m == "imageio_ffmpeg" else real(m))
+    frames = np.random.default_rng(0).random((5, 64, 96, 3), dtype=np.float32)
+    written = hb.write_video(types.SimpleNamespace(frames=[frames]), str(tmp_path / "v.mp4"))
+    assert written["writer"] == "opencv" and written["frames"] == 5
+    assert hb.read_back(str(tmp_path / "v.mp4"), "opencv") == {"frames": 5, "size": [64, 96]}
