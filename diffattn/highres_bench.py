@@ -303,10 +303,11 @@ class StageClock:
     """Contiguous stages: `enter(name)` ends the current stage (synchronising the GPU, reading and resetting the
     allocator's peaks) and starts `name`; re-entering the current stage does nothing."""
 
-    def __init__(self, cuda: bool) -> None:
+    def __init__(self, cuda: bool, on_close: Callable[[], None] | None = None) -> None:
         self.cuda = cuda
         self.stages: list[Stage] = []
         self.current: Stage | None = None
+        self.on_close = on_close  # e.g. rewrite the report: a run killed at its time limit keeps the stages so far
         self._start = 0.0
 
     def sync(self) -> None:
@@ -345,6 +346,8 @@ class StageClock:
         logger.info("diffattn highres: %s: %.1f s, peak %s GiB allocated (%s reserved), host RSS peak %s GiB",
                     stage.name, stage.seconds, _gib(stage.peak_allocated_bytes), _gib(stage.peak_reserved_bytes),
                     _gib(stage.host_peak_rss_bytes))
+        if self.on_close is not None:
+            self.on_close()
 
     def record_call(self, what: str, seconds: float) -> None:
         if self.current is not None:
@@ -353,7 +356,8 @@ class StageClock:
 
 @dataclass
 class Forward:
-    """One transformer forward: its pass, timestep, FreeSwim mode (guide = full+window, cached, window) and time."""
+    """One transformer forward: its stage, timestep, FreeSwim mode ("dual": full branch + window in one batch,
+    "cached", "window"; "dense" when no method is installed, as in the base pass) and time."""
 
     stage: str
     timestep: float
@@ -479,8 +483,13 @@ class PipelineProbe:
             out[-1]["modes"].append(f.mode)
             out[-1]["forward_s"].append(f.seconds)
             out[-1]["end"] = f.end
+        # refine: the callback closes each step (after the scheduler's update), so its times give the step's wall
+        # time; a step starts where the previous one ended (the first at its first forward)
+        ends = self.step_ends if stage == "refine denoising" and len(self.step_ends) == len(out) else None
         for i, s in enumerate(out):
             s["step"] = i
+            if ends is not None:
+                s["wall_s"] = ends[i] - (ends[i - 1] if i else s["start"])
             s["seconds"] = s.pop("end") - s.pop("start")
         return out
 
@@ -737,6 +746,7 @@ def run(settings: HighresSettings, *, video: str | None = None, fps: int = 16,
     dump(report)
 
     clock = StageClock(cuda)
+    clock.on_close = lambda: dump({**report, "stages": [asdict(st) for st in clock.stages]})
     probe = PipelineProbe(pipe, clock)
     result = None
     t0 = time.perf_counter()
@@ -825,10 +835,12 @@ def render(report: dict[str, Any]) -> str:
     steps = [(title, st) for key, title in (("base_steps", "base"), ("refine_steps_detail", "refine"))
              for st in report.get(key, [])]
     if steps:
-        lines += ["", "| pass | step | s | forwards (FreeSwim mode, s; cond then uncond) |", "|---|---|---|---|"]
+        lines += ["", "| pass | step | forwards s | step wall s | forwards (FreeSwim mode, s; cond then uncond) |",
+                  "|---|---|---|---|---|"]
         for title, st in steps:
             forwards = ", ".join(f"{m} {t:.2f}" for m, t in zip(st["modes"], st["forward_s"]))
-            lines.append(f"| {title} | {st['step']} | {st['seconds']:.2f} | {forwards} |")
+            wall = f"{st['wall_s']:.2f}" if "wall_s" in st else "—"
+            lines.append(f"| {title} | {st['step']} | {st['seconds']:.2f} | {wall} | {forwards} |")
     lines.append("")
     b = report.get("build", {})
     lines.append(f"build (CPU, random weights): {b.get('seconds', 0):.1f} s "

@@ -60,6 +60,7 @@ def test_tiny_steps_follow_the_freeswim_schedule(tiny_run):
     # cache_steps=2: step 0's conditional pass runs the full branch and fills the cache, step 1's reads it back
     assert [s["modes"] for s in refine] == [["dual", "window"], ["cached", "window"]]
     assert all(s["seconds"] >= sum(s["forward_s"]) * 0.99 for s in base + refine)
+    assert all(s["wall_s"] >= s["seconds"] * 0.99 for s in refine) and all("wall_s" not in s for s in base)
 
 
 def test_tiny_video_file(tiny_run):
