@@ -40,6 +40,8 @@ CASES: dict[str, Case] = {
     "flux-na": Case((256, 256), 24, (80, 80), (1, 1), 16.20, 18.60, 97.435),
     "flux-gna": Case((256, 256), 24, (80, 80), (16, 16), 7.91, 10.60, 97.435),
     "hunyuan-gna-small": Case((8, 32, 32), 8, (6, 16, 16), (4, 8, 8)),
+    # FreeSwim's inward window at 1088x1920x81 on Wan2.1-1.3B (12 heads): plain NA, full along time
+    "freeswim-1080p": Case((21, 68, 120), 12, (21, 31, 53), (1, 1, 1)),
 }
 
 
@@ -206,26 +208,30 @@ def gpu_correctness() -> list[str]:
 
 
 def _tma_path_checks() -> list[str]:
-    """Perfectly block-sparse problems through the front door, asserting the in-place TMA forward ran: lse, text
-    tokens, batch > 1 (3-D folds batch into axis 0) and the backward from the TMA forward's lse."""
-    from . import triton_fwd_tma
+    """Problems through the front door, asserting its in-place TMA forward ran: perfectly block-sparse ones and ones
+    with masked tile pairs, with lse, text tokens, batch > 1 (3-D folds batch into axis 0) and the backward from the
+    TMA forward's lse."""
+    from . import triton_fwd
     from .functional import neighborhood_attention
     from .reference import neighborhood_attention_reference
 
-    real = triton_fwd_tma.na_forward_tma_inplace
+    real = triton_fwd.na_forward
     calls = [0]
 
     def counting(*a, **kw):
-        calls[0] += 1
+        calls[0] += bool(kw.get("tma"))
         return real(*a, **kw)
 
-    triton_fwd_tma.na_forward_tma_inplace = counting
+    triton_fwd.na_forward = counting
     lines = []
     try:
         for dtype, tol in ((torch.float16, 2e-2), (torch.bfloat16, 4e-2)):
             for shape, ks, st, qt, kt, T, B in [((8, 16, 32), (4, 8, 16), (4, 8, 16), (2, 8, 8), (2, 8, 8), 0, 2),
                                                  ((32, 48), (16, 16), (8, 8), (8, 8), (4, 4), 77, 2),
-                                                 ((256,), 64, 64, (64,), (64,), 5, 3)]:
+                                                 ((256,), 64, 64, (64,), (64,), 5, 3),
+                                                 # masked tile pairs (plain NA, odd sizes, borders)
+                                                 ((8, 19, 29), (5, 7, 9), 1, (2, 8, 8), (2, 8, 8), 11, 2),
+                                                 ((37, 45), (13, 9), (1, 2), (8, 16), (8, 16), 0, 1)]:
                 torch.manual_seed(1)
                 mk = lambda *s_: torch.randn(*s_, device="cuda", dtype=dtype, requires_grad=True)  # noqa: E731, B023
                 ins = [mk(B, *shape, 2, 64) for _ in range(3)]
@@ -246,7 +252,7 @@ def _tma_path_checks() -> list[str]:
                 lines.append(f"{'PASS' if ok else 'FAIL'} TMA path {'taken' if took_tma else 'NOT TAKEN'} "
                              f"{str(dtype)[6:]} B{B} {shape} k{ks} s{st} T{T}: " + " ".join(f"{e:.1e}" for e in errs))
     finally:
-        triton_fwd_tma.na_forward_tma_inplace = real
+        triton_fwd.na_forward = real
     return lines
 
 
@@ -266,7 +272,8 @@ TMA_SWEEP: dict[int, list[tuple]] = {
 def tma_sweep(name: str, case: Case, q, k, v, cudnn_ms: float, long: bool, add) -> None:
     """Time the in-place TMA forward over `TMA_SWEEP` (each variant checked on sampled rows first)."""
     from .functional import get_plan
-    from .triton_fwd_tma import na_forward_tma_inplace, tma_inplace_ok
+    from .triton_fwd import na_forward
+    from .triton_fwd_tma import tma_inplace_ok
 
     scale = q.shape[-1] ** -0.5
     for qt, kt, w, st in TMA_SWEEP[len(case.shape)]:
@@ -276,7 +283,7 @@ def tma_sweep(name: str, case: Case, q, k, v, cudnn_ms: float, long: bool, add) 
             if not tma_inplace_ok(q, plan):
                 add("ours TMA sweep SKIPPED", float("nan"), f"{tag}: not perfectly block-sparse at these tiles")
                 continue
-            fn = lambda: na_forward_tma_inplace(q, k, v, plan, scale, None, None, False, w, st)  # noqa: E731
+            fn = lambda: na_forward(q, k, v, plan, scale, None, None, False, "spatial", w, st, tma=True)  # noqa: E731
             err = sampled_check(q, k, v, fn()[0], dict(kernel_size=case.kernel_size, stride=case.stride), 16)
             ms = _bench(fn, long)
             add("ours TMA in place, sweep", ms, tag, speedup=cudnn_ms / ms, sampled_rel_err=err)
@@ -344,10 +351,10 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
                 speedup=cudnn_ms / ms)
             if var:
                 continue
-            from .triton_fwd_tma import na_forward_tma_inplace, tma_inplace_ok
+            from .triton_fwd_tma import tma_inplace_ok
             if tma_inplace_ok(q, plan):
                 try:
-                    fti = lambda: na_forward_tma_inplace(q, k, v, plan, scale, None, None, False)  # noqa: E731
+                    fti = lambda: na_forward(q, k, v, plan, scale, None, None, False, "spatial", tma=True)  # noqa: E731
                     err_i = sampled_check(q, k, v, fti()[0], dict(kernel_size=case.kernel_size, stride=case.stride), 16)
                     ms_i = _bench(fti, long)
                     add("ours TMA in place (no permutation)", ms_i, tag, speedup=cudnn_ms / ms_i, sampled_rel_err=err_i)

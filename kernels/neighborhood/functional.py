@@ -62,7 +62,7 @@ def _plan_of(q: torch.Tensor, kernel_size, stride, dilation, is_causal, q_tile, 
                     tuple(bool(c) for c in is_causal), tuple(q_tile) or None, tuple(kv_tile) or None)
 
 
-# Perfectly block-sparse problems on Hopper use TMA boxes read in place (triton_fwd_tma.py): +11-18% on H100.
+# On Hopper the forward reads tiles as TMA boxes in place (triton_fwd_tma.py): +11-18% on H100 for GNA.
 _TMA_STATE = {"enabled": True}
 
 
@@ -78,11 +78,11 @@ def _na_fwd_op(
 
     plan = _plan_of(q, kernel_size, stride, dilation, is_causal, q_tile, kv_tile)
     if _TMA_STATE["enabled"] and os.environ.get("DIFFATTN_NA_TMA", "1") != "0":
-        from .triton_fwd_tma import na_forward_tma_inplace, tma_inplace_ok
+        from .triton_fwd_tma import tma_inplace_ok
 
         if tma_inplace_ok(q, plan) and tma_inplace_ok(k, plan) and tma_inplace_ok(v, plan):
             try:
-                out, lse = na_forward_tma_inplace(q, k, v, plan, scale, extra_k, extra_v, need_lse=True)
+                out, lse = na_forward(q, k, v, plan, scale, extra_k, extra_v, need_lse=True, tma=True)
                 assert lse is not None
                 return out, lse
             except Exception as e:  # a Triton/driver without working TMA descriptors: use the pointer kernel
@@ -179,8 +179,9 @@ def neighborhood_attention(
     the simulator's cost, see `diffattn.gna.simulate`). For "blocked", q_tile (any ints >= 1, group-local) sets its
     query tile and kv_tile is unused (the key box follows from the windows).
 
-    Perfectly block-sparse settings (see `diffattn.gna.propose_stride`) on Hopper run a TMA forward that reads tiles
-    in place (set DIFFATTN_NA_TMA=0 to force the pointer kernel). No permutation copy is ever made.
+    On Hopper the forward reads tiles as TMA boxes in place (set DIFFATTN_NA_TMA=0 for pointer loads); perfectly
+    block-sparse settings (see `diffattn.gna.propose_stride`) run with no per-element mask. No permutation copy is
+    ever made.
     """
     check_qkv(q, k, v, extra_k, extra_v, scale)
     shape = spatial_shape(q)

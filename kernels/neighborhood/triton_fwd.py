@@ -73,8 +73,22 @@ def _finish(acc, m_i, l_i):
 
 
 @triton.jit
+def _tma_tile(desc, b, h, t0, t1, t2, L0, NDIM: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr,
+              T2: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Tile (t0, t1, t2) of one (batch, head) as a [rows, D] block: one TMA box of the 5-D view of
+    `[B, *spatial, H, D]` built by `triton_fwd_tma.descriptor` (3-D folds the batch into axis 0)."""
+    if NDIM == 1:
+        x = desc.load([b, t0 * T0, 0, h, 0])
+    elif NDIM == 2:
+        x = desc.load([b, t0 * T0, t1 * T1, h, 0])
+    else:
+        x = desc.load([b * L0 + t0 * T0, t1 * T1, t2 * T2, h, 0])
+    return x.reshape(T0 * T1 * T2, HEAD_DIM)
+
+
+@triton.jit
 def _fwd_box(
-    acc, m_i, l_i, q, K, V, kv_base, kv_intra,
+    acc, m_i, l_i, q, K, V, desc_k, desc_v, b, h, L0, kv_base, kv_intra,
     lo0, hi0, lo1, hi1, lo2, hi2,
     n0, n1, n2, offs_d, dmask,
     k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
@@ -82,7 +96,7 @@ def _fwd_box(
     st0, ln0, st1, ln1, st2, ln2,
     qk_scale,
     NDIM: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
-    MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     c1 = hi1 - lo1
     c2 = hi2 - lo2
@@ -91,25 +105,30 @@ def _fwd_box(
         k2 = lo2 + it % c2
         k1 = lo1 + (it // c2) % c1
         k0 = lo0 + it // (c2 * c1)
-        tile_off = kv_base + k0 * k_ts0
-        if NDIM > 1:
-            tile_off += k1 * k_ts1
-        if NDIM > 2:
-            tile_off += k2 * k_ts2
-        ptr = tile_off + kv_intra
         if MASKED:
             y0 = k0 * TK0 + n0
-            kvalid = y0 < lg0
-            if NDIM > 1:
-                y1 = k1 * TK1 + n1
-                kvalid &= y1 < lg1
-            if NDIM > 2:
-                y2 = k2 * TK2 + n2
-                kvalid &= y2 < lg2
-            kk = tl.load(K + ptr, mask=kvalid[:, None] & dmask[None, :], other=0.0)
-            vv = tl.load(V + ptr, mask=kvalid[:, None] & dmask[None, :], other=0.0)
+            y1 = k1 * TK1 + n1
+            y2 = k2 * TK2 + n2
+        if TMA:
+            # keys past an axis end come back as zeros and fail the window test below
+            kk = _tma_tile(desc_k, b, h, k0, k1, k2, L0, NDIM, TK0, TK1, TK2, BLOCK_D)
+            vv = _tma_tile(desc_v, b, h, k0, k1, k2, L0, NDIM, TK0, TK1, TK2, BLOCK_D)
         else:
-            if EVEN_D:
+            tile_off = kv_base + k0 * k_ts0
+            if NDIM > 1:
+                tile_off += k1 * k_ts1
+            if NDIM > 2:
+                tile_off += k2 * k_ts2
+            ptr = tile_off + kv_intra
+            if MASKED:
+                kvalid = y0 < lg0
+                if NDIM > 1:
+                    kvalid &= y1 < lg1
+                if NDIM > 2:
+                    kvalid &= y2 < lg2
+                kk = tl.load(K + ptr, mask=kvalid[:, None] & dmask[None, :], other=0.0)
+                vv = tl.load(V + ptr, mask=kvalid[:, None] & dmask[None, :], other=0.0)
+            elif EVEN_D:
                 kk = tl.load(K + ptr)
                 vv = tl.load(V + ptr)
             else:
@@ -129,7 +148,7 @@ def _fwd_box(
 
 @triton.jit
 def _na_fwd_kernel(
-    Q, K, V, O, LSE, EK, EV,
+    Q, K, V, O, LSE, EK, EV, desc_q, desc_k, desc_v, desc_o,
     R0, QT0, R1, QT1, R2, QT2,
     sq_b, sq_h, q_gs0, q_gs1, q_gs2, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2,
     sk_b, sk_h, k_gs0, k_gs1, k_gs2, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
@@ -142,6 +161,7 @@ def _na_fwd_kernel(
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_EXTRA: tl.constexpr, WRITE_LSE: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
     BLOCK_N: tl.constexpr = TK0 * TK1 * TK2
@@ -215,7 +235,10 @@ def _na_fwd_kernel(
         o_off += g2 * o_gs2 + qt2 * o_ts2 + m2 * o_is2
         l_off += g2 * l_gs2 + qt2 * l_ts2 + m2 * l_is2
         kv_base += g2 * k_gs2
-    q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=qvalid[:, None] & dmask[None, :], other=0.0)
+    if TMA:
+        q = _tma_tile(desc_q, b, h, qt0, qt1, qt2, L0, NDIM, TQ0, TQ1, TQ2, BLOCK_D)
+    else:
+        q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=qvalid[:, None] & dmask[None, :], other=0.0)
     # loop-invariant part of every key tile's element offsets
     kv_rows = n0 * k_is0
     if NDIM > 1:
@@ -242,44 +265,54 @@ def _na_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # 1) mask-free inner box
-    acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, kv_intra, ilo0, ihi0, ilo1, ihi1, ilo2, ihi2,
+    acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, desc_k, desc_v, b, h, L0, kv_base, kv_intra, ilo0, ihi0, ilo1, ihi1, ilo2, ihi2,
                              n0, n1, n2, offs_d, dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
                              lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
-                             NDIM, TK0, TK1, TK2, False, EVEN_D)
+                             NDIM, TK0, TK1, TK2, False, EVEN_D, TMA, BLOCK_D)
     # 2) slabs outside the inner range along axis 0
-    acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, kv_intra, lo0, ilo0, lo1, hi1, lo2, hi2,
+    acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, desc_k, desc_v, b, h, L0, kv_base, kv_intra, lo0, ilo0, lo1, hi1, lo2, hi2,
                              n0, n1, n2, offs_d, dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
                              lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
-                             NDIM, TK0, TK1, TK2, True, False)
-    acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, kv_intra, ihi0, hi0, lo1, hi1, lo2, hi2,
+                             NDIM, TK0, TK1, TK2, True, False, TMA, BLOCK_D)
+    acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, desc_k, desc_v, b, h, L0, kv_base, kv_intra, ihi0, hi0, lo1, hi1, lo2, hi2,
                              n0, n1, n2, offs_d, dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
                              lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
-                             NDIM, TK0, TK1, TK2, True, False)
+                             NDIM, TK0, TK1, TK2, True, False, TMA, BLOCK_D)
     if NDIM > 1:
         # 3) inside along axis 0, outside along axis 1
-        acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, kv_intra, ilo0, ihi0, lo1, ilo1, lo2, hi2,
+        acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, desc_k, desc_v, b, h, L0, kv_base, kv_intra, ilo0, ihi0, lo1, ilo1, lo2, hi2,
                                  n0, n1, n2, offs_d, dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
                                  lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
-                                 NDIM, TK0, TK1, TK2, True, False)
-        acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, kv_intra, ilo0, ihi0, ihi1, hi1, lo2, hi2,
+                                 NDIM, TK0, TK1, TK2, True, False, TMA, BLOCK_D)
+        acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, desc_k, desc_v, b, h, L0, kv_base, kv_intra, ilo0, ihi0, ihi1, hi1, lo2, hi2,
                                  n0, n1, n2, offs_d, dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
                                  lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
-                                 NDIM, TK0, TK1, TK2, True, False)
+                                 NDIM, TK0, TK1, TK2, True, False, TMA, BLOCK_D)
     if NDIM > 2:
         # 4) inside along axes 0 and 1, outside along axis 2
-        acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, kv_intra, ilo0, ihi0, ilo1, ihi1, lo2, ilo2,
+        acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, desc_k, desc_v, b, h, L0, kv_base, kv_intra, ilo0, ihi0, ilo1, ihi1, lo2, ilo2,
                                  n0, n1, n2, offs_d, dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
                                  lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
-                                 NDIM, TK0, TK1, TK2, True, False)
-        acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, kv_base, kv_intra, ilo0, ihi0, ilo1, ihi1, ihi2, hi2,
+                                 NDIM, TK0, TK1, TK2, True, False, TMA, BLOCK_D)
+        acc, m_i, l_i = _fwd_box(acc, m_i, l_i, q, K, V, desc_k, desc_v, b, h, L0, kv_base, kv_intra, ilo0, ihi0, ilo1, ihi1, ihi2, hi2,
                                  n0, n1, n2, offs_d, dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
                                  lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
-                                 NDIM, TK0, TK1, TK2, True, False)
+                                 NDIM, TK0, TK1, TK2, True, False, TMA, BLOCK_D)
     if HAS_EXTRA:
         acc, m_i, l_i = _extra_tokens(acc, m_i, l_i, q, EK, EV, b64 * se_b + h * se_h, se_t, n_extra, offs_n, offs_d,
                                       dmask, qk_scale, BLOCK_N)
     out, lse = _finish(acc, m_i, l_i)
-    tl.store(O + o_off[:, None] + offs_d[None, :], out.to(O.dtype.element_ty), mask=qvalid[:, None] & dmask[None, :])
+    if TMA:  # TMA stores clip rows past an axis end (padding of the last tile)
+        out = out.to(desc_o.dtype)
+        if NDIM == 1:
+            desc_o.store([b, qt0 * TQ0, 0, h, 0], out.reshape(1, TQ0, 1, 1, BLOCK_D))
+        elif NDIM == 2:
+            desc_o.store([b, qt0 * TQ0, qt1 * TQ1, h, 0], out.reshape(1, TQ0, TQ1, 1, BLOCK_D))
+        else:
+            desc_o.store([b * L0 + qt0 * TQ0, qt1 * TQ1, qt2 * TQ2, h, 0], out.reshape(TQ0, TQ1, TQ2, 1, BLOCK_D))
+    else:
+        tl.store(O + o_off[:, None] + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=qvalid[:, None] & dmask[None, :])
     if WRITE_LSE:
         tl.store(LSE + l_off, lse, mask=qvalid)
 
@@ -356,11 +389,13 @@ def launch_config(block_m: int, block_n: int, head_dim: int) -> tuple[int, int]:
 def na_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
     extra_k: torch.Tensor | None, extra_v: torch.Tensor | None, need_lse: bool,
-    layout: str = "spatial", num_warps: int | None = None, num_stages: int | None = None,
+    layout: str = "spatial", num_warps: int | None = None, num_stages: int | None = None, tma: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the forward. Spatial layout: q/k/v `[B, *spatial, H, D]` (last dim contiguous, k and v with equal
     strides); returns out like q and lse `[B, *spatial, H]` float32. Permuted layout: q `[B, G, H, Nq_pad, D]`
     permuted with the plan's q tile, k/v with its kv tile; returns out `[B, G, H, Nq_pad, D]`, lse `[B, G, H, Nq_pad]`.
+    tma: load q/k/v tiles and store out as TMA boxes read in place (Hopper+, spatial layout, problems that pass
+    `triton_fwd_tma.tma_inplace_ok`); the window masks, text tokens and lse are the same code either way.
     """
     nd = plan.ndim
     b, h, d = q.shape[0], (q.shape[1 + nd] if layout == "spatial" else q.shape[2]), q.shape[-1]
@@ -388,14 +423,23 @@ def na_forward(
     w, s = launch_config(plan.block_m, plan.block_n, block_d)
     grid = (nq[0] * nq[1] * nq[2], b * plan.groups * h)
     tabs = axis_tables(plan, q.device)
+    descs = [q, k, v, out]  # unused placeholders unless tma
+    if tma:
+        from .triton_fwd_tma import descriptor
+
+        if layout != "spatial" or plan.groups != 1 or block_d != d:
+            raise ValueError("the TMA forward reads the spatial layout in place, without dilation, with a power-of-two "
+                             "head dim")
+        descs = [descriptor(q, nd, plan.q_tile), descriptor(k, nd, plan.kv_tile), descriptor(v, nd, plan.kv_tile),
+                 descriptor(out, nd, plan.q_tile)]
     _na_fwd_kernel[grid](
-        q, k, v, out, lse, ek, ev,
+        q, k, v, out, lse, ek, ev, *descs,
         tabs[0], tabs[1], tabs[3], tabs[4], tabs[6], tabs[7],
         *qa, *ka, *oa, *la, *ea,
         h, plan.groups, *ls, *dl, *nq, *xs,
         scale * LOG2E, d,
         NDIM=nd, TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], TK0=tk[0], TK1=tk[1], TK2=tk[2],
-        BLOCK_D=block_d, EVEN_D=block_d == d, HAS_EXTRA=extra_k is not None, WRITE_LSE=need_lse,
+        BLOCK_D=block_d, EVEN_D=block_d == d, HAS_EXTRA=extra_k is not None, WRITE_LSE=need_lse, TMA=tma,
         num_warps=num_warps or w, num_stages=num_stages or s,
     )
     return out, (lse if need_lse else None)
