@@ -500,18 +500,16 @@ def _dump(report: dict[str, Any], path: str | None) -> None:
 
 
 def text_encoder_bytes(model: str) -> int | None:
-    """Weights of the pipeline's text encoder in bf16, counted on the meta device (Wan: UMT5-XXL encoder)."""
+    """Weights of the pipeline's text encoder in bf16, counted on the meta device (Wan: UMT5-XXL encoder, the config
+    `diffattn bench highres` builds)."""
     if not model.startswith("wan"):
         return None
     try:
-        from transformers import UMT5Config, UMT5EncoderModel
+        from .highres_bench import umt5_xxl_parameters
+
+        return umt5_xxl_parameters() * 2
     except ImportError:
         return None
-    cfg = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                     feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
-    with torch.device("meta"):
-        encoder = UMT5EncoderModel(cfg)
-    return sum(p.numel() for p in encoder.parameters()) * 2
 
 
 def run(args: argparse.Namespace, device: str = "cuda") -> dict[str, Any]:
