@@ -130,7 +130,8 @@ def _flex_fn(q, k, v, case: Case, order: str, plan):
 
 def sampled_check(q, k, v, out, case_args: dict, n_rows: int = 64, seed: int = 0) -> float:
     """Max relative error of `out` on random query rows against exact attention over each row's key set
-    (key sets from the independent reference's per-axis masks). Works at production sizes."""
+    (key sets from the independent reference's per-axis masks; inf if any sampled output is not finite). Works at
+    production sizes."""
     from .checks import normalize_params
     from .reference import axis_mask
 
@@ -157,6 +158,8 @@ def sampled_check(q, k, v, out, case_args: dict, n_rows: int = 64, seed: int = 0
         s = torch.einsum("hd,nhd->hn", qi, ki) * d ** -0.5
         ref = torch.einsum("hn,nhd->hd", torch.softmax(s, -1), vi)
         err = ((of[bi, idx].float() - ref).norm() / ref.norm()).item()
+        if not math.isfinite(err):  # NaN/inf outputs must not vanish in max()
+            return float("inf")
         worst = max(worst, err)
     return worst
 
@@ -291,6 +294,46 @@ def tma_sweep(name: str, case: Case, q, k, v, cudnn_ms: float, long: bool, add) 
             add("ours TMA sweep FAILED", float("nan"), f"{tag}: {type(e).__name__}: {str(e)[:200]}")
 
 
+# Warp-specialization experiment (ws_experiment.py): (layout, warp_specialize, warps, stages, q rows, kv rows)
+WS_VARIANTS = [("perm", False, 8, 3, 128, 128), ("perm", True, 4, 2, 128, 128), ("perm", True, 4, 3, 128, 64),
+               ("perm", True, 4, 4, 128, 64), ("perm", True, 4, 2, 64, 128), ("inplace", True, 4, 2, 64, 128),
+               ("inplace", True, 4, 3, 64, 64), ("inplace", False, 8, 3, 128, 128)]
+WS_Q_TILES = {2: {64: (4, 16), 128: (8, 16)}, 3: {64: (1, 8, 8), 128: (2, 8, 8)}}
+WS_KV_TILES = {2: {64: (8, 8), 128: (8, 16)}, 3: {64: (1, 8, 8), 128: (2, 8, 8)}}
+
+
+def ws_experiment(case: Case, q, k, v, cudnn_ms: float, long: bool, add) -> None:
+    """Time `ws_experiment.na_forward_ws` variants (each checked on sampled rows first)."""
+    from .functional import get_plan
+    from .tiling import permute_tokens, unpermute_tokens
+    from .ws_experiment import na_forward_ws
+
+    ones = (1,) * len(case.shape)
+    scale = q.shape[-1] ** -0.5
+    for layout, ws, w, st, bm, bn in WS_VARIANTS:
+        qt, kt = WS_Q_TILES[len(case.shape)][bm], WS_KV_TILES[len(case.shape)][bn]
+        tag = f"{layout} ws={int(ws)} warps={w} stages={st} Q{qt} KV{kt}"
+        try:
+            plan = get_plan(case.shape, case.kernel_size, case.stride, 1, False, qt, kt)
+            if layout == "perm":
+                qp = permute_tokens(q, plan.q_tile, ones).contiguous()
+                kp = permute_tokens(k, plan.kv_tile, ones).contiguous()
+                vp = permute_tokens(v, plan.kv_tile, ones).contiguous()
+
+                def fn(w=w, st=st, ws=ws, plan=plan, qp=qp, kp=kp, vp=vp):
+                    return na_forward_ws(qp, kp, vp, plan, scale, "perm", ws, w, st)
+                out = unpermute_tokens(fn(), case.shape, plan.q_tile, ones)
+            else:
+                def fn(w=w, st=st, ws=ws, plan=plan):
+                    return na_forward_ws(q, k, v, plan, scale, "inplace", ws, w, st)
+                out = fn()
+            err = sampled_check(q, k, v, out, {"kernel_size": case.kernel_size, "stride": case.stride}, 16)
+            ms = _bench(fn, long)
+            add("WS experiment (kernel only)", ms, tag, speedup=cudnn_ms / ms, sampled_rel_err=err)
+        except Exception as e:
+            add("WS experiment FAILED", float("nan"), f"{tag}: {type(e).__name__}: {str(e)[-1500:]}")
+
+
 def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
     from diffattn.gna import simulate
 
@@ -320,7 +363,13 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
     add("cuDNN SDPA (dense)", cudnn_ms, eff_flops=dense_flops)
 
     variants = [dict()]
-    if args.only_tma:
+    if args.ws_experiment:
+        fd = lambda: neighborhood_attention(q, k, v, case.kernel_size, case.stride)  # noqa: E731
+        ms_fd = _bench(fd, long)
+        add("ours, front door neighborhood_attention()", ms_fd, speedup=cudnn_ms / ms_fd)
+        ws_experiment(case, q, k, v, cudnn_ms, long, add)
+        variants = []
+    elif args.only_tma:
         tma_sweep(name, case, q, k, v, cudnn_ms, long, add)
         variants = []
     elif args.sweep:
@@ -415,7 +464,7 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
                         add("ours backward FAILED", float("nan"), f"warps={bw} stages={bs}: {type(e).__name__}: {str(e)[:200]}")
         except Exception as e:  # keep the other variants going; report the failure in the table
             add("ours FAILED", float("nan"), f"{tag}: {type(e).__name__}: {str(e)[:300]}")
-    if args.flex and (not long or args.flex_long) and not args.only_tma:
+    if args.flex and (not long or args.flex_long) and not (args.only_tma or args.ws_experiment):
         plan = get_plan(case.shape, case.kernel_size, case.stride, 1, False)
         for order in ("rowmajor", "tiled"):
             try:
@@ -465,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backward", action="store_true", help="time forward+backward (cases under 100k tokens)")
     ap.add_argument("--tma", action="store_true", help="also sweep the TMA path's launch variants on block-sparse cases")
     ap.add_argument("--only-tma", action="store_true", help="time cuDNN and the TMA sweep only (with --tma)")
+    ap.add_argument("--ws-experiment", action="store_true",
+                    help="time cuDNN, the front door and the warp-specialization experiment only (GNA cases)")
     ap.add_argument("--check", action="store_true", help="run the small-shape correctness suite first")
     ap.add_argument("--out", default=None, help="write JSON lines here")
     args = ap.parse_args(argv)
