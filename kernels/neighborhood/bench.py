@@ -325,6 +325,49 @@ def ws_experiment(case: Case, q, k, v, cudnn_ms: float, long: bool, add) -> None
             add("ours, kernel only (permuted) FAILED", float("nan"), f"{tag}: {type(e).__name__}: {str(e)[-600:]}")
 
 
+def tile_sweep(case: Case, q, k, v, cudnn_ms: float, long: bool, add, n_best: int = 5) -> None:
+    """Does the simulator's tile choice hold up? Time the front door at the `n_best` cheapest (q_tile, kv_tile)
+    pairs by `tiling.tile_cost` plus NATTEN's Hopper tiles, and log the rank correlation of cost and time."""
+    from .checks import normalize_params
+    from .functional import neighborhood_attention
+    from .tiling import _pow2_shapes, make_plan, tile_cost
+
+    p = normalize_params(case.shape, case.kernel_size, case.stride)
+    shapes = _pow2_shapes(p.ndim, 7)
+    costs = []
+    for qt in shapes:
+        for kt in shapes:
+            if any(t > 2 * n and t > 1 for t, n in zip(qt + kt, p.shape + p.shape)):
+                continue
+            plan = make_plan(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal, qt, kt)
+            costs.append((tile_cost(plan), qt, kt, plan.counts()))
+    costs.sort(key=lambda c: c[0])
+    natten = {2: ((16, 8), (16, 8)), 3: ((2, 8, 8), (2, 8, 8))}[p.ndim]
+    picks = costs[:n_best] + [c for c in costs if (c[1], c[2]) == natten and c not in costs[:n_best]]
+    measured = []
+    for cost, qt, kt, counts in picks:
+        tag = f"Q{qt} KV{kt} sim. cost rank {costs.index((cost, qt, kt, counts)) + 1}/{len(costs)}"
+        try:
+            def fn(qt=qt, kt=kt):
+                return neighborhood_attention(q, k, v, case.kernel_size, case.stride, q_tile=qt, kv_tile=kt)
+            err = sampled_check(q, k, v, fn(), {"kernel_size": case.kernel_size, "stride": case.stride}, 8)
+            ms = _bench(fn, long)
+            masked = counts["masked"] / max(counts["visited"], 1)
+            add("tile sweep (front door)", ms, f"{tag}, {masked:.0%} pairs masked", speedup=cudnn_ms / ms,
+                sampled_rel_err=err, sim_cost=cost)
+            measured.append((cost, ms))
+        except Exception as e:
+            add("tile sweep FAILED", float("nan"), f"{tag}: {type(e).__name__}: {str(e)[-300:]}")
+    if len(measured) > 2:
+        rc = [sorted(x[0] for x in measured).index(c) for c, _ in measured]
+        rt = [sorted(x[1] for x in measured).index(t) for _, t in measured]
+        n = len(measured)
+        rho = 1 - 6 * sum((a - b) ** 2 for a, b in zip(rc, rt)) / (n * (n * n - 1))
+        best_ms = min(t for _, t in measured)
+        add("tile sweep summary", measured[0][1], f"Spearman(sim. cost, time) = {rho:.2f} over {n}; simulator's "
+            f"choice {measured[0][1]:.2f} ms vs best measured {best_ms:.2f} ms", speedup=cudnn_ms / measured[0][1])
+
+
 def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
     from diffattn.gna import simulate
 
@@ -354,7 +397,10 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
     add("cuDNN SDPA (dense)", cudnn_ms, eff_flops=dense_flops)
 
     variants = [dict()]
-    if args.ws_experiment:
+    if args.tile_sweep:
+        tile_sweep(case, q, k, v, cudnn_ms, long, add)
+        variants = []
+    elif args.ws_experiment:
         fd = lambda: neighborhood_attention(q, k, v, case.kernel_size, case.stride)  # noqa: E731
         ms_fd = _bench(fd, long)
         add("ours, front door neighborhood_attention()", ms_fd, speedup=cudnn_ms / ms_fd)
@@ -455,7 +501,7 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
                         add("ours backward FAILED", float("nan"), f"warps={bw} stages={bs}: {type(e).__name__}: {str(e)[:200]}")
         except Exception as e:  # keep the other variants going; report the failure in the table
             add("ours FAILED", float("nan"), f"{tag}: {type(e).__name__}: {str(e)[:300]}")
-    if args.flex and (not long or args.flex_long) and not (args.only_tma or args.ws_experiment):
+    if args.flex and (not long or args.flex_long) and not (args.only_tma or args.ws_experiment or args.tile_sweep):
         plan = get_plan(case.shape, case.kernel_size, case.stride, 1, False)
         for order in ("rowmajor", "tiled"):
             try:
@@ -505,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backward", action="store_true", help="time forward+backward (cases under 100k tokens)")
     ap.add_argument("--tma", action="store_true", help="also sweep the TMA path's launch variants on block-sparse cases")
     ap.add_argument("--only-tma", action="store_true", help="time cuDNN and the TMA sweep only (with --tma)")
+    ap.add_argument("--tile-sweep", action="store_true",
+                    help="time cuDNN and the front door at the simulator's best tile pairs (checks its choice)")
     ap.add_argument("--ws-experiment", action="store_true",
                     help="time cuDNN, the front door and the kernel-only warp-specialized forward on permuted tokens "
                     "(perfectly block-sparse cases)")
