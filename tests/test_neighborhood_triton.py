@@ -91,6 +91,8 @@ for name, shape, ks, st, ca, qt, kt, B, T in [
     ("tma-2d-na-masked-extra", (9, 13), (4, 5), 1, False, (4, 4), (4, 4), 2, 3),
     ("tma-3d-na-masked", (4, 6, 10), (3, 3, 5), (1, 2, 1), False, (2, 4, 4), (2, 4, 4), 2, 0),
     ("tma-1d-causal-extra", (45,), 9, 2, True, (16,), (16,), 3, 2),
+    # 3-D, batch 3, axis 0 (5) not a multiple of the tiles: the batch folds into axis 0, tiles straddle elements
+    ("tma-3d-straddle-extra", (5, 6, 10), (3, 3, 5), (1, 2, 1), False, (2, 4, 4), (4, 2, 4), 3, 4),
 ]:
     torch.manual_seed(7)
     q, k, v = (torch.randn(B, *shape, 2, 16) for _ in range(3))
@@ -175,6 +177,7 @@ def test_triton_matches_reference(results, cfg):
 @pytest.mark.parametrize("name,masked", [("tma-2d-extra", False), ("tma-3d", False), ("tma-1d-extra", False),
                                          ("tma-1d-one-tile", False), ("tma-2d-na-masked-extra", True),
                                          ("tma-3d-na-masked", True), ("tma-1d-causal-extra", True),
+                                         ("tma-3d-straddle-extra", True),
                                          ("ws-2d", False), ("ws-3d", False)])
 def test_tma_kernels_match_reference(results, name, masked):
     r = results.get(name)

@@ -234,6 +234,8 @@ def _tma_path_checks() -> list[str]:
                                                  ((256,), 64, 64, (64,), (64,), 5, 3),
                                                  # masked tile pairs (plain NA, odd sizes, borders)
                                                  ((8, 19, 29), (5, 7, 9), 1, (2, 8, 8), (2, 8, 8), 11, 2),
+                                                 # batch folded into axis 0 with tiles straddling batch elements
+                                                 ((13, 20, 24), (5, 9, 9), (1, 2, 2), (8, 4, 4), (4, 8, 4), 7, 2),
                                                  ((37, 45), (13, 9), (1, 2), (8, 16), (8, 16), 0, 1)]:
                 torch.manual_seed(1)
                 mk = lambda *s_: torch.randn(*s_, device="cuda", dtype=dtype, requires_grad=True)  # noqa: E731, B023

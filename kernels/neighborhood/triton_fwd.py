@@ -161,7 +161,7 @@ def _na_fwd_kernel(
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_EXTRA: tl.constexpr, WRITE_LSE: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, TMA_STORE: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
     BLOCK_N: tl.constexpr = TK0 * TK1 * TK2
@@ -302,7 +302,7 @@ def _na_fwd_kernel(
         acc, m_i, l_i = _extra_tokens(acc, m_i, l_i, q, EK, EV, b64 * se_b + h * se_h, se_t, n_extra, offs_n, offs_d,
                                       dmask, qk_scale, BLOCK_N)
     out, lse = _finish(acc, m_i, l_i)
-    if TMA:  # TMA stores clip rows past an axis end (padding of the last tile)
+    if TMA_STORE:  # TMA stores clip rows past an axis end (padding of the last tile)
         out = out.to(desc_o.dtype)
         if NDIM == 1:
             desc_o.store([b, qt0 * TQ0, 0, h, 0], out.reshape(1, TQ0, 1, 1, BLOCK_D))
@@ -432,6 +432,10 @@ def na_forward(
                              "head dim")
         descs = [descriptor(q, nd, plan.q_tile), descriptor(k, nd, plan.kv_tile), descriptor(v, nd, plan.kv_tile),
                  descriptor(out, nd, plan.q_tile)]
+    # 3-D folds the batch into axis 0: a query tile that runs past an axis-0 end (batch > 1, L0 not a multiple of the
+    # tile) would store its padding rows into the next batch element, so such outputs go through masked pointer
+    # stores; its loads are harmless (padding queries are not stored, padding keys fail the window test)
+    tma_store = tma and not (nd == 3 and b > 1 and q.shape[1] % plan.q_tile[0])
     _na_fwd_kernel[grid](
         q, k, v, out, lse, ek, ev, *descs,
         tabs[0], tabs[1], tabs[3], tabs[4], tabs[6], tabs[7],
@@ -439,7 +443,7 @@ def na_forward(
         h, plan.groups, *ls, *dl, *nq, *xs,
         scale * LOG2E, d,
         NDIM=nd, TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], TK0=tk[0], TK1=tk[1], TK2=tk[2],
-        BLOCK_D=block_d, EVEN_D=block_d == d, HAS_EXTRA=extra_k is not None, WRITE_LSE=need_lse, TMA=tma,
+        BLOCK_D=block_d, EVEN_D=block_d == d, HAS_EXTRA=extra_k is not None, WRITE_LSE=need_lse, TMA=tma, TMA_STORE=tma_store,
         num_warps=num_warps or w, num_stages=num_stages or s,
     )
     return out, (lse if need_lse else None)

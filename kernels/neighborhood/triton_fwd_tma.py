@@ -17,7 +17,8 @@ from .tiling import Plan
 
 def tma_inplace_ok(q: torch.Tensor, plan: Plan) -> bool:
     """Whether the TMA mode applies to this tensor: Hopper or newer, no dilation, fp16/bf16, head dim a power of
-    two >= 16, 16-byte aligned strides, and (3-D with batch > 1) axis 0 divisible by both tiles."""
+    two >= 16, 16-byte aligned strides, and (3-D with batch > 1, where the batch folds into axis 0) batch elements
+    packed back to back along axis 0."""
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9:
         return False
     try:
@@ -32,11 +33,7 @@ def tma_inplace_ok(q: torch.Tensor, plan: Plan) -> bool:
     esz = q.element_size()
     if q.stride(-1) != 1 or any((st * esz) % 16 for st in q.stride()[:-1]) or q.data_ptr() % 16:
         return False
-    if plan.ndim == 3 and q.shape[0] > 1:
-        l0 = q.shape[1]
-        if l0 % plan.q_tile[0] or l0 % plan.kv_tile[0] or q.stride(0) != l0 * q.stride(1):
-            return False
-    return True
+    return not (plan.ndim == 3 and q.shape[0] > 1 and q.stride(0) != q.shape[1] * q.stride(1))
 
 
 def descriptor(t: torch.Tensor, ndim: int, tile: tuple[int, ...]):
