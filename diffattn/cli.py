@@ -51,6 +51,11 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.what is None:
+        print("usage: diffattn bench NAME [options]   (diffattn bench NAME --help for a benchmark's options)")
+        for name, (_, summary) in sorted(BENCHES.items()):
+            print(f"  {name:<8} {summary}")
+        return 0 if {"-h", "--help"} & set(rest) else 2
     module_name, _ = BENCHES[args.what]
     try:
         module = importlib.import_module(module_name)
@@ -520,8 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("methods", help="list methods, supported model families and options")
     p.add_argument("--all", action="store_true", help="also list the methods that are not available yet")
-    p = sub.add_parser("bench", help="benchmarks (GPU)")
-    p.add_argument("what", choices=sorted(BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
+    # no -h here: `diffattn bench NAME --help` reaches that benchmark's own parser
+    p = sub.add_parser("bench", help="benchmarks (GPU; diffattn bench NAME --help for its options)", add_help=False)
+    p.add_argument("what", nargs="?", choices=sorted(BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
     sub.add_parser("generate", help="generate an image or a video with a method (--help for options)", add_help=False)
     sub.add_parser("render", help="--highres (FreeSwim) or --long (Radial) video rendering", add_help=False)
     sub.add_parser("headhunt", help="HeadHunter: greedy search for SoftPAG heads (--help for options)", add_help=False)

@@ -96,6 +96,23 @@ def test_bench_bad_target_and_no_gpu(capsys):
     _one_line_error(capsys, "needs a CUDA GPU")
 
 
+@pytest.mark.parametrize("name,option", [("gna", "--cases"), ("step", "--shape"), ("highres", "--cap-gib"),
+                                         ("kernels", "--densities"), ("quality", "--methods")])
+def test_bench_help_reaches_the_benchmark(capsys, name, option):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", name, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: diffattn bench {name}" in out and option in out
+
+
+def test_bench_lists_benchmarks(capsys):
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("gna", "highres", "kernels", "quality", "step"))
+    assert main(["bench"]) == 2  # no benchmark named: the list, and a failing status
+
+
 def test_app_help():
     res = _run("app", "--help")
     assert res.returncode == 0, res.stderr
