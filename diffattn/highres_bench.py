@@ -11,11 +11,12 @@ Per stage it records the wall time and the CUDA allocator's peaks (`max_memory_a
 reset at every stage boundary), the driver-level memory in use at the stage's end and the host's peak RSS. The stages
 partition the generation's wall time; each starts at its first event and runs until the next one starts:
 
-- text encoding (base): from the call to the first base transformer forward (tokenizing, UMT5 on cond + uncond,
-  moving the encoder to the GPU);
+- text encoding (once, for both passes): from the call to the first base transformer forward (tokenizing, UMT5 on
+  cond + uncond, moving the encoder to the GPU);
 - base denoising: the base transformer forwards (the previous model is offloaded by the first one);
 - base decode: the base pass's VAE decode and its conversion to PIL frames;
-- text encoding (refine): from the refine pipeline's construction (FreeSwim installed, prompts encoded again);
+- refine setup: from the refine pipeline's construction (FreeSwim installed; the prompts were encoded once, in the
+  first stage, for both passes);
 - upscale + VAE encode: resizing the base frames to the target, moving them to the GPU and encoding them;
 - refine denoising: the FreeSwim forwards (full+window, cached, window);
 - final decode: the VAE decode at the target size, conversion to numpy and the final offload of every model.
@@ -59,7 +60,7 @@ DEFAULT_PROMPT = "a red fox running through fresh snow in a quiet forest at sunr
 DEFAULT_NEGATIVE = "blurry, low quality, static, distorted"
 
 STAGES = (
-    "text encoding (base)", "base denoising", "base decode", "text encoding (refine)", "upscale + VAE encode",
+    "text encoding", "base denoising", "base decode", "refine setup", "upscale + VAE encode",
     "refine denoising", "final decode",
 )
 
@@ -394,7 +395,7 @@ class PipelineProbe:
         def stage(cls):
             sub = original_stage(cls)
             self.pass_name = "refine" if issubclass(cls, WanVideoToVideoPipeline) else "base"
-            clock.enter(f"text encoding ({self.pass_name})")
+            clock.enter("text encoding" if self.pass_name == "base" else "refine setup")
             if self.pass_name == "refine":
                 preprocess = sub.video_processor.preprocess_video
 
@@ -753,7 +754,7 @@ def run(settings: HighresSettings, *, video: str | None = None, fps: int = 16,
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     try:
-        clock.enter("text encoding (base)")
+        clock.enter("text encoding")
         result = pipe(
             settings.prompt, negative_prompt=settings.negative_prompt, height=settings.height, width=settings.width,
             num_frames=settings.frames, base_height=settings.base_height, base_width=settings.base_width,

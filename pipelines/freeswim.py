@@ -44,6 +44,15 @@ class FreeSwimPipeline(DiffusionPipeline):
         pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
         return pipe
 
+    def _encode_prompts(self, pipe: WanPipeline, prompt, negative_prompt, guidance_scale: float,
+                        max_sequence_length: int) -> dict[str, torch.Tensor | None]:
+        """Prompt embeddings for both passes (the stock pipelines' own `encode_prompt`, so the same tokens)."""
+        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
+            prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=guidance_scale > 1.0,
+            max_sequence_length=max_sequence_length, device=self._execution_device,
+        )
+        return {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+
     @torch.no_grad()
     def __call__(
         self,
@@ -83,10 +92,15 @@ class FreeSwimPipeline(DiffusionPipeline):
         for name, value in (("height", height), ("width", width), ("base_height", base_height), ("base_width", base_width)):
             if value % factor:
                 raise ValueError(f"{name} must be a multiple of {factor} (VAE x patch), got {value}")
-        if base_video is None:
+        # the prompts are encoded once for both passes: the text encoder (10.6 GiB for UMT5-XXL) then runs, and under
+        # model offload moves to the GPU, once, and is offloaded by the base pass before the refine pass's VAE encode
+        base_pipe = self._stage(WanPipeline) if base_video is None else None
+        embeds = self._encode_prompts(base_pipe or self._stage(WanPipeline), prompt, negative_prompt, guidance_scale,
+                                      max_sequence_length)
+        if base_pipe is not None:
             logger.info("diffattn FreeSwim: base pass at %dx%d", base_height, base_width)
-            base = self._stage(WanPipeline)(
-                prompt=prompt, negative_prompt=negative_prompt, height=base_height, width=base_width,
+            base = base_pipe(
+                **embeds, height=base_height, width=base_width,
                 num_frames=num_frames, num_inference_steps=base_num_inference_steps or num_inference_steps,
                 guidance_scale=guidance_scale, generator=generator, output_type="pil",
                 max_sequence_length=max_sequence_length,
@@ -104,7 +118,7 @@ class FreeSwimPipeline(DiffusionPipeline):
         try:
             logger.info("diffattn FreeSwim: refine pass at %dx%d, strength %.2f", height, width, strength)
             out = refine(
-                video=base_video, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                video=base_video, **embeds, height=height, width=width,
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, strength=strength,
                 generator=generator, output_type=output_type, callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs or ["latents"],

@@ -60,6 +60,25 @@ def test_base_video_skips_the_base_pass(pipe):
     assert all(c[-2:] == (8, 12) for c in calls) and len(calls) == 3 * 2
 
 
+def test_prompts_encoded_once_with_the_stock_encoding(pipe, monkeypatch):
+    """One text-encoder run (cond + uncond) for both passes, and the same video as when each pass encodes the prompts
+    itself (the stock pipelines' own path: same tokens, lengths and dtype)."""
+    runs = []
+    handle = pipe.text_encoder.register_forward_pre_hook(lambda m, a: runs.append(1))
+    try:
+        out = pipe("a red circle moving left", generator=torch.Generator().manual_seed(0), **KW).frames
+        assert len(runs) == 2, "cond + uncond, once for both passes"
+        runs.clear()
+        # the previous behaviour: hand the prompts to each stage, which encodes them itself
+        monkeypatch.setattr(type(pipe), "_encode_prompts",
+                            lambda self, p, prompt, negative, g, n: {"prompt": prompt, "negative_prompt": negative})
+        per_pass = pipe("a red circle moving left", generator=torch.Generator().manual_seed(0), **KW).frames
+        assert len(runs) == 4
+    finally:
+        handle.remove()
+    assert torch.equal(out, per_pass)
+
+
 def test_bad_arguments(pipe):
     with pytest.raises(ValueError, match="strength must be in"):
         pipe("a", **{**KW, "strength": 0.0})

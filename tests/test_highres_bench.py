@@ -43,9 +43,9 @@ def test_tiny_end_to_end_report(tiny_run, capsys):
     assert report["cap"] is None and report["alloc_conf"] == "expandable_segments:True"
     assert math.isclose(sum(s["seconds"] for s in report["stages"]), report["generation_s"], rel_tol=0.05)
     calls = {s["name"]: s["calls"] for s in report["stages"]}
-    # prompt + negative prompt encoded in each pass; one VAE call where each stage says
-    assert len(calls["text encoding (base)"]["text_encoder"]) == 2
-    assert len(calls["text encoding (refine)"]["text_encoder"]) == 2
+    # prompt + negative prompt encoded once, for both passes; one VAE call where each stage says
+    assert len(calls["text encoding"]["text_encoder"]) == 2
+    assert "text_encoder" not in calls["refine setup"]
     assert list(calls["base decode"]) == ["vae.decode"] and list(calls["final decode"]) == ["vae.decode"]
     assert list(calls["upscale + VAE encode"]) == ["vae.encode"]
     assert len(calls["base denoising"]["transformer"]) == 2 * 2, "2 base steps, cond + uncond"
