@@ -103,23 +103,57 @@ def call_kwargs(pipe, **wanted: Any) -> dict[str, Any]:
     return accepted
 
 
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def video_writer(out: str) -> str:
+    """Which library writes the video file `out`: imageio (ffmpeg through imageio-ffmpeg; Pillow for GIF), else
+    OpenCV for .mp4 (GPU images often have opencv-python-headless but not imageio-ffmpeg). ValueError when none can."""
+    suffix = Path(out).suffix.lower()
+    if _has_module("imageio") and (suffix == ".gif" or _has_module("imageio_ffmpeg")):
+        return "imageio"
+    if suffix == ".mp4" and _has_module("cv2"):
+        return "opencv"
+    raise ValueError(f"{out!r}: no writer here for this video (needs imageio with imageio-ffmpeg, or OpenCV for .mp4)")
+
+
+def _write_video_opencv(data: np.ndarray, out: str, fps: int) -> None:
+    import cv2
+
+    writer = cv2.VideoWriter(out, cv2.VideoWriter_fourcc(*"mp4v"), fps, (data.shape[2], data.shape[1]))
+    if not writer.isOpened():
+        raise OSError(f"OpenCV could not open {out!r} for writing")
+    try:
+        for frame in data:
+            writer.write(np.ascontiguousarray(frame[..., ::-1]))  # OpenCV takes BGR
+    finally:
+        writer.release()
+
+
 def write_result(result: Any, out: str, fps: int = 16) -> dict[str, Any]:
     """Write a pipeline result (`.frames` video or `.images` image) to `out`; returns what was written."""
     suffix = Path(out).suffix.lower()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     frames = getattr(result, "frames", None)
     if frames is not None:
         if suffix not in VIDEO_SUFFIXES:
             raise ValueError(f"this pipeline makes video; --out must end in {', '.join(VIDEO_SUFFIXES)}, got {out!r}")
-        video = np.asarray(frames[0], dtype=np.float32)
-        import imageio.v3 as iio
-
-        data = (np.clip(video, 0, 1) * 255).round().astype(np.uint8)
-        if suffix == ".gif":
-            iio.imwrite(out, data, duration=1000 / fps, loop=0)
+        writer = video_writer(out)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        data = (np.clip(np.asarray(frames[0], dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+        if writer == "opencv":
+            _write_video_opencv(data, out, fps)
         else:
-            iio.imwrite(out, data, fps=fps)
+            import imageio.v3 as iio
+
+            if suffix == ".gif":
+                iio.imwrite(out, data, duration=1000 / fps, loop=0)
+            else:
+                iio.imwrite(out, data, fps=fps)
         return {"kind": "video", "frames": int(data.shape[0]), "size": list(data.shape[1:3])}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     images = getattr(result, "images", None)
     if images is None:
         raise ValueError(f"unexpected pipeline output {type(result).__name__}: no frames or images")

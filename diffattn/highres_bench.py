@@ -617,48 +617,22 @@ def _summarize(report: dict[str, Any], clock: StageClock, probe: PipelineProbe) 
         report["within_cap"] = report["peak_reserved_bytes"] <= cap["cap_bytes"] and report["oom"] is None
 
 
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
 def video_writer(path: str) -> str:
-    """Which writer can write `path`: imageio (ffmpeg through imageio-ffmpeg; Pillow for GIF), else OpenCV for
-    .mp4 (GPU images often have opencv-python-headless but not imageio-ffmpeg). ValueError when none can."""
-    from .generate import VIDEO_SUFFIXES
+    """The writer `generate.write_result` will use for `--video` (imageio, else OpenCV for .mp4). ValueError when
+    none can or the suffix is not a video one."""
+    from .generate import VIDEO_SUFFIXES, video_writer as writer_for
 
-    suffix = Path(path).suffix.lower()
-    if suffix not in VIDEO_SUFFIXES:
+    if Path(path).suffix.lower() not in VIDEO_SUFFIXES:
         raise ValueError(f"--video must end in {', '.join(VIDEO_SUFFIXES)}, got {path!r}")
-    if _has("imageio") and (suffix == ".gif" or _has("imageio_ffmpeg")):
-        return "imageio"
-    if suffix == ".mp4" and _has("cv2"):
-        return "opencv"
-    raise ValueError(f"--video {path!r}: no writer here (needs imageio with imageio-ffmpeg, or OpenCV for .mp4)")
+    return writer_for(path)
 
 
 def write_video(result: Any, path: str, fps: int = 16) -> dict[str, Any]:
-    """Write the pipeline's video; returns frames, size and the writer used."""
+    """Write the pipeline's video (the CLI's writer); returns frames, size and the writer used."""
+    from .generate import write_result
+
     writer = video_writer(path)
-    if writer == "imageio":
-        from .generate import write_result
-
-        return {**write_result(result, path, fps=fps), "writer": writer}
-    import cv2
-    import numpy as np
-
-    data = (np.clip(np.asarray(result.frames[0], dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    out = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (data.shape[2], data.shape[1]))
-    if not out.isOpened():
-        raise OSError(f"OpenCV could not open {path!r} for writing")
-    try:
-        for frame in data:
-            out.write(np.ascontiguousarray(frame[..., ::-1]))  # OpenCV takes BGR
-    finally:
-        out.release()
-    return {"kind": "video", "frames": int(data.shape[0]), "size": list(data.shape[1:3]), "writer": writer}
+    return {**write_result(result, path, fps=fps), "writer": writer}
 
 
 def read_back(path: str, writer: str) -> dict[str, Any]:
@@ -688,6 +662,8 @@ def read_back(path: str, writer: str) -> dict[str, Any]:
 
 def preflight(video: str | None) -> None:
     """Fail before minutes of model building: what the run needs that a bare GPU image may lack."""
+    from .generate import _has_module as _has
+
     if not _has("ftfy"):
         raise ValueError("ftfy is not installed: WanVideoToVideoPipeline (FreeSwim's refine pass) cleans prompts with "
                          "it unconditionally (pip install ftfy)")

@@ -131,11 +131,13 @@ def test_bad_arguments(capsys, monkeypatch):
 
 
 def test_preflight_fails_before_building(capsys, monkeypatch):
-    real = hb._has
-    monkeypatch.setattr(hb, "_has", lambda m: False if m == "ftfy" else real(m))
+    import diffattn.generate as gen
+
+    real = gen._has_module
+    monkeypatch.setattr(gen, "_has_module", lambda m: False if m == "ftfy" else real(m))
     assert hb.main(["--model", "tiny"]) == 2
     assert "ftfy is not installed" in capsys.readouterr().err
-    monkeypatch.setattr(hb, "_has", lambda m: False if m in ("imageio_ffmpeg", "cv2") else real(m))
+    monkeypatch.setattr(gen, "_has_module", lambda m: False if m in ("imageio_ffmpeg", "cv2") else real(m))
     assert hb.main(["--model", "tiny", "--video", "x.mp4"]) == 2
     assert "no writer here" in capsys.readouterr().err
 
@@ -146,8 +148,10 @@ def test_opencv_writer_when_imageio_has_no_ffmpeg(tmp_path, monkeypatch):
     import numpy as np
 
     pytest.importorskip("cv2")
-    real = hb._has
-    monkeypatch.setattr(hb, "_has", lambda m: False if m == "imageio_ffmpeg" else real(m))
+    import diffattn.generate as gen
+
+    real = gen._has_module
+    monkeypatch.setattr(gen, "_has_module", lambda m: False if m == "imageio_ffmpeg" else real(m))
     frames = np.random.default_rng(0).random((5, 64, 96, 3), dtype=np.float32)
     written = hb.write_video(types.SimpleNamespace(frames=[frames]), str(tmp_path / "v.mp4"))
     assert written["writer"] == "opencv" and written["frames"] == 5
