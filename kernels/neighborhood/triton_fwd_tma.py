@@ -10,6 +10,8 @@ code, shared with the pointer mode. Measured +11-18% over pointer loads on H100 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .tiling import Plan
@@ -19,11 +21,8 @@ def tma_inplace_ok(q: torch.Tensor, plan: Plan) -> bool:
     """Whether the TMA mode applies to this tensor: Hopper or newer, no dilation, fp16/bf16, head dim a power of
     two >= 16, 16-byte aligned strides, and (3-D with batch > 1, where the batch folds into axis 0) batch elements
     packed back to back along axis 0."""
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9:
-        return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
+    if q.device.type != "cuda" or not _tma_device(torch.cuda.current_device() if q.device.index is None
+                                                  else q.device.index):
         return False
     d = q.shape[-1]
     if d < 16 or d & (d - 1) or plan.groups != 1:
@@ -34,6 +33,18 @@ def tma_inplace_ok(q: torch.Tensor, plan: Plan) -> bool:
     if q.stride(-1) != 1 or any((st * esz) % 16 for st in q.stride()[:-1]) or q.data_ptr() % 16:
         return False
     return not (plan.ndim == 3 and q.shape[0] > 1 and q.stride(0) != q.shape[1] * q.stride(1))
+
+
+@functools.cache
+def _tma_device(index: int) -> bool:
+    """Hopper or newer, with a Triton that has host tensor descriptors (once per device, not per attention call)."""
+    if torch.cuda.get_device_capability(index)[0] < 9:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def descriptor(t: torch.Tensor, ndim: int, tile: tuple[int, ...]):
