@@ -21,14 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-# `diffattn bench <what>`: module with `main(argv) -> int`, loaded only when asked for.
-BENCHES = {
-    "kernels": ("diffattn.kernels.block_sparse.bench", "block-sparse attention kernel vs cuDNN SDPA and FlexAttention"),
-    "gna": ("diffattn.kernels.neighborhood.bench", "neighborhood attention kernel vs cuDNN SDPA (NATTEN's figures)"),
-    "step": ("diffattn.step_bench", "one denoising step of a full-size video transformer, dense vs a method"),
-    "quality": ("diffattn.quality_bench", "every method vs dense on the demo models: PSNR, SSIM, attention energy decay"),
-    "highres": ("diffattn.highres_bench", "FreeSwim end to end at 1080p (Wan2.1-1.3B config) under a GPU memory cap"),
-}
+from .bench import BENCHES, bench_module
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -53,12 +46,11 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     if args.what is None:
         print("usage: diffattn bench NAME [options]   (diffattn bench NAME --help for a benchmark's options)")
-        for name, (_, summary) in sorted(BENCHES.items()):
+        for name, summary in sorted(BENCHES.items()):
             print(f"  {name:<8} {summary}")
         return 0 if {"-h", "--help"} & set(rest) else 2
-    module_name, _ = BENCHES[args.what]
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(bench_module(args.what))
     except ImportError as exc:
         return _fail(f"diffattn bench {args.what}", f"not available ({exc})")
     return int(module.main(rest) or 0)
@@ -537,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also list the methods that are not available yet")
     # no -h here: `diffattn bench NAME --help` reaches that benchmark's own parser
     p = sub.add_parser("bench", help="benchmarks (GPU; diffattn bench NAME --help for its options)", add_help=False)
-    p.add_argument("what", nargs="?", choices=sorted(BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
+    p.add_argument("what", nargs="?", choices=sorted(BENCHES), help="; ".join(f"{k}: {v}" for k, v in BENCHES.items()))
     sub.add_parser("generate", help="generate an image or a video with a method (--help for options)", add_help=False)
     sub.add_parser("render", help="--highres (FreeSwim) or --long (Radial) video rendering", add_help=False)
     sub.add_parser("headhunt", help="HeadHunter: greedy search for SoftPAG heads (--help for options)", add_help=False)

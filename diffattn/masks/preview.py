@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..gna import simulate
+from ..kernels.neighborhood.simulator import simulate
 from ..kernels.neighborhood.tiling import make_plan
 from .draw import block_mask_image
 
