@@ -84,6 +84,7 @@ def _guarded(prog: str, fn: Callable[[], int], *, oom_advice: str = "try --offlo
 # ------------------------------------------------------------------------------------------------------------------
 def _mask_parser(method: str) -> argparse.ArgumentParser:
     from .explorer import GEOMETRIES, mask_options
+    from .registry import get_method
 
     geometries = "\n".join(f"  {name:16} {'x'.join(map(str, g.grid)):10} {g.doc}" for name, g in GEOMETRIES.items())
     parser = argparse.ArgumentParser(
@@ -96,20 +97,36 @@ def _mask_parser(method: str) -> argparse.ArgumentParser:
     where.add_argument("--grid", help="token grid F,H,W (video) or H,W (image), after patchify")
     parser.add_argument("--family", default=None, help="model family whose defaults apply (default: the geometry's)")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="mask option, repeatable")
+    parser.add_argument("--frames", type=int, help="latent frames (with --tokens-per-frame, instead of --grid)")
+    parser.add_argument("--tokens-per-frame", type=int, help="tokens per latent frame (H*W after patchify)")
+    config = get_method(method).config_cls
+    kinds = {o.name: o for o in config.option_specs()}
     for name, help_text in mask_options(method).items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=f"opt_{name}", metavar=name.upper(), default=None,
-                            help=help_text)
-    if method == "radial":  # the flags of the first version keep working
-        parser.add_argument("--frames", type=int, help="latent frames (with --tokens-per-frame, instead of --grid)")
-        parser.add_argument("--tokens-per-frame", type=int, help="tokens per latent frame (H*W after patchify)")
-        parser.add_argument("--no-sink", action="store_true", help="no frame-0 attention sink (= --sink false)")
+        flag = name.replace("_", "-")
+        parser.add_argument(f"--{flag}", dest=f"opt_{name}", metavar=name.upper(), default=None, help=help_text)
+        if name in kinds and kinds[name].type in (bool, bool | None):
+            parser.add_argument(f"--no-{flag}", dest=f"opt_{name}", action="store_const", const="false",
+                                help=f"= --{flag} false")
     parser.add_argument("--out", default=f"{method}_mask.png", help="PNG path")
     return parser
+
+
+def _mask_usage() -> str:
+    from .explorer import GEOMETRIES, METHODS
+
+    geometries = "\n".join(f"  {name:16} {'x'.join(map(str, g.grid)):10} {g.doc}" for name, g in GEOMETRIES.items())
+    return (f"usage: diffattn mask METHOD [--geometry NAME | --grid F,H,W | --grid H,W] [options]\n"
+            f"draw a method's mask at a model geometry: PNG, density, predicted attention speed-up\n\n"
+            f"methods: {', '.join(METHODS)} (diffattn mask METHOD --help for its options)\n"
+            f"geometries:\n{geometries}")
 
 
 def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
     from .explorer import METHODS, explore_mask, parse_mask_options
 
+    if args.method is None or args.method in ("-h", "--help"):
+        print(_mask_usage())
+        return 0 if args.method is not None or {"-h", "--help"} & set(rest) else 2
     if args.method not in METHODS:
         return _fail("diffattn mask", f"no mask picture for method {args.method!r}; accepted: {', '.join(METHODS)}")
     prog = f"diffattn mask {args.method}"
@@ -118,8 +135,6 @@ def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
     def run() -> int:
         pairs = list(opts.opt)
         pairs += [f"{k[4:]}={v}" for k, v in vars(opts).items() if k.startswith("opt_") and v is not None]
-        if getattr(opts, "no_sink", False):
-            pairs.append("sink=false")
         options = parse_mask_options(args.method, pairs)
         geometry = _mask_geometry(opts)
         if Path(opts.out).suffix.lower() != ".png":
@@ -137,7 +152,7 @@ def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _mask_geometry(opts: argparse.Namespace) -> str | tuple[int, ...]:
-    frames, per_frame = getattr(opts, "frames", None), getattr(opts, "tokens_per_frame", None)
+    frames, per_frame = opts.frames, opts.tokens_per_frame
     if frames is not None or per_frame is not None:
         if opts.geometry or opts.grid:
             raise ValueError("--frames/--tokens-per-frame replace --geometry/--grid; give one of them")
@@ -536,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("app", help="the Gradio web app (--help for options)", add_help=False)
     p = sub.add_parser("mask", help="a method's mask at a model geometry: PNG, density, predicted speed-up",
                        add_help=False)
-    p.add_argument("method", help="radial, gna or freeswim (diffattn mask METHOD --help for its options)")
+    p.add_argument("method", nargs="?", help="a method with a mask picture (diffattn mask --help lists them; "
+                   "diffattn mask METHOD --help for its options)")
     return parser
 
 

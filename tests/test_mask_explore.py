@@ -190,3 +190,26 @@ def test_parse_mask_options():
         parse_mask_options("gna", ["kernel_size"])
     assert set(mask_options("freeswim")) == {"base_height", "base_width", "vae_scale_factor", "q_tile", "kv_tile"}
     assert "lower is sparser" in mask_options("radial")["decay_factor"]
+
+
+def test_demo_geometries_come_from_the_models_configs():
+    """The demo models' grids are what their transformers see at their training size (pipelines/demo.py)."""
+    from diffattn.pipelines.demo import DemoImageConfig, DemoVideoConfig
+
+    v, i = DemoVideoConfig(), DemoImageConfig()
+    # video: the pixel-space VAE packs 4 frames per latent frame after the first, patch (1, 2, 2)
+    assert GEOMETRIES["demo-video"].grid == ((v.num_frames - 1) // 4 + 1, v.height // 2, v.width // 2)
+    assert GEOMETRIES["demo-video"].family == "wan"
+    assert GEOMETRIES["demo-image"].grid == (i.size // 2, i.size // 2)
+    assert GEOMETRIES["demo-image"].family == "sd3"
+
+
+def test_masks_beyond_the_memory_limit_are_refused_before_building():
+    from diffattn.masks.preview import MAX_MASK_ELEMENTS
+
+    with pytest.raises(ValueError, match="more than the Mask explorer builds"):
+        explore_mask("radial", (150, 150, 150))
+    # just under the limit at block 128: (8192 blocks)^2 = 2^26 is allowed; one more frame is not
+    assert MAX_MASK_ELEMENTS == 8192 ** 2
+    with pytest.raises(ValueError, match="8,193 x 8,193"):
+        explore_mask("radial", (8193, 128, 1))
