@@ -17,7 +17,7 @@ from ..common import BACKENDS, check_tensors, default_backend, resolve_backend, 
 from .blocked import neighborhood_attention_blocked
 from .checks import check_qkv, normalize_params, spatial_shape
 from .reference import neighborhood_attention_reference
-from .tiling import Plan, check_tiles, choose_tiles, make_plan
+from .tiling import Plan, make_plan, resolve_tiles
 
 logger = logging.getLogger("diffattn")
 
@@ -37,11 +37,7 @@ def get_plan(shape, kernel_size, stride, dilation, is_causal, q_tile=None, kv_ti
 @functools.lru_cache(maxsize=256)
 def _get_plan(shape, kernel_size, stride, dilation, is_causal, q_tile, kv_tile) -> Plan:
     p = normalize_params(shape, kernel_size, stride, dilation, is_causal)
-    if q_tile is None or kv_tile is None:
-        cq, ck = choose_tiles(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal)
-        q_tile = cq if q_tile is None else q_tile
-        kv_tile = ck if kv_tile is None else kv_tile
-    q_tile, kv_tile = check_tiles(p.ndim, q_tile, kv_tile)
+    q_tile, kv_tile = resolve_tiles(p, q_tile, kv_tile)
     return make_plan(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal, q_tile, kv_tile)
 
 
