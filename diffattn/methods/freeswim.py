@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from ..call import AttentionCall
 from ..config import MethodConfig, option
-from ..context import ForwardContext
-from .base import AttentionMethod, require_grid
+from ..context import ForwardContext, TokenGrid
+from .base import AttentionMethod, RunPlan, require_grid
 from .joint import log_once
 from .neighborhood import grid_neighborhood_attention
 
@@ -119,6 +119,17 @@ class FreeSwimMethod(AttentionMethod):
         dh = self.config.base_height // self.config.vae_scale_factor // patch // 2
         dw = self.config.base_width // self.config.vae_scale_factor // patch // 2
         return grid.frames, min(2 * dh + 1, grid.height), min(2 * dw + 1, grid.width)
+
+    def notices(self, plan: RunPlan) -> list[str]:
+        if plan.grid is None:
+            return []
+        grid = TokenGrid(*plan.grid)
+        _, h, w = self.window(grid)
+        if h >= grid.height and w >= grid.width:
+            return [f"freeswim: the window {h}x{w} (from base size {self.config.base_height}x{self.config.base_width}) "
+                    f"covers the whole {grid.height}x{grid.width} token grid; the window branch is full attention "
+                    "(FreeSwim is for sizes above the base size)"]
+        return []
 
     def scale(self, head_dim: int, grid, n_keys: int) -> float:
         default = head_dim**-0.5
