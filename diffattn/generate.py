@@ -266,7 +266,8 @@ def write_result(result: Any, out: str, fps: int = 16, *, overwrite: bool = True
 def nonfinite(result: Any) -> bool:
     """True when the result's pixels hold NaN or infinity (e.g. an infinite guidance scale): not a picture."""
     frames = getattr(result, "frames", None)
-    data = frames[0] if frames is not None else (getattr(result, "images", None) or [None])[0]
+    images = getattr(result, "images", None)
+    data = frames[0] if frames is not None else (images[0] if images is not None and len(images) else None)
     if data is None or hasattr(data, "convert"):  # a PIL image is always finite
         return False
     if hasattr(data, "detach"):
