@@ -71,7 +71,8 @@ def require_chromium() -> str:
     if not Path(CHROMIUM).is_file():
         raise RuntimeError(
             f"Chromium is missing at {CHROMIUM}: the app's browser tests need it. Install Debian's package "
-            "(`sudo apt-get install -y chromium`, as .ci/run does) or set DIFFATTN_CHROMIUM to a Chromium binary."
+            "(`sudo apt-get install -y chromium`, as the README's test command does when it is missing) or set "
+            "DIFFATTN_CHROMIUM to a Chromium binary."
         )
     return CHROMIUM
 
