@@ -140,9 +140,8 @@ def make_control(spec: OptionSpec, elem_id: str | None = None) -> Any:
     if kind == "checkbox":
         return gr.Checkbox(**common)
     if kind == "number":
-        bases = base_types(spec.type)
-        precision = 0 if int in bases and float not in bases else None
-        return gr.Number(precision=precision, **common)
+        # no `precision`: Gradio would round 1.5 to 2 for an int option; `option_value` refuses it instead
+        return gr.Number(**common)
     return gr.Textbox(placeholder="empty: default" if spec.default is None else None, **common)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..registry import get_method
+from ..settings import Limits
 from .controls import make_control, option_value
 
 logger = logging.getLogger("diffattn")
@@ -56,10 +57,23 @@ def parse_grid(text: str) -> tuple[int, ...] | None:
         raise ValueError(f"custom grid must be 2 or 3 integers (frames,height,width or height,width), got {text!r}")
 
 
-def mask_tab(demo: Any) -> None:
+def request_grid(geometry_name: str, custom: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The token grid a request asks for: the custom grid, else the named geometry's (None if unknown here)."""
+    if custom is not None:
+        return custom
+    from ..explorer import GEOMETRIES
+
+    geometry = GEOMETRIES.get(geometry_name)
+    grid = getattr(geometry, "grid", None)
+    return tuple(grid) if grid else None
+
+
+def mask_tab(demo: Any, limits: Limits | None = None) -> None:
     import gradio as gr
 
-    from .tabs import error_text, progress_on, running, status_html
+    from .tabs import error_text, log_failure, progress_on, running, status_html
+
+    limits = limits or Limits()
 
     try:
         from ..explorer import GEOMETRIES, METHODS, mask_options
@@ -110,9 +124,14 @@ def mask_tab(demo: Any) -> None:
                     options = mask_options_from_values(method_name, g.entries, values[start : start + len(g.entries)])
                 start += len(g.entries)
             grid = parse_grid(custom_text)
+            asked = request_grid(geometry_name, grid)
+            if asked is not None:
+                if any(n < 1 for n in asked):
+                    raise ValueError(f"custom grid sizes must be >= 1, got {custom_text!r}")
+                limits.check_grid(asked)  # before any memory is spent
             view = explore_mask(method_name, grid if grid is not None else geometry_name, **options)
         except Exception as exc:
-            logger.warning("diffattn app: mask explorer failed", exc_info=True)
+            log_failure("mask explorer", exc)
             return gr.update(), status_html(error_text(exc), error=True), gr.update()
         text = (f"{method_name} at {view.info.get('geometry', geometry_name)} "
                 f"({'x'.join(map(str, view.grid))} tokens): density {view.density:.1%}, "
@@ -120,4 +139,5 @@ def mask_tab(demo: Any) -> None:
         return view.image, status_html(text), view.info
 
     button.click(running, None, numbers, queue=False, show_progress="hidden").then(
-        show, [method, geometry, custom, *components], [picture, numbers, info], **progress_on([picture]))
+        show, [method, geometry, custom, *components], [picture, numbers, info], **progress_on([picture]),
+        concurrency_limit=1, concurrency_id="diffattn-mask")

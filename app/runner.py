@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from ..demo import DEMO_MODELS, assets_dir, demo_model_path
-from ..generate import load_pipeline, run_generation, write_result, write_sidecar
+from ..generate import check_model, load_pipeline, nonfinite, run_generation, write_result, write_sidecar
 from ..registry import available_methods, get_method
+from ..settings import GenerationSettings, Limits, app_box, fit_to_pipeline, method_report, validate
 
 logger = logging.getLogger("diffattn")
 
@@ -120,6 +121,7 @@ class Settings:
     frames: int | None = None
     guidance: float | None = None
     fps: int = 16
+    max_sequence_length: int | None = None
 
 
 @dataclass
@@ -134,6 +136,7 @@ class Generation:
     method: str | None
     options: dict[str, Any]
     first_run: bool = False  # the pipeline was loaded for this run: its time includes one-time warm-up
+    notices: list[str] = field(default_factory=list)  # settings rounded, a method that will not run as asked
 
 
 def result_pixels(result: Any) -> np.ndarray:
@@ -148,54 +151,92 @@ def result_pixels(result: Any) -> np.ndarray:
 
 
 class Runner:
-    """Runs generations for the app; outputs go to `out_dir` with unique names."""
+    """Runs generations for the app, one at a time for the whole app (every tab and user: one gate), within
+    `limits`; outputs go to `out_dir` with unique names."""
 
-    def __init__(self, out_dir: str | Path, device: str, dtype: str, cache: PipelineCache | None = None) -> None:
+    def __init__(self, out_dir: str | Path, device: str, dtype: str, cache: PipelineCache | None = None,
+                 limits: Limits | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = device
         self.dtype = dtype
         self.cache = cache or PipelineCache()
+        self.limits = limits or Limits()
+        self._gate = threading.Lock()  # one generation (load + run + write) at a time, whatever Gradio's queue does
+
+    def check(self, settings: Settings) -> GenerationSettings:
+        """The shared validation (`diffattn.settings.validate`) and this server's limits on the values given."""
+        checked = validate(GenerationSettings(
+            prompt=settings.prompt, negative_prompt=settings.negative_prompt, seed=settings.seed, steps=settings.steps,
+            height=settings.height, width=settings.width, frames=settings.frames, guidance=settings.guidance,
+            max_sequence_length=settings.max_sequence_length, fps=settings.fps, device=self.device, dtype=self.dtype,
+        ), app_box)
+        self.limits.check({"steps": checked.steps, "frames": checked.frames, "height": checked.height,
+                           "width": checked.width})
+        return checked
 
     def generate(self, settings: Settings, progress: ProgressFn | None = None, label: str = "") -> Generation:
-        """Load (cached), run with per-step progress, write the file and its JSON sidecar."""
+        """Validate, load (cached), run with per-step progress, write the file and its JSON sidecar."""
         report = progress or (lambda fraction, desc: None)
+        checked = self.check(settings)
         model = resolve_model(settings.model)
+        check_model(model)
         family, _ = model_family(model)
         if settings.method:
             check_method_supports(settings.method, family)
             get_method(settings.method).config_cls.from_options(**settings.options)
+        if self._gate.locked():
+            report(0.0, f"{label}waiting for another generation to finish")
+        with self._gate:
+            return self._generate(settings, checked, model, report, label)
+
+    def _generate(self, settings: Settings, checked: GenerationSettings, model: str, report: ProgressFn,
+                  label: str) -> Generation:
+        started = time.time()
         report(0.0, f"{label}loading {model}")
         loads = self.cache.loads
         pipe, lock = self.cache.get(model, self.device, self.dtype)
         first_run = self.cache.loads > loads
+        fitted = fit_to_pipeline(pipe, checked, app_box)
+        self.limits.check(fitted.effective(pipe))  # the pipeline's defaults count too
+        method_info = method_report(settings.method, settings.options, pipe, fitted) if settings.method else {}
+        notices = fitted.notices + method_info.get("notices", [])
+        for notice in notices:
+            logger.warning("diffattn app: %s", notice)
+        s = fitted.settings
 
         def on_step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-            total = getattr(pipeline, "num_timesteps", None) or settings.steps or (step + 1)
+            total = getattr(pipeline, "num_timesteps", None) or s.steps or (step + 1)
             report(min(1.0, (step + 1) / total), f"{label}step {step + 1}/{total}")
             return callback_kwargs
 
         with lock:
             result, seconds = run_generation(
-                pipe, settings.prompt, method=settings.method, options=settings.options, seed=settings.seed,
-                negative_prompt=settings.negative_prompt or None, num_inference_steps=settings.steps,
-                height=settings.height, width=settings.width, num_frames=settings.frames,
-                guidance_scale=settings.guidance, output_type="np", callback_on_step_end=on_step_end,
+                pipe, s.prompt, method=settings.method, options=settings.options, seed=s.seed,
+                negative_prompt=s.negative_prompt, num_inference_steps=s.steps, height=s.height, width=s.width,
+                num_frames=s.frames, guidance_scale=s.guidance, max_sequence_length=s.max_sequence_length,
+                output_type="np", callback_on_step_end=on_step_end,
             )
+        if nonfinite(result):
+            raise ValueError("the result holds NaN or infinite pixels (numerical overflow: try fp32 or a smaller "
+                             "guidance); nothing written")
         is_video = getattr(result, "frames", None) is not None
         stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{settings.method or 'stock'}-{uuid.uuid4().hex[:6]}"
         out = str(self.out_dir / (stem + (".mp4" if is_video else ".png")))
-        written = write_result(result, out, fps=settings.fps)
+        written = write_result(result, out, fps=s.fps, overwrite=False)
         record = {
-            "model": model, "prompt": settings.prompt, "negative_prompt": settings.negative_prompt,
-            "attn": settings.method, "attn_options": settings.options, "seed": settings.seed, "steps": settings.steps,
-            "height": settings.height, "width": settings.width, "frames": settings.frames,
-            "guidance": settings.guidance, "fps": settings.fps, "device": self.device, "dtype": self.dtype,
-            "out": out, "source": "diffattn app",
+            "model": model, "prompt": s.prompt, "negative_prompt": s.negative_prompt,
+            "attn": settings.method, "attn_options": settings.options, "seed": s.seed, "steps": s.steps,
+            "height": s.height, "width": s.width, "frames": s.frames, "guidance": s.guidance, "fps": s.fps,
+            "max_sequence_length": s.max_sequence_length, "device": self.device, "dtype": self.dtype, "out": out,
+            "source": "diffattn app", "requested": fitted.requested, "notices": notices,
+            "started": round(started, 3), "finished": round(time.time(), 3),
         }
-        sidecar = write_sidecar(out, record, written, seconds)
+        if settings.method:
+            record["attn_effective_options"] = method_info["effective_options"]
+        sidecar = write_sidecar(out, record, written, seconds, pipe=pipe, overwrite=False)
         return Generation(out, sidecar, written["kind"], seconds, result_pixels(result), settings.method,
-                          settings.options, first_run)
+                          settings.options, first_run, notices)
 
 
 def enlarged(image: np.ndarray, min_side: int = 384) -> np.ndarray:

@@ -24,6 +24,10 @@ from .runner import (
 
 logger = logging.getLogger("diffattn")
 
+# Every generating event of every tab shares one Gradio concurrency group of size 1: one generation at a time for
+# the whole app (the runner's gate enforces the same when the app is built without this queue).
+GENERATION_QUEUE = {"concurrency_limit": 1, "concurrency_id": "diffattn-generation"}
+
 # Generation settings in the order the handlers receive them.
 SETTING_NAMES = ("seed", "steps", "height", "width", "frames", "guidance", "fps")
 
@@ -181,11 +185,10 @@ def settings_controls(prefix: str, kind: str) -> list[Any]:
                               elem_id=f"{prefix}-{name}")
 
         with gr.Row():
-            seed = gr.Number(value=0, precision=0, label="seed", min_width=90, elem_id=f"{prefix}-seed")
+            seed = gr.Number(value=0, label="seed", min_width=90, elem_id=f"{prefix}-seed")
             steps = box("steps", "steps")
             guidance = box("guidance", "guidance (CFG)")
-            fps = gr.Number(value=16, precision=0, label="fps", visible=kind == "video", min_width=90,
-                            elem_id=f"{prefix}-fps")
+            fps = gr.Number(value=16, label="fps", visible=kind == "video", min_width=90, elem_id=f"{prefix}-fps")
         with gr.Row():
             height = box("height", "height")
             width = box("width", "width")
@@ -195,25 +198,37 @@ def settings_controls(prefix: str, kind: str) -> list[Any]:
 
 def _settings(model: str, prompt: str, negative: str, method: str | None, options: dict[str, Any],
               values: tuple[Any, ...]) -> Settings:
+    """The boxes' values parsed (numbers, empty = the pipeline's default); the runner validates them with the CLI's
+    checks (`diffattn.settings.validate`) and this server's limits."""
     named = dict(zip(SETTING_NAMES, values))
-    if not (prompt or "").strip():
-        raise ValueError("prompt is empty")
     ints = {k: _optional_number(named[k], k, int) for k in ("seed", "steps", "height", "width", "frames", "fps")}
-    for key in ("steps", "height", "width", "frames", "fps"):
-        if ints[key] is not None and ints[key] < 1:
-            raise ValueError(f"{key} must be >= 1 or empty (the pipeline's default), got {ints[key]}")
     return Settings(
-        model=model, prompt=prompt, method=method, options=options, seed=ints["seed"] or 0,
-        negative_prompt=negative or None, steps=ints["steps"], height=ints["height"], width=ints["width"],
-        frames=ints["frames"], guidance=_optional_number(named["guidance"], "guidance", float), fps=ints["fps"] or 16,
+        model=model, prompt=prompt or "", method=method, options=options,
+        seed=0 if ints["seed"] is None else ints["seed"], negative_prompt=negative or None, steps=ints["steps"],
+        height=ints["height"], width=ints["width"], frames=ints["frames"],
+        guidance=_optional_number(named["guidance"], "guidance", float), fps=16 if ints["fps"] is None else ints["fps"],
     )
+
+
+def log_failure(what: str, exc: BaseException) -> None:
+    """A user error (bad setting, missing model, limit) is one log line; anything else keeps its traceback."""
+    if is_user_error(exc):
+        logger.warning("diffattn app: %s failed: %s", what, " ".join(str(exc).split()))
+    else:
+        logger.error("diffattn app: %s failed", what, exc_info=exc)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    return isinstance(exc, (ValueError, FileNotFoundError, FileExistsError, TypeError)) or (
+        type(exc).__name__ == "OutOfMemoryError")
 
 
 def _timing(gen: Any) -> str:
     shape = gen.pixels.shape
     size = f"{shape[0]} frames of {shape[2]}x{shape[1]}" if gen.kind == "video" else f"{shape[1]}x{shape[0]}"
     warm = "; first run after loading, includes warm-up" if gen.first_run else ""
-    return f"{gen.method or 'stock'}: {gen.seconds:.2f} s ({size}{warm})"
+    notices = "".join(f"\nNotice: {n}" for n in getattr(gen, "notices", []))
+    return f"{gen.method or 'stock'}: {gen.seconds:.2f} s ({size}{warm}){notices}"
 
 
 def generation_tab(kind: str, runner: Runner, model_default: str | None, demo: Any) -> None:
@@ -245,15 +260,15 @@ def generation_tab(kind: str, runner: Runner, model_default: str | None, demo: A
             options = picker.options(method, option_values)
             gen = runner.generate(_settings(model, prompt_text, negative_text, method, options, setting_values),
                                   _GradioProgress(progress))
-        except Exception as exc:  # shown in the page; the traceback goes to the log
-            logger.warning("diffattn app: %s generation failed", kind, exc_info=True)
+        except Exception as exc:  # shown in the page; one log line for a user error, a traceback otherwise
+            log_failure(f"{kind} generation", exc)
             return None, status_html(error_text(exc), error=True), None
         shown = gen.path if gen.kind == "video" else enlarged(gen.pixels)
         return shown, status_html(_timing(gen)), [gen.path, gen.sidecar]
 
     button.click(running, None, status, queue=False, show_progress="hidden").then(
         run, [picker.model, prompt, negative, picker.method, *settings, *picker.option_components], [media, status, files],
-        **progress_on([media]))
+        **progress_on([media]), **GENERATION_QUEUE)
 
 
 def compare_tab(runner: Runner, video_model: str | None, image_model: str | None, demo: Any) -> None:
@@ -322,7 +337,7 @@ def compare_tab(runner: Runner, video_model: str | None, image_model: str | None
             b = runner.generate(other, lambda f, d: report(0.5 + f / 2, d), label=f"{method}: ")
             diff = difference(a.pixels, b.pixels)
         except Exception as exc:
-            logger.warning("diffattn app: compare failed", exc_info=True)
+            log_failure("compare", exc)
             return [gr.update()] * 7 + [status_html(error_text(exc), error=True), None]
         video = a.kind == "video"
         speed = a.seconds / b.seconds if b.seconds > 0 else float("inf")
@@ -346,5 +361,5 @@ def compare_tab(runner: Runner, video_model: str | None, image_model: str | None
 
     button.click(running, None, status, queue=False, show_progress="hidden").then(
         run, [picker.model, prompt, negative, picker.method, *settings, *picker.option_components], outputs,
-        **progress_on([dense_video, dense_image, method_video, method_image]))
+        **progress_on([dense_video, dense_image, method_video, method_image]), **GENERATION_QUEUE)
 

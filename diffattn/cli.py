@@ -72,6 +72,9 @@ def _guarded(prog: str, fn: Callable[[], int], *, oom_advice: str = "try --offlo
         oom = ()
     try:
         return fn()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     except oom:
         return _fail(prog, f"CUDA out of memory; {oom_advice}")
     except (ValueError, OSError) as exc:
@@ -176,7 +179,7 @@ def _mask_geometry(opts: argparse.Namespace) -> str | tuple[int, ...]:
 # ------------------------------------------------------------------------------------------------------------------
 def _resolve_model(model: str | None) -> tuple[str, bool]:
     """(model, is_demo): the given folder/hub id, or the bundled demo video model (FileNotFoundError if absent)."""
-    if model:
+    if model is not None:
         return model, False
     from .demo import demo_model_path
 
@@ -184,7 +187,11 @@ def _resolve_model(model: str | None) -> tuple[str, bool]:
 
 
 def _resolve_prompt(prompt: str | None, is_demo: bool) -> str:
-    if prompt:
+    """The prompt; without --prompt, the demo model's example (only for the demo model). An empty prompt is an error,
+    never silently the demo prompt."""
+    if prompt is not None:
+        if not prompt.strip():
+            raise ValueError("--prompt is empty; give the text to generate from")
         return prompt
     if is_demo:
         from .demo import DEMO_PROMPTS
@@ -245,13 +252,13 @@ def _decode_notice(pipe, prog: str) -> Iterator[None]:
             vae.decode = own
 
 
-def _write(prog: str, result, out: str, fps: int) -> dict:
+def _write(prog: str, result, out: str, fps: int, overwrite: bool = True) -> dict:
     from .generate import write_result
 
     frames = getattr(result, "frames", None)
     what = f"{len(frames[0])} frames" if frames is not None else "the image"
     print(f"{prog}: writing {what} to {out} ...", file=sys.stderr, flush=True)
-    return write_result(result, out, fps=fps)
+    return write_result(result, out, fps=fps, overwrite=overwrite)
 
 
 def _add_generation_args(parser: argparse.ArgumentParser, *, out_help: str) -> None:
@@ -410,20 +417,27 @@ def _cmd_render_long(rest: list[str]) -> int:
 def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="diffattn generate", description="generate an image or a video")
     _add_generation_args(parser, out_help=".mp4/.gif/.webm for video (default out.mp4), .png/.webp/.jpg for images "
-                         "(default out.png); a .json sidecar with every setting is written next to it")
+                         "(default out.png); the sidecar OUT.json (e.g. out.mp4.json) has every setting")
     parser.add_argument("--attn", default=None, help="attention method (diffattn methods); default: the model's own")
     parser.add_argument("--attn-opt", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     parser.add_argument("--frames", type=int, default=None, help="video pipelines only")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out and its sidecar (default: refuse, nothing is written)")
     opts = parser.parse_args(rest)
     prog = "diffattn generate"
+    written_here: list[str] = []
 
     def run() -> int:
         from .generate import (
+            check_model,
+            check_output,
             load_pipeline,
+            nonfinite,
             parse_method_options,
             run_generation,
             write_sidecar,
         )
+        from .settings import GenerationSettings, fit_to_pipeline, method_report, validate
 
         if opts.attn_opt and not opts.attn:
             raise ValueError("--attn-opt needs --attn METHOD")
@@ -432,22 +446,52 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
         model, is_demo = _resolve_model(opts.model)
         prompt = _resolve_prompt(opts.prompt, is_demo)
         dtype = opts.dtype or ("bf16" if opts.device.startswith("cuda") else "fp32")
-        pipe = load_pipeline(model, dtype=dtype, device=opts.device, offload=opts.offload)
+        settings = validate(GenerationSettings(
+            prompt=prompt, negative_prompt=opts.negative_prompt, seed=opts.seed, steps=opts.steps, height=opts.height,
+            width=opts.width, frames=opts.frames, guidance=opts.guidance, max_sequence_length=opts.max_sequence_length,
+            fps=opts.fps, device=opts.device, dtype=dtype,
+        ))
+        check_model(model)
+        if opts.out is not None:
+            check_output(opts.out, opts.overwrite)  # before minutes of loading and generating
+        pipe = load_pipeline(model, dtype=settings.dtype, device=settings.device, offload=opts.offload)
         out = _output_for(pipe, opts.out, "out")
+        check_output(out, opts.overwrite)
+        fitted = fit_to_pipeline(pipe, settings)
+        report = method_report(opts.attn, options, pipe, fitted) if opts.attn else {"notices": []}
+        notices = fitted.notices + report["notices"]
+        for notice in notices:
+            logging.getLogger("diffattn").warning("%s: %s", prog, notice)
+        s = fitted.settings
         with _decode_notice(pipe, prog):
             result, seconds = run_generation(
-                pipe, prompt, method=opts.attn, options=options, seed=opts.seed,
-                negative_prompt=opts.negative_prompt, num_inference_steps=opts.steps, height=opts.height,
-                width=opts.width, num_frames=opts.frames, guidance_scale=opts.guidance,
-                max_sequence_length=opts.max_sequence_length, output_type="np",
+                pipe, s.prompt, method=opts.attn, options=options, seed=s.seed, negative_prompt=s.negative_prompt,
+                num_inference_steps=s.steps, height=s.height, width=s.width, num_frames=s.frames,
+                guidance_scale=s.guidance, max_sequence_length=s.max_sequence_length, output_type="np",
             )
-        written = _write(prog, result, out, opts.fps)
-        settings = {**vars(opts), "model": model, "prompt": prompt, "dtype": dtype, "out": out, "attn_options": options}
-        sidecar = write_sidecar(out, settings, written, seconds, pipe=pipe)
+        if nonfinite(result):
+            raise ValueError("the result holds NaN or infinite pixels (numerical overflow: try --dtype fp32 or a "
+                             "smaller --guidance); nothing written")
+        written = _write(prog, result, out, s.fps, overwrite=opts.overwrite)
+        written_here.append(out)
+        record = {**vars(opts), "model": model, "prompt": s.prompt, "dtype": s.dtype, "out": out, "frames": s.frames,
+                  "attn_options": options, "requested": fitted.requested, "notices": notices}
+        if opts.attn:
+            record["attn_effective_options"] = report["effective_options"]
+        sidecar = write_sidecar(out, record, written, seconds, pipe=pipe, overwrite=opts.overwrite)
+        written_here.clear()
         print(f"wrote {out} ({written['kind']}, {seconds:.1f} s) and {sidecar}")
         return 0
 
-    return _guarded(prog, run, oom_advice="try --offload, a smaller size or --dtype bf16")
+    def guarded_run() -> int:
+        try:
+            return run()
+        except KeyboardInterrupt:
+            for path in written_here:  # the result without its sidecar: not a finished output
+                Path(path).unlink(missing_ok=True)
+            raise
+
+    return _guarded(prog, guarded_run, oom_advice="try --offload, a smaller size or --dtype bf16")
 
 
 def _app(rest: list[str]) -> int:

@@ -4,11 +4,16 @@ setting, the versions and the time."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
+import math
 import os
+import re
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +34,45 @@ def torch_dtype(name: str):
     return table[name]
 
 
+# org/name (Hugging Face hub repository id): letters, digits, "-", "_", "."; not "." or ".." parts.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def model_source(model: str) -> str:
+    """"local" or "hub" for `model`: a local folder first (it must be a Diffusers pipeline folder, with
+    model_index.json), else an `org/name` hub id; anything else is a `ValueError` saying what it is."""
+    text = (model or "").strip()
+    if not text:
+        raise ValueError("model is empty; give a Diffusers pipeline folder or a hub id (org/name)")
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model {text!r} is a file, not a Diffusers pipeline folder (a folder with "
+                             "model_index.json) or a hub id (org/name)")
+        if not (path / "model_index.json").is_file():
+            what = "a single model's folder (config.json)" if (path / "config.json").is_file() else "a folder"
+            raise ValueError(f"model {text!r} is {what} without model_index.json, not a Diffusers pipeline folder; "
+                             "save the whole pipeline with pipe.save_pretrained(folder)")
+        return "local"
+    if _HUB_ID.match(text) and ".." not in text:
+        return "hub"
+    raise ValueError(f"model folder {text!r} does not exist (and it is not a hub id of the form org/name)")
+
+
 def check_model(model: str) -> None:
-    """A path-like model that does not exist is a clear error (a bare name is treated as a hub id)."""
-    looks_local = os.path.sep in model or model.startswith(".") or os.path.isabs(model)
-    if looks_local and not os.path.isdir(model):
-        raise ValueError(f"model folder {model!r} does not exist")
+    """A clear error for a model that is neither a pipeline folder nor a hub id (see `model_source`)."""
+    model_source(model)
+
+
+def _hub_error(model: str, exc: BaseException) -> ValueError:
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:300] + " ..."
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    hint = ("HF_HUB_OFFLINE is set, so only the local cache is used" if offline else
+            "offline, a typo, or a gated model needing `huggingface-cli login`?")
+    return ValueError(f"could not load hub model {model!r} ({hint}): {type(exc).__name__}: {text}. Download it "
+                      f"first (`huggingface-cli download {model}`) or pass a local pipeline folder")
 
 
 def model_index(model: str) -> dict[str, Any]:
@@ -67,10 +106,21 @@ def pipeline_class(model: str) -> Any:
 
 def load_pipeline(model: str, *, dtype: str = "fp32", device: str = "cpu", offload: bool = False, cls: Any = None):
     """`cls.from_pretrained` (default: `pipeline_class(model)`)."""
-    check_model(model)
+    source = model_source(model)
+    model = model.strip()
     if cls is None:
         cls = pipeline_class(model)
-    pipe = cls.from_pretrained(model, dtype=torch_dtype(dtype), **absent_components(model))
+    if source == "hub":
+        try:
+            pipe = cls.from_pretrained(model, dtype=torch_dtype(dtype))
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:  # huggingface_hub, requests and Diffusers each raise their own types here
+            if type(exc).__name__ == "OutOfMemoryError":
+                raise
+            raise _hub_error(model, exc) from exc
+    else:
+        pipe = cls.from_pretrained(model, dtype=torch_dtype(dtype), **absent_components(model))
     if offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -133,27 +183,70 @@ def _write_video_opencv(data: np.ndarray, out: str, fps: int) -> None:
         writer.release()
 
 
-def write_result(result: Any, out: str, fps: int = 16) -> dict[str, Any]:
-    """Write a pipeline result (`.frames` video or `.images` image) to `out`; returns what was written."""
+def sidecar_path(out: str) -> str:
+    """The JSON sidecar of output `out`: the whole file name + ".json" (`clip.mp4` -> `clip.mp4.json`), so that
+    `clip.gif` and `clip.mp4` never share one."""
+    return str(out) + ".json"
+
+
+def check_output(out: str, overwrite: bool = False) -> None:
+    """Refuse (`FileExistsError`, one line) to replace an existing output or its sidecar unless `overwrite`."""
+    if overwrite:
+        return
+    for path in (out, sidecar_path(out)):
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+
+
+@contextlib.contextmanager
+def atomic_path(out: str, overwrite: bool = True, drop: str | None = None) -> Iterator[str]:
+    """A temporary path next to `out` (same suffix, so writers pick the format) that becomes `out` by one rename
+    when the block ends without error; removed otherwise (Ctrl-C included), so `out` is never half-written. With
+    `overwrite=False` an `out` that appeared meanwhile is not replaced (`FileExistsError`). `drop` (an old
+    sidecar) is removed just before the rename, so a new result never sits next to a stale sidecar."""
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{target.suffix}", dir=target.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        if drop is not None and overwrite and os.path.lexists(drop):
+            os.unlink(drop)
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            os.link(tmp, target)  # fails if `out` exists: no clobbering, even in a race
+            os.unlink(tmp)
+    except FileExistsError:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def write_result(result: Any, out: str, fps: int = 16, *, overwrite: bool = True) -> dict[str, Any]:
+    """Write a pipeline result (`.frames` video or `.images` image) to `out` atomically (temp file + rename);
+    returns what was written. `overwrite=False` refuses to replace an existing `out`."""
+    if isinstance(fps, bool) or not isinstance(fps, int) or fps < 1:
+        raise ValueError(f"fps must be an integer >= 1, got {fps!r}")
     suffix = Path(out).suffix.lower()
     frames = getattr(result, "frames", None)
     if frames is not None:
         if suffix not in VIDEO_SUFFIXES:
             raise ValueError(f"this pipeline makes video; --out must end in {', '.join(VIDEO_SUFFIXES)}, got {out!r}")
         writer = video_writer(out)
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        data = (np.clip(np.asarray(frames[0], dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
-        if writer == "opencv":
-            _write_video_opencv(data, out, fps)
-        else:
-            import imageio.v3 as iio
-
-            if suffix == ".gif":
-                iio.imwrite(out, data, duration=1000 / fps, loop=0)
+        data = (np.clip(np.nan_to_num(np.asarray(frames[0], dtype=np.float32)), 0, 1) * 255).round().astype(np.uint8)
+        with atomic_path(out, overwrite, drop=sidecar_path(out)) as tmp:
+            if writer == "opencv":
+                _write_video_opencv(data, tmp, fps)
             else:
-                iio.imwrite(out, data, fps=fps)
+                import imageio.v3 as iio
+
+                if suffix == ".gif":
+                    iio.imwrite(tmp, data, duration=1000 / fps, loop=0)
+                else:
+                    iio.imwrite(tmp, data, fps=fps)
         return {"kind": "video", "frames": int(data.shape[0]), "size": list(data.shape[1:3])}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     images = getattr(result, "images", None)
     if images is None:
         raise ValueError(f"unexpected pipeline output {type(result).__name__}: no frames or images")
@@ -163,9 +256,38 @@ def write_result(result: Any, out: str, fps: int = 16) -> dict[str, Any]:
 
     image = images[0]
     if not isinstance(image, Image.Image):
-        image = Image.fromarray((np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8))
-    image.save(out)
+        pixels = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float32)), 0, 1)
+        image = Image.fromarray((pixels * 255).round().astype(np.uint8))
+    with atomic_path(out, overwrite, drop=sidecar_path(out)) as tmp:
+        image.save(tmp, format=Image.registered_extensions()[suffix])
     return {"kind": "image", "size": [image.height, image.width]}
+
+
+def nonfinite(result: Any) -> bool:
+    """True when the result's pixels hold NaN or infinity (e.g. an infinite guidance scale): not a picture."""
+    frames = getattr(result, "frames", None)
+    images = getattr(result, "images", None)
+    data = frames[0] if frames is not None else (images[0] if images is not None and len(images) else None)
+    if data is None or hasattr(data, "convert"):  # a PIL image is always finite
+        return False
+    if hasattr(data, "detach"):
+        data = data.detach().float().cpu().numpy()
+    return not bool(np.isfinite(np.asarray(data, dtype=np.float32)).all())
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float as a string ("nan", "inf", "-inf"), so `json.dumps` writes valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    return str(value)
 
 
 # CLI setting -> the pipeline `__call__` parameter it sets.
@@ -187,13 +309,17 @@ def defaults_used(pipe: Any, settings: dict[str, Any]) -> dict[str, Any]:
     return used
 
 
-def write_sidecar(out: str, settings: dict[str, Any], written: dict[str, Any], seconds: float, pipe: Any = None) -> str:
+def write_sidecar(out: str, settings: dict[str, Any], written: dict[str, Any], seconds: float, pipe: Any = None, *,
+                  extra: dict[str, Any] | None = None, overwrite: bool = True) -> str:
+    """`out`'s JSON sidecar (`sidecar_path`), written atomically and last: every setting, what was written, the
+    versions and the time; with `pipe`, the defaults the pipeline filled in and, when `settings` names a method
+    (`attn`, `attn_options`), its effective options. Always valid JSON (non-finite numbers as strings)."""
     import diffusers
     import torch
 
     from . import __version__
 
-    path = str(Path(out).with_suffix(".json"))
+    path = sidecar_path(out)
     record = {
         **settings, "output": written, "seconds": round(seconds, 3), "diffattn": __version__,
         "diffusers": diffusers.__version__, "torch": torch.__version__,
@@ -202,7 +328,18 @@ def write_sidecar(out: str, settings: dict[str, Any], written: dict[str, Any], s
     if pipe is not None:
         record["pipeline"] = type(pipe).__name__
         record["defaults_used"] = defaults_used(pipe, settings)
-    Path(path).write_text(json.dumps(record, indent=2, default=str))
+        if settings.get("attn") and "attn_effective_options" not in settings:
+            from .settings import method_report
+
+            try:
+                record["attn_effective_options"] = method_report(settings["attn"], settings.get("attn_options") or {},
+                                                                 pipe)["effective_options"]
+            except (ValueError, TypeError) as exc:  # the method ran, so this only guards a custom method's hook
+                logger.warning("diffattn: %s's effective options not recorded: %s", settings["attn"], exc)
+    record.update(extra or {})
+    text = json.dumps(json_safe(record), indent=2, allow_nan=False)
+    with atomic_path(path, overwrite) as tmp:
+        Path(tmp).write_text(text + "\n", encoding="utf-8")
     return path
 
 

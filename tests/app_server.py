@@ -28,14 +28,15 @@ def free_port() -> int:
 class AppServer:
     """`python -m diffattn.cli app ...` in a subprocess; `url` once it answers."""
 
-    def __init__(self, video_model: str, image_model: str, out_dir: str, log_path: str) -> None:
+    def __init__(self, video_model: str, image_model: str, out_dir: str, log_path: str,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.out_dir = out_dir
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 (open for the life of the server; closed in stop())
         cmd = [sys.executable, "-m", "diffattn.cli", "app", "--port", str(self.port), "--device", "cpu",
-               "--video-model", video_model, "--image-model", image_model, "--out-dir", out_dir]
+               "--video-model", video_model, "--image-model", image_model, "--out-dir", out_dir, *extra_args]
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
@@ -70,7 +71,8 @@ def require_chromium() -> str:
     if not Path(CHROMIUM).is_file():
         raise RuntimeError(
             f"Chromium is missing at {CHROMIUM}: the app's browser tests need it. Install Debian's package "
-            "(`sudo apt-get install -y chromium`, as .ci/run does) or set DIFFATTN_CHROMIUM to a Chromium binary."
+            "(`sudo apt-get install -y chromium`, as the README's test command does when it is missing) or set "
+            "DIFFATTN_CHROMIUM to a Chromium binary."
         )
     return CHROMIUM
 

@@ -5,6 +5,7 @@ a method, Compare, errors shown in the page, the Mask explorer. Screenshots go t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,9 @@ def test_mask_tab_option_parsing():
 
 
 # ---- the served app in Chromium -------------------------------------------------------------------------------
+# the served app's per-request limits: above what the tests ask for, low enough to test refusals cheaply
+APP_LIMITS = ("--max-steps", "8", "--max-grid-tokens", "20000")
+
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     from app_server import AppServer
@@ -157,7 +161,8 @@ def app_url(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
     build_tiny_wan_pipeline(str(root / "wan"))
     build_tiny_sd3_pipeline(str(root / "sd3"))
-    server = AppServer(str(root / "wan"), str(root / "sd3"), str(root / "out"), str(root / "app.log"))
+    server = AppServer(str(root / "wan"), str(root / "sd3"), str(root / "out"), str(root / "app.log"),
+                       extra_args=APP_LIMITS)
     try:
         server.wait()
         yield server
@@ -379,3 +384,174 @@ def test_compare_on_the_image_model_shows_images(page):
     assert page.locator("#compare-dense-image img").count() == 1 and page.locator("#compare-method-image img").count() == 1
     assert not page.locator("#compare-dense-video").is_visible()
     assert not page.locator("#compare-frames").is_visible()  # video-only settings hidden for the image model
+
+
+# ---- limits, one queue, validation, one-line logs -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from tiny_image_pipelines import build_tiny_sd3_pipeline
+    from tiny_pipelines import build_tiny_wan_pipeline
+
+    root = tmp_path_factory.mktemp("models")
+    build_tiny_wan_pipeline(str(root / "wan"))
+    build_tiny_sd3_pipeline(str(root / "sd3"))
+    return str(root / "wan"), str(root / "sd3")
+
+
+def test_runner_limits_refuse_before_loading_and_count_the_pipeline_defaults(tiny_models, tmp_path):
+    from diffattn.app.runner import Runner, Settings
+    from diffattn.settings import Limits, SettingError
+
+    wan, _ = tiny_models
+    loads = []
+    cache = PipelineCache(loader=lambda *a, **k: loads.append(a) or pytest.fail("loaded a model for a refused request"))
+    runner = Runner(tmp_path, "cpu", "fp32", cache=cache, limits=Limits(max_steps=4, max_frames=9, max_pixels=64 * 64))
+    for settings, words in [
+        (Settings(wan, "a", None, steps=5), "steps 5 is over this server's limit of 4"),
+        (Settings(wan, "a", None, steps=2, frames=13), "frames 13 is over this server's limit of 9"),
+        (Settings(wan, "a", None, steps=2, height=64, width=96), "height x width = 64x96 (6144 pixels) is over"),
+        (Settings(wan, "a", None, steps=0), "steps must be an integer >= 1"),
+        (Settings(wan, "", None, steps=2), "prompt is empty"),
+        (Settings(wan, "a", None, steps=2, fps=0), "fps must be an integer >= 1"),
+        (Settings(wan, "a", None, steps=2, guidance=float("inf")), "guidance must be a finite number"),
+        (Settings("/etc/passwd", "a", None, steps=2), "is a file, not a Diffusers pipeline folder"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            runner.generate(settings)
+    assert loads == []
+    # the pipeline's own defaults count: stock Wan's signature says 50 steps, 81 frames, 480x832
+    real = Runner(tmp_path, "cpu", "fp32", limits=Limits(max_steps=4))
+    with pytest.raises(SettingError, match="steps 50 is over this server's limit of 4"):
+        real.generate(Settings(wan, "a", None, height=32, width=32, frames=5))
+
+
+def test_limits_from_environment_and_flags(monkeypatch):
+    from diffattn.app.server import build_parser
+    from diffattn.settings import Limits
+
+    monkeypatch.setenv("DIFFATTN_MAX_STEPS", "7")
+    assert Limits.from_env().max_steps == 7 and Limits.from_env(max_steps=3).max_steps == 3
+    monkeypatch.setenv("DIFFATTN_MAX_FRAMES", "many")
+    with pytest.raises(ValueError, match="DIFFATTN_MAX_FRAMES must be an integer"):
+        Limits.from_env()
+    opts = build_parser().parse_args(["--max-pixels", "4096", "--max-grid-tokens", "100"])
+    assert opts.max_pixels == 4096 and opts.max_grid_tokens == 100
+
+
+def test_app_command_refuses_a_bad_device_or_limit_in_one_line(capsys):
+    from diffattn.cli import main
+
+    assert main(["app", "--device", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "diffattn app: --device 'bogus' is not a device name; use cpu, cuda, cuda:N or mps", err
+    assert main(["app", "--device", "cpu", "--max-steps", "0"]) == 2
+    assert "limit max_steps must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_one_generation_at_a_time_across_pipelines(tiny_models, tmp_path, monkeypatch):
+    """Two requests on two different models (so no per-pipeline lock serialises them) from two threads: the
+    runner's gate runs them one after the other."""
+    import threading
+    import time
+
+    from diffattn.app import runner as runner_module
+    from diffattn.app.runner import Runner, Settings
+
+    wan, sd3 = tiny_models
+    active, peak = [0], [0]
+    real = runner_module.run_generation
+
+    def slow(*args, **kwargs):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        time.sleep(0.5)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(runner_module, "run_generation", slow)
+    runner = Runner(tmp_path, "cpu", "fp32")
+    jobs = [Settings(wan, "a", None, steps=1, height=32, width=32, frames=5),
+            Settings(sd3, "a", None, steps=1, height=32, width=32)]
+    errors = []
+    threads = [threading.Thread(target=lambda s=s: _catch(errors, runner.generate, s)) for s in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == [] and peak[0] == 1, (errors, peak)
+    records = [sidecar(p) for p in Path(tmp_path).glob("*.json")]
+    assert len(records) == 2
+    first, second = sorted(records, key=lambda r: r["started"])
+    assert first["finished"] <= second["started"]
+
+
+def _catch(errors, fn, *args):
+    try:
+        fn(*args)
+    except Exception as exc:  # reported by the test
+        errors.append(exc)
+
+
+def test_user_errors_log_one_line_and_others_a_traceback(caplog):
+    from diffattn.app.tabs import log_failure
+
+    with caplog.at_level("WARNING", logger="diffattn"):
+        log_failure("video generation", ValueError("steps must be an integer >= 1\n(more)"))
+        log_failure("video generation", RuntimeError("a bug"))
+    user, bug = caplog.records
+    assert user.getMessage() == "diffattn app: video generation failed: steps must be an integer >= 1 (more)"
+    assert user.exc_info is None and bug.exc_info is not None
+
+
+def test_limits_validation_and_one_line_logs_in_the_page(page, app_url):
+    from app_server import choose, click_and_wait, fill, open_tab
+
+    # an int option given 1.5 is an error naming it (not rounded to 2)
+    choose(page, "video-method", "radial")
+    fill(page, "video-opt-radial-dense_last_steps", "1.5")
+    fill_settings(page, "video", TINY_VIDEO)
+    text = click_and_wait(page, "video-generate", "video-status")
+    assert "Error:" in text and "dense_last_steps" in text and "1.5" in text, text
+    fill(page, "video-opt-radial-dense_last_steps", "0")
+    # over the server's step limit (--max-steps 8)
+    fill(page, "video-steps", "50")
+    text = click_and_wait(page, "video-generate", "video-status")
+    assert "Error:" in text and "steps 50 is over this server's limit of 8" in text, text
+    fill(page, "video-steps", "2")
+    fill(page, "video-fps", "0")
+    text = click_and_wait(page, "video-generate", "video-status")
+    assert "Error:" in text and "fps must be an integer >= 1" in text, text
+    # the Mask explorer's grid is capped (--max-grid-tokens 20000) before any memory is spent
+    open_tab(page, "Mask explorer")
+    choose(page, "mask-method", "radial")
+    fill(page, "mask-custom", "150,150,150")
+    text = click_and_wait(page, "mask-show", "mask-numbers")
+    assert "Error:" in text and "3375000 tokens, over this server's limit of 20000" in text, text
+    log = app_url.log()
+    assert "video generation failed: steps 50 is over this server's limit of 8" in log, log
+    assert "mask explorer failed: grid 150x150x150" in log and "Traceback" not in log, log
+
+
+def test_video_and_image_tabs_share_one_queue(page, app_url):
+    """A video and an image generation clicked together in two tabs run one after the other (their sidecars'
+    run intervals do not overlap)."""
+    from app_server import open_tab
+
+    before = set(Path(app_url.out_dir).glob("*.json"))
+    fill_settings(page, "video", {**TINY_VIDEO, "steps": "6", "seed": "5"})
+    open_tab(page, "Image")
+    fill_settings(page, "image", {"steps": "6", "height": "64", "width": "64", "seed": "5"})
+    open_tab(page, "Video")
+    page.locator("#video-generate").click()
+    open_tab(page, "Image")
+    page.locator("#image-generate").click()
+    for prefix in ("video", "image"):  # the video tab is hidden now: wait for its status in the DOM
+        box = page.wait_for_selector(f"#{prefix}-status .diffattn-ok:has-text(' s ('), #{prefix}-status .diffattn-error",
+                                     timeout=90000, state="attached")
+        assert "Error" not in box.text_content(), box.text_content()
+    new = [sidecar(str(p)) for p in set(Path(app_url.out_dir).glob("*.json")) - before]
+    assert len(new) == 2, new
+    first, second = sorted(new, key=lambda r: r["started"])
+    assert first["finished"] <= second["started"], new

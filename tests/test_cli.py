@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -232,7 +233,7 @@ def test_generate_video_with_a_method_and_sidecar(wan_folder, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert iio.imread(out).shape == (9, 64, 64, 3)
-    meta = json.loads(out.with_suffix(".json").read_text())
+    meta = json.loads(Path(f"{out}.json").read_text())
     assert meta["attn"] == "radial" and meta["attn_options"] == {"block_size": 16, "dense_timesteps": 1, "dense_layers": 0}
     assert meta["output"] == {"kind": "video", "frames": 9, "size": [64, 64]} and meta["seconds"] > 0
     assert meta["diffusers"] and meta["dtype"] == "fp32" and meta["model"] == wan_folder and meta["prompt"] == PROMPT
@@ -258,7 +259,7 @@ def test_generate_image_pipeline_writes_png(sd3_folder, tmp_path, capsys):
     assert main(args) == 0, capsys.readouterr().err
     with Image.open(out) as img:
         assert img.size == (32, 32)
-    meta = json.loads(out.with_suffix(".json").read_text())
+    meta = json.loads(Path(f"{out}.json").read_text())
     assert meta["output"] == {"kind": "image", "size": [32, 32]} and meta["attn_options"] == {"heads": "L1H2,L0H1", "u": 0.5}
 
 
@@ -312,7 +313,7 @@ def test_generate_without_model_uses_the_demo_model(wan_folder, tmp_path, capsys
     out = tmp_path / "demo.gif"
     assert main(["generate", "--device", "cpu", "--steps", "2", "--height", "32", "--width", "32", "--frames", "5",
                  "--max-sequence-length", "16", "--out", str(out)]) == 0, capsys.readouterr().err
-    meta = json.loads(out.with_suffix(".json").read_text())
+    meta = json.loads(Path(f"{out}.json").read_text())
     assert meta["model"] == wan_folder and meta["prompt"] == diffattn.demo.DEMO_PROMPTS["video"]
     assert meta["guidance"] is None and meta["output"]["frames"] == 5
 
@@ -332,12 +333,12 @@ def test_render_highres(wan_folder, tmp_path, capsys):
     assert err.count("decoding with the VAE") == 2 and f"writing 5 frames to {out}" in err
     frames = iio.imread(out)
     assert frames.shape[0] == 5 and frames.shape[1:3] == (64, 96)
-    meta = json.loads(out.with_suffix(".json").read_text())
+    meta = json.loads(Path(f"{out}.json").read_text())
     assert meta["height"] == 64 and meta["cache_steps"] == 2 and meta["seconds"] > 0 and meta["vae_tiling"] is False
     # --vae-tiling is wired through (these tiny frames are smaller than one VAE tile, so nothing is actually tiled)
     tiled = tmp_path / "tiled.mp4"
     assert main(args[:-1] + [str(tiled), "--vae-tiling"]) == 0
-    assert json.loads(tiled.with_suffix(".json").read_text())["vae_tiling"] is True
+    assert json.loads(Path(f"{tiled}.json").read_text())["vae_tiling"] is True
     assert iio.imread(tiled).shape == frames.shape
     capsys.readouterr()
     assert main(["render", "--highres", "--model", str(tmp_path / "missing" / "x"), "--prompt", "a"]) == 2
@@ -376,14 +377,14 @@ def test_render_long_extends_the_pipeline_length_with_radial(wan_folder, tmp_pat
     out = tmp_path / "long.mp4"
     assert main(_long(wan_folder, out, "--frames", "17", "--decay-factor", "0.5")) == 0, capsys.readouterr().err
     assert iio.imread(out).shape == (17, 32, 32, 3)
-    meta = json.loads(out.with_suffix(".json").read_text())
+    meta = json.loads(Path(f"{out}.json").read_text())
     expected = {"block_size": 16, "dense_timesteps": 1, "dense_layers": 0, "decay_factor": 0.5}
     assert meta["attn"] == "radial" and meta["attn_options"] == expected and meta["frames"] == 17
     assert applied == [("radial", expected)]
     # without --frames: --extend times the pipeline's default length
     trained = inspect.signature(WanPipeline.__call__).parameters["num_frames"].default
     assert main(_long(wan_folder, out, "--height", "16", "--width", "16", "--extend", "2")) == 0, capsys.readouterr().err
-    meta = json.loads(out.with_suffix(".json").read_text())
+    meta = json.loads(Path(f"{out}.json").read_text())
     assert meta["default_frames"] == trained and meta["frames"] == 2 * (trained - 1) + 1
     assert iio.imread(out).shape[0] == 2 * (trained - 1) + 1
 
@@ -397,7 +398,7 @@ def test_render_long_reads_call_defaults_and_refuses_without_a_length(wan_folder
     code = main(_long(wan_folder, out, "--extend", "3"))
     assert code == 0, capsys.readouterr().err
     capsys.readouterr()
-    assert iio.imread(out).shape[0] == 13 and json.loads(out.with_suffix(".json").read_text())["default_frames"] == 5
+    assert iio.imread(out).shape[0] == 13 and json.loads(Path(f"{out}.json").read_text())["default_frames"] == 5
     monkeypatch.setattr(WanPipeline, "call_defaults", {"num_frames": None}, raising=False)
     monkeypatch.setattr(WanPipeline, "__call__", lambda self, prompt=None, num_frames=None, **kw: None)
     assert main(_long(wan_folder, out)) == 2
@@ -432,7 +433,7 @@ def test_render_long_with_a_radial_lora(wan_folder, radial_lora_folder, tmp_path
     assert main([*base, "--lora", str(radial_lora_folder), "--out", str(with_lora)]) == 0, capsys.readouterr().err
     video = iio.imread(with_lora)
     assert video.shape == (13, 32, 48, 3)  # the LoRA's training length and size
-    meta = json.loads(with_lora.with_suffix(".json").read_text())
+    meta = json.loads(Path(f"{with_lora}.json").read_text())
     # the LoRA's radial options (its dense_timesteps dropped, None values left to the defaults), then the flags
     assert meta["attn_options"] == {"block_size": 16, "decay_factor": 0.4, "dense_layers": 1, "dense_timesteps": 1}
     assert meta["lora_kind"] == "radial" and applied[-1][1] == meta["attn_options"]
@@ -446,7 +447,7 @@ def test_render_long_with_a_radial_lora(wan_folder, radial_lora_folder, tmp_path
     shutil.copy(radial_lora_folder / "pytorch_lora_weights.safetensors", plain)
     assert main([*base, "--lora", str(plain), "--frames", "5", "--height", "32", "--width", "32", "--block-size", "16",
                  "--out", str(tmp_path / "p.gif")]) == 0, capsys.readouterr().err
-    assert json.loads((tmp_path / "p.json").read_text())["lora_kind"] == "diffusers"
+    assert json.loads((tmp_path / "p.gif.json").read_text())["lora_kind"] == "diffusers"
 
 
 def test_render_long_errors_are_one_line(wan_folder, sd3_folder, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -10,6 +11,16 @@ import torch.nn.functional as F
 from ..call import AttentionCall, ForwardContext
 from ..config import MethodConfig
 from ..geometry import TokenGrid
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a generation will run, as far as it is known before it starts: for `AttentionMethod.notices`."""
+
+    family: str | None  # diffattn's model family (None: unknown)
+    steps: int | None  # denoising steps
+    grid: tuple[int, int, int] | None  # (frames, height, width) token grid of the denoiser (frames 1 for images)
+    layers: int | None  # transformer blocks (the index space of layer options)
 
 
 class AttentionMethod:
@@ -39,6 +50,16 @@ class AttentionMethod:
 
     def bind_pipeline(self, pipe: Any) -> None:
         """`diffattn.apply` on a pipeline calls this with the pipeline (methods that read its settings keep it)."""
+
+    def effective_options(self, family: str | None) -> dict[str, Any]:
+        """The options as they run on `family` (family defaults filled in), for sidecars and logs. Default: the
+        config's values; methods with per-family defaults override it."""
+        return self.config.to_dict()
+
+    def notices(self, plan: RunPlan) -> list[str]:
+        """Sentences saying where this method will not do what was asked at `plan` (all steps in a dense warm-up,
+        a window covering the whole grid), so callers can warn without knowing the method. Default: none."""
+        return []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"

@@ -34,7 +34,7 @@ from ..config import MethodConfig, option
 from ..geometry import TokenGrid
 from ..kernels.neighborhood import grid_neighborhood_attention
 from ..masks.preview import TILE_EXTRAS, MaskView, window_view
-from .base import AttentionMethod
+from .base import AttentionMethod, RunPlan
 from .spec import DemoGeometry, MaskPreview, MethodSpec
 from .toolkit import append_rows, keep_rows, log_once, require_grid
 
@@ -113,6 +113,17 @@ class FreeSwimMethod(AttentionMethod):
         base_h, base_w = self.base_grid(patch)
         dh, dw = base_h // 2, base_w // 2
         return grid.frames, min(2 * dh + 1, grid.height), min(2 * dw + 1, grid.width)
+
+    def notices(self, plan: RunPlan) -> list[str]:
+        if plan.grid is None:
+            return []
+        grid = TokenGrid(*plan.grid)
+        _, h, w = self.window(grid)
+        if h >= grid.height and w >= grid.width:
+            return [f"freeswim: the window {h}x{w} (from base size {self.config.base_height}x{self.config.base_width}) "
+                    f"covers the whole {grid.height}x{grid.width} token grid; the window branch is full attention "
+                    "(FreeSwim is for sizes above the base size)"]
+        return []
 
     def scale(self, head_dim: int, grid, n_keys: int, patch: tuple[int, int] = WAN_PATCH) -> float:
         default = head_dim**-0.5

@@ -19,7 +19,7 @@ from ..config import MethodConfig, option
 from ..families import IMAGE_FAMILIES
 from ..kernels.neighborhood import grid_neighborhood_attention
 from ..masks.preview import TILE_EXTRAS, MaskView, window_view
-from .base import AttentionMethod
+from .base import AttentionMethod, RunPlan
 from .spec import DemoGeometry, MaskPreview, MethodSpec
 from .toolkit import DenseWarmup, can_split, dense_attention, log_once, require_grid, visual_with_text
 
@@ -165,6 +165,20 @@ class GNAMethod(AttentionMethod):
                 ks, st, dl, fitted, shape,
             )
         return fitted
+
+    def notices(self, plan: RunPlan) -> list[str]:
+        out = []
+        if plan.steps is not None and self.config.dense_timesteps >= plan.steps:
+            out.append(f"gna: all {plan.steps} steps run dense (dense_timesteps={self.config.dense_timesteps})")
+        if plan.grid is not None:
+            frames, height, width = plan.grid
+            shape = (height, width) if plan.family in IMAGE_FAMILIES or frames == 1 else (frames, height, width)
+            s = self.fit(shape, self.settings_for(-1), "plan")
+            whole = all(k * d >= n and not c for n, k, d, c in zip(shape, s["kernel_size"], s["dilation"], s["is_causal"]))
+            if whole:
+                out.append(f"gna: the window {'x'.join(map(str, s['kernel_size']))} covers the whole "
+                           f"{'x'.join(map(str, shape))} token grid; this is dense attention (no speed-up)")
+        return out
 
     def attend(self, call: AttentionCall) -> torch.Tensor:
         if not can_split(call):

@@ -18,7 +18,7 @@ from ..call import AttentionCall
 from ..config import MethodConfig, option
 from ..masks.preview import MaskView, block_picture, check_mask_size
 from ..masks.radial import describe, radial_mask
-from .base import AttentionMethod
+from .base import AttentionMethod, RunPlan
 from .block_masked import block_masked_attention
 from .spec import DemoGeometry, MaskPreview, MethodSpec
 from .toolkit import DenseWarmup, dense_attention, log_once, require_grid
@@ -69,6 +69,31 @@ class RadialMethod(AttentionMethod):
                 out[key] = value
         out["block_size"] = self.config.block_size
         out["dense_last_steps"] = self.config.dense_last_steps
+        return out
+
+    def effective_options(self, family: str | None) -> dict:
+        return {**self.config.to_dict(), **self.settings(family or "wan")}
+
+    def notices(self, plan: RunPlan) -> list[str]:
+        s = self.settings(plan.family or "wan")
+        out = []
+        dense_steps = s["dense_timesteps"] + s["dense_last_steps"]
+        if plan.steps is not None and dense_steps >= plan.steps:
+            out.append(
+                f"radial: all {plan.steps} steps run dense (dense_timesteps={s['dense_timesteps']}, dense_last_steps="
+                f"{s['dense_last_steps']}), so the result is dense attention's; use more steps or dense_timesteps < "
+                f"{plan.steps - s['dense_last_steps']}"
+            )
+        if plan.layers is not None and s["dense_layers"] >= plan.layers:
+            out.append(f"radial: dense_layers={s['dense_layers']} covers all {plan.layers} layers; every layer runs dense")
+        if plan.grid is not None:
+            frames, height, width = plan.grid
+            if frames < 2:
+                out.append("radial: the token grid has a single latent frame; radial runs dense (it needs 2 or more)")
+            elif bool(radial_mask(frames, height * width, block_size=s["block_size"], decay_factor=s["decay_factor"],
+                                  sink=s["sink"]).all()):
+                out.append(f"radial: at the {frames}x{height}x{width} token grid the mask keeps every block "
+                           f"(block_size={s['block_size']}); it computes dense attention")
         return out
 
     def runs_dense(self, call: AttentionCall, s: dict) -> bool:
