@@ -314,7 +314,7 @@ class DispatchInstall:
         sq, sk = q.shape[2], k.shape[2]
         world = 1
         if parallel is not None:
-            from .parallel import GLOBAL_KEY, context_parallel_config
+            from .parallel import context_parallel_config
 
             cp = context_parallel_config(parallel)
             world = cp.ring_degree * cp.ulysses_degree
@@ -332,7 +332,8 @@ class DispatchInstall:
                 role = "cross_image"
             text_len = 0 if role == "cross_image" else sk
         elif role == "joint":
-            text_len = ctx.text_len if ctx is not None else 0
+            # the local text count: under context parallelism the text is sharded like the image
+            text_len = (g.text_len // world if g is not None else 0) if parallel is not None else (ctx.text_len if ctx is not None else 0)
             text_first = self._text_first(layer)
         visual = sq - (text_len if role == "joint" else 0)
         grid = None
