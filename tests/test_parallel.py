@@ -9,8 +9,10 @@ backend has no log-sum-exp), so the reference is the single-process output, not 
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+import time
 import traceback
 
 import pytest
@@ -85,7 +87,8 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.accelerator.device_count = lambda: 1  # see the module docstring: the one Diffusers line that needs a device
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a rank that fails inside a case leaves the other waiting in a collective: time out instead of hanging
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     import diffattn
     from diffusers import ContextParallelConfig
 
@@ -135,7 +138,19 @@ def _free_port() -> int:
 def results():
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(2, _free_port(), queue), nprocs=2, start_method="spawn")
+    procs = mp.start_processes(_worker, args=(2, _free_port(), queue), nprocs=2, start_method="spawn", join=False)
+    try:
+        deadline = time.monotonic() + 300
+        while not procs.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail("the context-parallel workers did not finish within 300 s")
+    except mp.ProcessExitedException as exc:
+        pytest.fail(f"a context-parallel worker died: {exc}")
+    finally:
+        for p in procs.processes:
+            if p.is_alive():
+                p.terminate()
+    assert not queue.empty(), "the context-parallel workers returned no results"
     out = queue.get()
     assert "worker" not in out, out["worker"]
     return out
