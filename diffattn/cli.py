@@ -27,6 +27,7 @@ BENCHES = {
     "gna": ("diffattn.kernels.neighborhood.bench", "neighborhood attention kernel vs cuDNN SDPA (NATTEN's figures)"),
     "step": ("diffattn.step_bench", "one denoising step of a full-size video transformer, dense vs a method"),
     "quality": ("diffattn.quality_bench", "every method vs dense on the demo models: PSNR, SSIM, attention energy decay"),
+    "dispatch": ("diffattn.dispatch_bench", "one step with a method via the adapter and via the Diffusers dispatcher"),
     "highres": ("diffattn.highres_bench", "FreeSwim end to end at 1080p (Wan2.1-1.3B config) under a GPU memory cap"),
 }
 
