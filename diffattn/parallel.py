@@ -45,7 +45,7 @@ _GATHER_LIMIT = 1 << 20  # sharded root inputs up to this many elements are gath
 SUPPORTED: dict[str, tuple[str, ...]] = {
     "dense": ("ulysses", "ring"),
     "radial": ("ulysses", "ring"),
-    "gna": ("ulysses",),
+    "gna": ("ulysses", "ring"),
     "softpag": ("ulysses",),
 }
 
@@ -316,9 +316,39 @@ def _radial_plan(method: Any, call: AttentionCall) -> tuple[torch.Tensor, int] |
     return method.mask_for(call.grid.frames, call.grid.tokens_per_frame, s, call.q.device), s["block_size"]
 
 
-RING_PLANS: dict[str, Callable[[Any, AttentionCall], tuple[torch.Tensor, int] | None]] = {
+@dataclass(frozen=True)
+class NeighborhoodPlan:
+    """GNA's window over the global token grid `shape` (settings already fitted to it, as `GNAMethod.fit` does)."""
+
+    shape: tuple[int, ...]
+    settings: dict[str, tuple]
+
+
+def _gna_plan(method: Any, call: AttentionCall) -> NeighborhoodPlan | None:
+    """The decisions of `GNAMethod.attend` (dense layers/steps, 2-D for image families) through its public methods."""
+    from .methods.joint import can_split
+    from .methods.neighborhood import IMAGE_FAMILIES
+
+    cfg, ctx = method.config, call.context
+    if not can_split(call) or (cfg.layers is not None and call.layer.index not in cfg.layers):
+        return None
+    if cfg.dense_timesteps:
+        if ctx is None:
+            raise RuntimeError("gna: dense_timesteps needs the denoising step; install it with diffattn.apply(...)")
+        if ctx.step_index < cfg.dense_timesteps:
+            return None
+    if call.grid is None:
+        raise RuntimeError(f"gna under ring_degree needs the token grid of layer {call.layer.path!r}")
+    shape: tuple[int, ...] = tuple(call.grid)
+    if (ctx.family if ctx is not None else "") in IMAGE_FAMILIES or call.grid.frames == 1:
+        shape = (call.grid.height, call.grid.width)
+    return NeighborhoodPlan(shape, method.fit(shape, method.settings_for(call.layer.index), call.layer.path))
+
+
+RING_PLANS: dict[str, Callable[[Any, AttentionCall], Any]] = {
     "dense": _dense_plan,
     "radial": _radial_plan,
+    "gna": _gna_plan,
 }
 
 
@@ -352,8 +382,16 @@ def _ring(method: Any, call: AttentionCall, cp: Any) -> torch.Tensor:
     q_txt, q_vis = q_local[:, :, lt], q_local[:, :, lv]
     k_txt, v_txt = k[:, :, txt], v[:, :, txt]
     k_vis, v_vis = k[:, :, vis], v[:, :, vis]
-    block = plan[1] if plan is not None else 128
-    mask = plan[0] if plan is not None else None
+    if isinstance(plan, NeighborhoodPlan):
+        def visual_fn(qv, kv, vv, kt, vt):
+            return _ring_neighborhood(qv, kv, vv, kt, vt, plan, rank * vis_local, call.scale)
+    else:
+        block = plan[1] if plan is not None else 128
+        mask = plan[0] if plan is not None else None
+
+        def visual_fn(qv, kv, vv, kt, vt):
+            return _ring_visual(qv, kv, vv, kt, vt, mask, block, rank * vis_local, world, vis_local, call.scale,
+                                block_sparse_attention, merge_attention_states)
 
     out_vis = torch.empty_like(q_vis)
     for rows, text_idx in _batch_groups(key_padding, txt, b):
@@ -362,10 +400,7 @@ def _ring(method: Any, call: AttentionCall, cp: Any) -> torch.Tensor:
         if text_idx is not None:
             kt, vt = kt[:, :, text_idx], vt[:, :, text_idx]
         kv_vis = (k_vis, v_vis) if rows is None else (k_vis[rows], v_vis[rows])
-        res = _ring_visual(
-            qv, kv_vis[0], kv_vis[1], kt if text_len else None, vt if text_len else None, mask, block,
-            rank * vis_local, world, vis_local, call.scale, block_sparse_attention, merge_attention_states,
-        )
+        res = visual_fn(qv, kv_vis[0], kv_vis[1], kt if text_len else None, vt if text_len else None)
         if rows is None:
             out_vis = res
         else:
@@ -434,4 +469,42 @@ def _ring_visual(q, k_vis, v_vis, k_txt, v_txt, mask, block, q_start, world, sha
             out, lse = o, l
         else:
             out, lse = merge(out, lse, o, l)
+    return out[:, :, off : off + n_q]
+
+
+def _ring_neighborhood(q, k_vis, v_vis, k_txt, v_txt, plan: NeighborhoodPlan, q_start: int, scale):
+    """Visual queries `q` (global raster rows [q_start, q_start + len)) with GNA's window: the slab of whole rows of
+    the first grid axis that the local queries' windows reach (a halo) is cut from the gathered keys, and the kernel
+    runs on that sub-grid, with the local queries in place and zeros elsewhere (their outputs are dropped).
+
+    Exact when the windows on the sub-grid sit where they sit on the whole grid: the first axis needs stride 1,
+    dilation 1 and no causality; its window start, clamp(t - k//2, 0, T - k), is monotonic in t, so the slab from the
+    first query's window start to the last query's window end keeps every local window in place."""
+    from .methods.neighborhood import grid_neighborhood_attention
+
+    s = plan.settings
+    if s["stride"][0] != 1 or s["dilation"][0] != 1 or s["is_causal"][0]:
+        raise NotImplementedError(
+            f"gna under ring_degree needs stride 1, dilation 1 and no causality along the first grid axis (the one the "
+            f"sequence is sharded along); got kernel_size={s['kernel_size']}, stride={s['stride']}, "
+            f"dilation={s['dilation']}, is_causal={s['is_causal']}: use ulysses_degree instead"
+        )
+    axis, row = plan.shape[0], 1
+    for n in plan.shape[1:]:
+        row *= n
+    k0 = s["kernel_size"][0]
+
+    def start(t: int) -> int:
+        return min(max(t - k0 // 2, 0), axis - k0)
+
+    n_q = q.shape[2]
+    first, last = q_start // row, (q_start + n_q - 1) // row
+    a, b = start(first), start(last) + k0
+    off = q_start - a * row
+    q_sub = q.new_zeros(q.shape[0], q.shape[1], (b - a) * row, q.shape[3])
+    q_sub[:, :, off : off + n_q] = q
+    out = grid_neighborhood_attention(
+        q_sub, k_vis[:, :, a * row : b * row], v_vis[:, :, a * row : b * row], (b - a, *plan.shape[1:]),
+        s["kernel_size"], s["stride"], s["dilation"], s["is_causal"], scale=scale, extra_k=k_txt, extra_v=v_txt,
+    )
     return out[:, :, off : off + n_q]

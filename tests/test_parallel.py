@@ -27,28 +27,37 @@ SOFTPAG_WAN = dict(heads="L0H1,L1", u=0.7)
 CASES = [
     *[("wan", mode, "adapter", m, o) for mode in ("ulysses", "ring") for m, o in (("dense", {}), ("radial", RADIAL))],
     ("wan", "ulysses", "adapter", "gna", GNA3),
+    ("wan", "ring", "adapter", "gna", GNA3),
+    ("wan", "ring", "dispatcher", "gna", dict(kernel_size=(3, 5, 3), stride=(1, 2, 2))),
     ("wan", "ulysses", "adapter", "softpag", SOFTPAG_WAN),
     ("wan", "ulysses", "dispatcher", "radial", RADIAL),
     ("wan", "ring", "dispatcher", "radial", RADIAL),
-    ("wan", "ring", "adapter-after", "radial", RADIAL),  # diffattn.apply after enable_parallelism
+    ("wan", "ring", "adapter-after", "radial", RADIAL),
+    ("wan3", "ring", "adapter", "radial", RADIAL),
+    ("wan3", "ring", "adapter", "gna", GNA3),
+    ("wan3", "ring", "adapter", "gna", dict(kernel_size=(1, 3, 5))),
+    ("wan3", "ulysses", "adapter", "radial", RADIAL),  # diffattn.apply after enable_parallelism
     *[("hunyuan", mode, "adapter", m, o) for mode in ("ulysses", "ring") for m, o in (("dense", {}), ("radial", RADIAL))],
     ("hunyuan", "ulysses", "adapter", "gna", GNA3),
+    ("hunyuan", "ring", "adapter", "gna", GNA3),
     ("hunyuan", "ring", "dispatcher", "radial", RADIAL),
     ("flux", "ulysses", "adapter", "dense", {}),
     ("flux", "ulysses", "adapter", "gna", dict(kernel_size=(3, 3))),
     ("flux", "ulysses", "adapter", "softpag", dict(heads="L0H1,L2", u=0.7)),
     ("flux", "ulysses", "dispatcher", "gna", dict(kernel_size=(3, 3))),
     ("flux", "ring", "adapter", "dense", {}),
+    ("flux", "ring", "adapter", "gna", dict(kernel_size=(3, 3))),
 ]
 REFUSED = [
-    ("wan", "ring", "adapter", "gna", GNA3, "does not support context parallelism with ring_degree"),
+    ("wan", "ring", "adapter", "gna", dict(kernel_size=(3, 3, 3), dilation=(2, 1, 1)), "stride 1, dilation 1"),
     ("wan", "ring", "adapter", "softpag", SOFTPAG_WAN, "does not support context parallelism with ring_degree"),
     ("wan", "ulysses", "adapter", "freeswim", dict(dual_path=False, base_height=64, base_width=64), "freeswim"),
 ]
 
 
 def _case_id(case) -> str:
-    return "-".join(str(x) for x in case[:4])
+    extra = "-".join(f"{k}{v}" for k, v in case[4].items() if k in ("kernel_size", "stride", "dilation"))
+    return "-".join(str(x) for x in case[:4]) + (f"-{extra}".replace(" ", "") if extra else "")
 
 
 def _models():
@@ -74,6 +83,8 @@ def _models():
     flux, flux_in = tiny_flux()
     return {
         "wan": (wan, wan_in(batch=2, frames=4, height=10, width=14), None),
+        # 3x5x6 tokens: the 45-token shards end mid-frame and mid-row
+        "wan3": (wan, wan_in(batch=1, frames=3, height=10, width=12), None),
         "hunyuan": (hun, hun_in(batch=2, frames=4, height=10, width=14, text=10), hunyuan_plan),
         "flux": (flux, flux_in(batch=1, height=6, width=7, text=6), None),
     }
@@ -98,10 +109,10 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         reference = {}
         for name, mode, route, method, options in CASES + [c[:5] for c in REFUSED]:
             model, inputs, _ = models[name]
-            if (name, method) not in reference:
+            if (name, method, repr(options)) not in reference:
                 diffattn.apply(model, method, **options)
                 with torch.no_grad():
-                    reference[name, method] = model(**inputs, return_dict=False)[0]
+                    reference[name, method, repr(options)] = model(**inputs, return_dict=False)[0]
                 diffattn.remove(model)
         for case in CASES + REFUSED:
             name, mode, route, method, options = case[:5]
@@ -117,7 +128,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
                     m.enable_parallelism(config=config, cp_plan=plan)
                 with torch.no_grad():
                     out = m(**inputs, return_dict=False)[0]
-                results[_case_id(case)] = float((out - reference[name, method]).abs().max())
+                results[_case_id(case)] = float((out - reference[name, method, repr(options)]).abs().max())
             except Exception as exc:  # reported to the test, which decides
                 results[_case_id(case)] = f"{type(exc).__name__}: {exc}"
     except Exception:
