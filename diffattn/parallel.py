@@ -499,7 +499,7 @@ def _ring_neighborhood(q, k_vis, v_vis, k_txt, v_txt, plan: NeighborhoodPlan, q_
 
     n_q = q.shape[2]
     first, last = q_start // row, (q_start + n_q - 1) // row
-    a, b = first, last + 1
+    a, b = start(first), start(last) + k0
     off = q_start - a * row
     q_sub = q.new_zeros(q.shape[0], q.shape[1], (b - a) * row, q.shape[3])
     q_sub[:, :, off : off + n_q] = q
