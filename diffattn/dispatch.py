@@ -69,7 +69,9 @@ def _backend_enum_member(value: str):
     return member
 
 
-def _check_inputs(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, enable_gqa=False, **kwargs) -> None:
+def _check_inputs(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, enable_gqa=False, **kwargs
+) -> None:
     """The constraints of every diffattn backend (Diffusers runs them when DIFFUSERS_ATTN_CHECKS is set; the backend
     also checks them itself, as the kernels cannot honour these arguments)."""
     if dropout_p:
@@ -106,7 +108,9 @@ def register_backends(methods: tuple[str, ...] = DISPATCH_METHODS) -> list[str]:
     names = []
     for method in methods:
         if method not in DISPATCH_METHODS:
-            raise ValueError(f"method {method!r} cannot run as an attention backend; these can: {', '.join(DISPATCH_METHODS)}")
+            raise ValueError(
+                f"method {method!r} cannot run as an attention backend; these can: {', '.join(DISPATCH_METHODS)}"
+            )
         register_backend(backend_name(method), _make_backend(method), supports_context_parallel=method in SUPPORTED)
         names.append(backend_name(method))
     return names
@@ -183,7 +187,9 @@ def generic_layers(model: torch.nn.Module) -> dict[str, LayerInfo]:
         found.append((path, prefix, ".".join(parts[cut + 1 :])))
     total = len(blocks)
     return {
-        path: LayerInfo(index=-1 if prefix is None else blocks[prefix], slot=slot, path=path, role="self", num_layers=total)
+        path: LayerInfo(
+            index=-1 if prefix is None else blocks[prefix], slot=slot, path=path, role="self", num_layers=total
+        )
         for path, prefix, slot in found
     }
 
@@ -226,7 +232,9 @@ class Layout:
             if len(grid) == 2:
                 grid = (1, *grid)
             if len(grid) != 3 or min(grid) < 1:
-                raise ValueError(f"layout['grid'] must be (frames, height, width) of positive ints, got {value['grid']!r}")
+                raise ValueError(
+                    f"layout['grid'] must be (frames, height, width) of positive ints, got {value['grid']!r}"
+                )
         text = value.get("text")
         if text not in (None, "first", "last"):
             raise ValueError(f"layout['text'] must be 'first' or 'last', got {text!r}")
@@ -234,7 +242,9 @@ class Layout:
         if patch is not None:
             patch = tuple(int(p) for p in patch)
             if len(patch) != 3 or min(patch) < 1:
-                raise ValueError(f"layout['patch_size'] must be (t, h, w) of positive ints, got {value['patch_size']!r}")
+                raise ValueError(
+                    f"layout['patch_size'] must be (t, h, w) of positive ints, got {value['patch_size']!r}"
+                )
         return cls(grid, text, patch)
 
 
@@ -300,12 +310,13 @@ class DispatchInstall:
     family: str | None
     layout: Layout
     slot: ContextSlot
-    layers: dict[int, LayerInfo]  # id(module) -> layer
     previous_backends: dict[str, Any]  # module path -> its processor's _attention_backend before
     previous_active: Any
     handles: list[Any] = field(default_factory=list)
 
-    def describe(self, query, key, value, attn_mask, scale, layer: LayerInfo | None, parallel: Any) -> AttentionCall | None:
+    def describe(
+        self, query, key, value, attn_mask, scale, layer: LayerInfo | None, parallel: Any
+    ) -> AttentionCall | None:
         """The AttentionCall of one dispatcher call, as the family adapter would build it; None: run stock SDPA."""
         if layer is None:
             return None  # an attention module the adapter leaves stock (HunyuanVideo's token refiner)
@@ -320,7 +331,8 @@ class DispatchInstall:
             world = cp.ring_degree * cp.ulysses_degree
         g = None if ctx is None else ctx.extras.get("cp_global", ctx) if parallel is not None else ctx
         key_padding = None
-        if attn_mask is not None and attn_mask.dtype == torch.bool and attn_mask.ndim == 4 and attn_mask.shape[1:3] == (1, 1):
+        is_key_mask = attn_mask is not None and attn_mask.dtype == torch.bool and attn_mask.ndim == 4
+        if is_key_mask and attn_mask.shape[1:3] == (1, 1):
             key_padding = attn_mask[:, 0, 0, :]
         role, text_len, text_first = layer.role, 0, False
         if self.family is None or role not in ("self", "cross", "joint"):
@@ -333,7 +345,10 @@ class DispatchInstall:
             text_len = 0 if role == "cross_image" else sk
         elif role == "joint":
             # the local text count: under context parallelism the text is sharded like the image
-            text_len = (g.text_len // world if g is not None else 0) if parallel is not None else (ctx.text_len if ctx is not None else 0)
+            if parallel is not None:
+                text_len = g.text_len // world if g is not None else 0
+            else:
+                text_len = ctx.text_len if ctx is not None else 0
             text_first = self._text_first(layer)
         visual = sq - (text_len if role == "joint" else 0)
         grid = None
@@ -354,8 +369,8 @@ class DispatchInstall:
         if self.layout.text is None:
             raise ValueError(
                 f"diffattn via='dispatcher': layer {layer.path!r} of this model attends a joint [text; image] sequence "
-                "and diffattn cannot tell where the text sits; pass layout={'text': 'first'} or layout={'text': 'last'} "
-                "to diffattn.apply"
+                "and diffattn cannot tell where the text sits; pass layout={'text': 'first'} or "
+                "layout={'text': 'last'} to diffattn.apply"
             )
         return self.layout.text == "first"
 
@@ -368,7 +383,8 @@ class DispatchInstall:
             raise ValueError(
                 f"diffattn via='dispatcher': method {self.method_name!r} needs the token grid, and the inputs of this "
                 f"{g.family if g else 'model'} forward do not show it (layer {layer.path!r}); pass "
-                "layout={'grid': (frames, height, width)} (in tokens) or layout={'patch_size': (t, h, w)} to diffattn.apply"
+                "layout={'grid': (frames, height, width)} (in tokens) or layout={'patch_size': (t, h, w)} to "
+                "diffattn.apply"
             )
         n = sq * world
         if n == g.grid.num_tokens:
@@ -420,8 +436,8 @@ def apply_dispatcher(pipe_or_model: Any, method: str, layout: Any = None, **opti
         procs = {p: proc for p, proc in model.attn_processors.items()}
         if not any(_uses_dispatcher(proc) for proc in procs.values()):
             raise ValueError(
-                f"{type(model).__name__}'s attention processors do not call Diffusers' dispatch_attention_fn (they call "
-                "SDPA directly), so an attention backend cannot reach them; use via='adapter'"
+                f"{type(model).__name__}'s attention processors do not call Diffusers' dispatch_attention_fn "
+                "(they call SDPA directly), so an attention backend cannot reach them; use via='adapter'"
             )
     register_backends((method,))
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
@@ -442,10 +458,12 @@ def apply_dispatcher(pipe_or_model: Any, method: str, layout: Any = None, **opti
             by_path = {s.path: s.layer for s in adapter.slots(model)}
         else:
             by_path = generic_layers(model)
-        previous = {path: getattr(m.processor, "_attention_backend", None) for path, m in modules if m.processor is not None}
+        previous = {
+            path: getattr(m.processor, "_attention_backend", None) for path, m in modules if m.processor is not None
+        }
         slot = ContextSlot(family or "generic")
         install = DispatchInstall(
-            method, runtime, family, layout, slot, {}, previous, _AttentionBackendRegistry._active_backend
+            method, runtime, family, layout, slot, previous, _AttentionBackendRegistry._active_backend
         )
         for path, module in modules:
             layer = by_path.get(path)
@@ -463,8 +481,14 @@ def apply_dispatcher(pipe_or_model: Any, method: str, layout: Any = None, **opti
 
 
 def _set_backend_quietly(model: torch.nn.Module, name: str) -> None:
-    """`model.set_attention_backend(name)` (which also sets the registry's active backend)."""
+    """`model.set_attention_backend(name)` on this model's processors only: Diffusers also makes it the process-wide
+    active backend, which would route every other model's attention (those whose processors name no backend) into
+    diffattn; the processors of `model` carry the name themselves, so the active backend is put back."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
     model.set_attention_backend(name)
+    _AttentionBackendRegistry.set_active_backend(active)
 
 
 def remove_dispatcher(model: torch.nn.Module) -> bool:
@@ -476,8 +500,9 @@ def remove_dispatcher(model: torch.nn.Module) -> bool:
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     for path, module in _attention_modules(model):
-        if module.processor is not None and hasattr(module.processor, "_attention_backend") and path in install.previous_backends:
-            module.processor._attention_backend = install.previous_backends[path]
+        proc = module.processor
+        if proc is not None and hasattr(proc, "_attention_backend") and path in install.previous_backends:
+            proc._attention_backend = install.previous_backends[path]
     _AttentionBackendRegistry.set_active_backend(install.previous_active)
     for handle in install.handles:
         handle.remove()

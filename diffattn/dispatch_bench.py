@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", choices=sorted(step_bench.MODELS), default="wan2.1-14b")
     parser.add_argument("--shape", type=step_bench.parse_shape, default=(720, 1280, 81), help="HxWxF")
     parser.add_argument("--method", default="radial")
-    parser.add_argument("--options", default="", help="method options, space-separated key=value (as bench step --variant)")
+    parser.add_argument(
+        "--options", default="", help="method options, space-separated key=value (as bench step --variant)"
+    )
     parser.add_argument("--routes", default="adapter,dispatcher", help="comma-separated: adapter, dispatcher")
     parser.add_argument("--repeats", type=int, default=1, help="timed forwards per route after one warm-up")
     parser.add_argument("--json", help="write the report here")

@@ -12,8 +12,9 @@ attention call the local shard. A masked method cannot run on a shard alone: its
   `rotate_method="allgather"` ring does) and visited one shard at a time; each shard's partial output and its
   log-sum-exp come from the block-sparse kernel with the method's block mask sliced to (local query blocks x that
   shard's key blocks), and partial outputs merge through `merge_attention_states`. Shard boundaries are snapped to the
-  mask's block grid (each key block belongs to the shard holding its first token), so any shard size works. Methods
-  with a ring plan: `dense` and `radial`. Others refuse with a clear error.
+  mask's block grid (each key block belongs to the shard holding its first token), so any shard size works. `gna`
+  instead cuts the halo its local windows reach from the gathered keys (see `_ring_neighborhood`). Methods with a
+  ring plan: `dense`, `radial`, `gna`. Others refuse with a clear error.
 
 Not supported (clear errors): Ulysses and Ring together, `ulysses_anything` / `ring_anything` (unequal shards),
 text that is not sharded with the image (a model whose `_cp_plan` leaves it whole), masks other than key padding,
@@ -267,7 +268,9 @@ def parallel_attend(method: Any, call: AttentionCall, parallel_config: Any) -> t
     name = getattr(method, "name", type(method).__name__)
     mode = check_supported(name, cp)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v)):
-        raise NotImplementedError("diffattn under context parallelism is inference only (no autograd); use torch.no_grad()")
+        raise NotImplementedError(
+            "diffattn under context parallelism is inference only (no autograd); use torch.no_grad()"
+        )
     _check_mask(call)
     if mode == "ulysses":
         return _ulysses(method, call, cp)
@@ -280,7 +283,9 @@ def _ulysses(method: Any, call: AttentionCall, cp: Any) -> torch.Tensor:
     group = cp._ulysses_mesh.get_group()
     b, h = call.q.shape[:2]
     if h % world:
-        raise ValueError(f"ulysses_degree={world} needs a head count divisible by it; layer {call.layer.path!r} has {h}")
+        raise ValueError(
+            f"ulysses_degree={world} needs a head count divisible by it; layer {call.layer.path!r} has {h}"
+        )
     layout, g = shard_layout(call, world, rank)
     q, k, v = (_seq_to_heads(x, world, group) for x in (call.q, call.k, call.v))
     perm = layout.gathered_to_global(q.device)

@@ -219,6 +219,7 @@ def test_remove_restores_the_previous_backend_exactly():
     reference = _run(model, inputs)
     diffattn.apply(model, "radial", via="dispatcher", **RADIAL)
     assert {p._attention_backend for p in model.attn_processors.values()} == {AttentionBackendName("diffattn_radial")}
+    assert _AttentionBackendRegistry._active_backend == active  # other models of the process are not rerouted
     sparse = _run(model, inputs)
     # set_attention_backend by name works on the installed model, and switches back and forth
     model.set_attention_backend("_native_math")
@@ -269,9 +270,10 @@ def test_unknown_grid_names_the_layout_option():
 
     slot = ContextSlot("generic")
     slot.current = ForwardContext(family="generic", batch_size=1, grid=None)
-    install = DispatchInstall("radial", None, None, Layout(), slot, {}, {}, None)
+    install = DispatchInstall("radial", None, None, Layout(), slot, {}, None)
     layer = LayerInfo(0, "attn1", "blocks.0.attn1", "self", 1)
     x = torch.randn(1, 12, 2, 8)
     with pytest.raises(ValueError, match=r"layout=\{'grid'"):
         install.describe(x, x, x, None, None, layer, None)
-    assert DispatchInstall("dense", None, None, Layout(), slot, {}, {}, None).describe(x, x, x, None, None, layer, None) is None
+    dense = DispatchInstall("dense", None, None, Layout(), slot, {}, None)
+    assert dense.describe(x, x, x, None, None, layer, None) is None

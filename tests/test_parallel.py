@@ -37,7 +37,8 @@ CASES = [
     ("wan3", "ring", "adapter", "gna", GNA3),
     ("wan3", "ring", "adapter", "gna", dict(kernel_size=(1, 3, 5))),
     ("wan3", "ulysses", "adapter", "radial", RADIAL),  # diffattn.apply after enable_parallelism
-    *[("hunyuan", mode, "adapter", m, o) for mode in ("ulysses", "ring") for m, o in (("dense", {}), ("radial", RADIAL))],
+    *[("hunyuan", mode, "adapter", m, o)
+      for mode in ("ulysses", "ring") for m, o in (("dense", {}), ("radial", RADIAL))],
     ("hunyuan", "ulysses", "adapter", "gna", GNA3),
     ("hunyuan", "ring", "adapter", "gna", GNA3),
     ("hunyuan", "ring", "dispatcher", "radial", RADIAL),
