@@ -277,3 +277,21 @@ def test_unknown_grid_names_the_layout_option():
         install.describe(x, x, x, None, None, layer, None)
     dense = DispatchInstall("dense", None, None, Layout(), slot, {}, None)
     assert dense.describe(x, x, x, None, None, layer, None) is None
+
+
+def test_step_index_reaches_the_backend():
+    """The context hook's step tracking works the same through the dispatcher: radial's dense warm-up step is dense,
+    the next step (lower timestep) sparse, both as in the adapter route."""
+    model, make_inputs = tiny_wan()
+    inputs = make_inputs(frames=4, height=10, width=14)
+    later = {**inputs, "timestep": torch.full((1,), 400.0)}
+    options = {**RADIAL, "dense_timesteps": 1}
+    outputs = {}
+    for via in ("adapter", "dispatcher"):
+        diffattn.apply(model, "radial", via=via, **options)
+        outputs[via] = (_run(model, inputs), _run(model, later))
+        diffattn.remove(model)
+    stock_first, stock_later = _run(model, inputs), _run(model, later)
+    assert torch.equal(outputs["dispatcher"][0], stock_first)  # step 0: dense warm-up
+    assert torch.equal(outputs["dispatcher"][1], outputs["adapter"][1])
+    assert (outputs["dispatcher"][1] - stock_later).abs().max() > 1e-3  # step 1: sparse
