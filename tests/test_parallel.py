@@ -19,6 +19,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with the gloo backend",
+)
+
 RADIAL = dict(block_size=16, dense_timesteps=0, dense_layers=0, decay_factor=0.5, sink=True)
 GNA3 = dict(kernel_size=(3, 3, 3))
 SOFTPAG_WAN = dict(heads="L0H1,L1", u=0.7)
