@@ -147,7 +147,8 @@ def _make_backend(method_name: str) -> Callable[..., torch.Tensor]:
         if _parallel_config is not None:
             from .parallel import parallel_attend
 
-            out = parallel_attend(install.runtime, call, _parallel_config)
+            # the stock processor hands a cross call the parallel config only when its keys are sharded too
+            out = parallel_attend(install.runtime, call, _parallel_config, cross_keys_sharded=True)
         else:
             out = install.runtime.attend(call)
         return out.transpose(1, 2)

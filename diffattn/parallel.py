@@ -259,12 +259,29 @@ def _all_gather_seq(x: torch.Tensor, world: int, group) -> torch.Tensor:
 
 
 # ---- the parallel attention ---------------------------------------------------------------------------------------
-def parallel_attend(method: Any, call: AttentionCall, parallel_config: Any) -> torch.Tensor:
-    """Run `method` on a call whose q, k, v are this rank's sequence shard; returns this rank's `[B, H, S_loc, D]`."""
+def parallel_attend(
+    method: Any, call: AttentionCall, parallel_config: Any, cross_keys_sharded: bool = False
+) -> torch.Tensor:
+    """Run `method` on a call whose q, k, v are this rank's sequence shard; returns this rank's `[B, H, S_loc, D]`.
+
+    Cross-attention rows are independent: with whole keys (Wan's text; Diffusers runs it without CP) the call runs
+    as it is; with sharded keys (`cross_keys_sharded`: LTX-Video's plan shards the text too, and its stock processor
+    hands the parallel config to the cross call) the key/value shards and the key mask are gathered first."""
     cp = context_parallel_config(parallel_config)
     if call.role in ("cross", "cross_image") or call.q.shape[2] != call.k.shape[2]:
-        # Keys are not sharded (Wan's cross-attention; Diffusers runs it without CP): rows are independent.
-        return method.attend(call)
+        if not cross_keys_sharded:
+            return method.attend(call)
+        mode_of(cp)
+        group = cp._flattened_mesh.get_group()
+        world = cp.ring_degree * cp.ulysses_degree
+        local_keys = call.k.shape[2]
+        k, v = _all_gather_seq(call.k, world, group), _all_gather_seq(call.v, world, group)
+        mask = call.attn_mask
+        if mask is not None and mask.shape[-1] == local_keys:
+            parts = [torch.empty_like(mask) for _ in range(world)]
+            dist.all_gather(parts, mask.contiguous(), group=group)
+            mask = torch.cat(parts, dim=-1)
+        return method.attend(replace(call, k=k, v=v, attn_mask=mask, text_len=k.shape[2], key_padding=None))
     name = getattr(method, "name", type(method).__name__)
     mode = check_supported(name, cp)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v)):

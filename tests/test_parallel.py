@@ -28,7 +28,8 @@ RADIAL = dict(block_size=16, dense_timesteps=0, dense_layers=0, decay_factor=0.5
 GNA3 = dict(kernel_size=(3, 3, 3))
 SOFTPAG_WAN = dict(heads="L0H1,L1", u=0.7)
 
-# (model, cp mode, route, method, options); every case is compared with the single-process adapter route
+# (model, cp mode, route, method, options); every case is compared with the single-process output (adapter route;
+# LTX-Video, which has no adapter: the dispatcher route)
 CASES = [
     *[("wan", mode, "adapter", m, o) for mode in ("ulysses", "ring") for m, o in (("dense", {}), ("radial", RADIAL))],
     ("wan", "ulysses", "adapter", "gna", GNA3),
@@ -53,6 +54,10 @@ CASES = [
     ("flux", "ulysses", "dispatcher", "gna", dict(kernel_size=(3, 3))),
     ("flux", "ring", "adapter", "dense", {}),
     ("flux", "ring", "adapter", "gna", dict(kernel_size=(3, 3))),
+    # LTX-Video: no adapter; its plan shards the text (cross-attention keys) and its padding mask too
+    ("ltx", "ulysses", "dispatcher", "radial", RADIAL),
+    ("ltx", "ring", "dispatcher", "radial", RADIAL),
+    ("ltx", "ring", "dispatcher", "gna", GNA3),
 ]
 REFUSED = [
     ("wan", "ring", "adapter", "gna", dict(kernel_size=(3, 3, 3), dilation=(2, 1, 1)), "stride 1, dilation 1"),
@@ -87,12 +92,16 @@ def _models():
     wan, wan_in = tiny_wan()
     hun, hun_in = tiny_hunyuan_video()
     flux, flux_in = tiny_flux()
+    from test_dispatch import tiny_ltx
+
+    ltx, ltx_in = tiny_ltx()
     return {
         "wan": (wan, wan_in(batch=2, frames=4, height=10, width=14), None),
         # 3x5x6 tokens: the 45-token shards end mid-frame and mid-row
         "wan3": (wan, wan_in(batch=1, frames=3, height=10, width=12), None),
         "hunyuan": (hun, hun_in(batch=2, frames=4, height=10, width=14, text=10), hunyuan_plan),
         "flux": (flux, flux_in(batch=1, height=6, width=7, text=6), None),
+        "ltx": (ltx, ltx_in(batch=2, frames=4, height=6, width=5, text=8), None),
     }
 
 
@@ -116,7 +125,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         for name, mode, route, method, options in CASES + [c[:5] for c in REFUSED]:
             model, inputs, _ = models[name]
             if (name, method, repr(options)) not in reference:
-                diffattn.apply(model, method, **options)
+                diffattn.apply(model, method, via="dispatcher" if name == "ltx" else "adapter", **options)
                 with torch.no_grad():
                     reference[name, method, repr(options)] = model(**inputs, return_dict=False)[0]
                 diffattn.remove(model)
