@@ -14,7 +14,8 @@ attention call the local shard. A masked method cannot run on a shard alone: its
   shard's key blocks), and partial outputs merge through `merge_attention_states`. Shard boundaries are snapped to the
   mask's block grid (each key block belongs to the shard holding its first token), so any shard size works. `gna`
   instead cuts the halo its local windows reach from the gathered keys (see `_ring_neighborhood`). Methods with a
-  ring plan: `dense`, `radial`, `gna`. Others refuse with a clear error.
+  ring plan: `dense`, `radial`, `gna`; `softpag` runs the Ulysses head exchange over the ring group instead (its
+  targets are not sums over key shards). Others refuse with a clear error.
 
 Not supported (clear errors): Ulysses and Ring together, `ulysses_anything` / `ring_anything` (unequal shards),
 text that is not sharded with the image (a model whose `_cp_plan` leaves it whole), masks other than key padding,
@@ -47,8 +48,11 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
     "dense": ("ulysses", "ring"),
     "radial": ("ulysses", "ring"),
     "gna": ("ulysses", "ring"),
-    "softpag": ("ulysses",),
+    "softpag": ("ulysses", "ring"),
 }
+# Methods whose ring_degree path is the head exchange of Ulysses over the ring group: SoftPAG's targets (the identity
+# map, the mean query) are not sums over key shards, so they cannot be merged shard by shard through a log-sum-exp.
+RING_BY_HEADS = ("softpag",)
 
 
 def context_parallel_config(parallel_config: Any) -> Any:
@@ -290,18 +294,18 @@ def parallel_attend(
         )
     _check_mask(call)
     if mode == "ulysses":
-        return _ulysses(method, call, cp)
+        return _ulysses(method, call, cp.ulysses_degree, cp._ulysses_local_rank, cp._ulysses_mesh.get_group())
+    if name in RING_BY_HEADS:
+        return _ulysses(method, call, cp.ring_degree, cp._ring_local_rank, cp._ring_mesh.get_group())
     return _ring(method, call, cp)
 
 
-def _ulysses(method: Any, call: AttentionCall, cp: Any) -> torch.Tensor:
-    world = cp.ulysses_degree
-    rank = cp._ulysses_local_rank
-    group = cp._ulysses_mesh.get_group()
+def _ulysses(method: Any, call: AttentionCall, world: int, rank: int, group: Any) -> torch.Tensor:
     b, h = call.q.shape[:2]
     if h % world:
         raise ValueError(
-            f"ulysses_degree={world} needs a head count divisible by it; layer {call.layer.path!r} has {h}"
+            f"context parallelism over {world} ranks by heads needs a head count divisible by {world}; layer "
+            f"{call.layer.path!r} has {h}"
         )
     layout, g = shard_layout(call, world, rank)
     q, k, v = (_seq_to_heads(x, world, group) for x in (call.q, call.k, call.v))

@@ -185,7 +185,7 @@ def test_context_parallel_without_support_is_refused_clearly():
     from diffattn.processors import WanProcessor
 
     model, make_inputs = tiny.BUILDERS["wan"]()
-    diffattn.apply(model, "softpag", heads="L0")
+    diffattn.apply(model, "freeswim", dual_path=False, base_height=64, base_width=64)
     try:
         cp = SimpleNamespace(ulysses_degree=1, ring_degree=2)
         for proc in model.attn_processors.values():

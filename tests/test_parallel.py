@@ -36,6 +36,7 @@ CASES = [
     ("wan", "ring", "adapter", "gna", GNA3),
     ("wan", "ring", "dispatcher", "gna", dict(kernel_size=(3, 5, 3), stride=(1, 2, 2))),
     ("wan", "ulysses", "adapter", "softpag", SOFTPAG_WAN),
+    ("wan", "ring", "adapter", "softpag", SOFTPAG_WAN),
     ("wan", "ulysses", "dispatcher", "radial", RADIAL),
     ("wan", "ring", "dispatcher", "radial", RADIAL),
     ("wan", "ring", "adapter-after", "radial", RADIAL),
@@ -51,6 +52,7 @@ CASES = [
     ("flux", "ulysses", "adapter", "dense", {}),
     ("flux", "ulysses", "adapter", "gna", dict(kernel_size=(3, 3))),
     ("flux", "ulysses", "adapter", "softpag", dict(heads="L0H1,L2", u=0.7)),
+    ("flux", "ring", "adapter", "softpag", dict(heads="L0H1,L2", u=0.7, target="mean_q")),
     ("flux", "ulysses", "dispatcher", "gna", dict(kernel_size=(3, 3))),
     ("flux", "ring", "adapter", "dense", {}),
     ("flux", "ring", "adapter", "gna", dict(kernel_size=(3, 3))),
@@ -61,7 +63,6 @@ CASES = [
 ]
 REFUSED = [
     ("wan", "ring", "adapter", "gna", dict(kernel_size=(3, 3, 3), dilation=(2, 1, 1)), "stride 1, dilation 1"),
-    ("wan", "ring", "adapter", "softpag", SOFTPAG_WAN, "does not support context parallelism with ring_degree"),
     ("wan", "ulysses", "adapter", "freeswim", dict(dual_path=False, base_height=64, base_width=64), "freeswim"),
 ]
 
