@@ -10,6 +10,7 @@ import torch
 
 from .adapters import family_of
 from .context import ContextSlot, StepTracker, install_context_hook, make_context_hook, remove_context_hook
+from .parallel import bind_model
 from .registry import get_method
 
 logger = logging.getLogger("diffattn")
@@ -49,12 +50,24 @@ def _models_of(pipe_or_model: Any) -> list[tuple[str, torch.nn.Module]]:
     return found
 
 
-def apply(pipe_or_model: Any, method: str, **options: Any) -> Any:
+def apply(pipe_or_model: Any, method: str, *, via: str = "adapter", layout: Any = None, **options: Any) -> Any:
     """Install `method` (with validated `options`) on a pipeline's transformer(s)/UNet or on a model.
 
+    `via="adapter"` (default) installs diffattn's processors of the model's family; `via="dispatcher"` keeps the
+    stock processors and runs the method as a Diffusers attention backend (any DiT whose processors call
+    `dispatch_attention_fn`; `layout=` fills in what its inputs do not show, see `diffattn.dispatch.Layout`).
     Applying again replaces the previous method; `remove` restores the stock processors exactly.
     Returns `pipe_or_model` for chaining.
     """
+    if via == "dispatcher":
+        from .dispatch import apply_dispatcher
+
+        models = _models_of(pipe_or_model)
+        return apply_dispatcher(pipe_or_model, models, lambda: remove(pipe_or_model), method, layout=layout, **options)
+    if via != "adapter":
+        raise ValueError(f"via must be 'adapter' or 'dispatcher', got {via!r}")
+    if layout is not None:
+        raise ValueError("layout= is for via='dispatcher' (the adapters know their family's layout)")
     spec = get_method(method)
     config = spec.config_cls.from_options(**options)
     models = _models_of(pipe_or_model)
@@ -89,6 +102,7 @@ def apply(pipe_or_model: Any, method: str, **options: Any) -> Any:
             new[key] = adapter.processor_cls(runtime, layer=s.layer, slot=slot)
             replaced.append(s.path)
         model.set_attn_processor(new)
+        bind_model(model)  # under enable_parallelism, the new processors take the model's parallel config
         hook = make_context_hook(
             slot, tracker, adapter.read_inputs, adapter.forward_signature(model), num_steps_getter, runtime
         )
@@ -105,11 +119,15 @@ def apply(pipe_or_model: Any, method: str, **options: Any) -> Any:
 def remove(pipe_or_model: Any) -> Any:
     """Restore the exact processors that were there before `apply`, and remove the context hook. A no-op on a
     pipeline or model without diffattn."""
+    from .dispatch import remove_dispatcher
+
     for _, model in _models_of(pipe_or_model):
+        remove_dispatcher(model)
         state: InstalledState | None = getattr(model, _STATE_ATTR, None)
         if state is None:
             continue
         model.set_attn_processor(dict(state.original_processors))
+        bind_model(model)
         remove_context_hook(model)
         delattr(model, _STATE_ATTR)
     return pipe_or_model

@@ -155,6 +155,12 @@ def _context_hook_class() -> type:
                 pass_name=getattr(cache_ctx, "name", None) if cache_ctx is not None else None,
             )
             self.slot.current.extras["module"] = module  # methods that re-run the forward (SoftPAG's separate pass)
+            if getattr(module, "_parallel_config", None) is not None:  # context parallelism: the whole inputs' geometry
+                from .parallel import GLOBAL_KEY, global_context
+
+                self.slot.current.extras[GLOBAL_KEY] = global_context(
+                    module, HOOK_NAME, dict(bound.arguments), self.read_inputs, self.slot.current
+                )
             if self.method is not None:
                 changed = self.method.prepare_forward(self.slot.current, dict(bound.arguments))
                 if changed is not None:

@@ -178,15 +178,19 @@ def test_folders_are_mapped_into_the_diffattn_namespace(tmp_path):
         assert root not in line, f"a top-level name resolves into diffattn: {line}"
 
 
-def test_context_parallel_is_refused_clearly():
+def test_context_parallel_without_support_is_refused_clearly():
+    """Context parallelism itself runs (tests/test_parallel.py); a method/mode without support refuses."""
+    from types import SimpleNamespace
+
     from diffattn.processors import WanProcessor
 
     model, make_inputs = tiny.BUILDERS["wan"]()
-    diffattn.apply(model, "dense")
+    diffattn.apply(model, "freeswim", dual_path=False, base_height=64, base_width=64)
     try:
+        cp = SimpleNamespace(ulysses_degree=1, ring_degree=2)
         for proc in model.attn_processors.values():
-            proc._parallel_config = object()
-        with pytest.raises(NotImplementedError, match="context parallelism"):
+            proc._parallel_config = SimpleNamespace(context_parallel_config=cp)
+        with pytest.raises(NotImplementedError, match="context parallelism with ring_degree"):
             tiny.output_of(model, make_inputs())
     finally:
         diffattn.remove(model)

@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     "diffattn.kernels": 0,
     "diffattn.families": 1, "diffattn.geometry": 1, "diffattn.log": 1, "diffattn.masks": 1,
     "diffattn.config": 2, "diffattn.call": 2, "diffattn.methods": 2, "diffattn.registry": 2,
-    "diffattn.context": 3, "diffattn.adapters": 3, "diffattn.processors": 3,
+    "diffattn.context": 3, "diffattn.adapters": 3, "diffattn.processors": 3, "diffattn.parallel": 3,
     "diffattn": 4,  # the package itself, api, cli, explorer, generate, demo, bench, pipelines, app
 }
 LAYER_NAMES = {0: "kernels", 1: "masks/geometry", 2: "methods", 3: "context/adapters", 4: "API/CLI/pipelines/app"}

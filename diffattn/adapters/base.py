@@ -95,12 +95,10 @@ class DiffattnProcessor:
     def attend(self, call: AttentionCall) -> torch.Tensor:
         """Run the method; returns `[B, H, Sq, D]`."""
         if self._parallel_config is not None:
-            # Under context parallelism each rank holds a shard of the sequence; computing on the shard alone
-            # would be silently wrong.
-            raise NotImplementedError(
-                f"{type(self).__name__}: context parallelism (model.enable_parallelism) is not supported by diffattn "
-                "yet; call diffattn.remove(...) before enabling it"
-            )
+            # Each rank holds a shard of the sequence: the method must see the whole one (diffattn.parallel).
+            from ..parallel import parallel_attend
+
+            return parallel_attend(self.method, call, self._parallel_config)
         return self.method.attend(call)
 
 

@@ -18,6 +18,12 @@ import torch
 __all__ = ["device_name", "env_line", "installed", "median_ms", "versions", "write_json", "write_json_lines"]
 
 
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so wall-clock timings cover it."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+
+
 def median_ms(fn: Callable[[], Any], *, warmup: int, rep: int, grad_to_none: list[torch.Tensor] | None = None,
               warm_call: bool = True) -> float:
     """Median milliseconds of `fn` (`triton.testing.do_bench`, `warmup` and `rep` in ms), after one synchronised

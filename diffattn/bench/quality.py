@@ -30,7 +30,7 @@ import numpy as np
 
 from ..geometry import TokenGrid
 from ..demo import DEMO_PROMPTS, demo_model_path
-from .harness import versions, write_json
+from .harness import sync, versions, write_json
 from .energy import EnergyDecay, EnergyProbe, plot_energy_decay
 from ..methods.spec import DemoGeometry
 from .metrics import psnr, ssim
@@ -136,18 +136,11 @@ def _output_array(result: Any) -> np.ndarray:
     return np.clip(np.asarray(data, dtype=np.float32), 0.0, 1.0)
 
 
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _generate(pipe, prompt: str, seed: int, method: str | None, options: dict[str, Any], call: dict[str, Any],
               device: str) -> tuple[np.ndarray, float]:
     from ..generate import run_generation
 
-    _sync(device)
+    sync(device)
     result, seconds = run_generation(pipe, prompt, method=method, options=options, seed=seed, **call)
     return _output_array(result), seconds
 

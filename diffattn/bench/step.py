@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .harness import write_json
+from .harness import sync, write_json
 from .models import MODELS
 logger = logging.getLogger("diffattn")
 
@@ -81,11 +81,6 @@ def make_inputs(name: str, shape: tuple[int, int, int], device: str, seed: int =
             guidance=torch.tensor([6000.0], device=device, dtype=torch.bfloat16),
         )
     return inputs
-
-
-def _sync(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _memory(device: torch.device | str, reset: bool = False) -> tuple[int | None, int | None, int | None]:
@@ -211,10 +206,10 @@ def time_step(model, inputs, variant: str, repeats: int, method: str, options: d
     try:
         with torch.no_grad(), sdpa_backend(backend):
             for i in range(repeats + 1):
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 model(**inputs, return_dict=False)
-                _sync(device)
+                sync(device)
                 elapsed = time.perf_counter() - t0
                 totals = timer.collect()
                 if i == 0:
@@ -321,21 +316,21 @@ def time_pipeline(
     attn, cross = [], []
     try:
         with torch.no_grad(), sdpa_backend(backend):
-            _sync(device)
+            sync(device)
             base, _, _ = _memory(device, reset=True)
             if warmup:
                 _run_step(model, cond, "cond", 0, num_steps)
-                _sync(device)
+                sync(device)
                 timer.collect()
             for p in range(periods):
                 total = cond_total = 0.0
                 for step in range(period * (1 + p), period * (2 + p)):
                     kinds_of_step, times_of_step = [], []
                     for name, inputs in passes:
-                        _sync(device)
+                        sync(device)
                         t0 = time.perf_counter()
                         _run_step(model, inputs, name, step, num_steps)
-                        _sync(device)
+                        sync(device)
                         elapsed = time.perf_counter() - t0
                         ctx = state.slot.current
                         kind = "dense" if dense else str(ctx.extras.get("freeswim_mode", method))
@@ -351,7 +346,7 @@ def time_pipeline(
                     step_times.append(times_of_step)
                 per_period.append((total / period, cond_total / period))
             cache_bytes, cache_device = _held_bytes(state.runtime)
-            _sync(device)
+            sync(device)
             _, peak, reserved = _memory(device)
     finally:
         diffattn.remove(model)
@@ -400,12 +395,12 @@ def measure_vae(shape: tuple[int, int, int], frames: tuple[int, ...] = (5, 9), d
                 else:
                     x = torch.randn(1, 16, (f - 1) // 4 + 1, h // 8, w // 8, generator=gen, device=device,
                                     dtype=torch.bfloat16)
-                _sync(device)
+                sync(device)
                 _memory(device, reset=True)
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     y = vae.encode(x).latent_dist.mode() if what == "encode" else vae.decode(x).sample
-                _sync(device)
+                sync(device)
                 seconds = time.perf_counter() - t0
                 _, peak, _ = _memory(device)
                 out["runs"].append({
