@@ -49,14 +49,22 @@ def _models_of(pipe_or_model: Any) -> list[tuple[str, torch.nn.Module]]:
     return found
 
 
-def apply(pipe_or_model: Any, method: str, **options: Any) -> Any:
+def apply(pipe_or_model: Any, method: str | list[str] | tuple[str, ...], **options: Any) -> Any:
     """Install `method` (with validated `options`) on a pipeline's transformer(s)/UNet or on a model.
 
-    Applying again replaces the previous method; `remove` restores the stock processors exactly.
-    Returns `pipe_or_model` for chaining.
+    `method` may be a list of two methods that compose (an attention method and a guidance method, e.g.
+    `["radial", "softpag"]`; rules in `diffattn/compose.py`); options then go to the method that has them, or per
+    method as `radial={...}`. Applying again replaces the previous method; `remove` restores the stock processors
+    exactly. Returns `pipe_or_model` for chaining.
     """
-    spec = get_method(method)
-    config = spec.config_cls.from_options(**options)
+    if isinstance(method, str):
+        spec = get_method(method)
+        config = spec.config_cls.from_options(**options)
+    else:
+        from .compose import compose
+
+        spec, config = compose(method, options)
+        method = spec.name
     models = _models_of(pipe_or_model)
     adapters = []
     for name, model in models:

@@ -439,6 +439,10 @@ class SoftPAGMethod(AttentionMethod):
         self._inner = False
         self._pending: dict[int, torch.Tensor] = {}  # step -> shift of that step's conditional pass
         self._checked_layers = False
+        # the unperturbed attention: stock SDPA, or another method's `attend` when composed with one
+        # (`diffattn.apply(pipe, ["radial", "softpag"])`, diffattn/compose.py): the chosen heads then blend the
+        # sparse map toward the target
+        self.base_attention: Any = None
 
     # ---- binding ------------------------------------------------------------------------------------------------
     def bind_pipeline(self, pipe: Any) -> None:
@@ -595,10 +599,15 @@ class SoftPAGMethod(AttentionMethod):
             return None
         return state.rows
 
+    def _unperturbed(self, call: AttentionCall) -> torch.Tensor:
+        if self.base_attention is not None:
+            return self.base_attention(call)
+        return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=call.attn_mask, scale=call.scale)
+
     def attend(self, call: AttentionCall) -> torch.Tensor:
         q, k, v = call.q, call.k, call.v
         if call.role not in PERTURBED_ROLES or self.config.u == 0.0:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=call.attn_mask, scale=call.scale)
+            return self._unperturbed(call)
         if call.context is not None:
             self._check_family(call.context.family)
         chosen = self.spec.heads_of(call.layer.index)
@@ -608,7 +617,7 @@ class SoftPAGMethod(AttentionMethod):
         if (chosen is None and rows is None and cfg.u == 1.0 and cfg.target == "identity"
                 and (cfg.scope == "full" or call.role != "joint" or call.text_len == 0)):
             return v  # the whole call is perturbed to the identity map: no attention to compute
-        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=call.attn_mask, scale=call.scale)
+        dense = self._unperturbed(call)
         if chosen is False or (rows is not None and rows.stop <= rows.start):
             return dense
         num_heads = q.shape[1]
