@@ -57,7 +57,7 @@ def apply(pipe_or_model: Any, method: str | list[str] | tuple[str, ...], **optio
     method as `radial={...}`. Applying again replaces the previous method; `remove` restores the stock processors
     exactly. Returns `pipe_or_model` for chaining.
     """
-    if isinstance(method, str):
+    if not isinstance(method, (list, tuple)):
         spec = get_method(method)
         config = spec.config_cls.from_options(**options)
     else:

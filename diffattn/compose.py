@@ -136,8 +136,7 @@ def compose(methods: Sequence[str], options: dict[str, Any]) -> tuple[MethodSpec
         raise ValueError(f"method list {names} names a method twice")
     if len(names) == 1:
         spec = get_method(names[0])
-        return spec, spec.config_cls.from_options(**options.get(names[0], {}), **{
-            k: v for k, v in options.items() if k != names[0]})
+        return spec, spec.config_cls.from_options(**_route_options(names, options)[names[0]])
     specs = [get_method(n) for n in names]
     attention = [n for n in names if n not in GUIDANCE_METHODS]
     guidance = [n for n in names if n in GUIDANCE_METHODS]
