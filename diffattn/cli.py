@@ -27,6 +27,8 @@ BENCHES = {
     "gna": ("diffattn.kernels.neighborhood.bench", "neighborhood attention kernel vs cuDNN SDPA (NATTEN's figures)"),
     "step": ("diffattn.step_bench", "one denoising step of a full-size video transformer, dense vs a method"),
     "quality": ("diffattn.quality_bench", "every method vs dense on the demo models: PSNR, SSIM, attention energy decay"),
+    "e2e": ("diffattn.e2e_bench", "whole pipeline generations (text, denoise, decode): stock vs methods vs + caches, PSNR"),
+    "prologue": ("diffattn.kernels.prologue.bench", "fused q/k norm + RoPE + layout vs the stock op sequence (Wan, HunyuanVideo)"),
     "highres": ("diffattn.highres_bench", "FreeSwim end to end at 1080p (Wan2.1-1.3B config) under a GPU memory cap"),
 }
 
