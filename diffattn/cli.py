@@ -28,7 +28,8 @@ BENCHES = {
     "step": ("diffattn.step_bench", "one denoising step of a full-size video transformer, dense vs a method"),
     "quality": ("diffattn.quality_bench", "every method vs dense on the demo models: PSNR, SSIM, attention energy decay"),
     "e2e": ("diffattn.e2e_bench", "whole pipeline generations (text, denoise, decode): stock vs methods vs + caches, PSNR"),
-    "prologue": ("diffattn.kernels.prologue.bench", "fused q/k norm + RoPE + layout vs the stock op sequence (Wan, HunyuanVideo)"),
+    "prologue": ("diffattn.prologue_bench", "fused q/k norm + RoPE + layout vs the stock op sequence (Wan, HunyuanVideo)"),
+    "freeswim-branch": ("diffattn.freeswim_branch_bench", "FreeSwim's sparse full branch vs its dense one on the demo video model at 2x size"),
     "highres": ("diffattn.highres_bench", "FreeSwim end to end at 1080p (Wan2.1-1.3B config) under a GPU memory cap"),
 }
 
