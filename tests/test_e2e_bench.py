@@ -72,3 +72,15 @@ def test_cli_prints_the_table(capsys):
                          "--warmup-steps", "0"])
     out = capsys.readouterr().out
     assert rc == 0 and "| stock |" in out and f"| {RADIAL} |" in out and "50-step projected" in out
+
+
+@pytest.mark.parametrize("name,option", [("e2e", "--target-steps"), ("prologue", "--whole-step"),
+                                         ("freeswim-branch", "--cache-steps")])
+def test_bench_help_reaches_the_new_benchmarks(capsys, name, option):
+    from diffattn.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", name, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: diffattn bench {name}" in out and option in out
