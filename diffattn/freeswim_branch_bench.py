@@ -32,7 +32,8 @@ BRANCHES = ("dense", "radial", "gna")
 
 
 def run(*, steps: int, frames: int, size: int, seeds: list[int], prompts: list[str], device: str, dtype: str,
-        branches: tuple[str, ...] = BRANCHES, cache_steps: int = 2) -> dict[str, Any]:
+        branches: tuple[str, ...] = BRANCHES, cache_steps: int = 2, height: int | None = None,
+        plain_dense: bool = True) -> dict[str, Any]:
     import diffattn
     from .demo import demo_model_path
     from .generate import load_pipeline
@@ -41,7 +42,10 @@ def run(*, steps: int, frames: int, size: int, seeds: list[int], prompts: list[s
     pipe = load_pipeline(demo_model_path("video"), dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     base = dict(vae_scale_factor=4, base_height=256, base_width=256, cache_steps=cache_steps)
-    variants = [("plain dense", None)] + [(f"freeswim full_branch={b}", b) for b in branches]
+    height = height or size
+    if "dense" not in branches:
+        raise ValueError("branches must include 'dense' (the reference of the comparison)")
+    variants = ([("plain dense", None)] if plain_dense else []) + [(f"freeswim full_branch={b}", b) for b in branches]
     videos: dict[str, list[torch.Tensor]] = {name: [] for name, _ in variants}
     seconds: dict[str, list[float]] = {name: [] for name, _ in variants}
     for name, branch in variants:
@@ -53,7 +57,7 @@ def run(*, steps: int, frames: int, size: int, seeds: list[int], prompts: list[s
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 t = time.perf_counter()
-                frames_out = pipe(prompt, height=size, width=size, num_frames=frames, num_inference_steps=steps,
+                frames_out = pipe(prompt, height=height, width=size, num_frames=frames, num_inference_steps=steps,
                                   generator=torch.Generator(device="cpu").manual_seed(seed), output_type="pt").frames
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
@@ -72,10 +76,10 @@ def run(*, steps: int, frames: int, size: int, seeds: list[int], prompts: list[s
     rows = []
     for name, branch in variants:
         row = {"variant": name, "seconds_mean": statistics.mean(seconds[name]),
-               "vs_plain_dense": compare(name, "plain dense") if branch is not None else None,
+               "vs_plain_dense": compare(name, "plain dense") if branch is not None and plain_dense else None,
                "vs_dense_branch": compare(name, dense_branch) if branch not in (None, "dense") else None}
         rows.append(row)
-    return {"settings": {"steps": steps, "frames": frames, "size": size, "seeds": seeds, "prompts": prompts,
+    return {"settings": {"steps": steps, "frames": frames, "size": size, "height": height, "seeds": seeds, "prompts": prompts,
                          "device": device, "dtype": dtype, "cache_steps": cache_steps, **base},
             "device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
@@ -83,8 +87,8 @@ def run(*, steps: int, frames: int, size: int, seeds: list[int], prompts: list[s
 
 def render(report: dict[str, Any]) -> str:
     s = report["settings"]
-    lines = [f"freeswim-branch: demo video model at {s['size']}x{s['size']} px x {s['frames']} frames (2x its training "
-             f"size), {s['steps']} steps, cache_steps={s['cache_steps']}, {len(s['prompts'])} prompts x "
+    lines = [f"freeswim-branch: demo video model at {s['height']}x{s['size']} px (HxW) x {s['frames']} frames (training: "
+             f"64x64), {s['steps']} steps, cache_steps={s['cache_steps']}, {len(s['prompts'])} prompts x "
              f"{len(s['seeds'])} seeds, {report['device']} {s['dtype']}, {report['date']}",
              "| variant | s / generation | PSNR / SSIM vs dense full branch (mean, min) | PSNR / SSIM vs plain dense (mean) |",
              "|---|---|---|---|"]
@@ -100,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="diffattn bench freeswim-branch", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=16, help="denoising steps (the demo pipeline's default: 16)")
     p.add_argument("--frames", type=int, default=17)
-    p.add_argument("--size", type=int, default=128, help="pixels, square (training: 64)")
+    p.add_argument("--size", type=int, default=128, help="width in pixels, and height unless --height (training: 64)")
+    p.add_argument("--height", type=int, default=None, help="height in pixels (default: --size)")
+    p.add_argument("--branches", nargs="+", default=list(BRANCHES), choices=BRANCHES)
+    p.add_argument("--no-plain-dense", action="store_true", help="skip the plain dense generation")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--prompts", type=int, default=3, help=f"how many of the {len(PROMPTS)} prompts")
     p.add_argument("--cache-steps", type=int, default=2)
@@ -114,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = run(steps=args.steps, frames=args.frames, size=args.size, seeds=args.seeds,
                  prompts=list(PROMPTS[:args.prompts]), device=args.device, dtype=args.dtype,
-                 cache_steps=args.cache_steps)
+                 cache_steps=args.cache_steps, height=args.height, branches=tuple(args.branches),
+                 plain_dense=not args.no_plain_dense)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)
