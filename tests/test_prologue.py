@@ -36,8 +36,12 @@ def test_reference_is_wan_stock(S, H, D, dtype):
         # CPU's composite rms_norm rounds x * rstd before the weight; CUDA's fused one does not (see reference.py)
         ref = qk_norm_rope_reference(x, norm.weight, heads=H, eps=1e-6, norm="across", cos=cos, sin=sin,
                                      round_before_weight=dtype != torch.float32)
-    tol = 1e-6 if dtype == torch.float32 else 2.0**-7
-    assert (ref.double() - stock.double()).abs().max().item() <= tol * stock.abs().max().item()
+    # bf16: the stock CPU path and the reference may round the normalised value differently by one step, which
+    # moves both rotated outputs of its pair: bound by two steps of the pair's norm (a rotation keeps it)
+    r = stock.double()
+    pair = r.unflatten(-1, (-1, 2)).norm(dim=-1, keepdim=True).expand(*r.shape[:-1], -1, 2).flatten(-2)
+    tol = 1e-6 if dtype == torch.float32 else 2 * 2.0**-7
+    assert ((ref.double() - r).abs() <= tol * pair + 1e-30).all()
     if dtype == torch.float32:
         assert ref.is_contiguous() and ref.shape == (2, H, S, D)
 
