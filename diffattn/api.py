@@ -50,16 +50,27 @@ def _models_of(pipe_or_model: Any) -> list[tuple[str, torch.nn.Module]]:
     return found
 
 
-def apply(pipe_or_model: Any, method: str, *, via: str = "adapter", layout: Any = None, **options: Any) -> Any:
+def apply(
+    pipe_or_model: Any,
+    method: str | list[str] | tuple[str, ...],
+    *,
+    via: str = "adapter",
+    layout: Any = None,
+    **options: Any,
+) -> Any:
     """Install `method` (with validated `options`) on a pipeline's transformer(s)/UNet or on a model.
 
     `via="adapter"` (default) installs diffattn's processors of the model's family; `via="dispatcher"` keeps the
     stock processors and runs the method as a Diffusers attention backend (any DiT whose processors call
     `dispatch_attention_fn`; `layout=` fills in what its inputs do not show, see `diffattn.dispatch.Layout`).
-    Applying again replaces the previous method; `remove` restores the stock processors exactly.
-    Returns `pipe_or_model` for chaining.
+    `method` may be a list of two methods that compose (an attention method and a guidance method, e.g.
+    `["radial", "softpag"]`; rules in `diffattn/compose.py`); options then go to the method that has them, or per
+    method as `radial={...}`. Applying again replaces the previous method; `remove` restores the stock processors
+    exactly. Returns `pipe_or_model` for chaining.
     """
     if via == "dispatcher":
+        if isinstance(method, (list, tuple)):
+            raise ValueError("via='dispatcher' takes one method; composed methods run through the adapters (via='adapter')")
         from .dispatch import apply_dispatcher
 
         models = _models_of(pipe_or_model)
@@ -68,8 +79,14 @@ def apply(pipe_or_model: Any, method: str, *, via: str = "adapter", layout: Any 
         raise ValueError(f"via must be 'adapter' or 'dispatcher', got {via!r}")
     if layout is not None:
         raise ValueError("layout= is for via='dispatcher' (the adapters know their family's layout)")
-    spec = get_method(method)
-    config = spec.config_cls.from_options(**options)
+    if not isinstance(method, (list, tuple)):
+        spec = get_method(method)
+        config = spec.config_cls.from_options(**options)
+    else:
+        from .compose import compose
+
+        spec, config = compose(method, options)
+        method = spec.name
     models = _models_of(pipe_or_model)
     adapters = []
     for name, model in models:

@@ -16,6 +16,42 @@ from diffusers.models.embeddings import apply_rotary_emb
 from ..call import AttentionCall
 from ..context import ForwardContext, TokenGrid
 from .base import DiffattnProcessor, FamilyAdapter, forward_context, block_slots, to_heads_first
+from .prologue import can_fuse, fused_norm_rope, may_fuse
+
+
+def _fused_joint(attn, hidden_states, encoder_hidden_states, image_rotary_emb, single_stream: bool):
+    """q, k `[B, H, S, D]` through the fused prologue (per-head norm, RoPE on the video tokens, the text tokens'
+    own projections written after them), v as the stock path builds it; None when the kernel cannot reproduce the
+    stock path for every projection of this call."""
+    if not may_fuse(hidden_states):
+        return None
+    dual = attn.add_q_proj is not None and encoder_hidden_states is not None
+    if attn.norm_q is None or attn.norm_k is None or (dual and (attn.norm_added_q is None or attn.norm_added_k is None)):
+        return None
+    cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+    query, key = attn.to_q(hidden_states), attn.to_k(hidden_states)
+    if not (can_fuse(attn.norm_q, query, attn.heads, "head", cos, sin) and can_fuse(attn.norm_k, key, attn.heads, "head")):
+        return None
+    if cos is not None and cos.shape[0] != hidden_states.shape[1] - (encoder_hidden_states.shape[1] if single_stream else 0):
+        return None
+    value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+    if not dual:
+        q = fused_norm_rope(attn.norm_q, query, attn.heads, "head", cos, sin)
+        k = fused_norm_rope(attn.norm_k, key, attn.heads, "head", cos, sin)
+        return q, k, to_heads_first(value)
+    e_query, e_key = attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states)
+    if not (can_fuse(attn.norm_added_q, e_query, attn.heads, "head") and can_fuse(attn.norm_added_k, e_key, attn.heads, "head")):
+        return None
+    b, s, t = query.shape[0], query.shape[1], e_query.shape[1]
+    d = query.shape[-1] // attn.heads
+    q = query.new_empty(b, attn.heads, s + t, d)
+    k = key.new_empty(b, attn.heads, s + t, d)
+    fused_norm_rope(attn.norm_q, query, attn.heads, "head", cos, sin, out=q)
+    fused_norm_rope(attn.norm_k, key, attn.heads, "head", cos, sin, out=k)
+    fused_norm_rope(attn.norm_added_q, e_query, attn.heads, "head", out=q, out_offset=s)
+    fused_norm_rope(attn.norm_added_k, e_key, attn.heads, "head", out=k, out_offset=s)
+    e_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+    return q, k, to_heads_first(torch.cat([value, e_value], dim=1))
 
 
 class HunyuanVideoProcessor(DiffattnProcessor):
@@ -35,6 +71,9 @@ class HunyuanVideoProcessor(DiffattnProcessor):
         if single_stream:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
 
+        fused = _fused_joint(attn, hidden_states, encoder_hidden_states, image_rotary_emb, single_stream)
+        if fused is not None:
+            return self._finish(attn, ctx, *fused, encoder_hidden_states, attention_mask, text_len)
         query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
         key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
         value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
@@ -65,16 +104,22 @@ class HunyuanVideoProcessor(DiffattnProcessor):
             query = torch.cat([query, e_query], dim=1)
             key = torch.cat([key, e_key], dim=1)
             value = torch.cat([value, e_value], dim=1)
+        return self._finish(
+            attn, ctx, to_heads_first(query), to_heads_first(key), to_heads_first(value), encoder_hidden_states,
+            attention_mask, text_len,
+        )
 
+    def _finish(self, attn, ctx, q, k, v, encoder_hidden_states, attention_mask, text_len):
+        """Attend (q, k, v `[B, H, S, D]`) and project out, as the stock processor ends."""
         key_padding = None
         if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.ndim == 4:
             key_padding = attention_mask[:, 0, 0, :]
         call = AttentionCall(
-            to_heads_first(query), to_heads_first(key), to_heads_first(value), self.layer_info("joint"), "joint", ctx,
-            grid=self.grid_for(ctx, query.shape[1] - text_len), text_len=text_len, text_first=False,
+            q, k, v, self.layer_info("joint"), "joint", ctx,
+            grid=self.grid_for(ctx, q.shape[2] - text_len), text_len=text_len, text_first=False,
             attn_mask=attention_mask, key_padding=key_padding,
         )
-        out = self.attend(call).transpose(1, 2).flatten(2, 3).to(query.dtype)
+        out = self.attend(call).transpose(1, 2).flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is not None:
             out, enc_out = out[:, :-text_len], out[:, -text_len:]
             if getattr(attn, "to_out", None) is not None:

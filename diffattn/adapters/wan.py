@@ -15,6 +15,7 @@ import torch
 from ..call import AttentionCall
 from ..context import ForwardContext, TokenGrid
 from .base import DiffattnProcessor, FamilyAdapter, forward_context, block_slots, to_heads_first
+from .prologue import can_fuse, fused_norm_rope
 
 STOCK_TEXT_LEN = 512  # the stock processor's hard-coded umT5 length, used only without a context
 
@@ -65,18 +66,26 @@ class WanProcessor(DiffattnProcessor):
             encoder_hidden_states = encoder_hidden_states[:, image_len:]
 
         query, key, value = _qkv(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
+        # the fused prologue (one Triton pass: norm across heads + RoPE + [B, H, S, D]) on CUDA half precision;
+        # the stock op sequence elsewhere (CPU, float32, autograd), so those stay bit-identical to stock
+        cos, sin = rotary_emb if rotary_emb is not None else (None, None)
         value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = apply_wan_rope(query, *rotary_emb)
-            key = apply_wan_rope(key, *rotary_emb)
+        if can_fuse(attn.norm_q, query, attn.heads, "across", cos, sin) and can_fuse(attn.norm_k, key, attn.heads, "across"):
+            q = fused_norm_rope(attn.norm_q, query, attn.heads, "across", cos, sin)
+            k = fused_norm_rope(attn.norm_k, key, attn.heads, "across", cos, sin)
+        else:
+            query = attn.norm_q(query)
+            key = attn.norm_k(key)
+            query = query.unflatten(2, (attn.heads, -1))
+            key = key.unflatten(2, (attn.heads, -1))
+            if rotary_emb is not None:
+                query = apply_wan_rope(query, *rotary_emb)
+                key = apply_wan_rope(key, *rotary_emb)
+            q, k = to_heads_first(query), to_heads_first(key)
+        out_dtype = q.dtype
 
         role = "self" if encoder_hidden_states is None else "cross"
-        grid = self.grid_for(ctx, query.shape[1])
-        q = to_heads_first(query)
+        grid = self.grid_for(ctx, q.shape[2])
 
         image_out = None
         if encoder_hidden_states_img is not None:
@@ -88,13 +97,13 @@ class WanProcessor(DiffattnProcessor):
                 q, to_heads_first(key_img), to_heads_first(value_img), self.layer_info("cross_image"),
                 "cross_image", ctx, grid=grid,
             )
-            image_out = self.attend(call).transpose(1, 2).flatten(2, 3).type_as(query)
+            image_out = self.attend(call).transpose(1, 2).flatten(2, 3).to(out_dtype)
 
         call = AttentionCall(
-            q, to_heads_first(key), to_heads_first(value), self.layer_info(role), role, ctx, grid=grid,
-            text_len=key.shape[1] if role == "cross" else 0, attn_mask=attention_mask,
+            q, k, to_heads_first(value), self.layer_info(role), role, ctx, grid=grid,
+            text_len=k.shape[2] if role == "cross" else 0, attn_mask=attention_mask,
         )
-        out = self.attend(call).transpose(1, 2).flatten(2, 3).type_as(query)
+        out = self.attend(call).transpose(1, 2).flatten(2, 3).to(out_dtype)
         if image_out is not None:
             out = out + image_out
         out = attn.to_out[0](out)

@@ -10,13 +10,16 @@ JSON with `harness.write_json`), and add one line below. Nothing here is importe
 
 from __future__ import annotations
 
-# name -> one-line summary (`diffattn bench` lists them); the module is diffattn.bench.<name>
+# name -> one-line summary (`diffattn bench` lists them); the module is diffattn.bench.<name> ('-' read as '_')
 BENCHES: dict[str, str] = {
     "kernels": "block-sparse attention kernel vs cuDNN SDPA and FlexAttention",
     "gna": "neighborhood attention kernel vs cuDNN SDPA (NATTEN's figures)",
     "step": "one denoising step of a full-size video transformer, dense vs a method",
     "quality": "every method vs dense on the demo models: PSNR, SSIM, attention energy decay",
     "dispatch": "one step with a method via the adapter and via the Diffusers dispatcher",
+    "e2e": "whole pipeline generations (text, denoise, decode): stock vs methods vs + caches, PSNR",
+    "prologue": "fused q/k norm + RoPE + layout vs the stock op sequence (Wan, HunyuanVideo)",
+    "freeswim-branch": "FreeSwim's sparse full branch vs its dense one on the demo video model at 2x size",
     "highres": "FreeSwim end to end at 1080p (Wan2.1-1.3B config) under a GPU memory cap",
 }
 
@@ -25,4 +28,4 @@ def bench_module(name: str) -> str:
     """The module of benchmark `name` (`ValueError` listing the benchmarks when unknown)."""
     if name not in BENCHES:
         raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(sorted(BENCHES))}")
-    return f"{__name__}.{name}"
+    return f"{__name__}.{name.replace('-', '_')}"

@@ -74,7 +74,7 @@ class ModelPreset:
     vae_tiles: dict[str, int] = field(default_factory=dict)  # enable_tiling() arguments (tiny: tiles that do split)
 
 
-def _presets() -> dict[str, ModelPreset]:
+def presets() -> dict[str, ModelPreset]:
     return {
         "wan2.1-1.3b": ModelPreset(
             transformer=dict(MODELS["wan2.1-1.3b"]["config"]),
@@ -212,10 +212,10 @@ def build_pipeline(model: str, *, seed: int = 0, flow_shift: float = 3.0, vae_dt
     from ..pipelines import FreeSwimPipeline
     from ..pipelines.demo import word_tokenizer
 
-    presets = _presets()
-    if model not in presets:
+    known = presets()
+    if model not in known:
         raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}, got {model!r}")
-    preset = presets[model]
+    preset = known[model]
     filler = RandomFiller(seed)
     times: dict[str, float] = {}
 
@@ -500,7 +500,7 @@ class HighresSettings:
     def __post_init__(self) -> None:
         if self.model not in MODEL_NAMES:
             raise ValueError(f"--model must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
-        preset = _presets()[self.model]
+        preset = presets()[self.model]
         for name in ("height", "width", "frames", "base_height", "base_width", "max_sequence_length"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(preset, name))
@@ -680,7 +680,7 @@ def run(settings: HighresSettings, *, video: str | None = None, fps: int = 16,
     else:
         pipe.to(settings.device)
     if settings.vae_tiling:
-        pipe.vae.enable_tiling(**_presets()[settings.model].vae_tiles)
+        pipe.vae.enable_tiling(**presets()[settings.model].vae_tiles)
     dump(report)
 
     clock = StageClock(cuda)

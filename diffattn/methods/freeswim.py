@@ -8,6 +8,13 @@ cross-attention (I2V) is not overridden. Every `cache_steps` steps the full bran
 outputs are cached per layer; in between, conditional forwards run the window branch alone with the cached outputs.
 Unconditional passes run the window branch with its own cross-attention.
 
+Sparse full branch (`full_branch`, an addition to upstream): the full branch's self-attention is the cost that caps
+the method's speed (a dense forward every `cache_steps` conditional passes). `"radial"` runs it with Radial
+Attention's static block mask (`full_radial_decay`, block 128, attention sink), `"gna"` with a dilated neighborhood
+window: per spatial axis dilation `ceil(axis / window)` and the largest odd kernel that fits (full along time), so it
+spans the whole frame at a stride and sees the global layout at about the local branch's cost.
+Both keep the full branch's scale rule. `"dense"` (default) is upstream's.
+
 Differences from upstream, on purpose: the window comes from `base_height/base_width` and the VAE and patch factors
 (not fixed numbers); the attention scale is computed from the token counts (below) instead of upstream's constant
 sqrt(log_1560(3120)); the text length is whatever the prompt has (upstream assumes 512); batch > 1 works; non-guide
@@ -32,7 +39,9 @@ import torch.nn.functional as F
 from ..call import AttentionCall, ForwardContext
 from ..config import MethodConfig, option
 from ..geometry import TokenGrid
+from ..kernels import block_sparse_attention
 from ..kernels.neighborhood import grid_neighborhood_attention
+from ..masks import radial_mask
 from ..masks.preview import TILE_EXTRAS, MaskView, window_view
 from .base import AttentionMethod, RunPlan
 from .spec import DemoGeometry, MaskPreview, MethodSpec
@@ -55,12 +64,18 @@ class FreeSwimConfig(MethodConfig):
     scale_mode: str = option("keys", choices=("keys", "upstream", "none"), help="attention scale rule (see docs)")
     vae_scale_factor: int = option(8, choices=(4, 8, 16), help="VAE spatial compression (Wan 2.1: 8; Wan 2.2 TI2V: 16)")
     dual_path: bool = option(True, help="run the full branch and its cross-attention override (False: window only)")
+    full_branch: str = option(
+        "dense", choices=("dense", "radial", "gna"),
+        help="the full branch's self-attention: dense (upstream), radial (block mask) or gna (dilated window)",
+    )
+    full_radial_decay: float = option(0.2, low=0.0, help="radial full branch: the mask's decay factor (Radial's Wan default)")
 
 
 class FreeSwimMethod(AttentionMethod):
     def __init__(self, config: FreeSwimConfig) -> None:
         super().__init__(config)
         self.cache: dict[int, torch.Tensor] = {}
+        self._radial_masks: dict[tuple, torch.Tensor] = {}
         self._cache_batch: int | None = None
 
     # ---- forward-level: duplicate the conditional input into [window; full] on guide steps --------------------
@@ -141,6 +156,38 @@ class FreeSwimMethod(AttentionMethod):
         scale = self.scale(q.shape[-1], grid, kernel[0] * kernel[1] * kernel[2], patch)
         return grid_neighborhood_attention(q, k, v, tuple(grid), kernel, scale=scale)
 
+    def full_window(self, grid, patch: tuple[int, int] = WAN_PATCH) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """The gna full branch's (kernel, dilation): per spatial axis the dilation `d = ceil(axis / window)` and the
+        largest odd kernel with `kernel * d <= axis`, so the window spans (nearly) the whole frame at stride d."""
+        kt, kh, kw = self.window(grid, patch)
+        kernel, dilation = [kt], [1]
+        for axis, k in ((grid.height, kh), (grid.width, kw)):
+            d = max(1, math.ceil(axis / k))
+            kk = min(k, axis // d)
+            kk = kk if kk % 2 else max(1, kk - 1)
+            kernel.append(kk)
+            dilation.append(d)
+        return tuple(kernel), tuple(dilation)  # type: ignore[return-value]
+
+    def _full_attention(self, q, k, v, grid, patch: tuple[int, int] = WAN_PATCH) -> torch.Tensor:
+        scale = self.scale(q.shape[-1], grid, grid.num_tokens, patch)
+        branch = self.config.full_branch
+        if branch == "radial" and grid.frames >= 2:
+            key = (*grid, str(q.device))  # one mask tensor per geometry and device: the kernel caches its index lists
+            mask = self._radial_masks.get(key)
+            if mask is None:
+                mask = radial_mask(grid.frames, grid.tokens_per_frame, block_size=128,
+                                   decay_factor=self.config.full_radial_decay, sink=True).to(q.device)[None, None]
+                self._radial_masks[key] = mask
+            return block_sparse_attention(q, k, v, mask, block_size=128, scale=scale)
+        if branch == "gna":
+            kernel, dilation = self.full_window(grid, patch)
+            return grid_neighborhood_attention(q, k, v, tuple(grid), kernel, dilation=dilation, scale=scale)
+        if branch == "radial":
+            log_once("freeswim:radial-single-frame", "diffattn freeswim: a single frame has no radial mask; the full "
+                     "branch runs dense")
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
     def attend(self, call: AttentionCall) -> torch.Tensor:
         ctx = call.context
         mode = ctx.extras.get("freeswim_mode", WINDOW) if ctx is not None else WINDOW
@@ -151,8 +198,7 @@ class FreeSwimMethod(AttentionMethod):
                 return self._window_attention(call.q, call.k, call.v, grid, patch)
             b = call.q.shape[0] // 2
             out_w = self._window_attention(call.q[:b], call.k[:b], call.v[:b], grid, patch)
-            scale = self.scale(call.q.shape[-1], grid, grid.num_tokens, patch)
-            out_f = F.scaled_dot_product_attention(call.q[b:], call.k[b:], call.v[b:], scale=scale)
+            out_f = self._full_attention(call.q[b:], call.k[b:], call.v[b:], grid, patch)
             return torch.cat([out_w, out_f], dim=0)
         if call.role == "cross" and mode == DUAL:
             b = call.q.shape[0] // 2
@@ -206,4 +252,6 @@ SPEC = MethodSpec(
     preview_mask=MaskPreview(_preview, options=("base_height", "base_width", "vae_scale_factor"), extras=TILE_EXTRAS),
     schedule_period=lambda cfg: cfg.cache_steps,
     pipeline_only="freeswim's work changes from step to step (full branch, cache reuse, CFG passes)",
+    changes_batch=True,  # [window; full] rows on dual steps
+    works_with_caches=False,  # forwards of two batch sizes break a cache comparing consecutive residuals
 )

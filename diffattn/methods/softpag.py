@@ -133,6 +133,10 @@ class SoftPAGMethod(SoftPAGGuidance, AttentionMethod):
         self.spec = parse_heads(config.heads)
         self._init_guidance()
         self._checked_layers = False
+        # the unperturbed attention: stock SDPA, or another method's `attend` when composed with one
+        # (`diffattn.apply(pipe, ["radial", "softpag"])`, diffattn/compose.py): the chosen heads then blend the
+        # sparse map toward the target
+        self.base_attention: Any = None
 
     # ---- checks -------------------------------------------------------------------------------------------------
     def _check_family(self, family: str | None) -> None:
@@ -156,10 +160,15 @@ class SoftPAGMethod(SoftPAGGuidance, AttentionMethod):
             )
         self._checked_layers = True
 
+    def _unperturbed(self, call: AttentionCall) -> torch.Tensor:
+        if self.base_attention is not None:
+            return self.base_attention(call)
+        return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=call.attn_mask, scale=call.scale)
+
     def attend(self, call: AttentionCall) -> torch.Tensor:
         q, k, v = call.q, call.k, call.v
         if call.role not in PERTURBED_ROLES or self.config.u == 0.0:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=call.attn_mask, scale=call.scale)
+            return self._unperturbed(call)
         if call.context is not None:
             self._check_family(call.context.family)
         chosen = self.spec.heads_of(call.layer.index)
@@ -169,7 +178,7 @@ class SoftPAGMethod(SoftPAGGuidance, AttentionMethod):
         if (chosen is None and rows is None and cfg.u == 1.0 and cfg.target == "identity"
                 and (cfg.scope == "full" or call.role != "joint" or call.text_len == 0)):
             return v  # the whole call is perturbed to the identity map: no attention to compute
-        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=call.attn_mask, scale=call.scale)
+        dense = self._unperturbed(call)
         if chosen is False or (rows is not None and rows.stop <= rows.start):
             return dense
         num_heads = q.shape[1]
@@ -227,5 +236,6 @@ SPEC = MethodSpec(
     families=("sd3", "flux", "unet", "wan", "hunyuan_video"),
     build=SoftPAGMethod,
     role="guidance",
+    changes_batch=True,  # perturbed rows appended to the conditional forward
     demo_options=_demo_options,
 )

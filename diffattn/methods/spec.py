@@ -77,6 +77,8 @@ class MethodSpec:
     pipeline_only: a reason why one bare forward does not show its per-step cost (the step bench then asks for
         `--pipeline`), or None.
     cli_flags: options that workflows built around this method give their own `--flag` (`render --long`).
+    changes_batch: its forward hooks add or drop batch rows (two such methods cannot be composed).
+    works_with_caches: whether Diffusers' cache hooks (FirstBlockCache, ...) may wrap the model it runs on.
     """
 
     name: str
@@ -90,9 +92,12 @@ class MethodSpec:
     schedule_period: Callable[[MethodConfig], int] = _one_step
     pipeline_only: str | None = None
     cli_flags: tuple[str, ...] = ()
+    changes_batch: bool = False
+    works_with_caches: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.isidentifier():
+        # composed methods (diffattn.compose) are named "a+b"
+        if not isinstance(self.name, str) or not all(part.isidentifier() for part in self.name.split("+")):
             raise ValueError(f"a method name must be an identifier-like str, got {self.name!r}")
         families = tuple(self.families)
         object.__setattr__(self, "families", families)
