@@ -100,3 +100,27 @@ def check_inputs(
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale must be a finite positive number, got {scale}")
+
+
+def check_out_affine(
+    out_scale: torch.Tensor | None, out_bias: torch.Tensor | None, q: torch.Tensor, block_size: int
+) -> None:
+    """`out_scale` `[B or 1, H or 1, nq]` and `out_bias` `[B or 1, H or 1, nq, D]` (float tensors on q's device),
+    given together or not at all: the per-query-block epilogue `out = scale * attention + bias`."""
+    if out_scale is None and out_bias is None:
+        return
+    if (out_scale is None) != (out_bias is None):
+        raise ValueError("out_scale and out_bias must be given together (pass ones / zeros for the one you do not need)")
+    B, H, Sq, D = q.shape
+    nq = math.ceil(Sq / block_size)
+    for name, t, tail in (("out_scale", out_scale, (nq,)), ("out_bias", out_bias, (nq, D))):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if t.dim() != 2 + len(tail) or t.shape[0] not in (1, B) or t.shape[1] not in (1, H) or tuple(t.shape[2:]) != tail:
+            want = ", ".join(map(str, tail))
+            raise ValueError(f"{name} must be [{B} or 1, {H} or 1, {want}] (one row per query block of {block_size}), "
+                             f"got {tuple(t.shape)}")
