@@ -223,7 +223,8 @@ def block_sparse_attention(
     if out_scale is not None:
         B, H, _, D = q.shape
         nq = out_bias.shape[2]
-        affine = dict(out_scale=out_scale.float().expand(B, H, nq), out_bias=out_bias.float().expand(B, H, nq, D))
+        adt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        affine = dict(out_scale=out_scale.to(adt).expand(B, H, nq), out_bias=out_bias.to(adt).expand(B, H, nq, D))
     D = q.shape[-1]
     scale_f = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if extra_k is not None and extra_k.shape[2] == 0:
