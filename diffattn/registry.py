@@ -12,7 +12,6 @@ ALL_FAMILIES = ("wan", "hunyuan_video", "cogvideox", "flux", "sd3", "unet")
 
 # Methods of DESIGN.md that are not implemented yet (removed from here when they land), with the families they will support (for `diffattn methods`).
 PLANNED: dict[str, tuple[str, tuple[str, ...]]] = {
-    "rectified": ("top-p block selection + pooled-attention rectification", ("wan", "hunyuan_video", "cogvideox", "flux")),
     "agent": ("agent tokens + agent attention (AgentSD)", ("unet", "flux", "sd3")),
     "ficgen": ("frequency-aware regional (layout) attention", ("unet",)),
 }
@@ -65,6 +64,7 @@ def _register_builtins() -> None:
     from .methods.freeswim import FreeSwimConfig, FreeSwimMethod
     from .methods.neighborhood import GNAConfig, GNAMethod
     from .methods.radial import RadialConfig, RadialMethod
+    from .methods.rectified import RectifiedConfig, RectifiedMethod
     from .methods.softpag import SoftPAGConfig, SoftPAGMethod
 
     register_method(
@@ -83,6 +83,15 @@ def _register_builtins() -> None:
             config_cls=RadialConfig,
             families=("wan", "hunyuan_video", "cogvideox"),
             build=RadialMethod,
+        )
+    )
+    register_method(
+        MethodSpec(
+            name="rectified",
+            summary="Rectified SpaAttn: dynamic top-p block selection, pooled-attention rectification (IPAR, GAPR)",
+            config_cls=RectifiedConfig,
+            families=("wan", "hunyuan_video", "cogvideox", "flux"),
+            build=RectifiedMethod,
         )
     )
     register_method(
