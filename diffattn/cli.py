@@ -2,7 +2,7 @@
 
 Subcommands: `generate` (an image or a video with a method; the bundled demo model by default), `methods` (what
 exists, for which families, with which options), `bench` (GPU benchmarks), `mask` (a method's mask at a model
-geometry, via `diffattn.masks.explore`), `render --highres` (FreeSwim) and `render --long` (Radial long video, with
+geometry, via `diffattn.explorer`), `render --highres` (FreeSwim) and `render --long` (Radial long video, with
 an optional LoRA), `headhunt` (HeadHunter search), `app` (the Gradio web app).
 
 User errors are one line on stderr and exit status 2 (`_guarded`); generation shares `diffattn.generate`'s
@@ -17,24 +17,16 @@ import importlib
 import inspect
 import logging
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-# `diffattn bench <what>`: module with `main(argv) -> int`, loaded only when asked for.
-BENCHES = {
-    "kernels": ("diffattn.kernels.block_sparse.bench", "block-sparse attention kernel vs cuDNN SDPA and FlexAttention"),
-    "gna": ("diffattn.kernels.neighborhood.bench", "neighborhood attention kernel vs cuDNN SDPA (NATTEN's figures)"),
-    "step": ("diffattn.step_bench", "one denoising step of a full-size video transformer, dense vs a method"),
-    "quality": ("diffattn.quality_bench", "every method vs dense on the demo models: PSNR, SSIM, attention energy decay"),
-    "highres": ("diffattn.highres_bench", "FreeSwim end to end at 1080p (Wan2.1-1.3B config) under a GPU memory cap"),
-}
+from .bench import BENCHES, bench_module
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from .registry import _REGISTRY, PLANNED
+    from .registry import PLANNED, available_methods, method_specs
 
-    for spec in _REGISTRY.values():
+    for spec in method_specs():
         print(f"{spec.name}: {spec.summary}")
         print(f"  families: {', '.join(spec.families)}")
         specs = spec.config_cls.option_specs()
@@ -44,7 +36,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
             print(f"  {opt.name}: default {opt.default!r}; {opt.accepted()}. {opt.help}")
     if args.all:
         for name, (summary, families) in PLANNED.items():
-            if name not in _REGISTRY:
+            if name not in available_methods():
                 print(f"{name}: {summary} [not available yet]")
                 print(f"  families: {', '.join(families)}")
     return 0
@@ -53,12 +45,11 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     if args.what is None:
         print("usage: diffattn bench NAME [options]   (diffattn bench NAME --help for a benchmark's options)")
-        for name, (_, summary) in sorted(BENCHES.items()):
+        for name, summary in sorted(BENCHES.items()):
             print(f"  {name:<8} {summary}")
         return 0 if {"-h", "--help"} & set(rest) else 2
-    module_name, _ = BENCHES[args.what]
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(bench_module(args.what))
     except ImportError as exc:
         return _fail(f"diffattn bench {args.what}", f"not available ({exc})")
     return int(module.main(rest) or 0)
@@ -91,7 +82,8 @@ def _guarded(prog: str, fn: Callable[[], int], *, oom_advice: str = "try --offlo
 # mask
 # ------------------------------------------------------------------------------------------------------------------
 def _mask_parser(method: str) -> argparse.ArgumentParser:
-    from .masks.explore import GEOMETRIES, mask_options
+    from .explorer import GEOMETRIES, mask_options
+    from .registry import get_method
 
     geometries = "\n".join(f"  {name:16} {'x'.join(map(str, g.grid)):10} {g.doc}" for name, g in GEOMETRIES.items())
     parser = argparse.ArgumentParser(
@@ -104,20 +96,36 @@ def _mask_parser(method: str) -> argparse.ArgumentParser:
     where.add_argument("--grid", help="token grid F,H,W (video) or H,W (image), after patchify")
     parser.add_argument("--family", default=None, help="model family whose defaults apply (default: the geometry's)")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="mask option, repeatable")
+    parser.add_argument("--frames", type=int, help="latent frames (with --tokens-per-frame, instead of --grid)")
+    parser.add_argument("--tokens-per-frame", type=int, help="tokens per latent frame (H*W after patchify)")
+    config = get_method(method).config_cls
+    kinds = {o.name: o for o in config.option_specs()}
     for name, help_text in mask_options(method).items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=f"opt_{name}", metavar=name.upper(), default=None,
-                            help=help_text)
-    if method == "radial":  # the flags of the first version keep working
-        parser.add_argument("--frames", type=int, help="latent frames (with --tokens-per-frame, instead of --grid)")
-        parser.add_argument("--tokens-per-frame", type=int, help="tokens per latent frame (H*W after patchify)")
-        parser.add_argument("--no-sink", action="store_true", help="no frame-0 attention sink (= --sink false)")
+        flag = name.replace("_", "-")
+        parser.add_argument(f"--{flag}", dest=f"opt_{name}", metavar=name.upper(), default=None, help=help_text)
+        if name in kinds and kinds[name].type in (bool, bool | None):
+            parser.add_argument(f"--no-{flag}", dest=f"opt_{name}", action="store_const", const="false",
+                                help=f"= --{flag} false")
     parser.add_argument("--out", default=f"{method}_mask.png", help="PNG path")
     return parser
 
 
-def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
-    from .masks.explore import METHODS, explore_mask, parse_mask_options
+def _mask_usage() -> str:
+    from .explorer import GEOMETRIES, METHODS
 
+    geometries = "\n".join(f"  {name:16} {'x'.join(map(str, g.grid)):10} {g.doc}" for name, g in GEOMETRIES.items())
+    return (f"usage: diffattn mask METHOD [--geometry NAME | --grid F,H,W | --grid H,W] [options]\n"
+            f"draw a method's mask at a model geometry: PNG, density, predicted attention speed-up\n\n"
+            f"methods: {', '.join(METHODS)} (diffattn mask METHOD --help for its options)\n"
+            f"geometries:\n{geometries}")
+
+
+def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
+    from .explorer import METHODS, explore_mask, parse_mask_options
+
+    if args.method is None or args.method in ("-h", "--help"):
+        print(_mask_usage())
+        return 0 if args.method is not None or {"-h", "--help"} & set(rest) else 2
     if args.method not in METHODS:
         return _fail("diffattn mask", f"no mask picture for method {args.method!r}; accepted: {', '.join(METHODS)}")
     prog = f"diffattn mask {args.method}"
@@ -126,8 +134,6 @@ def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
     def run() -> int:
         pairs = list(opts.opt)
         pairs += [f"{k[4:]}={v}" for k, v in vars(opts).items() if k.startswith("opt_") and v is not None]
-        if getattr(opts, "no_sink", False):
-            pairs.append("sink=false")
         options = parse_mask_options(args.method, pairs)
         geometry = _mask_geometry(opts)
         if Path(opts.out).suffix.lower() != ".png":
@@ -145,7 +151,7 @@ def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _mask_geometry(opts: argparse.Namespace) -> str | tuple[int, ...]:
-    frames, per_frame = getattr(opts, "frames", None), getattr(opts, "tokens_per_frame", None)
+    frames, per_frame = opts.frames, opts.tokens_per_frame
     if frames is not None or per_frame is not None:
         if opts.geometry or opts.grid:
             raise ValueError("--frames/--tokens-per-frame replace --geometry/--grid; give one of them")
@@ -305,27 +311,21 @@ def _cmd_render_highres(rest: list[str]) -> int:
     prog = "diffattn render --highres"
 
     def run() -> int:
-        import torch
-
-        from .generate import load_pipeline, write_sidecar
-        from .pipelines import FreeSwimPipeline
+        from .generate import write_sidecar
+        from .pipelines.render import load_highres_pipeline, render_highres
 
         _check_suffix(opts.out)
-        pipe = load_pipeline(opts.model, dtype=opts.dtype, device=opts.device, offload=opts.offload, cls=FreeSwimPipeline)
-        if opts.vae_tiling:
-            pipe.vae.enable_tiling()
+        pipe = load_highres_pipeline(opts.model, dtype=opts.dtype, device=opts.device, offload=opts.offload,
+                                     vae_tiling=opts.vae_tiling)
         _output_for(pipe, opts.out, "freeswim")
-        start = time.perf_counter()
         with _decode_notice(pipe, prog):
-            result = pipe(
-                opts.prompt, negative_prompt=opts.negative_prompt, height=opts.height, width=opts.width,
-                num_frames=opts.frames, base_height=opts.base_height, base_width=opts.base_width,
+            result, seconds = render_highres(
+                pipe, opts.prompt, seed=opts.seed, negative_prompt=opts.negative_prompt, height=opts.height,
+                width=opts.width, num_frames=opts.frames, base_height=opts.base_height, base_width=opts.base_width,
                 num_inference_steps=opts.steps, strength=opts.strength, cache_steps=opts.cache_steps,
                 cache_device=opts.cache_device, guidance_scale=opts.guidance,
                 max_sequence_length=opts.max_sequence_length,
-                generator=torch.Generator(device="cpu").manual_seed(opts.seed), output_type="np",
             )
-        seconds = time.perf_counter() - start
         written = _write(prog, result, opts.out, opts.fps)
         sidecar = write_sidecar(opts.out, vars(opts), written, seconds)
         print(f"wrote {opts.out} ({written.get('frames', 1)} frames, {seconds:.1f} s) and {sidecar}")
@@ -334,8 +334,21 @@ def _cmd_render_highres(rest: list[str]) -> int:
     return _guarded(prog, run, oom_advice="try --offload and --cache-device cpu")
 
 
-# Radial options with their own flags in `render --long` (the rest go through --attn-opt).
-_LONG_FLAGS = ("decay_factor", "dense_timesteps", "dense_layers", "block_size")
+def _add_option_flags(parser: argparse.ArgumentParser, method: str) -> tuple[str, ...]:
+    """`--flag`s for the options the method's spec gives their own flags (`cli_flags`), parsed by its config;
+    returns the option names (each flag's value is None when not given)."""
+    from .registry import get_method
+
+    spec = get_method(method)
+    by_name = {o.name: o for o in spec.config_cls.option_specs()}
+    for name in spec.cli_flags:
+        def parse(text: str, name: str = name):
+            return spec.config_cls.parse_option(name, text)
+
+        parse.__name__ = by_name[name].accepted()  # argparse names the type in "invalid ... value" errors
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=parse, default=None,
+                            metavar=name.upper(), help=f"{method} option: {by_name[name].help}")
+    return spec.cli_flags
 
 
 def _cmd_render_long(rest: list[str]) -> int:
@@ -350,21 +363,14 @@ def _cmd_render_long(rest: list[str]) -> int:
                         "default length, (F - 1) * N + 1 frames (default 2)")
     parser.add_argument("--lora", default=None, help="a LoRA folder or file, loaded with pipe.load_lora_weights; a "
                         "radial LoRA folder (lora_config.json) also gives its radial options and training length")
-    parser.add_argument("--decay-factor", type=float, default=None, help="radial band-width multiplier (lower is sparser)")
-    parser.add_argument("--dense-timesteps", type=int, default=None, help="first N steps dense (default: the family's, 12)")
-    parser.add_argument("--dense-layers", type=int, default=None, help="layers < N dense (default: the family's)")
-    parser.add_argument("--block-size", type=int, default=None, help="mask block size (16, 32, 64, 128)")
+    flags = _add_option_flags(parser, "radial")
     parser.add_argument("--attn-opt", action="append", default=[], metavar="KEY=VALUE", help="other radial options")
     opts = parser.parse_args(rest)
     prog = "diffattn render --long"
 
     def run() -> int:
-        from .generate import (
-            load_pipeline,
-            parse_method_options,
-            run_generation,
-            write_sidecar,
-        )
+        from .generate import load_pipeline, parse_method_options, write_sidecar
+        from .pipelines.render import plan_long, render_long
         from .registry import get_method
 
         if opts.extend < 1:
@@ -375,81 +381,30 @@ def _cmd_render_long(rest: list[str]) -> int:
         model, is_demo = _resolve_model(opts.model)
         prompt = _resolve_prompt(opts.prompt, is_demo)
         options = parse_method_options("radial", opts.attn_opt)
-        options.update({k: getattr(opts, k) for k in _LONG_FLAGS if getattr(opts, k) is not None})
+        options.update({k: getattr(opts, k) for k in flags if getattr(opts, k) is not None})
         get_method("radial").config_cls.from_options(**options)  # bad values fail before the model loads
         dtype = opts.dtype or ("bf16" if opts.device.startswith("cuda") else "fp32")
         pipe = load_pipeline(model, dtype=dtype, device=opts.device, offload=opts.offload)
         if not _makes_video(pipe):
             raise ValueError(f"needs a video pipeline (Wan, HunyuanVideo, CogVideoX); {type(pipe).__name__} makes images")
         out = _output_for(pipe, opts.out, "long")
-        lora_info = _load_lora(pipe, opts.lora) if opts.lora else {}
-        options = {**lora_info.get("radial", {}), **options}
-        frames, trained = _long_frames(pipe, opts, lora_info)
-        height = opts.height or lora_info.get("height")
-        width = opts.width or lora_info.get("width")
+        plan = plan_long(pipe, options=options, frames=opts.frames, extend=opts.extend, height=opts.height,
+                         width=opts.width, lora=opts.lora)
         with _decode_notice(pipe, prog):
-            result, seconds = run_generation(
-                pipe, prompt, method="radial", options=options, seed=opts.seed, negative_prompt=opts.negative_prompt,
-                num_inference_steps=opts.steps, height=height, width=width, num_frames=frames,
-                guidance_scale=opts.guidance, max_sequence_length=opts.max_sequence_length, output_type="np",
+            result, seconds = render_long(
+                pipe, prompt, plan, seed=opts.seed, negative_prompt=opts.negative_prompt,
+                num_inference_steps=opts.steps, guidance_scale=opts.guidance,
+                max_sequence_length=opts.max_sequence_length,
             )
         written = _write(prog, result, out, opts.fps)
-        settings = {**vars(opts), "model": model, "prompt": prompt, "dtype": dtype, "out": out, "frames": frames,
-                    "height": height, "width": width, "default_frames": trained, "attn": "radial",
-                    "attn_options": options, "lora_kind": lora_info.get("kind")}
+        settings = {**vars(opts), "model": model, "prompt": prompt, "dtype": dtype, "out": out, "frames": plan.frames,
+                    "height": plan.height, "width": plan.width, "default_frames": plan.default_frames,
+                    "attn": "radial", "attn_options": plan.options, "lora_kind": plan.lora_kind}
         sidecar = write_sidecar(out, settings, written, seconds, pipe=pipe)
         print(f"wrote {out} ({written['frames']} frames, radial, {seconds:.1f} s) and {sidecar}")
         return 0
 
     return _guarded(prog, run, oom_advice="try --offload, fewer --frames or a smaller size")
-
-
-def _load_lora(pipe, path: str) -> dict:
-    """Load a LoRA into `pipe`; a radial LoRA folder also returns its radial options and training geometry."""
-    import json
-
-    from .pipelines.radial_lora import LORA_CONFIG_NAME, load_radial_lora
-
-    config = Path(path) / LORA_CONFIG_NAME
-    try:
-        if config.is_file():
-            info = json.loads(config.read_text(encoding="utf-8"))
-            load_radial_lora(pipe, path, apply_radial=False)  # weights only: the CLI applies radial itself
-            radial = {k: v for k, v in info.get("radial", {}).items() if k != "dense_timesteps" and v is not None}
-            return {"kind": "radial", "radial": radial, "num_frames": info.get("num_frames"),
-                    "height": info.get("height"), "width": info.get("width")}
-        pipe.load_lora_weights(path)
-    except Exception as exc:  # Diffusers, peft and safetensors each raise their own types for a bad LoRA
-        raise ValueError(f"--lora {path!r} could not be loaded: {exc}") from exc
-    return {"kind": "diffusers"}
-
-
-def _call_default(pipe, name: str):
-    """The pipeline's default for call argument `name`: its `call_defaults` mapping when it has one (pipelines whose
-    signature says None and fill the value in inside `__call__`), else the signature's default (None if neither)."""
-    defaults = getattr(pipe, "call_defaults", None)
-    if callable(defaults):
-        defaults = defaults()
-    if isinstance(defaults, dict) and defaults.get(name) is not None:
-        return defaults[name]
-    param = inspect.signature(pipe.__call__).parameters.get(name)
-    return None if param is None or param.default is inspect.Parameter.empty else param.default
-
-
-def _long_frames(pipe, opts: argparse.Namespace, lora_info: dict) -> tuple[int, int | None]:
-    """(frames to render, the pipeline's default length): --frames, else the LoRA's training length, else
-    (default - 1) * extend + 1, which keeps the 4k+1 lengths the video VAEs need."""
-    default = _call_default(pipe, "num_frames")
-    default = default if isinstance(default, int) and not isinstance(default, bool) else None
-    if opts.frames is not None:
-        if opts.frames < 1:
-            raise ValueError(f"--frames must be >= 1, got {opts.frames}")
-        return opts.frames, default
-    if lora_info.get("num_frames"):
-        return int(lora_info["num_frames"]), default
-    if default is None:
-        raise ValueError(f"{type(pipe).__name__} has no default frame count; pass --frames")
-    return (default - 1) * opts.extend + 1, default
 
 
 def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
@@ -527,14 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also list the methods that are not available yet")
     # no -h here: `diffattn bench NAME --help` reaches that benchmark's own parser
     p = sub.add_parser("bench", help="benchmarks (GPU; diffattn bench NAME --help for its options)", add_help=False)
-    p.add_argument("what", nargs="?", choices=sorted(BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
+    p.add_argument("what", nargs="?", choices=sorted(BENCHES), help="; ".join(f"{k}: {v}" for k, v in BENCHES.items()))
     sub.add_parser("generate", help="generate an image or a video with a method (--help for options)", add_help=False)
     sub.add_parser("render", help="--highres (FreeSwim) or --long (Radial) video rendering", add_help=False)
     sub.add_parser("headhunt", help="HeadHunter: greedy search for SoftPAG heads (--help for options)", add_help=False)
     sub.add_parser("app", help="the Gradio web app (--help for options)", add_help=False)
     p = sub.add_parser("mask", help="a method's mask at a model geometry: PNG, density, predicted speed-up",
                        add_help=False)
-    p.add_argument("method", help="radial, gna or freeswim (diffattn mask METHOD --help for its options)")
+    p.add_argument("method", nargs="?", help="a method with a mask picture (diffattn mask --help lists them; "
+                   "diffattn mask METHOD --help for its options)")
     return parser
 
 

@@ -233,7 +233,7 @@ def train_demo(
 
 
 def _loss_plot(log: list[dict[str, float]], path: Path, kind: str) -> None:
-    from diffattn.plot import line_plot
+    from diffattn.bench.plot import line_plot
 
     steps = [e["step"] for e in log]
     line_plot(

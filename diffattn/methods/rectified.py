@@ -23,8 +23,9 @@ import torch
 from ..call import AttentionCall
 from ..config import MethodConfig, option
 from ..masks import reorder as _reorder
-from .base import AttentionMethod, require_grid
-from .joint import can_split, dense_attention, log_once, visual_with_text
+from .base import AttentionMethod
+from .spec import DemoGeometry, MaskPreview, MethodSpec
+from .toolkit import DenseWarmup, can_split, dense_attention, log_once, require_grid, visual_with_text
 from .rectified_core import (
     RectifiedPlan,
     rectified_attention,
@@ -91,24 +92,8 @@ def model_variant(family: str, model: Any = None, two_experts: bool = False) -> 
     return FAMILY_VARIANT.get(family, "wan2.1-t2v")
 
 
-def runs_dense_warmup(call: AttentionCall, layers: int, first_steps: int, last_steps: int = 0) -> bool:
-    """The shared dense warm-up rule (layers < `layers`, the first and last steps), as Radial applies it.
-
-    Delegates to Radial's rule so there is one implementation; to be replaced by the methods toolkit's
-    `DenseWarmup` when it lands."""
-    from .radial import RadialMethod
-
-    s = {"dense_layers": layers, "dense_timesteps": first_steps, "dense_last_steps": last_steps}
-    try:
-        return RadialMethod.runs_dense(None, call, s)  # type: ignore[arg-type]
-    except RuntimeError as e:
-        raise RuntimeError(str(e).replace("radial:", "rectified:", 1)) from None
-
-
 @dataclass
 class RectifiedConfig(MethodConfig):
-    method_name = "rectified"
-
     tau: float = option(0.3, low=0.0, high=1.0, help="cumulative pooled attention mass each query block keeps (1: dense)")
     sa_drop_rate: float | None = option(
         None, low=0.0, high=1.0,
@@ -135,8 +120,6 @@ class RectifiedConfig(MethodConfig):
 
 
 class RectifiedMethod(AttentionMethod):
-    name = "rectified"
-
     def __init__(self, config: RectifiedConfig) -> None:
         super().__init__(config)
         self._geo: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = {}
@@ -198,7 +181,7 @@ class RectifiedMethod(AttentionMethod):
         family = ctx.family if ctx is not None else "wan"
         model = ctx.extras.get("module") if ctx is not None else None
         s = self.settings(family, model)
-        if runs_dense_warmup(call, s["dense_layers"], s["dense_timesteps"], s["dense_last_steps"]):
+        if DenseWarmup(s["dense_layers"], s["dense_timesteps"], s["dense_last_steps"]).runs_dense(call, self.name):
             return dense_attention(call)
         grid = require_grid(call, self.name)
         g3 = (int(grid.frames), int(grid.height), int(grid.width))
@@ -222,3 +205,26 @@ class RectifiedMethod(AttentionMethod):
             return result if inv is None else result.index_select(2, inv)
 
         return visual_with_text(call, visual)
+
+
+# ---- what other tools read: the quality bench's demo options ------------------------------------------------------
+def _demo_options(g: DemoGeometry) -> dict[str, Any]:
+    """Small grids: 64-token blocks when there are >= 32 of them (else 16), and the upstream warm-up's share of the
+    depth and the steps (Wan 2.1: 2 of 40 layers, 5 of 50 steps; the others none)."""
+    block = 64 if g.grid.num_tokens >= 64 * 32 else 16
+    s = MODEL_DEFAULTS[FAMILY_VARIANT.get(g.family, "wan2.1-t2v")]
+    return {
+        "block_size": block,
+        "dense_layers": round(g.num_layers * s["dense_layers"] / 40),
+        "dense_timesteps": round(g.steps * s["dense_timesteps"] / 50),
+    }
+
+
+SPEC = MethodSpec(
+    name="rectified",
+    summary="Rectified SpaAttn: dynamic top-p block selection + pooled-attention rectification (IPAR, GAPR)",
+    config_cls=RectifiedConfig,
+    families=("wan", "hunyuan_video", "cogvideox", "flux"),
+    build=RectifiedMethod,
+    demo_options=_demo_options,
+)
