@@ -16,6 +16,7 @@ BENCHES: dict[str, str] = {
     "gna": "neighborhood attention kernel vs cuDNN SDPA (NATTEN's figures)",
     "step": "one denoising step of a full-size video transformer, dense vs a method",
     "quality": "every method vs dense on the demo models: PSNR, SSIM, attention energy decay",
+    "rectified": "Rectified SpaAttn at production shapes: step, selection overhead, error vs top-p and radial",
     "highres": "FreeSwim end to end at 1080p (Wan2.1-1.3B config) under a GPU memory cap",
 }
 
