@@ -22,6 +22,7 @@ from diffattn.methods.rectified import (
     rectified_plan,
     threshold_select,
 )
+from diffattn.methods.rectified_core import sorted_select
 
 
 def _rel(a, b):
@@ -61,8 +62,9 @@ def test_matches_float64_reference(B, H, Sq, Sk, D, bs, T, pad, tau, k_min, gapr
     kw = dict(block_size=bs, tau=tau, k_min=k_min, gapr=gapr, extra_k=ek, extra_v=ev, extra_mask=em, forced_blocks=forced)
     out, stats = rectified_attention(q, k, v, return_stats=True, backend=backend, **kw)
     ref, ref_mask = rectified_attention_reference(q, k, v, **kw)
-    plan = rectified_plan(q, k, v, **{n: kw[n] for n in kw if n != "extra_v"})
-    assert torch.equal(plan.block_mask, ref_mask)
+    for selection in ("threshold", "sort"):
+        plan = rectified_plan(q, k, v, selection=selection, **{n: kw[n] for n in kw if n != "extra_v"})
+        assert torch.equal(plan.block_mask, ref_mask)
     assert 0 < stats["density"] < 1
     assert _rel(out, ref) < 1e-5
     if em is not None:  # padding really is left out: changing padded keys changes nothing
@@ -151,6 +153,7 @@ def test_threshold_search_equals_sorted_cumulative_selection():
         ranks = torch.arange(37).expand_as(srt)
         want.scatter_(-1, order, ranks < n[..., None])
         assert torch.equal(keep, want)
+        assert torch.equal(sorted_select(p, budget, k_min), want)
 
 
 def test_validation_names_the_argument():

@@ -10,7 +10,8 @@ query block from a block-pooled attention map and applied in the block-sparse ke
    and are always attended;
 3. selection per (batch, head, query block): the highest-mass key blocks until text mass plus their mass exceeds
    `tau`, at least `k_min` blocks, plus forced (geometry) blocks; found by an exact threshold search (bisection on
-   the float32 bit pattern of the threshold, 31 masked row sums), not by a sort;
+   the float32 bit pattern of the threshold, 31 masked row sums) on the CPU; on CUDA one row sort
+   measured ~8x faster than the bisection's 32 PyTorch reductions, so it is used there (same set);
 4. GAPR: a dropped block is "unsafe" when the first-order pooling error bound `|dq_i . km_j| + |qm_i . dk_j|`
    (dq, dk: mean absolute deviation from the block mean) reaches the pooled logit `|qm_i . km_j|`; its mass is
    folded into the sparse branch instead of being compensated;
@@ -131,6 +132,17 @@ def threshold_select(probs: torch.Tensor, budget: torch.Tensor, k_min: int) -> t
     return bits >= hi[..., None]
 
 
+def sorted_select(probs: torch.Tensor, budget: torch.Tensor, k_min: int) -> torch.Tensor:
+    """The same kept set as `threshold_select` (distinct values; ties are kept together) from one sort per row:
+    on CUDA one `torch.sort` of the rows is ~8x faster than the 32 masked sums of the bisection (H200, Wan 720p:
+    0.9 ms against 7.3 ms), so the plan uses it there."""
+    srt = probs.sort(-1, descending=True).values
+    before = srt.cumsum(-1) - srt
+    n = (before <= budget[..., None]).sum(-1).clamp(min=k_min)
+    thr = srt.gather(-1, (n - 1).clamp(min=0)[..., None])
+    return (probs >= thr) & (n > 0)[..., None]
+
+
 def rectified_plan(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -144,8 +156,11 @@ def rectified_plan(
     extra_mask: torch.Tensor | None = None,
     forced_blocks: torch.Tensor | None = None,
     scale: float | None = None,
+    selection: str = "auto",
 ) -> RectifiedPlan:
-    """Pooled map, selection, GAPR and the epilogue's R and C for one call (see the module docstring)."""
+    """Pooled map, selection, GAPR and the epilogue's R and C for one call (see the module docstring).
+
+    `selection`: "threshold" (bisection, no sort), "sort", or "auto" (sort on CUDA, where it measured faster)."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -168,7 +183,8 @@ def rectified_plan(
         text_mass = probs.new_zeros(probs.shape[:-1])
     with torch.no_grad():
         pd = probs.detach().float()
-        keep = threshold_select(pd, float(tau) - text_mass.detach().float(), resolve_k_min(k_min, nk))
+        select = sorted_select if (selection == "sort" or (selection == "auto" and pd.is_cuda)) else threshold_select
+        keep = select(pd, float(tau) - text_mass.detach().float(), resolve_k_min(k_min, nk))
         if forced_blocks is not None:
             keep = keep | forced_blocks.to(dev, torch.bool)
         if gapr:
