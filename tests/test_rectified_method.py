@@ -162,3 +162,14 @@ def test_wan_pipeline_with_cfg_and_warmup():
         diffattn.remove(pipe)
     assert torch.isfinite(torch.as_tensor(sparse)).all()
     assert len(method.stats) == 3 * 2 * 2  # steps x CFG passes x layers: every call took the sparse path
+
+
+def test_mask_explorer_preview_on_the_demo_model():
+    """`diffattn mask rectified`: a selection from a real forward of the bundled demo video model."""
+    from diffattn.explorer import explore_mask
+
+    view = explore_mask("rectified", "demo-video", block_size=64, layer=1)
+    assert 0.0 < view.density < 1.0
+    assert view.info["layer"] == 1 and view.image.size[0] > 0
+    with pytest.raises(ValueError, match="smaller geometry"):
+        explore_mask("rectified", "wan-14b-720p")

@@ -220,6 +220,88 @@ def _demo_options(g: DemoGeometry) -> dict[str, Any]:
     }
 
 
+_PREVIEW_MAX_TOKENS = 40_000  # one CPU forward of the model at the explorer's grid
+
+
+def preview_selection(
+    grid: tuple[int, ...], cfg: RectifiedConfig, *, model: str | None = None, layer: int = 2, head: int = 0,
+    timestep: float = 700.0, seed: int = 0,
+) -> tuple[RectifiedPlan, dict[str, Any]]:
+    """The selection rectified computes on real q/k: one forward of `model`'s transformer (default: the bundled
+    demo video model) on a noise latent at `grid`, with a random text embedding, capturing layer `layer`'s
+    self-attention q/k/v. Returns the plan of that call (all heads) and its settings."""
+    from diffusers import WanTransformer3DModel
+
+    import diffattn
+
+    from ..demo import demo_model_path
+
+    path = model or demo_model_path("video")
+    if len(grid) != 3:
+        raise ValueError(f"rectified's preview needs a video grid (frames, height, width), got {grid}")
+    if grid[0] * grid[1] * grid[2] > _PREVIEW_MAX_TOKENS:
+        raise ValueError(f"rectified's preview runs one CPU forward at the grid; {grid} has more than "
+                         f"{_PREVIEW_MAX_TOKENS:,} tokens: pick a smaller geometry (e.g. the demo model's)")
+    tr = WanTransformer3DModel.from_pretrained(path, subfolder="transformer").eval()
+    if not 0 <= layer < tr.config.num_layers:
+        raise ValueError(f"layer must be in 0..{tr.config.num_layers - 1}, got {layer}")
+    pt, ph, pw = tr.config.patch_size
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        "hidden_states": torch.randn(1, tr.config.in_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw, generator=g),
+        "timestep": torch.tensor([timestep]),
+        "encoder_hidden_states": torch.randn(1, 16, tr.config.text_dim, generator=g),
+    }
+    captured: dict[str, AttentionCall] = {}
+
+    class _Grab:
+        name = "dense"
+
+        def attend(self, call: AttentionCall) -> torch.Tensor:
+            if call.role == "self" and call.layer.index == layer:
+                captured["call"] = call
+            return dense_attention(call)
+
+    diffattn.apply(tr, "dense")
+    try:
+        diffattn.api.replace_runtime(tr, _Grab())
+        with torch.no_grad():
+            tr(**inputs, return_dict=False)
+    finally:
+        diffattn.remove(tr)
+    call = captured["call"]
+    method = RectifiedMethod(cfg)
+    s = method.settings("wan", tr)
+    g3 = (int(grid[0]), int(grid[1]), int(grid[2]))
+    perm, _, forced = method.geometry(g3, s, call.q.device)
+    q, k, v = (x if perm is None else x.index_select(2, perm) for x in (call.q, call.k, call.v))
+    plan = rectified_plan(q, k, v, block_size=s["block_size"], tau=s["tau"], k_min=1.0 - s["sa_drop_rate"],
+                          gapr=s["gapr"], forced_blocks=forced, scale=call.scale)
+    return plan, s
+
+
+def _preview(label: str, grid: tuple[int, ...], family: str, cfg: RectifiedConfig, extras: dict[str, Any]):
+    """The Mask explorer's picture: the kept blocks of one head (in the tiles order) of a real forward."""
+    from ..masks.preview import MaskView, block_picture
+
+    layer, head = int(extras.get("layer", 2)), int(extras.get("head", 0))
+    plan, s = preview_selection(grid, cfg, model=extras.get("model"), layer=layer)
+    if not 0 <= head < plan.block_mask.shape[1]:
+        raise ValueError(f"head must be in 0..{plan.block_mask.shape[1] - 1}, got {head}")
+    mask = plan.block_mask[0, head]
+    density = plan.density
+    info = {"method": "rectified", "geometry": label, "family": family, "grid": "x".join(map(str, grid)),
+            "layer": layer, "head": head, "density_all_heads": density,
+            "density_head": mask.float().mean().item(), "mean_r": plan.out_scale.mean().item(),
+            "unsafe_share_of_dropped": (plan.unsafe.sum() / (~plan.block_mask).sum().clamp_min(1)).item(),
+            **{k: s[k] for k in ("tau", "sa_drop_rate", "block_size", "reorder", "gapr")}}
+    caption = (f"rectified {label} layer {layer} head {head}: tau {s['tau']:g}, drop {s['sa_drop_rate']:g}, "
+               f"block {s['block_size']} ({s['reorder']} order) - density {info['density_head']:.1%} "
+               f"(all heads {density:.1%})")
+    image, info["picture"] = block_picture(mask, caption, block_size=s["block_size"])
+    return MaskView("rectified", tuple(grid), image, density, 1.0 / density, info)
+
+
 SPEC = MethodSpec(
     name="rectified",
     summary="Rectified SpaAttn: dynamic top-p block selection + pooled-attention rectification (IPAR, GAPR)",
@@ -227,4 +309,9 @@ SPEC = MethodSpec(
     families=("wan", "hunyuan_video", "cogvideox", "flux"),
     build=RectifiedMethod,
     demo_options=_demo_options,
+    preview_mask=MaskPreview(
+        _preview, options=("tau", "sa_drop_rate", "gapr", "block_size", "reorder", "neighbors", "first_frame"),
+        extras={"model": "Wan model folder (default: the bundled demo video model)",
+                "layer": "layer whose q/k are used (default 2)", "head": "head drawn (default 0)"},
+    ),
 )
