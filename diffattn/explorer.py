@@ -190,4 +190,57 @@ def explore_mask(method: str, geometry: str | tuple[int, ...], *, family: str | 
         raise ValueError(_unknown_option(spec, unknown[0]))
     config = spec.config_cls.from_options(**{k: v for k, v in options.items() if k in preview.options})
     extras = {k: v for k, v in options.items() if k in preview.extras}
+    if preview.needs_activations:
+        extras["activations"] = capture_self_attention(grid, model=extras.get("model"), layer=int(extras.get("layer", 2)))
     return preview.draw(label, grid, fam, config, extras)
+
+
+_CAPTURE_MAX_TOKENS = 40_000  # one CPU forward of the model at the explorer's grid
+
+
+def capture_self_attention(
+    grid: tuple[int, ...], *, model: str | None = None, layer: int = 2, timestep: float = 700.0, seed: int = 0
+) -> tuple[Any, Any]:
+    """One forward of a Wan transformer (default: the bundled demo video model) on a noise latent at `grid`, with a
+    random text embedding; returns the transformer and layer `layer`'s self-attention `AttentionCall` (real q/k/v,
+    for methods whose selection depends on them)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from . import api
+    from .demo import demo_model_path
+    from .methods.toolkit import dense_attention
+
+    if len(grid) != 3:
+        raise ValueError(f"this preview needs a video grid (frames, height, width), got {grid}")
+    if grid[0] * grid[1] * grid[2] > _CAPTURE_MAX_TOKENS:
+        raise ValueError(f"this preview runs one CPU forward at the grid; {grid} has more than "
+                         f"{_CAPTURE_MAX_TOKENS:,} tokens: pick a smaller geometry (e.g. the demo model's)")
+    tr = WanTransformer3DModel.from_pretrained(model or demo_model_path("video"), subfolder="transformer").eval()
+    if not 0 <= layer < tr.config.num_layers:
+        raise ValueError(f"layer must be in 0..{tr.config.num_layers - 1}, got {layer}")
+    pt, ph, pw = tr.config.patch_size
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        "hidden_states": torch.randn(1, tr.config.in_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw, generator=g),
+        "timestep": torch.tensor([timestep]),
+        "encoder_hidden_states": torch.randn(1, 16, tr.config.text_dim, generator=g),
+    }
+    captured: dict[str, Any] = {}
+
+    class _Grab:
+        name = "dense"
+
+        def attend(self, call):
+            if call.role == "self" and call.layer.index == layer:
+                captured["call"] = call
+            return dense_attention(call)
+
+    api.apply(tr, "dense")
+    try:
+        api.replace_runtime(tr, _Grab())
+        with torch.no_grad():
+            tr(**inputs, return_dict=False)
+    finally:
+        api.remove(tr)
+    return tr, captured["call"]

@@ -20,6 +20,7 @@ BENCHES: dict[str, str] = {
     "e2e": "whole pipeline generations (text, denoise, decode): stock vs methods vs + caches, PSNR",
     "prologue": "fused q/k norm + RoPE + layout vs the stock op sequence (Wan, HunyuanVideo)",
     "freeswim-branch": "FreeSwim's sparse full branch vs its dense one on the demo video model at 2x size",
+    "rectified": "Rectified SpaAttn at production shapes: step, selection overhead, error vs top-p and radial",
     "highres": "FreeSwim end to end at 1080p (Wan2.1-1.3B config) under a GPU memory cap",
 }
 

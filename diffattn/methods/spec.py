@@ -46,11 +46,15 @@ class MaskPreview:
         method's config built from the mask options given, `extras` the explorer-only options given.
     options: the config options that shape the mask (the explorer accepts only these of the config's).
     extras: explorer-only options, name -> help (tile shapes, a layer index); parsed as structured CLI values.
+    needs_activations: the picture depends on real q/k (dynamic selection): the explorer then runs one forward of
+        the chosen model (extras `model`, `layer`) at the grid and passes `extras["activations"] = (model, call)`,
+        the transformer and the captured self-attention `AttentionCall` (methods never import the API layer).
     """
 
     draw: Callable[..., MaskView]
     options: tuple[str, ...]
     extras: Mapping[str, str] = field(default_factory=dict)
+    needs_activations: bool = False
 
 
 def _one_step(config: MethodConfig) -> int:

@@ -34,9 +34,12 @@ def block_sparse_attention_blocked(
     extra_k: torch.Tensor | None = None,
     extra_v: torch.Tensor | None = None,
     need_lse: bool = True,
+    out_scale: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Return `(out, lse)` like `block_sparse_attention_reference` (same arguments and meaning). With
-    `need_lse=False` each block runs PyTorch's fused SDPA (faster on CPU) and lse is None."""
+    """Return `(out, lse)` like `block_sparse_attention_reference` (same arguments and meaning, the per-query-block
+    epilogue `out_scale * attention + out_bias` included). With `need_lse=False` each block runs PyTorch's fused
+    SDPA (faster on CPU) and lse is None."""
     import torch.nn.functional as F
 
     D = q.shape[-1]
@@ -91,5 +94,12 @@ def block_sparse_attention_blocked(
     def assemble(slices: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([torch.cat(slices[b * Hm:(b + 1) * Hm], dim=1) for b in range(Bm)], dim=0)
 
-    out = assemble(out_slices).to(q.dtype)
+    out = assemble(out_slices)
+    if out_scale is not None and out_bias is not None:  # one scale and bias row per query block, as the kernel's epilogue
+        B, H, Sq, D = q.shape
+        pad = nq * block_size - Sq
+        o = F.pad(out, (0, 0, 0, pad)).view(B, H, nq, block_size, D)
+        o = o * out_scale.to(cdt)[..., None, None] + out_bias.to(cdt)[..., None, :]
+        out = o.reshape(B, H, nq * block_size, D)[:, :, :Sq]
+    out = out.to(q.dtype)
     return out, (assemble(lse_slices).float() if need_lse else None)

@@ -86,3 +86,27 @@ def check_inputs(
         if extra_k.shape[2] != extra_v.shape[2]:
             raise ValueError(f"extra_k and extra_v must have the same length, got {extra_k.shape[2]} and {extra_v.shape[2]}")
     check_scale(scale)
+
+
+def check_out_affine(
+    out_scale: torch.Tensor | None, out_bias: torch.Tensor | None, q: torch.Tensor, block_size: int
+) -> None:
+    """`out_scale` `[B or 1, H or 1, nq]` and `out_bias` `[B or 1, H or 1, nq, D]` (float tensors on q's device),
+    given together or not at all: the per-query-block epilogue `out = scale * attention + bias`."""
+    if out_scale is None and out_bias is None:
+        return
+    if (out_scale is None) != (out_bias is None):
+        raise ValueError("out_scale and out_bias must be given together (pass ones / zeros for the one you do not need)")
+    B, H, Sq, D = q.shape
+    nq = math.ceil(Sq / block_size)
+    for name, t, tail in (("out_scale", out_scale, (nq,)), ("out_bias", out_bias, (nq, D))):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if t.dim() != 2 + len(tail) or t.shape[0] not in (1, B) or t.shape[1] not in (1, H) or tuple(t.shape[2:]) != tail:
+            want = ", ".join(map(str, tail))
+            raise ValueError(f"{name} must be [{B} or 1, {H} or 1, {want}] (one row per query block of {block_size}), "
+                             f"got {tuple(t.shape)}")

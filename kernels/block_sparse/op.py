@@ -22,7 +22,7 @@ import torch
 
 from ..common import BACKENDS, default_backend, interpreting, resolve_backend
 from .blocked import block_sparse_attention_blocked
-from .checks import check_inputs
+from .checks import check_inputs, check_out_affine
 from .index import get_block_index
 from .reference import block_sparse_attention_reference
 
@@ -51,6 +51,8 @@ def _fwd_op(
     extra_v: torch.Tensor | None,
     block_size: int,
     scale: float,
+    out_scale: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from . import triton_fwd
 
@@ -59,12 +61,12 @@ def _fwd_op(
     ev = _last_contig(extra_v) if extra_v is not None else None
     return triton_fwd.forward(
         _last_contig(q), _last_contig(k), _last_contig(v), index.kv_idx, index.kv_cnt, block_size, scale, ek, ev,
-        interpret=interpreting(),
+        interpret=interpreting(), out_scale=out_scale, out_bias=out_bias,
     )
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, block_mask, extra_k, extra_v, block_size, scale):
+def _fwd_fake(q, k, v, block_mask, extra_k, extra_v, block_size, scale, out_scale=None, out_bias=None):
     B, H, Sq, D = q.shape
     return q.new_empty((B, H, Sq, D)), q.new_empty((B, H, Sq), dtype=torch.float32)
 
@@ -83,51 +85,68 @@ def _bwd_op(
     extra_v: torch.Tensor | None,
     block_size: int,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out_scale: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, d extra_k, d extra_v, and (with the epilogue) d out_scale, d out_bias (else empty)."""
     from . import triton_bwd
 
     index = get_block_index(block_mask)
     ek = _last_contig(extra_k) if extra_k is not None else None
     ev = _last_contig(extra_v) if extra_v is not None else None
-    return triton_bwd.backward(
+    delta = None
+    if out_scale is not None:
+        delta = triton_bwd.rectified_delta(do, out, out_bias, block_size)
+    grads = triton_bwd.backward(
         do, _last_contig(q), _last_contig(k), _last_contig(v), out, lse, dlse,
         index.kv_idx, index.kv_cnt, index.q_idx, index.q_cnt, block_size, scale, ek, ev, interpret=interpreting(),
+        out_scale=out_scale, out_bias=out_bias, delta=delta,
     )
+    if out_scale is None:
+        return (*grads, q.new_empty((0,), dtype=torch.float32), q.new_empty((0,), dtype=torch.float32))
+    return (*grads, *triton_bwd.rectify_grads(do, delta, out_scale, block_size))
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, dlse, q, k, v, out, lse, block_mask, extra_k, extra_v, block_size, scale):
+def _bwd_fake(do, dlse, q, k, v, out, lse, block_mask, extra_k, extra_v, block_size, scale, out_scale=None,
+              out_bias=None):
     B, H, _, D = q.shape
     T = extra_k.shape[2] if extra_k is not None else 0
+    f32 = dict(dtype=torch.float32)
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         k.new_empty(k.shape),
         v.new_empty(v.shape),
         q.new_empty((B, H, T, D)),
         q.new_empty((B, H, T, D)),
+        q.new_empty(tuple(out_scale.shape), **f32) if out_scale is not None else q.new_empty((0,), **f32),
+        q.new_empty(tuple(out_bias.shape), **f32) if out_bias is not None else q.new_empty((0,), **f32),
     )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, block_mask, extra_k, extra_v, block_size, scale = inputs
+    q, k, v, block_mask, extra_k, extra_v, block_size, scale, out_scale, out_bias = inputs
     out, lse = output
     ctx.block_size = block_size
     ctx.scale = scale
     ctx.has_extra = extra_k is not None
     ctx.set_materialize_grads(False)  # an unused lse gets no zero-filled gradient (fewer kernels per backward)
-    ctx.save_for_backward(q, k, v, out, lse, block_mask, extra_k, extra_v)
+    ctx.save_for_backward(q, k, v, out, lse, block_mask, extra_k, extra_v, out_scale, out_bias)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, block_mask, extra_k, extra_v = ctx.saved_tensors
+    q, k, v, out, lse, block_mask, extra_k, extra_v, out_scale, out_bias = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, dek, dev = _bwd_op(
-        grad_out, grad_lse, q, k, v, out, lse, block_mask, extra_k, extra_v, ctx.block_size, ctx.scale
+    dq, dk, dv, dek, dev, dscale, dbias = _bwd_op(
+        grad_out, grad_lse, q, k, v, out, lse, block_mask, extra_k, extra_v, ctx.block_size, ctx.scale,
+        out_scale, out_bias,
     )
     if not ctx.has_extra:
         dek = dev = None
-    return dq, dk, dv, None, dek, dev, None, None
+    if out_scale is None:
+        dscale = dbias = None
+    return dq, dk, dv, None, dek, dev, None, None, dscale, dbias
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -145,6 +164,8 @@ def block_sparse_attention(
     extra_v: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    out_scale: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query block over the key blocks its mask row selects, plus optional extra keys.
 
@@ -165,6 +186,9 @@ def block_sparse_attention(
             `DIFFATTN_BLOCK_SPARSE_BACKEND` overrides this default), "triton", "blocked" (plain PyTorch, one query
             block at a time over its kept key blocks: the CPU path) or "reference" (plain PyTorch over the whole
             masked score matrix: the ground truth).
+        out_scale, out_bias: optional per-query-block epilogue, `[B or 1, H or 1, nq]` and `[B or 1, H or 1, nq, D]`
+            (given together): query block i writes `out_scale[i] * attention + out_bias[i]`, fused into the kernel's
+            output store (Rectified SpaAttn's `R * O_spa + C`). Differentiable in all inputs; lse is unchanged.
 
     A query with no key at all (every block of its row masked and no extra keys) gets output 0 and lse -inf, and
     its gradients are 0; never NaN.
@@ -174,19 +198,27 @@ def block_sparse_attention(
     """
     name = _resolve_backend(backend, q)
     check_inputs(q, k, v, block_mask, block_size, scale, extra_k, extra_v, name)
+    check_out_affine(out_scale, out_bias, q, block_size)
+    affine = {}
+    if out_scale is not None:
+        B, H, _, D = q.shape
+        nq = out_bias.shape[2]
+        adt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        affine = dict(out_scale=out_scale.to(adt).expand(B, H, nq), out_bias=out_bias.to(adt).expand(B, H, nq, D))
     D = q.shape[-1]
     scale_f = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if extra_k is not None and extra_k.shape[2] == 0:
         extra_k = extra_v = None
     if name == "reference":
         out, lse = block_sparse_attention_reference(
-            q, k, v, block_mask, block_size=block_size, scale=scale_f, extra_k=extra_k, extra_v=extra_v
+            q, k, v, block_mask, block_size=block_size, scale=scale_f, extra_k=extra_k, extra_v=extra_v, **affine
         )
     elif name == "blocked":
         out, lse = block_sparse_attention_blocked(
             q, k, v, block_mask, block_size=block_size, scale=scale_f, extra_k=extra_k, extra_v=extra_v,
-            need_lse=return_lse,
+            need_lse=return_lse, **affine,
         )
     else:
-        out, lse = _fwd_op(q, k, v, block_mask, extra_k, extra_v, block_size, scale_f)
+        out, lse = _fwd_op(q, k, v, block_mask, extra_k, extra_v, block_size, scale_f, affine.get("out_scale"),
+                           affine.get("out_bias"))
     return (out, lse) if return_lse else out

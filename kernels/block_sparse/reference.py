@@ -28,8 +28,13 @@ def block_sparse_attention_reference(
     scale: float | None = None,
     extra_k: torch.Tensor | None = None,
     extra_v: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return `(out, lse)`: out in q's dtype `[B, H, Sq, D]`, lse float32 `[B, H, Sq]` (natural log).
+
+    With `out_scale` `[B|1, H|1, nq]` and `out_bias` `[B|1, H|1, nq, D]`, query block i's output is
+    `out_scale[i] * attention + out_bias[i]` (the lse is that of the attention itself).
 
     Computed in float32 (float64 if q is float64). Differentiable by autograd. A query with no key at all gets
     out 0 and lse -inf, and zero gradients (no NaN anywhere).
@@ -53,5 +58,9 @@ def block_sparse_attention_reference(
     l = p.sum(dim=-1, keepdim=True)
     has = l > 0
     out = torch.matmul(p, vf) / torch.where(has, l, torch.ones_like(l))
+    if out_scale is not None and out_bias is not None:
+        r = out_scale.to(cdt).repeat_interleave(block_size, dim=-1)[..., :Sq, None]
+        c = out_bias.to(cdt).repeat_interleave(block_size, dim=-2)[..., :Sq, :]
+        out = out * r + c
     lse = torch.where(has, torch.log(torch.where(has, l, torch.ones_like(l))) + m_safe, torch.full_like(l, float("-inf")))
     return out.to(q.dtype), lse.squeeze(-1).float()

@@ -34,8 +34,8 @@ def _load_rows(base, offs, stride, n_lim, offs_d, d_ok):
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, b, h, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, start_m, stride_qs,
-               stride_dos, Sq, qk_scale, offs_m0, offs_d, d_ok, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-               USE_TMA: tl.constexpr, IEEE: tl.constexpr):
+               stride_dos, Sq, qk_scale, offs_m0, offs_d, d_ok, rs_base, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               USE_TMA: tl.constexpr, IEEE: tl.constexpr, BLOCK_SIZE: tl.constexpr, RECTIFY: tl.constexpr):
     offs_m = start_m + offs_m0
     m_ok = offs_m < Sq
     if USE_TMA:  # out-of-range rows come back as zeros
@@ -44,6 +44,8 @@ def _dkdv_step(dk, dv, k, v, b, h, q_base, do_base, lse_base, delta_base, Q_DESC
     else:
         q = _load_rows(q_base, offs_m, stride_qs, Sq, offs_d, d_ok)
         do = _load_rows(do_base, offs_m, stride_dos, Sq, offs_d, d_ok)
+    if RECTIFY:  # the forward wrote scale * O_spa + bias: O_spa's gradient is scale * dO
+        do = (do.to(tl.float32) * tl.load(rs_base + start_m // BLOCK_SIZE)).to(q.dtype)
     lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
@@ -58,7 +60,7 @@ def _dkdv_step(dk, dv, k, v, b, h, q_base, do_base, lse_base, delta_base, Q_DESC
 
 @triton.jit
 def _bsa_bwd_dkdv_kernel(
-    Q, K, V, EK, EV, DO, LSE, DELTA, DK, DV, DEK, DEV, Q_IDX, Q_CNT, Q_DESC, DO_DESC,
+    Q, K, V, EK, EV, DO, LSE, DELTA, DK, DV, DEK, DEV, Q_IDX, Q_CNT, Q_DESC, DO_DESC, RS,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -66,10 +68,10 @@ def _bsa_bwd_dkdv_kernel(
     stride_evb, stride_evh, stride_evs,
     stride_dob, stride_doh, stride_dos,
     stride_ib, stride_ih, stride_ir,
-    stride_cb, stride_ch,
+    stride_cb, stride_ch, stride_rsb, stride_rsh,
     H, Sq, Sk, T, D, NKT, qk_scale, sm_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, RECTIFY: tl.constexpr = False,
 ):
     M_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
     pid_n = tl.program_id(0)
@@ -84,6 +86,9 @@ def _bsa_bwd_dkdv_kernel(
     do_base = DO + b * stride_dob + h * stride_doh
     lse_base = LSE + pid_bh * Sq
     delta_base = DELTA + pid_bh * Sq
+    rs_base = RS
+    if RECTIFY:
+        rs_base = RS + b * stride_rsb + h * stride_rsh
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if pid_n < NKT:
@@ -98,7 +103,8 @@ def _bsa_bwd_dkdv_kernel(
             qb = tl.load(row + it // M_SUB)
             start_m = qb * BLOCK_SIZE + (it % M_SUB) * BLOCK_M
             dk, dv = _dkdv_step(dk, dv, k, v, b, h, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, start_m,
-                                stride_qs, stride_dos, Sq, qk_scale, offs_m0, offs_d, d_ok, BLOCK_M, BLOCK_D, USE_TMA, IEEE)
+                                stride_qs, stride_dos, Sq, qk_scale, offs_m0, offs_d, d_ok, rs_base, BLOCK_M, BLOCK_D, USE_TMA,
+                                IEEE, BLOCK_SIZE, RECTIFY)
         n_ok = offs_n < Sk
         st = n_ok[:, None] & d_ok[None, :]
         tl.store(DK + pid_bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=st)
@@ -110,7 +116,8 @@ def _bsa_bwd_dkdv_kernel(
         v = _load_rows(EV + b * stride_evb + h * stride_evh, offs_n, stride_evs, T, offs_d, d_ok)
         for start_m in range(0, Sq, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, b, h, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, start_m,
-                                stride_qs, stride_dos, Sq, qk_scale, offs_m0, offs_d, d_ok, BLOCK_M, BLOCK_D, USE_TMA, IEEE)
+                                stride_qs, stride_dos, Sq, qk_scale, offs_m0, offs_d, d_ok, rs_base, BLOCK_M, BLOCK_D, USE_TMA,
+                                IEEE, BLOCK_SIZE, RECTIFY)
         n_ok = offs_n < T
         st = n_ok[:, None] & d_ok[None, :]
         tl.store(DEK + pid_bh * T * D + offs_n[:, None] * D + offs_d[None, :], (dk * sm_scale).to(DEK.dtype.element_ty), mask=st)
@@ -131,7 +138,7 @@ def _dq_step(dq, q, do, lse, delta, k, v, qk_scale, key_ok, MASKED: tl.constexpr
 
 @triton.jit
 def _bsa_bwd_dq_kernel(
-    Q, K, V, EK, EV, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, K_DESC, V_DESC,
+    Q, K, V, EK, EV, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, K_DESC, V_DESC, RS,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -139,11 +146,11 @@ def _bsa_bwd_dq_kernel(
     stride_evb, stride_evh, stride_evs,
     stride_dob, stride_doh, stride_dos,
     stride_ib, stride_ih, stride_ir,
-    stride_cb, stride_ch,
+    stride_cb, stride_ch, stride_rsb, stride_rsh,
     H, Sq, Sk, T, D, NKB, qk_scale, sm_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_K: tl.constexpr, HAS_EXTRA: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
+    WARP_SPEC: tl.constexpr, RECTIFY: tl.constexpr = False,
 ):
     N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
     pid_m = tl.program_id(0)
@@ -159,6 +166,8 @@ def _bsa_bwd_dq_kernel(
     m_ok = offs_m < Sq
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qs, Sq, offs_d, d_ok)
     do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dos, Sq, offs_d, d_ok)
+    if RECTIFY:  # O_spa's gradient is scale * dO (see the dK/dV kernel)
+        do = (do.to(tl.float32) * tl.load(RS + b * stride_rsb + h * stride_rsh + qblk)).to(q.dtype)
     lse = tl.load(LSE + pid_bh * Sq + offs_m, mask=m_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(DELTA + pid_bh * Sq + offs_m, mask=m_ok, other=0.0)
@@ -202,6 +211,36 @@ def _bsa_bwd_dq_kernel(
             dq = _dq_step(dq, q, do, lse, delta, k, v, qk_scale, n_ok, True, IEEE)
     tl.store(DQ + pid_bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
+
+
+def rectified_delta(do: torch.Tensor, out: torch.Tensor, out_bias: torch.Tensor, block_size: int) -> torch.Tensor:
+    """`rowsum(dO * (out - bias of the row's query block))`, float32 `[B, H, Sq]`, without materialising the bias
+    per token: rowsum(dO * out) - rowsum over D of (dO summed per row) * bias, done block-wise."""
+    B, H, Sq, D = out.shape
+    nq = math.ceil(Sq / block_size)
+    full = (out.float() * do.float()).sum(-1)
+    pad = nq * block_size - Sq
+    d32 = torch.nn.functional.pad(do.float(), (0, 0, 0, pad)).view(B, H, nq, block_size, D)
+    corr = torch.einsum("bhqsd,bhqd->bhqs", d32, out_bias.float().expand(B, H, nq, D)).reshape(B, H, nq * block_size)
+    return (full - corr[..., :Sq]).contiguous()
+
+
+def rectify_grads(
+    do: torch.Tensor, delta: torch.Tensor, out_scale: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the epilogue's scale `[B, H, nq]` and bias `[B, H, nq, D]` (float32, full batch/head dims).
+
+    d bias = dO summed over the block's rows; d scale = sum over the rows of rowsum(dO * O_spa), which is
+    `delta / scale` (`delta` from `rectified_delta`). Where a scale is 0 the sparse output is not recoverable from
+    the written output and its scale gradient is returned as 0."""
+    B, H, Sq, D = do.shape
+    nq = math.ceil(Sq / block_size)
+    pad = nq * block_size - Sq
+    dbias = torch.nn.functional.pad(do.float(), (0, 0, 0, pad)).view(B, H, nq, block_size, D).sum(3)
+    dsum = torch.nn.functional.pad(delta.float(), (0, pad)).view(B, H, nq, block_size).sum(-1)
+    sc = out_scale.float().expand(B, H, nq)
+    dscale = torch.where(sc != 0, dsum / torch.where(sc != 0, sc, torch.ones_like(sc)), torch.zeros_like(dsum))
+    return dscale, dbias
 
 
 def bwd_config(d: int, block_size: int, dtype: torch.dtype, interpret: bool) -> dict:
@@ -251,8 +290,16 @@ def backward(
     extra_v: torch.Tensor | None,
     interpret: bool = False,
     config: dict | None = None,
+    out_scale: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
+    delta: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Returns (dq, dk, dv, d_extra_k, d_extra_v); the last two are `[B,H,0,D]` when there are no extra keys."""
+    """Returns (dq, dk, dv, d_extra_k, d_extra_v); the last two are `[B,H,0,D]` when there are no extra keys.
+
+    With the forward's `out_scale`/`out_bias` (see `triton_fwd.forward`), `out` is the rectified output
+    `scale * O_spa + bias` and `do` its gradient: the kernels scale dO by the query block's scale as they load it,
+    and `delta = rowsum(dO * (out - bias))` equals `rowsum(dO_spa * O_spa)` with no division by the scale.
+    `delta` may be passed precomputed (float32 `[B, H, Sq]`, before the dLSE term)."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     has_extra = extra_k is not None and extra_k.shape[2] > 0
@@ -266,7 +313,13 @@ def backward(
         dk.zero_(), dv.zero_(), dek.zero_(), dev.zero_()
         return dq, dk, dv, dek, dev
     do = do if do.stride(-1) == 1 else do.contiguous()
-    delta = (out.float() * do.float()).sum(-1)
+    rectify = out_scale is not None
+    if delta is not None:
+        pass
+    elif rectify:
+        delta = rectified_delta(do, out, out_bias, block_size)
+    else:
+        delta = (out.float() * do.float()).sum(-1)
     if dlse is not None:
         delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(dlse, dtype=torch.float32))
     delta = delta.contiguous()
@@ -277,6 +330,7 @@ def backward(
     def bstr(t: torch.Tensor) -> tuple[int, int]:
         return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
 
+    rstr = (out_scale.stride(0), out_scale.stride(1)) if rectify else (0, 0)
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(ek), *_strides3(ev), *_strides3(do))
     bd = head_dim_pad(D)
     ieee = q.dtype == torch.float32
@@ -298,14 +352,15 @@ def backward(
     def launch1(tma_: bool, ws_: bool) -> None:
         _bsa_bwd_dkdv_kernel[grid1](
             q, k, v, ek, ev, do, lse, delta, dk, dv, dek, dev, q_idx, q_cnt,
-            desc(q, bm1) if tma_ else None, desc(do, bm1) if tma_ else None,
-            *common, *bstr(q_idx), q_idx.stride(2), *bstr(q_cnt),
+            desc(q, bm1) if tma_ else None, desc(do, bm1) if tma_ else None, out_scale,
+            *common, *bstr(q_idx), q_idx.stride(2), *bstr(q_cnt), *rstr,
             H, Sq, Sk, T, D, nkt, scale * LOG2E, scale,
-            BLOCK_SIZE=block_size, BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_D=bd, IEEE=ieee, USE_TMA=tma_, WARP_SPEC=ws_, **c1,
+            BLOCK_SIZE=block_size, BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_D=bd, IEEE=ieee, USE_TMA=tma_, WARP_SPEC=ws_,
+            RECTIFY=rectify, **c1,
         )
 
     if grid1[0] > 0:
-        _launch_with_fallback(launch1, tma1, ws1, ("dkdv", q.dtype, D, block_size, bm1, bn1, has_extra, tuple(sorted(c1.items()))))
+        _launch_with_fallback(launch1, tma1, ws1, ("dkdv", q.dtype, D, block_size, bm1, bn1, has_extra, rectify, tuple(sorted(c1.items()))))
     c2 = dict(cfgs["dq"])
     bm2, bn2 = c2.pop("BLOCK_M"), c2.pop("BLOCK_N")
     tma2 = bool(c2.pop("tma", False)) and allow and _tma_ok(k, v, D)
@@ -315,14 +370,15 @@ def backward(
     def launch2(tma_: bool, ws_: bool) -> None:
         _bsa_bwd_dq_kernel[grid2](
             q, k, v, ek, ev, do, lse, delta, dq, kv_idx, kv_cnt,
-            desc(k, bn2) if tma_ else None, desc(v, bn2) if tma_ else None,
-            *common, *bstr(kv_idx), kv_idx.stride(2), *bstr(kv_cnt),
+            desc(k, bn2) if tma_ else None, desc(v, bn2) if tma_ else None, out_scale,
+            *common, *bstr(kv_idx), kv_idx.stride(2), *bstr(kv_cnt), *rstr,
             H, Sq, Sk, T, D, math.ceil(Sk / block_size), scale * LOG2E, scale,
             BLOCK_SIZE=block_size, BLOCK_M=bm2, BLOCK_N=bn2, BLOCK_D=bd,
-            EVEN_K=(Sk % block_size == 0), HAS_EXTRA=has_extra, IEEE=ieee, USE_TMA=tma_, WARP_SPEC=ws_, **c2,
+            EVEN_K=(Sk % block_size == 0), HAS_EXTRA=has_extra, IEEE=ieee, USE_TMA=tma_, WARP_SPEC=ws_,
+            RECTIFY=rectify, **c2,
         )
 
-    _launch_with_fallback(launch2, tma2, ws2, ("dq", q.dtype, D, block_size, bm2, bn2, Sk % block_size == 0, has_extra, tuple(sorted(c2.items()))))
+    _launch_with_fallback(launch2, tma2, ws2, ("dq", q.dtype, D, block_size, bm2, bn2, Sk % block_size == 0, has_extra, rectify, tuple(sorted(c2.items()))))
     return dq, dk, dv, dek, dev
 
 

@@ -71,7 +71,7 @@ def _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, key_ok, MASKED: tl.constexpr, IE
 
 @triton.jit
 def _bsa_fwd_kernel(
-    Q, K, V, EK, EV, O, LSE, KV_IDX, KV_CNT, K_DESC, V_DESC,
+    Q, K, V, EK, EV, O, LSE, KV_IDX, KV_CNT, K_DESC, V_DESC, RS, RB,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -80,10 +80,11 @@ def _bsa_fwd_kernel(
     stride_ob, stride_oh, stride_os,
     stride_ib, stride_ih, stride_ir,
     stride_cb, stride_ch,
+    stride_rsb, stride_rsh, stride_rbb, stride_rbh, stride_rbq,
     H, Sq, Sk, T, D, NKB, qk_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, HAS_EXTRA: tl.constexpr, IEEE: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, RECTIFY: tl.constexpr = False,
 ):
     N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
     pid_m = tl.program_id(0)
@@ -154,6 +155,10 @@ def _bsa_fwd_kernel(
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
+    if RECTIFY:  # epilogue: out = scale[qblk] * out + bias[qblk, :] (one scale and bias row per query block)
+        r = tl.load(RS + b * stride_rsb + h * stride_rsh + qblk)
+        c = tl.load(RB + b * stride_rbb + h * stride_rbh + qblk * stride_rbq + offs_d, mask=d_ok, other=0.0)
+        out = out * r + c[None, :]
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, float("-inf"))
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -230,6 +235,13 @@ def run_or_record(launch, key: tuple, tma: bool, ws: bool) -> bool:
         return False
 
 
+def rect_strides(out_scale: torch.Tensor | None, out_bias: torch.Tensor | None) -> tuple[int, int, int, int, int]:
+    """(scale b, scale h, bias b, bias h, bias q-block) strides; zeros when there is no rectification."""
+    if out_scale is None or out_bias is None:
+        return (0, 0, 0, 0, 0)
+    return (out_scale.stride(0), out_scale.stride(1), out_bias.stride(0), out_bias.stride(1), out_bias.stride(2))
+
+
 def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
 
@@ -246,8 +258,14 @@ def forward(
     extra_v: torch.Tensor | None,
     interpret: bool = False,
     config: dict | None = None,
+    out_scale: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward. q/k/v `[B,H,S,D]` with unit last stride; returns (out `[B,H,Sq,D]`, lse f32 `[B,H,Sq]`)."""
+    """Launch the forward. q/k/v `[B,H,S,D]` with unit last stride; returns (out `[B,H,Sq,D]`, lse f32 `[B,H,Sq]`).
+
+    With `out_scale` float32 `[B, H, nq]` and `out_bias` float32 `[B, H, nq, D]` (both or neither; size-1 batch/head
+    dims may be expanded with stride 0) the epilogue writes `out_scale[i] * out + out_bias[i]` for query block i;
+    lse stays that of the sparse softmax. Without them the kernel compiles exactly as before (`RECTIFY=False`)."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     out = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
@@ -277,19 +295,23 @@ def forward(
     cb = kv_cnt.stride(0) if kv_cnt.shape[0] > 1 else 0
     ch = kv_cnt.stride(1) if kv_cnt.shape[1] > 1 else 0
     grid = (triton.cdiv(Sq, BLOCK_M), B * H)
+    rectify = out_scale is not None
+    rstr = rect_strides(out_scale, out_bias)
 
     def launch(tma_: bool, ws_: bool, kd, vd) -> None:
         _bsa_fwd_kernel[grid](
-            q, k, v, ek, ev, out, lse, kv_idx, kv_cnt, kd, vd,
+            q, k, v, ek, ev, out, lse, kv_idx, kv_cnt, kd, vd, out_scale, out_bias,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(ek), *_strides3(ev), *_strides3(out),
-            ib, ih, kv_idx.stride(2), cb, ch,
+            ib, ih, kv_idx.stride(2), cb, ch, *rstr,
             H, Sq, Sk, T, D, nkb, scale * LOG2E,
             BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=head_dim_pad(D),
             EVEN_K=(Sk % block_size == 0), EVEN_D=(D == head_dim_pad(D)), HAS_EXTRA=has_extra,
-            IEEE=(q.dtype == torch.float32), USE_TMA=tma_, WARP_SPEC=ws_, **cfg,
+            IEEE=(q.dtype == torch.float32), USE_TMA=tma_, WARP_SPEC=ws_, RECTIFY=rectify, **cfg,
         )
 
     key = ("fwd", q.dtype, D, block_size, BLOCK_M, BLOCK_N, Sk % block_size == 0, has_extra, tuple(sorted(cfg.items())))
+    if rectify:
+        key = key + ("rectify",)
     for tma_, ws_ in hopper_fallbacks(use_tma, warp_spec, key):
         if run_or_record(lambda: launch(tma_, ws_, k_desc if tma_ else None, v_desc if tma_ else None), key, tma_, ws_):
             break

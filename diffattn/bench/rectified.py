@@ -1,0 +1,256 @@
+"""`diffattn bench rectified`: Rectified SpaAttn at production shapes, against dense cuDNN and Radial.
+
+1. One denoising step of a full-size model (real config, random weights, bf16; `diffattn.bench.step` builds and
+   times it): dense cuDNN, rectified with the model's upstream defaults, radial at the density rectified reached;
+   step time, self-attention time, 50-step projection with each method's warm-up.
+2. On the q/k/v of one self-attention layer captured from that forward (and, with `--activations FILE`, from any
+   saved `{q, k, v}`, e.g. the demo video model's): the selection's cost (pooled map + threshold search + GAPR +
+   R/C) against the sparse kernel's time, the token permutation's cost, and the attention-output relative error
+   against dense of rectified, plain top-p on the same selection (rectification off) and radial at the same density.
+3. `--attn-model`: the same kernel-level numbers on random q/k/v of another model's attention shape (no step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("diffattn")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def radial_matching(frames: int, tokens_per_frame: int, density: float, block_size: int = 128) -> tuple[float, torch.Tensor]:
+    """Radial's decay factor whose mask density is closest to `density` (bisection; density grows with it)."""
+    from ..masks.radial import radial_mask
+
+    lo, hi = 1e-3, 16.0
+    best = (1.0, radial_mask(frames, tokens_per_frame, block_size=block_size, decay_factor=1.0))
+    for _ in range(18):
+        mid = math.sqrt(lo * hi)
+        m = radial_mask(frames, tokens_per_frame, block_size=block_size, decay_factor=mid)
+        d = m.float().mean().item()
+        if abs(d - density) < abs(best[1].float().mean().item() - density):
+            best = (mid, m)
+        if d < density:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+def layer_analysis(q, k, v, grid: tuple[int, int, int], settings: dict[str, Any], *, timing: bool,
+                   ek=None, ev=None, scale=None) -> dict[str, Any]:
+    """Errors vs dense (and, on CUDA, times) of rectified, plain top-p and radial at matched density for one
+    layer's raster-order q/k/v `[B, H, S, D]` (video tokens) plus optional text keys."""
+    from ..kernels import block_sparse_attention
+    from ..kernels.block_sparse import build_block_index
+    from ..masks import reorder
+    from ..methods.rectified import rectified_attention, rectified_plan, threshold_select
+    from .harness import median_ms
+
+    bs = settings["block_size"]
+    perm = reorder.token_order(grid, settings["reorder"], bs).to(q.device)
+    inv = reorder.inverse((grid, settings["reorder"], bs)).to(q.device)
+    forced = reorder.neighbor_blocks(grid, settings["reorder"], bs)
+    if settings["first_frame"] and grid[0] > 1:
+        forced = forced | reorder.first_frame_blocks(grid, settings["reorder"], bs)
+    forced = forced.to(q.device)[None, None]
+    qp, kp, vp = (x.index_select(2, perm) for x in (q, k, v))
+    kw = dict(block_size=bs, tau=settings["tau"], k_min=1.0 - settings["sa_drop_rate"], gapr=settings["gapr"],
+              extra_k=ek, forced_blocks=forced, scale=scale)
+    with torch.no_grad():
+        kk = torch.cat([k, ek], 2) if ek is not None else k
+        vv = torch.cat([v, ev], 2) if ev is not None else v
+        dense = F.scaled_dot_product_attention(q, kk, vv, scale=scale)
+        plan = rectified_plan(qp, kp, vp, **kw)
+        rect = rectified_attention(qp, kp, vp, extra_v=ev, **kw).index_select(2, inv)
+        plain = rectified_attention(qp, kp, vp, extra_v=ev, rectify=False, **kw).index_select(2, inv)
+        nogapr = rectified_attention(qp, kp, vp, extra_v=ev, **{**kw, "gapr": False}).index_select(2, inv)
+        density = plan.density
+        decay, rmask = radial_matching(grid[0], grid[1] * grid[2], density, bs)
+        rmask = rmask.to(q.device)
+        radial = block_sparse_attention(q, k, v, rmask[None, None], block_size=bs, scale=scale, extra_k=ek,
+                                        extra_v=ev)
+    out: dict[str, Any] = {
+        "grid": list(grid), "heads": q.shape[1], "tokens": q.shape[2], "density": density,
+        "radial_decay": decay, "radial_density": rmask.float().mean().item(),
+        "mean_r": plan.out_scale.mean().item(),
+        "unsafe_share_of_dropped": (plan.unsafe.sum() / (~plan.block_mask).sum().clamp_min(1)).item(),
+        "err_rectified": rel_err(rect, dense), "err_rectified_no_gapr": rel_err(nogapr, dense),
+        "err_topp_plain": rel_err(plain, dense), "err_radial": rel_err(radial, dense),
+    }
+    if timing and q.is_cuda:
+        def sort_select():
+            p = plan.probs
+            srt, order = p.sort(-1, descending=True)
+            n = ((srt.cumsum(-1) - srt) <= settings["tau"]).sum(-1)
+            return order, n
+
+        t = {
+            "dense_ms": median_ms(lambda: F.scaled_dot_product_attention(q, kk, vv, scale=scale), warmup=25, rep=100),
+            "kernel_ms": median_ms(lambda: block_sparse_attention(
+                qp, kp, vp, plan.block_mask, block_size=bs, scale=scale, extra_k=ek, extra_v=ev,
+                out_scale=plan.out_scale, out_bias=plan.out_bias), warmup=25, rep=100),
+            "kernel_plain_ms": median_ms(lambda: block_sparse_attention(
+                qp, kp, vp, plan.block_mask, block_size=bs, scale=scale, extra_k=ek, extra_v=ev), warmup=25, rep=100),
+            "plan_ms": median_ms(lambda: rectified_plan(qp, kp, vp, **kw), warmup=25, rep=100),
+            "plan_no_gapr_ms": median_ms(lambda: rectified_plan(qp, kp, vp, **{**kw, "gapr": False}), warmup=25, rep=100),
+            "threshold_ms": median_ms(lambda: threshold_select(plan.probs, settings["tau"] - plan.text_mass, 1),
+                                      warmup=25, rep=100),
+            "sort_select_ms": median_ms(sort_select, warmup=25, rep=100),
+            "index_ms": median_ms(lambda: build_block_index(plan.block_mask), warmup=25, rep=100),
+            "permute_ms": median_ms(lambda: [x.index_select(2, perm) for x in (q, k, v, q)], warmup=25, rep=100),
+            "radial_kernel_ms": median_ms(lambda: block_sparse_attention(
+                q, k, v, rmask[None, None], block_size=bs, scale=scale, extra_k=ek, extra_v=ev), warmup=25, rep=100),
+        }
+        t["selection_share"] = (t["plan_ms"] + t["index_ms"]) / t["kernel_ms"]
+        out["times"] = t
+    return out
+
+
+class _Capture:
+    """A runtime wrapper that keeps the q/k/v of one self/joint call of one layer (first forward only)."""
+
+    def __init__(self, method, layer: int) -> None:
+        self.method, self.layer, self.call = method, layer, None
+        self.name = getattr(method, "name", "?")
+
+    def attend(self, call):
+        if self.call is None and call.layer.index == self.layer and call.role in ("self", "joint"):
+            self.call = call
+        return self.method.attend(call)
+
+
+def step_section(args, report: dict[str, Any], device: str) -> None:
+    import diffattn
+    from diffattn.adapters import family_of
+
+    from . import step as step_bench
+    from .harness import write_json
+
+    model = step_bench.build_model(args.model, device)
+    family = family_of(model).name
+    inputs = step_bench.make_inputs(args.model, args.shape, device)
+    runtime = diffattn.registry.build_method("rectified")
+    s = runtime.settings(family, model)
+    entry: dict[str, Any] = {"model": args.model, "shape": "x".join(map(str, args.shape)), "settings": s}
+    report["step"] = entry
+    # one forward with dense attention, capturing a layer's q/k/v for the kernel-level analysis
+    diffattn.apply(model, "dense")
+    cap = _Capture(diffattn.api.installed(model).runtime, args.layer)
+    diffattn.api.replace_runtime(model, cap)
+    with torch.no_grad(), step_bench.sdpa_backend("cudnn"):
+        model(**inputs, return_dict=False)
+    diffattn.remove(model)
+    call = cap.call
+    grid = tuple(int(x) for x in call.grid)
+    vis, txt = call.visual_slice(), call.text_slice()
+    ek = call.k[:, :, txt] if txt.stop > txt.start else None
+    ev = call.v[:, :, txt] if txt.stop > txt.start else None
+    if call.key_padding is not None and ek is not None:
+        valid = call.key_padding[0, txt]
+        ek, ev = ek[:, :, valid], ev[:, :, valid]
+    q, k, v = call.q[:, :, vis].contiguous(), call.k[:, :, vis].contiguous(), call.v[:, :, vis].contiguous()
+    del cap, call
+    entry["layer"] = {"index": args.layer, **layer_analysis(q, k, v, grid, s, timing=True, ek=ek, ev=ev)}
+    print(json.dumps(entry["layer"]), flush=True)
+    write_json(report, args.json)
+    density = entry["layer"]["density"]
+    del q, k, v
+    torch.cuda.empty_cache()
+    results = {}
+    results["dense-cudnn"] = vars(step_bench.time_step(model, inputs, "dense-cudnn", args.repeats, "rectified", {}))
+    write_json(report, args.json)
+    results["rectified"] = vars(step_bench.time_step(model, inputs, "rectified", args.repeats, "rectified",
+                                                     {"dense_timesteps": 0}))
+    write_json(report, args.json)
+    decay = entry["layer"]["radial_decay"]
+    results["radial"] = vars(step_bench.time_step(model, inputs, "radial", args.repeats, "radial",
+                                                  {"dense_timesteps": 0, "decay_factor": decay}))
+    entry["results"] = results
+    radial_s = diffattn.registry.build_method("radial", decay_factor=decay).settings(family)
+    warm = {"dense-cudnn": 0, "rectified": s["dense_timesteps"], "radial": radial_s["dense_timesteps"]}
+    d = results["dense-cudnn"]["step_s"]
+    entry["projected_s"] = {k: warm[k] * d + (args.steps - warm[k]) * r["step_s"] for k, r in results.items()}
+    entry["matched_density"] = density
+    print(json.dumps({k: (r["step_s"], r["attention_s"]) for k, r in results.items()}), flush=True)
+
+
+def attn_section(args, report: dict[str, Any], device: str) -> None:
+    """Kernel-level numbers on random q/k/v at another model's attention shape (text keys with padding)."""
+    import diffattn
+
+    from .models import MODELS
+
+    spec = MODELS[args.attn_model]
+    cfg = spec["config"]
+    h, w, f = args.attn_shape
+    t_c, s_c = spec["vae"]
+    patch = cfg.get("patch_size", 2)
+    patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
+    grid = ((f - 1) // t_c + 1, h // s_c // patch, w // s_c // patch)
+    H, D = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    S = grid[0] * grid[1] * grid[2]
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, H, S, D, generator=g, device=device, dtype=torch.bfloat16) for _ in range(3))
+    ek = ev = None
+    if args.attn_text:
+        ek, ev = (torch.randn(1, H, args.attn_text, D, generator=g, device=device, dtype=torch.bfloat16) for _ in range(2))
+    family = {"HunyuanVideoTransformer3DModel": "hunyuan_video"}.get(spec["class"], "wan")
+    s = diffattn.registry.build_method("rectified").settings(family)
+    report["attention"] = {"model": args.attn_model, "shape": "x".join(map(str, args.attn_shape)),
+                           **layer_analysis(q, k, v, grid, s, timing=True, ek=ek, ev=ev)}
+    print(json.dumps(report["attention"]), flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .step import parse_shape
+
+    p = argparse.ArgumentParser(prog="diffattn bench rectified", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="wan2.1-14b", help="full-step model (diffattn.bench.models), or 'none'")
+    p.add_argument("--shape", type=parse_shape, default=(720, 1280, 81))
+    p.add_argument("--layer", type=int, default=10, help="layer whose q/k/v the kernel-level analysis uses")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--attn-model", default=None, help="also: kernel-level numbers at this model's attention shape")
+    p.add_argument("--attn-shape", type=parse_shape, default=(720, 1280, 129))
+    p.add_argument("--attn-text", type=int, default=100, help="text keys (valid ones) for --attn-model")
+    p.add_argument("--json", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .harness import env_line, write_json
+
+    args = build_parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        print("diffattn bench rectified needs a CUDA GPU", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO)
+    print(env_line(), flush=True)
+    report: dict[str, Any] = {"env": env_line(), "date": time.strftime("%Y-%m-%d")}
+    try:
+        if args.attn_model:
+            attn_section(args, report, "cuda")
+            write_json(report, args.json)
+            torch.cuda.empty_cache()
+        if args.model != "none":
+            step_section(args, report, "cuda")
+    finally:
+        write_json(report, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
