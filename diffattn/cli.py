@@ -2,7 +2,7 @@
 
 Subcommands: `generate` (an image or a video with a method; the bundled demo model by default), `methods` (what
 exists, for which families, with which options), `bench` (GPU benchmarks), `mask` (a method's mask at a model
-geometry, via `diffattn.masks.explore`), `render --highres` (FreeSwim) and `render --long` (Radial long video, with
+geometry, via `diffattn.explorer`), `render --highres` (FreeSwim) and `render --long` (Radial long video, with
 an optional LoRA), `headhunt` (HeadHunter search), `app` (the Gradio web app).
 
 User errors are one line on stderr and exit status 2 (`_guarded`); generation shares `diffattn.generate`'s
@@ -21,20 +21,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-# `diffattn bench <what>`: module with `main(argv) -> int`, loaded only when asked for.
-BENCHES = {
-    "kernels": ("diffattn.kernels.block_sparse.bench", "block-sparse attention kernel vs cuDNN SDPA and FlexAttention"),
-    "gna": ("diffattn.kernels.neighborhood.bench", "neighborhood attention kernel vs cuDNN SDPA (NATTEN's figures)"),
-    "step": ("diffattn.step_bench", "one denoising step of a full-size video transformer, dense vs a method"),
-    "quality": ("diffattn.quality_bench", "every method vs dense on the demo models: PSNR, SSIM, attention energy decay"),
-    "highres": ("diffattn.highres_bench", "FreeSwim end to end at 1080p (Wan2.1-1.3B config) under a GPU memory cap"),
-}
+from .bench import BENCHES, bench_module
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from .registry import _REGISTRY, PLANNED
+    from .registry import PLANNED, available_methods, method_specs
 
-    for spec in _REGISTRY.values():
+    for spec in method_specs():
         print(f"{spec.name}: {spec.summary}")
         print(f"  families: {', '.join(spec.families)}")
         specs = spec.config_cls.option_specs()
@@ -44,7 +37,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
             print(f"  {opt.name}: default {opt.default!r}; {opt.accepted()}. {opt.help}")
     if args.all:
         for name, (summary, families) in PLANNED.items():
-            if name not in _REGISTRY:
+            if name not in available_methods():
                 print(f"{name}: {summary} [not available yet]")
                 print(f"  families: {', '.join(families)}")
     return 0
@@ -53,12 +46,11 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     if args.what is None:
         print("usage: diffattn bench NAME [options]   (diffattn bench NAME --help for a benchmark's options)")
-        for name, (_, summary) in sorted(BENCHES.items()):
+        for name, summary in sorted(BENCHES.items()):
             print(f"  {name:<8} {summary}")
         return 0 if {"-h", "--help"} & set(rest) else 2
-    module_name, _ = BENCHES[args.what]
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(bench_module(args.what))
     except ImportError as exc:
         return _fail(f"diffattn bench {args.what}", f"not available ({exc})")
     return int(module.main(rest) or 0)
@@ -91,7 +83,8 @@ def _guarded(prog: str, fn: Callable[[], int], *, oom_advice: str = "try --offlo
 # mask
 # ------------------------------------------------------------------------------------------------------------------
 def _mask_parser(method: str) -> argparse.ArgumentParser:
-    from .masks.explore import GEOMETRIES, mask_options
+    from .explorer import GEOMETRIES, mask_options
+    from .registry import get_method
 
     geometries = "\n".join(f"  {name:16} {'x'.join(map(str, g.grid)):10} {g.doc}" for name, g in GEOMETRIES.items())
     parser = argparse.ArgumentParser(
@@ -104,20 +97,36 @@ def _mask_parser(method: str) -> argparse.ArgumentParser:
     where.add_argument("--grid", help="token grid F,H,W (video) or H,W (image), after patchify")
     parser.add_argument("--family", default=None, help="model family whose defaults apply (default: the geometry's)")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="mask option, repeatable")
+    parser.add_argument("--frames", type=int, help="latent frames (with --tokens-per-frame, instead of --grid)")
+    parser.add_argument("--tokens-per-frame", type=int, help="tokens per latent frame (H*W after patchify)")
+    config = get_method(method).config_cls
+    kinds = {o.name: o for o in config.option_specs()}
     for name, help_text in mask_options(method).items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=f"opt_{name}", metavar=name.upper(), default=None,
-                            help=help_text)
-    if method == "radial":  # the flags of the first version keep working
-        parser.add_argument("--frames", type=int, help="latent frames (with --tokens-per-frame, instead of --grid)")
-        parser.add_argument("--tokens-per-frame", type=int, help="tokens per latent frame (H*W after patchify)")
-        parser.add_argument("--no-sink", action="store_true", help="no frame-0 attention sink (= --sink false)")
+        flag = name.replace("_", "-")
+        parser.add_argument(f"--{flag}", dest=f"opt_{name}", metavar=name.upper(), default=None, help=help_text)
+        if name in kinds and kinds[name].type in (bool, bool | None):
+            parser.add_argument(f"--no-{flag}", dest=f"opt_{name}", action="store_const", const="false",
+                                help=f"= --{flag} false")
     parser.add_argument("--out", default=f"{method}_mask.png", help="PNG path")
     return parser
 
 
-def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
-    from .masks.explore import METHODS, explore_mask, parse_mask_options
+def _mask_usage() -> str:
+    from .explorer import GEOMETRIES, METHODS
 
+    geometries = "\n".join(f"  {name:16} {'x'.join(map(str, g.grid)):10} {g.doc}" for name, g in GEOMETRIES.items())
+    return (f"usage: diffattn mask METHOD [--geometry NAME | --grid F,H,W | --grid H,W] [options]\n"
+            f"draw a method's mask at a model geometry: PNG, density, predicted attention speed-up\n\n"
+            f"methods: {', '.join(METHODS)} (diffattn mask METHOD --help for its options)\n"
+            f"geometries:\n{geometries}")
+
+
+def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
+    from .explorer import METHODS, explore_mask, parse_mask_options
+
+    if args.method is None or args.method in ("-h", "--help"):
+        print(_mask_usage())
+        return 0 if args.method is not None or {"-h", "--help"} & set(rest) else 2
     if args.method not in METHODS:
         return _fail("diffattn mask", f"no mask picture for method {args.method!r}; accepted: {', '.join(METHODS)}")
     prog = f"diffattn mask {args.method}"
@@ -126,8 +135,6 @@ def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
     def run() -> int:
         pairs = list(opts.opt)
         pairs += [f"{k[4:]}={v}" for k, v in vars(opts).items() if k.startswith("opt_") and v is not None]
-        if getattr(opts, "no_sink", False):
-            pairs.append("sink=false")
         options = parse_mask_options(args.method, pairs)
         geometry = _mask_geometry(opts)
         if Path(opts.out).suffix.lower() != ".png":
@@ -145,7 +152,7 @@ def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _mask_geometry(opts: argparse.Namespace) -> str | tuple[int, ...]:
-    frames, per_frame = getattr(opts, "frames", None), getattr(opts, "tokens_per_frame", None)
+    frames, per_frame = opts.frames, opts.tokens_per_frame
     if frames is not None or per_frame is not None:
         if opts.geometry or opts.grid:
             raise ValueError("--frames/--tokens-per-frame replace --geometry/--grid; give one of them")
@@ -334,8 +341,21 @@ def _cmd_render_highres(rest: list[str]) -> int:
     return _guarded(prog, run, oom_advice="try --offload and --cache-device cpu")
 
 
-# Radial options with their own flags in `render --long` (the rest go through --attn-opt).
-_LONG_FLAGS = ("decay_factor", "dense_timesteps", "dense_layers", "block_size")
+def _add_option_flags(parser: argparse.ArgumentParser, method: str) -> tuple[str, ...]:
+    """`--flag`s for the options the method's spec gives their own flags (`cli_flags`), parsed by its config;
+    returns the option names (each flag's value is None when not given)."""
+    from .registry import get_method
+
+    spec = get_method(method)
+    by_name = {o.name: o for o in spec.config_cls.option_specs()}
+    for name in spec.cli_flags:
+        def parse(text: str, name: str = name):
+            return spec.config_cls.parse_option(name, text)
+
+        parse.__name__ = by_name[name].accepted()  # argparse names the type in "invalid ... value" errors
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=parse, default=None,
+                            metavar=name.upper(), help=f"{method} option: {by_name[name].help}")
+    return spec.cli_flags
 
 
 def _cmd_render_long(rest: list[str]) -> int:
@@ -350,10 +370,7 @@ def _cmd_render_long(rest: list[str]) -> int:
                         "default length, (F - 1) * N + 1 frames (default 2)")
     parser.add_argument("--lora", default=None, help="a LoRA folder or file, loaded with pipe.load_lora_weights; a "
                         "radial LoRA folder (lora_config.json) also gives its radial options and training length")
-    parser.add_argument("--decay-factor", type=float, default=None, help="radial band-width multiplier (lower is sparser)")
-    parser.add_argument("--dense-timesteps", type=int, default=None, help="first N steps dense (default: the family's, 12)")
-    parser.add_argument("--dense-layers", type=int, default=None, help="layers < N dense (default: the family's)")
-    parser.add_argument("--block-size", type=int, default=None, help="mask block size (16, 32, 64, 128)")
+    flags = _add_option_flags(parser, "radial")
     parser.add_argument("--attn-opt", action="append", default=[], metavar="KEY=VALUE", help="other radial options")
     opts = parser.parse_args(rest)
     prog = "diffattn render --long"
@@ -375,7 +392,7 @@ def _cmd_render_long(rest: list[str]) -> int:
         model, is_demo = _resolve_model(opts.model)
         prompt = _resolve_prompt(opts.prompt, is_demo)
         options = parse_method_options("radial", opts.attn_opt)
-        options.update({k: getattr(opts, k) for k in _LONG_FLAGS if getattr(opts, k) is not None})
+        options.update({k: getattr(opts, k) for k in flags if getattr(opts, k) is not None})
         get_method("radial").config_cls.from_options(**options)  # bad values fail before the model loads
         dtype = opts.dtype or ("bf16" if opts.device.startswith("cuda") else "fp32")
         pipe = load_pipeline(model, dtype=dtype, device=opts.device, offload=opts.offload)
@@ -527,14 +544,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also list the methods that are not available yet")
     # no -h here: `diffattn bench NAME --help` reaches that benchmark's own parser
     p = sub.add_parser("bench", help="benchmarks (GPU; diffattn bench NAME --help for its options)", add_help=False)
-    p.add_argument("what", nargs="?", choices=sorted(BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
+    p.add_argument("what", nargs="?", choices=sorted(BENCHES), help="; ".join(f"{k}: {v}" for k, v in BENCHES.items()))
     sub.add_parser("generate", help="generate an image or a video with a method (--help for options)", add_help=False)
     sub.add_parser("render", help="--highres (FreeSwim) or --long (Radial) video rendering", add_help=False)
     sub.add_parser("headhunt", help="HeadHunter: greedy search for SoftPAG heads (--help for options)", add_help=False)
     sub.add_parser("app", help="the Gradio web app (--help for options)", add_help=False)
     p = sub.add_parser("mask", help="a method's mask at a model geometry: PNG, density, predicted speed-up",
                        add_help=False)
-    p.add_argument("method", help="radial, gna or freeswim (diffattn mask METHOD --help for its options)")
+    p.add_argument("method", nargs="?", help="a method with a mask picture (diffattn mask --help lists them; "
+                   "diffattn mask METHOD --help for its options)")
     return parser
 
 

@@ -384,7 +384,7 @@ def train_demo_unet(
 
 def _loss_plot(log: list[dict[str, float]], path: Path, kind: str,
                loss_name: str = "rectified-flow loss (MSE, log scale)") -> None:
-    from diffattn.plot import line_plot
+    from diffattn.bench.plot import line_plot
 
     steps = [e["step"] for e in log]
     line_plot(
