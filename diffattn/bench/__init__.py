@@ -17,6 +17,7 @@ BENCHES: dict[str, str] = {
     "step": "one denoising step of a full-size video transformer, dense vs a method",
     "quality": "every method vs dense on the demo models: PSNR, SSIM, attention energy decay",
     "highres": "FreeSwim end to end at 1080p (Wan2.1-1.3B config) under a GPU memory cap",
+    "agent": "AgentSD on SD1.5/SDXL UNet steps (real configs, fp16): dense vs agent vs ToMe, 50-step projection",
 }
 
 
