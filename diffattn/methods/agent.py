@@ -138,9 +138,10 @@ class AgentMethod(AttentionMethod):
         model = ctx.extras.get("module")
         if ctx.family != "unet" or model is None:
             return None
+        latent = ctx.grid.num_tokens if ctx.grid is not None else None
         for name, module in model.named_modules():
             if type(module).__name__ == "BasicTransformerBlock":
-                self._handles.append(module.register_forward_pre_hook(self._recorder(name), with_kwargs=True))
+                self._handles.append(module.register_forward_pre_hook(self._recorder(name, latent), with_kwargs=True))
         return None
 
     def finish_forward(self, ctx: ForwardContext | None, output: Any) -> Any:
@@ -153,10 +154,12 @@ class AgentMethod(AttentionMethod):
         self._handles.clear()
         self._metrics.clear()
 
-    def _recorder(self, name: str):
+    def _recorder(self, name: str, latent: int | None):
+        """Keep the block input only where the gate lets the method run (the metric is held until its attn1
+        uses it, so the other levels' inputs are not kept alive)."""
         def record(module, args, kwargs):
             x = args[0] if args else kwargs.get("hidden_states")
-            if x is not None:
+            if x is not None and (latent is None or downsample_of(latent, x.shape[1]) <= self.config.max_downsample):
                 self._metrics[name] = x
         return record
 
@@ -218,7 +221,7 @@ class AgentMethod(AttentionMethod):
         if r == 0 and not use_agents:
             return dense_attention(call)
         block = call.layer.path.rsplit(".", 1)[0]
-        metric = self._metrics.get(block)
+        metric = self._metrics.pop(block, None)
         if metric is None or metric.shape[:2] != call.q.shape[0:1] + (n,):
             log_once("agent-metric", "diffattn agent: no block input recorded for %s (processor used without "
                      "diffattn.apply?); the keys are the similarity metric", call.layer.path)
