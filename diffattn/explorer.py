@@ -71,6 +71,9 @@ def model_geometry(name: str, folder: str | Path, doc: str) -> Geometry:
         return json.loads((root / rel).read_text())
 
     trained = read("training.json")["config"]
+    if (root / "unet" / "config.json").is_file():  # a UNet folder: its top level sees the latent grid itself
+        factor = 2 ** (len(read("vae/config.json").get("block_out_channels", [0, 0, 0, 0])) - 1)
+        return Geometry(name, (trained["size"] // factor, trained["size"] // factor), "unet", doc)
     vae, transformer = read("vae/config.json"), read("transformer/config.json")
     spatial, temporal = vae.get("scale_factor_spatial", 8), vae.get("scale_factor_temporal", 4)
     patch = transformer["patch_size"]
