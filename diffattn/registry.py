@@ -14,7 +14,6 @@ ALL_FAMILIES = ("wan", "hunyuan_video", "cogvideox", "flux", "sd3", "unet")
 PLANNED: dict[str, tuple[str, tuple[str, ...]]] = {
     "rectified": ("top-p block selection + pooled-attention rectification", ("wan", "hunyuan_video", "cogvideox", "flux")),
     "agent": ("agent tokens + agent attention (AgentSD)", ("unet", "flux", "sd3")),
-    "ficgen": ("frequency-aware regional (layout) attention", ("unet",)),
 }
 
 
@@ -62,6 +61,7 @@ def build_method(name: str, **options: Any) -> AttentionMethod:
 
 def _register_builtins() -> None:
     from .methods.dense import DenseConfig, DenseMethod
+    from .methods.ficgen import FICGenConfig, FICGenMethod
     from .methods.freeswim import FreeSwimConfig, FreeSwimMethod
     from .methods.neighborhood import GNAConfig, GNAMethod
     from .methods.radial import RadialConfig, RadialMethod
@@ -110,6 +110,15 @@ def _register_builtins() -> None:
             config_cls=SoftPAGConfig,
             families=("sd3", "flux", "unet", "wan", "hunyuan_video"),
             build=SoftPAGMethod,
+        )
+    )
+    register_method(
+        MethodSpec(
+            name="ficgen",
+            summary="FICGen: frequency-aware regional (layout) attention; training-free or with trained modules",
+            config_cls=FICGenConfig,
+            families=("unet",),
+            build=FICGenMethod,
         )
     )
 
