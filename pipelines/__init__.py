@@ -4,6 +4,7 @@
 - `radial_lora` (pipelines/radial_lora.py): LoRA length-extension training with the Radial mask.
 - `DemoVideoPipeline`, `DemoImagePipeline`, `PixelSpaceVAE` (pipelines/demo.py): the bundled demo models' classes;
   `demo_train` trains them on `demo_data`'s procedural shapes.
+- `DemoUNetPipeline`, `SpaceToDepthVAE` (pipelines/demo_unet.py): the UNet demo model (SD1.5 layout).
 
 Imported lazily, so `import diffattn.pipelines` stays cheap.
 """
@@ -17,6 +18,8 @@ _LAZY = {
     "DemoVideoPipeline": "demo",
     "DemoImagePipeline": "demo",
     "PixelSpaceVAE": "demo",
+    "DemoUNetPipeline": "demo_unet",
+    "SpaceToDepthVAE": "demo_unet",
 }
 __all__ = list(_LAZY)
 

@@ -1,5 +1,8 @@
 """Train the demo models: `python -m diffattn.pipelines.demo_train --kind video --out assets/demo-video --minutes 5`.
 
+`--kind unet` trains the UNet demo model (`demo_unet`, SD1.5 layout) on multi-shape scenes with the SD losses
+(DDPM noising, v- or epsilon-prediction); its tiny CLIP text encoder is trained with it (see `train_demo_unet`).
+
 Rectified-flow training (the loss of Wan and SD3: predict `noise - x0` at `x_t = (1 - s) x0 + s noise`) of the
 transformer on procedurally drawn shapes (`demo_data`), prompts dropped 10% of the time so classifier-free guidance
 works, sigmas drawn logit-normal and shifted like the inference schedule. The text encoders stay frozen. An EMA of the
@@ -32,7 +35,7 @@ from .demo import (
     build_demo_image_pipeline,
     build_demo_video_pipeline,
 )
-from .demo_data import sample_images, sample_videos
+from .demo_data import sample_images, sample_scenes, sample_videos
 
 logger = logging.getLogger("diffattn")
 
@@ -232,7 +235,155 @@ def train_demo(
     return record
 
 
-def _loss_plot(log: list[dict[str, float]], path: Path, kind: str) -> None:
+EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+class _UNetModels(torch.nn.Module):
+    """The trained parts of the UNet demo model, as one module for the optimizer, the EMA and clipping."""
+
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+
+def _unet_loss(models: _UNetModels, tokenizer: Any, scheduler: Any, x0: torch.Tensor, prompts: list[str],
+               timesteps: torch.Tensor, noise: torch.Tensor, autocast: bool) -> torch.Tensor:
+    """SD's loss: `x_t = sqrt(a) x0 + sqrt(1 - a) noise` at DDPM timestep `t`; the UNet predicts `noise` (epsilon)
+    or `v` (v-prediction). Prompts are tokenized as `StableDiffusionPipeline.encode_prompt` does (padded to the
+    tokenizer's length, no attention mask), so training and generation see the same embeddings."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(x0.device)
+    xt = scheduler.add_noise(x0, noise, timesteps)
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast):
+        embeds = models.text_encoder(ids)[0]
+        pred = models.unet(xt, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+
+def train_demo_unet(
+    out: str | Path,
+    *,
+    cfg: Any = None,
+    minutes: float = 5.0,
+    max_steps: int | None = None,
+    batch: int = 64,
+    lr: float = 8e-4,
+    warmup: int = 100,
+    ema_decay: float = 0.995,
+    drop_prompt: float = 0.1,
+    seed: int = 0,
+    device: str | None = None,
+    eval_every: int = 100,
+    lr_decay: bool = True,
+    max_shapes: int = 3,
+) -> dict[str, Any]:
+    """Train the UNet demo model (`DemoUNetPipeline`) on `sample_scenes` (1 to `max_shapes` shapes per image) and
+    save it to `out`; returns the training record. The tiny CLIP text encoder is random at the start and trained with
+    the UNet (a frozen random one reads "a red circle ... and a blue square ..." poorly: which colour goes with which
+    shape and place is in the word order only). Batches are drawn on the training device; bf16 autocast on CUDA."""
+    from diffusers import DDPMScheduler
+
+    from .demo_unet import DemoUNetConfig, build_demo_unet_pipeline, demo_unet_scheduler_config
+
+    if minutes <= 0 and not max_steps:
+        raise ValueError("give a positive --minutes or --max-steps")
+    cfg = cfg or DemoUNetConfig()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    pipe = build_demo_unet_pipeline(cfg, seed=seed)
+    pipe.to(dev)
+    models = _UNetModels(pipe.unet, pipe.text_encoder).train()
+    ema = copy.deepcopy(models).requires_grad_(False).eval()
+    train_scheduler = DDPMScheduler(**demo_unet_scheduler_config(cfg))
+    opt = torch.optim.AdamW(models.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    autocast = dev.type == "cuda"
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    noise_g = torch.Generator(device=dev).manual_seed(seed + 1)
+
+    def scenes(n: int, gen: torch.Generator):
+        return sample_scenes(n, size=cfg.size, max_shapes=max_shapes, generator=gen, device=dev)
+
+    eval_g = torch.Generator(device="cpu").manual_seed(seed + 1000)
+    eval_pixels, eval_prompts, _ = scenes(min(batch, 16), eval_g)
+    eval_x0 = pipe.vae.encode(eval_pixels).latent_dist.mode()
+    eval_noise = torch.randn(eval_x0.shape, generator=torch.Generator(device=dev).manual_seed(seed + 2), device=dev)
+
+    def evaluate(model: _UNetModels) -> float:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            losses = [_unet_loss(model, pipe.tokenizer, train_scheduler, eval_x0, eval_prompts,
+                                 torch.full((eval_x0.shape[0],), t, device=dev, dtype=torch.long), eval_noise, autocast)
+                      for t in EVAL_TIMESTEPS]
+        model.train(was)
+        return float(torch.stack(losses).mean())
+
+    log: list[dict[str, float]] = []
+    start = time.perf_counter()
+    deadline = start + minutes * 60 if minutes > 0 else math.inf
+    bar = tqdm(total=max_steps or None, desc="train demo-unet", unit="step")
+    step, running = 0, []
+    while (max_steps is None or step < max_steps) and time.perf_counter() < deadline:
+        pixels, prompts, _ = scenes(batch, g)
+        prompts = ["" if float(torch.rand((), generator=g)) < drop_prompt else p for p in prompts]
+        x0 = pipe.vae.encode(pixels).latent_dist.mode()
+        t = torch.randint(0, train_scheduler.config.num_train_timesteps, (batch,), generator=g).to(dev)
+        noise = torch.randn(x0.shape, generator=noise_g, device=dev)
+        loss = _unet_loss(models, pipe.tokenizer, train_scheduler, x0, prompts, t, noise, autocast)
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * _decay(lr_decay, start, deadline, step, max_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+        opt.step()
+        _ema_update(ema, models, ema_decay if step >= warmup else 0.0)
+        step += 1
+        running.append(loss.detach())  # read back at the evaluation points only (no sync per step)
+        bar.update(1)
+        if step % eval_every == 0:
+            entry = {"step": step, "seconds": time.perf_counter() - start,
+                     "train_loss": float(torch.stack(running).mean()), "eval_loss": evaluate(models),
+                     "eval_loss_ema": evaluate(ema)}
+            running = []
+            log.append(entry)
+            bar.set_postfix(loss=f"{entry['train_loss']:.4f}", eval=f"{entry['eval_loss_ema']:.4f}")
+            logger.info("demo-unet step %d: %s", step, entry)
+    bar.close()
+    seconds = time.perf_counter() - start
+    final = {"step": step, "seconds": seconds,
+             "train_loss": float(torch.stack(running).mean()) if running else float("nan"),
+             "eval_loss": evaluate(models), "eval_loss_ema": evaluate(ema)}
+    log.append(final)
+    saved = "ema" if final["eval_loss_ema"] <= final["eval_loss"] else "raw"
+    if saved == "ema":
+        models.load_state_dict(ema.state_dict())
+    models.eval()
+    pipe.to("cpu")
+    pipe.unet.to(torch.float16)  # fp16 on disk (small); `from_pretrained` loads it as float32 unless told otherwise
+    out = Path(out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    record = {
+        "kind": "unet", "config": asdict(cfg), "steps": step, "seconds": round(seconds, 1), "batch": batch, "lr": lr,
+        "total_steps": step, "total_seconds": round(seconds, 1),
+        "stages": [{"steps": step, "seconds": round(seconds, 1), "lr": lr, "lr_decay": lr_decay, "init": None}],
+        "warmup": warmup, "ema_decay": ema_decay, "drop_prompt": drop_prompt, "seed": seed, "max_shapes": max_shapes,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+        "samples_seen": step * batch, "saved_weights": saved, "eval_timesteps": list(EVAL_TIMESTEPS), "log": log,
+        "parameters": sum(p.numel() for p in pipe.unet.parameters()),
+        "text_encoder_parameters": sum(p.numel() for p in pipe.text_encoder.parameters()),
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2))
+    _loss_plot(log, out / "loss.png", "unet", loss_name="SD loss (v-prediction MSE, log scale)"
+               if cfg.prediction_type == "v_prediction" else "SD loss (epsilon MSE, log scale)")
+    return record
+
+
+def _loss_plot(log: list[dict[str, float]], path: Path, kind: str,
+               loss_name: str = "rectified-flow loss (MSE, log scale)") -> None:
     from diffattn.plot import line_plot
 
     steps = [e["step"] for e in log]
@@ -240,7 +391,7 @@ def _loss_plot(log: list[dict[str, float]], path: Path, kind: str) -> None:
         {"train (mean since last point)": (steps, [e["train_loss"] for e in log]),
          "eval, fixed batch": (steps, [e["eval_loss"] for e in log]),
          "eval, EMA weights": (steps, [e["eval_loss_ema"] for e in log])},
-        path, title=f"demo-{kind}: rectified-flow loss (MSE, log scale)", xlabel="step",
+        path, title=f"demo-{kind}: {loss_name}", xlabel="step",
     )
 
 
@@ -249,6 +400,10 @@ CARD_PROMPTS = {
               "a white triangle moving left on a purple background", "an orange circle moving up on a green background"],
     "image": ["a red circle on the left on a blue background", "a yellow square at the top on a black background",
               "a white triangle in the center on a purple background", "an orange circle at the bottom on a green background"],
+    "unet": ["a red circle on the left on a blue background",
+             "a yellow square at the top left and a blue circle at the bottom right on a black background",
+             "a white triangle in the center and an orange square on the left on a purple background",
+             "a green circle at the top and a red square at the bottom left and a yellow triangle on the right on a gray background"],
 }
 
 
@@ -261,6 +416,16 @@ def render_samples(folder: str | Path, kind: str, device: str | None = None, see
 
     folder = Path(folder)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "unet":  # two rows: seeds `seed` and `seed + 1`
+        from .demo_unet import DemoUNetPipeline
+
+        pipe = DemoUNetPipeline.from_pretrained(str(folder)).to(dev)
+        pipe.set_progress_bar_config(disable=True)
+        rows = [pipe(CARD_PROMPTS[kind], generator=torch.Generator(device="cpu").manual_seed(seed + i),
+                     output_type="np").images for i in range(2)]
+        sheet = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+        iio.imwrite(folder / "samples.png", (sheet * 255).round().astype(np.uint8))
+        return ["samples.png"]
     absent = {} if kind == "video" else {"text_encoder_3": None, "tokenizer_3": None}
     pipe = (DemoVideoPipeline if kind == "video" else DemoImagePipeline).from_pretrained(str(folder), **absent).to(dev)
     pipe.set_progress_bar_config(disable=True)
@@ -284,6 +449,8 @@ def write_card(folder: str | Path) -> Path:
     folder = Path(folder)
     rec = json.loads((folder / "training.json").read_text())
     kind, cfg, last = rec["kind"], rec["config"], rec["log"][-1]
+    if kind == "unet":
+        return _write_unet_card(folder, rec)
     sampling = DemoVideoConfig() if kind == "video" else DemoImageConfig()  # the pipeline's call defaults now
     weights = sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 2**20
     if kind == "video":
@@ -338,19 +505,74 @@ def write_card(folder: str | Path) -> Path:
     return path
 
 
+def _write_unet_card(folder: Path, rec: dict[str, Any]) -> Path:
+    from .demo_unet import DemoUNetConfig
+
+    cfg, last, sampling = rec["config"], rec["log"][-1], DemoUNetConfig()
+    weights = sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 2**20
+    ch = cfg["channels"]
+    heads = [c // cfg["head_dim"] for c in ch]
+    top = (cfg["size"] // 2) ** 2
+    lines = [
+        "# diffattn demo-unet",
+        "",
+        ("A small SD1.5-layout UNet trained by diffattn itself so that UNet attention methods (AgentSD, FICGen, SoftPAG "
+         "on UNets) run and show real output offline. A demonstration, not a generative model of any quality."),
+        "",
+        (f"- **Model**: text-to-image `UNet2DConditionModel` in a `StableDiffusionPipeline` folder (`DemoUNetPipeline`; "
+         f"stock `StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)` loads it too). Blocks: "
+         f"{' + '.join(['CrossAttnDownBlock2D'] * (len(ch) - 1) + ['DownBlock2D'])}, mid block with attention, "
+         f"{' + '.join(['UpBlock2D'] + ['CrossAttnUpBlock2D'] * (len(ch) - 1))}; channels {tuple(ch)}, "
+         f"{cfg['layers_per_block']} layers per block, heads {tuple(heads)} x {cfg['head_dim']}; each transformer block "
+         f"has attn1 (self) and attn2 (cross, {cfg['text_length']} text tokens of width {cfg['text_dim']}). "
+         f"{cfg['size']}x{cfg['size']} px; latents are pixels rearranged 2x2 into channels (`SpaceToDepthVAE`, "
+         f"lossless), {cfg['size'] // 2}x{cfg['size'] // 2}x12, so the top level has {top:,} tokens (SD1.5 at 512x512: "
+         f"4,096). Text: a tiny `CLIPTextModel` ({cfg['text_layers']} layers, width {cfg['text_dim']}) over the "
+         f"word-level demo vocabulary, trained with the UNet. {rec['parameters'] / 1e6:.2f} M UNet parameters, "
+         f"{rec['text_encoder_parameters'] / 1e6:.2f} M text encoder; {weights:.1f} MB of safetensors (UNet in fp16)."),
+        (f"- **Data**: procedurally drawn on the fly (`diffattn.pipelines.demo_data.sample_scenes`): 1 to "
+         f"{rec['max_shapes']} shapes (circle, square, triangle) in distinct colours (6), each in its own cell of a 3x3 "
+         "grid, over one of 5 backgrounds; the prompt names every shape, colour and place, e.g. "
+         f"\"{CARD_PROMPTS['unet'][3]}\". The data also returns each shape's box and phrase (for layout methods). "
+         f"{rec['samples_seen']:,} samples seen."),
+        (f"- **Training** (`python -m diffattn.pipelines.demo_train --kind unet`): the SD loss "
+         f"({cfg['prediction_type']}, DDPM `{cfg['beta_schedule']}` schedule, uniform timesteps), batch {rec['batch']}, "
+         f"AdamW lr {rec['lr']:g} ({rec['warmup']}-step warm-up"
+         + (", decaying linearly to 10%" if rec["stages"][-1].get("lr_decay") else "")
+         + f"), prompts dropped {rec['drop_prompt']:.0%} for CFG, EMA {rec['ema_decay']} ({rec['saved_weights']} "
+         f"weights saved), bf16 autocast, seed {rec['seed']}, on {rec['device']} (torch {rec['torch']}): "
+         f"{rec['steps']} steps in {rec['seconds']:.0f} s."),
+        (f"- **Loss**: evaluation loss (fixed batch of 16, timesteps {', '.join(map(str, rec['eval_timesteps']))}) "
+         f"{last['eval_loss_ema']:.4f} (EMA) / {last['eval_loss']:.4f} (raw) at the end."),
+        (f"- **Sampling defaults**: `DPMSolverMultistepScheduler` (trailing spacing), {sampling.steps} steps, guidance "
+         f"{sampling.guidance}, {cfg['size']}x{cfg['size']}."),
+        "",
+        "![loss curve](loss.png)",
+        "",
+        "Samples (the pipeline's defaults; top row seed 0, bottom row seed 1), prompts left to right: "
+        + "; ".join(f"\"{p}\"" for p in CARD_PROMPTS["unet"]) + ".",
+        "",
+        "![samples](samples.png)",
+        "",
+    ]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffattn.pipelines.demo_train", description=__doc__.split("\n")[0])
-    parser.add_argument("--kind", choices=("video", "image"), required=True)
+    parser.add_argument("--kind", choices=("video", "image", "unet"), required=True)
     parser.add_argument("--out", required=True, help="output pipeline folder (e.g. assets/demo-video)")
     parser.add_argument("--minutes", type=float, default=5.0, help="training time budget")
     parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch", type=int, default=None, help="default 32 (unet: 64)")
+    parser.add_argument("--lr", type=float, default=None, help="default 5e-4 (unet: 8e-4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--init", default=None, help="continue training from a folder written by an earlier run")
-    parser.add_argument("--lr-decay", action="store_true", help="decay the learning rate linearly to 10%% over the run")
+    parser.add_argument("--lr-decay", action="store_true", help="decay the learning rate linearly to 10%% over the run (unet: always)")
     parser.add_argument("--card-only", action="store_true", help="only render the samples and the model card of --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -358,8 +580,15 @@ def main(argv: list[str] | None = None) -> int:
         render_samples(args.out, args.kind, device=args.device, seed=args.seed)
         print(f"wrote {write_card(args.out)}")
         return 0
-    record = train_demo(args.kind, args.out, minutes=args.minutes, max_steps=args.max_steps, batch=args.batch,
-                        lr=args.lr, seed=args.seed, device=args.device, eval_every=args.eval_every, init=args.init, lr_decay=args.lr_decay)
+    if args.kind == "unet":
+        if args.init:
+            parser.error("--init is not supported for --kind unet")
+        record = train_demo_unet(args.out, minutes=args.minutes, max_steps=args.max_steps, batch=args.batch or 64,
+                                 lr=args.lr or 8e-4, seed=args.seed, device=args.device, eval_every=args.eval_every)
+    else:
+        record = train_demo(args.kind, args.out, minutes=args.minutes, max_steps=args.max_steps, batch=args.batch or 32,
+                            lr=args.lr or 5e-4, seed=args.seed, device=args.device, eval_every=args.eval_every,
+                            init=args.init, lr_decay=args.lr_decay)
     last = record["log"][-1]
     print(f"demo-{args.kind}: {record['steps']} steps in {record['seconds']:.0f} s ({record['total_steps']} in all), eval loss (EMA) "
           f"{last['eval_loss_ema']:.4f}; saved to {args.out}")
