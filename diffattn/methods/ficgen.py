@@ -112,6 +112,7 @@ class FICGenInputs:
     exemplar: torch.Tensor | None = None
     cond_rows: slice | None = None
     _maps: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # per-inputs results (trained modules' tokens)
 
     def __post_init__(self) -> None:
         b, n = len(self.layouts), max(len(lay.instances) for lay in self.layouts)
@@ -287,6 +288,7 @@ class _ForwardState:
     inputs: FICGenInputs | None
     rows: slice
     active: bool
+    text_pooled: torch.Tensor | None = None  # pooled prompt of the conditional rows (trained modules)
 
 
 class FICGenMethod(AttentionMethod):
@@ -378,7 +380,14 @@ class FICGenMethod(AttentionMethod):
         if inputs is None and self.config.layout is not None:
             text = args.get("encoder_hidden_states")
             inputs = self._layout_inputs(text.device, text.dtype)
-        ctx.extras[_STATE_KEY] = _ForwardState(inputs, self._cond_rows(ctx, args, inputs), self._active(ctx))
+        rows = self._cond_rows(ctx, args, inputs)
+        text_pooled = None
+        if inputs is not None and self.modules is not None:
+            if inputs.global_pooled is not None:
+                text_pooled = inputs.global_pooled
+            else:
+                text_pooled = pooled(args["encoder_hidden_states"][rows])
+        ctx.extras[_STATE_KEY] = _ForwardState(inputs, rows, self._active(ctx), text_pooled)
         return changed
 
     # ---- attention ----------------------------------------------------------------------------------------------
@@ -426,7 +435,16 @@ class FICGenMethod(AttentionMethod):
         modules = self.modules
         layer_module = None if modules is None else modules.for_layer(call.layer.path, hw, q.shape[1] * q.shape[-1])
         if layer_module is not None:
-            mixed = layer_module(call.hidden_states[rows], global_out, phrase_out, maps, inputs, hw, nc)
+            param = next(modules.parameters())
+            if param.device != q.device:
+                modules.to(q.device)
+                param = next(modules.parameters())
+            pd = param.dtype
+            pooled_text = state.text_pooled
+            if pooled_text.shape[0] == 1 and nc > 1:
+                pooled_text = pooled_text.expand(nc, -1)
+            tokens = modules.tokens(inputs, pooled_text, nc, q.device, pd)
+            mixed = layer_module(call.hidden_states[rows].to(pd), global_out.to(pd), phrase_out.to(pd), maps, tokens, hw)
         else:
             mixed = frequency_composite(
                 global_out, phrase_out, maps, hw, rho=self.config.rho, alpha=self.config.alpha, beta=self.config.beta,
