@@ -1,5 +1,5 @@
 """The Mask explorer tab: a method's mask at a named model geometry (or a custom token grid), with its density and
-the speed-up that density bounds. The numbers and picture come from `diffattn.masks.explore` (the same code as
+the speed-up that density bounds. The numbers and picture come from `diffattn.explorer` (the same code as
 `diffattn mask`); the option widgets are generated from the method's config like the generation tabs'."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class MaskControls:
 def mask_options_from_values(method: str, entries: list[tuple[str, Any, Any]], values: tuple[Any, ...]) -> dict[str, Any]:
     """Widget values -> `explore_mask` options: config options typed by the config (only non-defaults), the
     explorer's own options (tile shapes, layer) parsed by `parse_mask_options` when not empty."""
-    from ..masks.explore import parse_mask_options
+    from ..explorer import parse_mask_options
 
     config_cls = get_method(method).config_cls
     options: dict[str, Any] = {}
@@ -62,7 +62,7 @@ def mask_tab(demo: Any) -> None:
     from .tabs import error_text, progress_on, running, status_html
 
     try:
-        from ..masks.explore import GEOMETRIES, METHODS, mask_options
+        from ..explorer import GEOMETRIES, METHODS, mask_options
     except ImportError as exc:  # the explorer module is part of the same release; this only guards a broken install
         gr.HTML(status_html(f"the mask explorer is not available: {exc}", error=True))
         return
@@ -100,7 +100,7 @@ def mask_tab(demo: Any) -> None:
     components = [c for g in groups for _, c, _ in g.entries]
 
     def show(method_name: str, geometry_name: str, custom_text: str, *values: Any):
-        from ..masks.explore import explore_mask
+        from ..explorer import explore_mask
 
         try:
             start = 0

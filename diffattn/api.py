@@ -70,8 +70,8 @@ def apply(pipe_or_model: Any, method: str, **options: Any) -> Any:
 
     remove(pipe_or_model)
     runtime = spec.build(config)
-    if not isinstance(pipe_or_model, torch.nn.Module) and hasattr(runtime, "bind_pipeline"):
-        runtime.bind_pipeline(pipe_or_model)  # methods that read the pipeline's settings (SoftPAG: its CFG flag)
+    if not isinstance(pipe_or_model, torch.nn.Module):
+        runtime.bind_pipeline(pipe_or_model)  # a no-op unless the method reads the pipeline (SoftPAG: its CFG flag)
     tracker = StepTracker()
     num_steps_getter = None
     if not isinstance(pipe_or_model, torch.nn.Module):

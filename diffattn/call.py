@@ -1,4 +1,4 @@
-"""One attention invocation, as adapters hand it to a method.
+"""One attention invocation, as adapters hand it to a method, and the per-forward context it belongs to.
 
 Adapters project q, k, v exactly as the stock processor of their model family does and describe the call in one
 layout (`[B, H, S, D]`, as `F.scaled_dot_product_attention`), so methods never see family details.
@@ -6,14 +6,61 @@ layout (`[B, H, S, D]`, as `F.scaled_dot_product_attention`), so methods never s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Literal
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 import torch
 
-from .context import ForwardContext, TokenGrid
+from .geometry import TokenGrid
 
 Role = Literal["self", "cross", "cross_image", "joint"]
+
+
+@dataclass
+class ForwardContext:
+    """What one model forward looks like, as the attention processors see it.
+
+    Attributes:
+        family: model family name (see `diffattn.adapters.FAMILIES`).
+        batch_size: batch of the forward (2 when CFG runs as one batched pass).
+        grid: token grid of the video/image stream at the model's own resolution (UNets: the input level; use
+            `grid_for_tokens` for the down-sampled levels).
+        text_len: number of text tokens (joint sequence part or cross-attention keys), 0 if none.
+        text_mask: `[B, text_len]` bool, True for real (non-padding) text tokens, or None if all are real.
+        image_len: image-conditioning tokens in cross-attention (Wan I2V: 257 CLIP tokens), else 0.
+        step_index: denoising step of this forward, from 0.
+        num_steps: total steps of the running generation when known, else None.
+        timestep: the model's timestep input as a float (largest entry for per-token timesteps).
+        pass_name: `"cond"`, `"uncond"`, `"cond_uncond"` when the pipeline names its pass, else None.
+        pass_index: 0 for the first forward of this step, 1 for the second (separate CFG passes), ...
+    """
+
+    family: str
+    batch_size: int
+    grid: TokenGrid | None
+    text_len: int = 0
+    text_mask: torch.Tensor | None = None
+    image_len: int = 0
+    step_index: int = 0
+    num_steps: int | None = None
+    timestep: float | None = None
+    pass_name: str | None = None
+    pass_index: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def grid_for_tokens(self, num_tokens: int) -> TokenGrid:
+        """The grid of a down-sampled level holding `num_tokens` tokens (UNets), or `grid` itself."""
+        if self.grid is None:
+            raise ValueError("this forward has no token grid")
+        if num_tokens == self.grid.num_tokens:
+            return self.grid
+        t, h, w = self.grid
+        for _ in range(8):
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+            if t * h * w == num_tokens:
+                return TokenGrid(t, h, w)
+        raise ValueError(f"no down-sampled level of grid {tuple(self.grid)} holds {num_tokens} tokens")
 
 
 @dataclass(frozen=True)

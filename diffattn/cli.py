@@ -2,7 +2,7 @@
 
 Subcommands: `generate` (an image or a video with a method; the bundled demo model by default), `methods` (what
 exists, for which families, with which options), `bench` (GPU benchmarks), `mask` (a method's mask at a model
-geometry, via `diffattn.masks.explore`), `render --highres` (FreeSwim) and `render --long` (Radial long video, with
+geometry, via `diffattn.explorer`), `render --highres` (FreeSwim) and `render --long` (Radial long video, with
 an optional LoRA), `headhunt` (HeadHunter search), `app` (the Gradio web app).
 
 User errors are one line on stderr and exit status 2 (`_guarded`); generation shares `diffattn.generate`'s
@@ -32,9 +32,9 @@ BENCHES = {
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from .registry import _REGISTRY, PLANNED
+    from .registry import PLANNED, available_methods, method_specs
 
-    for spec in _REGISTRY.values():
+    for spec in method_specs():
         print(f"{spec.name}: {spec.summary}")
         print(f"  families: {', '.join(spec.families)}")
         specs = spec.config_cls.option_specs()
@@ -44,7 +44,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
             print(f"  {opt.name}: default {opt.default!r}; {opt.accepted()}. {opt.help}")
     if args.all:
         for name, (summary, families) in PLANNED.items():
-            if name not in _REGISTRY:
+            if name not in available_methods():
                 print(f"{name}: {summary} [not available yet]")
                 print(f"  families: {', '.join(families)}")
     return 0
@@ -91,7 +91,7 @@ def _guarded(prog: str, fn: Callable[[], int], *, oom_advice: str = "try --offlo
 # mask
 # ------------------------------------------------------------------------------------------------------------------
 def _mask_parser(method: str) -> argparse.ArgumentParser:
-    from .masks.explore import GEOMETRIES, mask_options
+    from .explorer import GEOMETRIES, mask_options
 
     geometries = "\n".join(f"  {name:16} {'x'.join(map(str, g.grid)):10} {g.doc}" for name, g in GEOMETRIES.items())
     parser = argparse.ArgumentParser(
@@ -116,7 +116,7 @@ def _mask_parser(method: str) -> argparse.ArgumentParser:
 
 
 def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
-    from .masks.explore import METHODS, explore_mask, parse_mask_options
+    from .explorer import METHODS, explore_mask, parse_mask_options
 
     if args.method not in METHODS:
         return _fail("diffattn mask", f"no mask picture for method {args.method!r}; accepted: {', '.join(METHODS)}")
@@ -334,8 +334,21 @@ def _cmd_render_highres(rest: list[str]) -> int:
     return _guarded(prog, run, oom_advice="try --offload and --cache-device cpu")
 
 
-# Radial options with their own flags in `render --long` (the rest go through --attn-opt).
-_LONG_FLAGS = ("decay_factor", "dense_timesteps", "dense_layers", "block_size")
+def _add_option_flags(parser: argparse.ArgumentParser, method: str) -> tuple[str, ...]:
+    """`--flag`s for the options the method's spec gives their own flags (`cli_flags`), parsed by its config;
+    returns the option names (each flag's value is None when not given)."""
+    from .registry import get_method
+
+    spec = get_method(method)
+    by_name = {o.name: o for o in spec.config_cls.option_specs()}
+    for name in spec.cli_flags:
+        def parse(text: str, name: str = name):
+            return spec.config_cls.parse_option(name, text)
+
+        parse.__name__ = by_name[name].accepted()  # argparse names the type in "invalid ... value" errors
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=parse, default=None,
+                            metavar=name.upper(), help=f"{method} option: {by_name[name].help}")
+    return spec.cli_flags
 
 
 def _cmd_render_long(rest: list[str]) -> int:
@@ -350,10 +363,7 @@ def _cmd_render_long(rest: list[str]) -> int:
                         "default length, (F - 1) * N + 1 frames (default 2)")
     parser.add_argument("--lora", default=None, help="a LoRA folder or file, loaded with pipe.load_lora_weights; a "
                         "radial LoRA folder (lora_config.json) also gives its radial options and training length")
-    parser.add_argument("--decay-factor", type=float, default=None, help="radial band-width multiplier (lower is sparser)")
-    parser.add_argument("--dense-timesteps", type=int, default=None, help="first N steps dense (default: the family's, 12)")
-    parser.add_argument("--dense-layers", type=int, default=None, help="layers < N dense (default: the family's)")
-    parser.add_argument("--block-size", type=int, default=None, help="mask block size (16, 32, 64, 128)")
+    flags = _add_option_flags(parser, "radial")
     parser.add_argument("--attn-opt", action="append", default=[], metavar="KEY=VALUE", help="other radial options")
     opts = parser.parse_args(rest)
     prog = "diffattn render --long"
@@ -375,7 +385,7 @@ def _cmd_render_long(rest: list[str]) -> int:
         model, is_demo = _resolve_model(opts.model)
         prompt = _resolve_prompt(opts.prompt, is_demo)
         options = parse_method_options("radial", opts.attn_opt)
-        options.update({k: getattr(opts, k) for k in _LONG_FLAGS if getattr(opts, k) is not None})
+        options.update({k: getattr(opts, k) for k in flags if getattr(opts, k) is not None})
         get_method("radial").config_cls.from_options(**options)  # bad values fail before the model loads
         dtype = opts.dtype or ("bf16" if opts.device.startswith("cuda") else "fp32")
         pipe = load_pipeline(model, dtype=dtype, device=opts.device, offload=opts.offload)

@@ -68,7 +68,7 @@ class OptionSpec:
         return base + (" " + " and ".join(parts) if parts else "")
 
 
-def _parse_structured(text: str) -> Any:
+def parse_structured(text: str) -> Any:
     """CLI text for a structured option: JSON (`{"0": ...}`, `[1, 2]`), comma-separated scalars (`18,24,24`), or
     else the text itself (head specs, preset names), which the method's config validates."""
     import json
@@ -177,7 +177,7 @@ class MethodConfig:
                 if str(choice) == low:
                     return choice
         if any(b is Any or typing.get_origin(b) in (list, tuple, dict) or b in (list, tuple, dict) for b in bases):
-            return _parse_structured(low)
+            return parse_structured(low)
         for tp in bases:
             try:
                 if tp is bool:

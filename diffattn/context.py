@@ -14,74 +14,20 @@ import functools
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from dataclasses import replace
+from typing import Any
 
 import torch
 
+from .call import ForwardContext
+from .geometry import TokenGrid
+
 logger = logging.getLogger("diffattn")
 
-
-class TokenGrid(NamedTuple):
-    """Token grid of the video/image stream after patchify: frames, height, width (images have frames=1)."""
-
-    frames: int
-    height: int
-    width: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.frames * self.height * self.width
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return self.height * self.width
-
-
-@dataclass
-class ForwardContext:
-    """What one model forward looks like, as the attention processors see it.
-
-    Attributes:
-        family: model family name (see `diffattn.adapters.FAMILIES`).
-        batch_size: batch of the forward (2 when CFG runs as one batched pass).
-        grid: token grid of the video/image stream at the model's own resolution (UNets: the input level; use
-            `grid_for_tokens` for the down-sampled levels).
-        text_len: number of text tokens (joint sequence part or cross-attention keys), 0 if none.
-        text_mask: `[B, text_len]` bool, True for real (non-padding) text tokens, or None if all are real.
-        image_len: image-conditioning tokens in cross-attention (Wan I2V: 257 CLIP tokens), else 0.
-        step_index: denoising step of this forward, from 0.
-        num_steps: total steps of the running generation when known, else None.
-        timestep: the model's timestep input as a float (largest entry for per-token timesteps).
-        pass_name: `"cond"`, `"uncond"`, `"cond_uncond"` when the pipeline names its pass, else None.
-        pass_index: 0 for the first forward of this step, 1 for the second (separate CFG passes), ...
-    """
-
-    family: str
-    batch_size: int
-    grid: TokenGrid | None
-    text_len: int = 0
-    text_mask: torch.Tensor | None = None
-    image_len: int = 0
-    step_index: int = 0
-    num_steps: int | None = None
-    timestep: float | None = None
-    pass_name: str | None = None
-    pass_index: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def grid_for_tokens(self, num_tokens: int) -> TokenGrid:
-        """The grid of a down-sampled level holding `num_tokens` tokens (UNets), or `grid` itself."""
-        if self.grid is None:
-            raise ValueError("this forward has no token grid")
-        if num_tokens == self.grid.num_tokens:
-            return self.grid
-        t, h, w = self.grid
-        for _ in range(8):
-            h, w = math.ceil(h / 2), math.ceil(w / 2)
-            if t * h * w == num_tokens:
-                return TokenGrid(t, h, w)
-        raise ValueError(f"no down-sampled level of grid {tuple(self.grid)} holds {num_tokens} tokens")
+__all__ = [
+    "ContextSlot", "ForwardContext", "StepTracker", "TokenGrid", "install_context_hook", "make_context_hook",
+    "remove_context_hook", "timestep_value",
+]
 
 
 class StepTracker:
@@ -166,15 +112,12 @@ def make_context_hook(
 ):
     """Build the forward pre-hook that fills `slot` before every forward of the model.
 
-    `read_inputs(model, bound_arguments)` is the family adapter's reader of the forward's inputs. A method that must
-    change a forward's inputs or outputs (FreeSwim runs a second, full-attention branch in the same batch) defines
-    `prepare_forward(ctx, arguments) -> arguments | None` and `finish_forward(ctx, output) -> output`; they run
-    after the context is read, on the forward's bound arguments.
+    `read_inputs(model, bound_arguments)` is the family adapter's reader of the forward's inputs. `method` (an
+    `AttentionMethod`, or None) gets its forward hooks called: `prepare_forward(ctx, arguments) -> changed | None`
+    after the context is read, on the forward's bound arguments, and `finish_forward(ctx, output) -> output` on the
+    forward's output (no-ops unless the method changes whole forwards, as FreeSwim and SoftPAG do).
     """
-    return _context_hook_class()(
-        slot, tracker, read_inputs, forward_signature, num_steps_getter,
-        getattr(method, "prepare_forward", None), getattr(method, "finish_forward", None),
-    )
+    return _context_hook_class()(slot, tracker, read_inputs, forward_signature, num_steps_getter, method)
 
 
 @functools.cache
@@ -188,12 +131,12 @@ def _context_hook_class() -> type:
         # Stateful so that Diffusers' `cache_context(name, step_index=...)` reaches us through a StateManager.
         _is_stateful = True
 
-        def __init__(self, slot, tracker, read_inputs, forward_signature, num_steps_getter, prepare, finish) -> None:
+        def __init__(self, slot, tracker, read_inputs, forward_signature, num_steps_getter, method) -> None:
             super().__init__()
             self.cache_state = StateManager(_NoState)
             self.slot, self.tracker, self.read_inputs = slot, tracker, read_inputs
             self.forward_signature, self.num_steps_getter = forward_signature, num_steps_getter
-            self.prepare, self.finish = prepare, finish
+            self.method = method
 
         def pre_forward(self, module, *args, **kwargs):
             bound = self.forward_signature.bind_partial(*args, **kwargs)
@@ -212,8 +155,8 @@ def _context_hook_class() -> type:
                 pass_name=getattr(cache_ctx, "name", None) if cache_ctx is not None else None,
             )
             self.slot.current.extras["module"] = module  # methods that re-run the forward (SoftPAG's separate pass)
-            if self.prepare is not None:
-                changed = self.prepare(self.slot.current, dict(bound.arguments))
+            if self.method is not None:
+                changed = self.method.prepare_forward(self.slot.current, dict(bound.arguments))
                 if changed is not None:
                     bound.arguments.update(changed)
                     return bound.args, bound.kwargs
@@ -222,8 +165,8 @@ def _context_hook_class() -> type:
         # The context is kept after the forward: gradient checkpointing re-runs the blocks during backward, after
         # the forward returned, and their processors need the same context again.
         def post_forward(self, module, output):
-            if self.finish is not None:
-                return self.finish(self.slot.current, output)
+            if self.method is not None:
+                return self.method.finish_forward(self.slot.current, output)
             return output
 
         def reset_state(self, module):
@@ -234,7 +177,7 @@ def _context_hook_class() -> type:
         def release(self) -> None:
             """Drop every reference to the method and its state (called when the hook is removed)."""
             self.slot = self.tracker = self.read_inputs = self.forward_signature = None
-            self.num_steps_getter = self.prepare = self.finish = None
+            self.num_steps_getter = self.method = None
 
     return DiffattnContextHook
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .call import AttentionCall
-from .methods.joint import dense_attention
+from .methods.base import dense_attention
 
 
 @dataclass

@@ -10,7 +10,7 @@ SoftPAG is guidance, not an approximation: its output is meant to differ, so it 
 One extra dense generation per model records the attention energy decay (`diffattn.energy`): attention mass of
 sampled queries against keys binned by temporal and spatial distance, plotted to a PNG.
 
-Method options default to `DEMO_OPTIONS` below (each method's own defaults made sensible for small token grids);
+Method options default to each method spec's `demo_options` (its defaults made sensible for small token grids);
 `--method-opt METHOD:key=value` overrides them. See docs/quality.md.
 """
 
@@ -23,93 +23,40 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .context import TokenGrid
+from .geometry import TokenGrid
 from .demo import DEMO_PROMPTS, demo_model_path
 from .energy import EnergyDecay, EnergyProbe, plot_energy_decay
+from .methods.spec import DemoGeometry
 from .metrics import psnr, ssim
+from .registry import get_method
 
 logger = logging.getLogger("diffattn")
 
 KINDS = ("video", "image")
-# Methods whose output is meant to differ from dense (listed apart, not as approximations).
-GUIDANCE_METHODS = ("softpag",)
 DEFAULT_PLOT = "docs/img/energy_decay.png"
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """What the demo options depend on: the token grid seen by attention, the step count and the depth."""
-
-    family: str
-    grid: TokenGrid
-    steps: int
-    num_layers: int
-
-
-def _odd_half(n: int) -> int:
-    """About half of an axis, odd (a centred window), at least 1 and at most the axis."""
-    k = max(1, n // 2)
-    return k if k % 2 else k + 1  # n // 2 + 1 <= n for n >= 2
-
-
-def _radial_options(g: Geometry) -> dict[str, Any]:
-    # Radial's blocks must tile a frame several times for its frame-distance bands to mean anything: the largest
-    # allowed block with >= 4 blocks per frame (256 tokens/frame -> 64). Its warm-up is 12 dense steps of 50
-    # upstream; keep that share of our (fewer) steps.
-    per_frame = g.grid.tokens_per_frame
-    block = max([b for b in (16, 32, 64, 128) if per_frame // b >= 4] or [16])
-    return {"block_size": block, "dense_timesteps": round(g.steps * 12 / 50)}
-
-
-def _gna_options(g: Geometry) -> dict[str, Any]:
-    # GNA has no default window; the presets are for 720p/4K grids, larger than the demo grids. Use about half of
-    # each axis (odd, centred): 17x16x16 -> (9, 9, 9), 64x64 -> (33, 33); each query sees ~17-27% of the keys.
-    axes = tuple(g.grid) if g.family not in ("flux", "sd3") else (g.grid.height, g.grid.width)
-    return {"kernel_size": tuple(_odd_half(n) for n in axes)}
-
-
-def _freeswim_options(g: Geometry) -> dict[str, Any]:
-    # FreeSwim's window is the training resolution's token grid, given in pixels through Wan's VAE factor (4, 8, 16)
-    # and patch 2. At the demo's native size that grid would cover everything; use a base grid of half the
-    # generated one (window 2*(H/4)+1 tokens, 16x16 -> 9x9), expressed in those pixel units with factor 4.
-    bh, bw = max(2, g.grid.height // 2), max(2, g.grid.width // 2)
-    return {"vae_scale_factor": 4, "base_height": bh * 2 * 4, "base_width": bw * 2 * 4}
-
-
-def _softpag_options(g: Geometry) -> dict[str, Any]:
-    # SoftPAG needs heads; without a HeadHunter search for the demo models take all heads of the middle layer.
-    return {"heads": f"L{g.num_layers // 2}"}
-
-
-DEMO_OPTIONS: dict[str, Callable[[Geometry], dict[str, Any]]] = {
-    "radial": _radial_options,
-    "gna": _gna_options,
-    "freeswim": _freeswim_options,
-    "softpag": _softpag_options,
-}
+# What the demo options depend on (family, token grid, steps, depth): the methods' `DemoGeometry`.
+Geometry = DemoGeometry
 
 
 def demo_options(method: str, geometry: Geometry, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The bench's options for `method` on `geometry` (`DEMO_OPTIONS`), then `overrides`, validated by the method."""
-    from .registry import get_method
-
-    rule = DEMO_OPTIONS.get(method)
-    options = {**(rule(geometry) if rule else {}), **(overrides or {})}
-    get_method(method).config_cls.from_options(**options)
+    """The bench's options for `method` on `geometry` (the spec's `demo_options`), then `overrides`, validated by
+    the method."""
+    spec = get_method(method)
+    options = {**spec.demo_options(geometry), **(overrides or {})}
+    spec.config_cls.from_options(**options)
     return options
 
 
 def parse_method_opts(pairs: list[str]) -> dict[str, dict[str, Any]]:
     """`["radial:block_size=32", "gna:kernel_size=5,7,7"]` -> `{"radial": {"block_size": 32}, ...}` (typed)."""
-    from .registry import get_method
-
     out: dict[str, dict[str, Any]] = {}
     for pair in pairs:
         method, sep, rest = pair.partition(":")
@@ -164,8 +111,6 @@ class BenchConfig:
                 raise ValueError(f"sizes[{kind!r}] must be (frames, height, width) for video, (height, width) for "
                                  f"image, positive; got {size!r}")
         if self.methods is not None:
-            from .registry import get_method
-
             for m in self.methods:
                 get_method(m)  # unknown or planned -> ValueError naming the available ones
         for m in self.method_opts:
@@ -266,7 +211,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     from .adapters import family_of
     from .generate import load_pipeline
-    from .registry import available_methods, get_method
+    from .registry import available_methods
 
     dtype = cfg.dtype or ("bf16" if cfg.device.startswith("cuda") else "fp32")
     report: dict[str, Any] = {
@@ -335,7 +280,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                 "seconds_median": ref_median, "speedup": 1.0,
             }
             for method in methods:
-                row: dict[str, Any] = {"method": method, "role": "guidance" if method in GUIDANCE_METHODS else
+                row: dict[str, Any] = {"method": method, "role": "guidance" if get_method(method).role == "guidance" else
                                        ("rerun" if method == "dense" else "approximation")}
                 label = "dense (rerun)" if method == "dense" else method
                 entry["methods"][label] = row
@@ -376,8 +321,6 @@ def _fmt_db(x: float) -> str:
 
 
 def _fmt_opts(method: str, options: dict[str, Any]) -> str:
-    from .registry import get_method
-
     if options:
         return ", ".join(f"{k}={v}" for k, v in options.items())
     return "(defaults)" if get_method(method).config_cls.option_specs() else ""

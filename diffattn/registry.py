@@ -1,38 +1,42 @@
-"""The method registry: each method declares its options, the families it supports and how it is built."""
+"""The method registry: the built-in methods by module name, each declaring itself in a module-level `SPEC`.
+
+Adding a method is one module `diffattn/methods/<name>.py` with `SPEC = MethodSpec(...)` (see
+`diffattn.methods.spec`) and its name in `BUILTIN_METHODS` below (the one registration line).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+import importlib
+from typing import Any
 
-from .config import MethodConfig
+from .families import FAMILY_NAMES
 from .methods.base import AttentionMethod
+from .methods.spec import MethodSpec
 
-ALL_FAMILIES = ("wan", "hunyuan_video", "cogvideox", "flux", "sd3", "unet")
+__all__ = [
+    "ALL_FAMILIES", "BUILTIN_METHODS", "PLANNED", "MethodSpec", "available_methods", "build_method", "get_method",
+    "method_specs", "register_method",
+]
+
+# Modules of `diffattn.methods` holding one `SPEC` each, in the order `available_methods()` lists them.
+BUILTIN_METHODS: tuple[str, ...] = ("dense", "radial", "gna", "freeswim", "softpag", "ficgen")
+
+ALL_FAMILIES = FAMILY_NAMES  # every model family (the dense method's)
 
 # Methods of DESIGN.md that are not implemented yet (removed from here when they land), with the families they will support (for `diffattn methods`).
 PLANNED: dict[str, tuple[str, tuple[str, ...]]] = {
     "rectified": ("top-p block selection + pooled-attention rectification", ("wan", "hunyuan_video", "cogvideox", "flux")),
     "agent": ("agent tokens + agent attention (AgentSD)", ("unet", "flux", "sd3")),
+    "ficgen": ("frequency-aware regional (layout) attention", ("unet",)),
 }
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    summary: str
-    config_cls: type[MethodConfig]
-    families: tuple[str, ...]
-    build: Callable[[MethodConfig], AttentionMethod]
-
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
-    unknown = set(spec.families) - set(ALL_FAMILIES)
-    if unknown:
-        raise ValueError(f"method {spec.name!r} names unknown families {sorted(unknown)}; known: {ALL_FAMILIES}")
+    """Register a method (the built-ins register themselves from `BUILTIN_METHODS`; plugins may call this)."""
+    if not isinstance(spec, MethodSpec):
+        raise TypeError(f"register_method needs a MethodSpec, got {type(spec).__name__}")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -40,6 +44,11 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 def available_methods() -> list[str]:
     """Names of the methods that can be applied now, in registration order."""
     return list(_REGISTRY)
+
+
+def method_specs() -> list[MethodSpec]:
+    """The specs of the methods that can be applied now, in registration order."""
+    return list(_REGISTRY.values())
 
 
 def get_method(name: str) -> MethodSpec:
@@ -60,67 +69,14 @@ def build_method(name: str, **options: Any) -> AttentionMethod:
 
 
 def _register_builtins() -> None:
-    from .methods.dense import DenseConfig, DenseMethod
-    from .methods.ficgen import FICGenConfig, FICGenMethod
-    from .methods.freeswim import FreeSwimConfig, FreeSwimMethod
-    from .methods.neighborhood import GNAConfig, GNAMethod
-    from .methods.radial import RadialConfig, RadialMethod
-    from .methods.softpag import SoftPAGConfig, SoftPAGMethod
-
-    register_method(
-        MethodSpec(
-            name="dense",
-            summary="full attention through diffattn's path (equals the stock processors; the A/B baseline)",
-            config_cls=DenseConfig,
-            families=ALL_FAMILIES,
-            build=DenseMethod,
-        )
-    )
-    register_method(
-        MethodSpec(
-            name="radial",
-            summary="Radial Attention: static O(n log n) spatio-temporal block mask, dense warm-up steps and layers",
-            config_cls=RadialConfig,
-            families=("wan", "hunyuan_video", "cogvideox"),
-            build=RadialMethod,
-        )
-    )
-    register_method(
-        MethodSpec(
-            name="gna",
-            summary="generalized neighborhood attention (window, stride, dilation, causal) over the token grid",
-            config_cls=GNAConfig,
-            families=("wan", "hunyuan_video", "cogvideox", "flux", "sd3"),
-            build=GNAMethod,
-        )
-    )
-    register_method(
-        MethodSpec(
-            name="freeswim",
-            summary="FreeSwim: inward window + full-branch cross-attention override + cache, training-free high-res",
-            config_cls=FreeSwimConfig,
-            families=("wan",),
-            build=FreeSwimMethod,
-        )
-    )
-    register_method(
-        MethodSpec(
-            name="softpag",
-            summary="SoftPAG: head-level soft perturbed-attention guidance (HeadHunter heads, Diffusers PAG parity)",
-            config_cls=SoftPAGConfig,
-            families=("sd3", "flux", "unet", "wan", "hunyuan_video"),
-            build=SoftPAGMethod,
-        )
-    )
-    register_method(
-        MethodSpec(
-            name="ficgen",
-            summary="FICGen: frequency-aware regional (layout) attention; training-free or with trained modules",
-            config_cls=FICGenConfig,
-            families=("unet",),
-            build=FICGenMethod,
-        )
-    )
+    for module_name in BUILTIN_METHODS:
+        module = importlib.import_module(f"{__package__}.methods.{module_name}")
+        spec = getattr(module, "SPEC", None)
+        if not isinstance(spec, MethodSpec):
+            raise RuntimeError(f"diffattn.methods.{module_name} defines no SPEC = MethodSpec(...)")
+        if spec.name != module_name:
+            raise RuntimeError(f"diffattn.methods.{module_name}'s SPEC is named {spec.name!r}; name the module after it")
+        register_method(spec)
 
 
 _register_builtins()

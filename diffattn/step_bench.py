@@ -185,7 +185,7 @@ class ErrorProbe:
         self.name = getattr(method, "name", "?")
 
     def attend(self, call):
-        from .methods.joint import dense_attention
+        from .methods.base import dense_attention
 
         out = self.method.attend(call)
         if call.role in ("self", "joint"):
@@ -277,12 +277,12 @@ def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def schedule_period(method: str, options: dict[str, Any]) -> int:
-    """Steps after which a method's per-step work repeats (FreeSwim: `cache_steps`; dense and the others: 1)."""
-    if method == "freeswim":
-        import diffattn
+    """Steps after which a method's per-step work repeats (its spec's `schedule_period`: FreeSwim's `cache_steps`;
+    dense and the others: 1)."""
+    from .registry import get_method
 
-        return diffattn.registry.get_method(method).config_cls.from_options(**options).cache_steps
-    return 1
+    spec = get_method(method)
+    return spec.schedule_period(spec.config_cls.from_options(**options))
 
 
 @dataclass
@@ -728,9 +728,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.method == "freeswim" and not args.pipeline:
-        parser.error("freeswim's work changes from step to step (full branch, cache reuse, CFG passes): use --pipeline")
-    cfg_cls = diffattn.registry.get_method(args.method).config_cls
+    spec = diffattn.registry.get_method(args.method)
+    if spec.pipeline_only and not args.pipeline:
+        parser.error(f"{spec.pipeline_only}: use --pipeline")
+    cfg_cls = spec.config_cls
     args.opt = [(k, cfg_cls.parse_option(k, v)) for k, v in args.opt]
     for text in args.variant:
         parse_variant(args.method, text)  # fail before building the model

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import diffattn
-from diffattn.methods import neighborhood as gna_module
+from diffattn.methods import gna as gna_module
 
 import tiny
 

@@ -1,4 +1,4 @@
-"""`diffattn.masks.explore`: the mask explorer behind `diffattn mask` and the app, checked against independent
+"""`diffattn.explorer` (and `diffattn.masks.preview`): the mask explorer behind `diffattn mask` and the app, checked against independent
 references (the radial block mask, a token-level neighborhood mask reduced to tiles by brute force)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from diffattn.kernels.neighborhood.reference import neighborhood_mask
 
 from diffattn.masks import radial_mask
-from diffattn.masks.explore import (
+from diffattn.explorer import (
     GEOMETRIES,
     MaskView,
     explore_mask,
@@ -50,7 +50,7 @@ def _view_mask(view: MaskView) -> torch.Tensor:
     """The tile mask the picture shows (recomputed by the explorer's own builder at full size)."""
     from diffattn.kernels.neighborhood.tiling import make_plan
 
-    from diffattn.masks.explore import _tile_mask
+    from diffattn.masks.preview import _tile_mask
 
     def ints(text):
         return tuple(int(v) for v in text.split("x"))

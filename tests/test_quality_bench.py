@@ -13,7 +13,7 @@ import torch
 from diffattn.call import AttentionCall, LayerInfo
 from diffattn.context import TokenGrid
 from diffattn.energy import EnergyDecay, EnergyProbe, plot_energy_decay
-from diffattn.methods.joint import dense_attention
+from diffattn.methods.base import dense_attention
 from diffattn.metrics import psnr, ssim
 from diffattn.quality_bench import Geometry, demo_options, parse_method_opts
 

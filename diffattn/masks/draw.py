@@ -88,7 +88,7 @@ def block_mask_image(
     cell: int | None = None,
     caption: str | None = None,
 ):  # -> PIL.Image.Image (Pillow is imported lazily)
-    """The picture ``draw_block_mask`` writes, as a ``PIL.Image`` (for the app and ``masks.explore``).
+    """The picture ``draw_block_mask`` writes, as a ``PIL.Image`` (for the app and the Mask explorer).
 
     ``caption`` replaces the whole caption (title and the density of ``mask``): for a picture of a down-sampled
     mask, whose own density is not the real one.

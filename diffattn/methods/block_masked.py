@@ -1,5 +1,5 @@
 """Running a block mask over the video/image tokens of one attention call (Radial, and later block-masked
-methods), with text handled by `joint.visual_with_text`."""
+methods), with text handled by `text_split.visual_with_text`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 
 from ..call import AttentionCall
 from ..kernels import block_sparse_attention
-from .joint import can_split, dense_attention, visual_with_text
+from .base import dense_attention
+from .text_split import can_split, visual_with_text
 
 
 def block_masked_attention(call: AttentionCall, block_mask: torch.Tensor, block_size: int) -> torch.Tensor:

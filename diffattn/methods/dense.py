@@ -12,19 +12,25 @@ import torch
 
 from ..call import AttentionCall
 from ..config import MethodConfig
-from .base import AttentionMethod
-from .joint import dense_attention
+from ..families import FAMILY_NAMES
+from .base import AttentionMethod, dense_attention
+from .spec import MethodSpec
 
 
 @dataclass
 class DenseConfig(MethodConfig):
     """Dense attention has no options."""
 
-    method_name = "dense"
-
 
 class DenseMethod(AttentionMethod):
-    name = "dense"
-
     def attend(self, call: AttentionCall) -> torch.Tensor:
         return dense_attention(call)
+
+
+SPEC = MethodSpec(
+    name="dense",
+    summary="full attention through diffattn's path (equals the stock processors; the A/B baseline)",
+    config_cls=DenseConfig,
+    families=FAMILY_NAMES,
+    build=DenseMethod,
+)

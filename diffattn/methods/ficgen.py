@@ -43,6 +43,7 @@ from ..context import ForwardContext
 from ..frequency import BANDS, band_split
 from ..layout import Layout, background_map, occupancy
 from .base import AttentionMethod, require_grid
+from .spec import MethodSpec
 
 logger = logging.getLogger("diffattn")
 
@@ -232,8 +233,6 @@ def region_bias(maps: torch.Tensor, strength: float) -> torch.Tensor:
 # ---- options ----------------------------------------------------------------------------------------------------
 @dataclass
 class FICGenConfig(MethodConfig):
-    method_name = "ficgen"
-
     layout: Any = option(
         None,
         help="the layout: a diffattn.layout.Layout, its JSON dict/text or a path to layout.json (None: the layout "
@@ -292,8 +291,6 @@ class _ForwardState:
 
 
 class FICGenMethod(AttentionMethod):
-    name = "ficgen"
-
     def __init__(self, config: FICGenConfig, modules: torch.nn.Module | None = None) -> None:
         super().__init__(config)
         self.layer_names, self.layer_indices, self.all_layers = parse_layers(config.layers)
@@ -459,3 +456,14 @@ def _as_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
     return mask.to(dtype)
+
+
+SPEC = MethodSpec(
+    name="ficgen",
+    summary="FICGen: frequency-aware regional (layout) attention; training-free or with trained modules",
+    config_cls=FICGenConfig,
+    families=("unet",),
+    build=FICGenMethod,
+    role="guidance",
+    pipeline_only="needs a layout (layout= with a pipeline, or the layout pipeline); a bare forward runs stock attention",
+)

@@ -29,12 +29,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..call import AttentionCall
+from ..call import AttentionCall, ForwardContext
 from ..config import MethodConfig, option
-from ..context import ForwardContext
-from .base import AttentionMethod, require_grid
-from .joint import log_once
-from .neighborhood import grid_neighborhood_attention
+from ..geometry import TokenGrid
+from ..kernels.neighborhood import grid_neighborhood_attention
+from ..masks.preview import TILE_EXTRAS, MaskView, window_view
+from .base import AttentionMethod
+from .spec import DemoGeometry, MaskPreview, MethodSpec
+from .toolkit import append_rows, keep_rows, log_once, require_grid
 
 logger = logging.getLogger("diffattn")
 
@@ -43,8 +45,6 @@ DUAL, CACHED, WINDOW = "dual", "cached", "window"
 
 @dataclass
 class FreeSwimConfig(MethodConfig):
-    method_name = "freeswim"
-
     base_height: int = option(480, low=16, help="training height in pixels (the window is its token grid)")
     base_width: int = option(832, low=16, help="training width in pixels")
     cache_steps: int = option(2, low=1, help="the full branch runs every N steps; its cross-attention is reused between")
@@ -55,8 +55,6 @@ class FreeSwimConfig(MethodConfig):
 
 
 class FreeSwimMethod(AttentionMethod):
-    name = "freeswim"
-
     def __init__(self, config: FreeSwimConfig) -> None:
         super().__init__(config)
         self.cache: dict[int, torch.Tensor] = {}
@@ -89,12 +87,7 @@ class FreeSwimMethod(AttentionMethod):
         ctx.extras["freeswim_batch"] = ctx.batch_size
         if mode != DUAL:
             return None
-        changed = {}
-        for name in ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"):
-            value = args.get(name)
-            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == ctx.batch_size:
-                changed[name] = torch.cat([value, value], dim=0)
-        return changed
+        return append_rows(args, ctx.batch_size, slice(0, ctx.batch_size))  # rows [window; full]
 
     def finish_forward(self, ctx: ForwardContext | None, output: Any) -> Any:
         mode = ctx.extras.get("freeswim_mode") if ctx is not None else None
@@ -104,13 +97,7 @@ class FreeSwimMethod(AttentionMethod):
             self.cache.clear()
         if mode != DUAL:
             return output
-        b = ctx.extras["freeswim_batch"]
-        if isinstance(output, tuple):
-            return (output[0][:b], *output[1:])
-        if hasattr(output, "sample"):
-            output.sample = output.sample[:b]
-            return output
-        return output[:b]
+        return keep_rows(output, ctx.extras["freeswim_batch"])  # the window rows
 
     # ---- attention ------------------------------------------------------------------------------------------
     def window(self, grid) -> tuple[int, int, int]:
@@ -168,3 +155,37 @@ class FreeSwimMethod(AttentionMethod):
 
     def __repr__(self) -> str:
         return f"FreeSwimMethod({self.config}, cached layers: {len(self.cache)})"
+
+
+# ---- what other tools read ---------------------------------------------------------------------------------------
+def _demo_options(g: DemoGeometry) -> dict[str, Any]:
+    # FreeSwim's window is the training resolution's token grid, given in pixels through Wan's VAE factor (4, 8, 16)
+    # and patch 2. At the demo's native size that grid would cover everything; use a base grid of half the
+    # generated one (window 2*(H/4)+1 tokens, 16x16 -> 9x9), expressed in those pixel units with factor 4.
+    bh, bw = max(2, g.grid.height // 2), max(2, g.grid.width // 2)
+    return {"vae_scale_factor": 4, "base_height": bh * 2 * 4, "base_width": bw * 2 * 4}
+
+
+def _preview(label: str, grid: tuple[int, ...], family: str, cfg: FreeSwimConfig, extras: dict[str, Any]) -> MaskView:
+    """The window branch's key-tile visits: neighborhood attention with the window FreeSwim derives."""
+    if len(grid) != 3:
+        raise ValueError(f"freeswim needs a video geometry (frames, height, width); got {label}")
+    window = FreeSwimMethod(cfg).window(TokenGrid(*grid))
+    settings = {"kernel_size": window, "stride": (1, 1, 1), "dilation": (1, 1, 1), "is_causal": (False,) * 3}
+    head = {"method": "freeswim", "geometry": label, "family": family, "base_height": cfg.base_height,
+            "base_width": cfg.base_width, "vae_scale_factor": cfg.vae_scale_factor,
+            "note": "window branch only; the full-attention branch runs dense every cache_steps steps"}
+    return window_view("freeswim", label, grid, settings, extras, head)
+
+
+SPEC = MethodSpec(
+    name="freeswim",
+    summary="FreeSwim: inward window + full-branch cross-attention override + cache, training-free high-res",
+    config_cls=FreeSwimConfig,
+    families=("wan",),
+    build=FreeSwimMethod,
+    demo_options=_demo_options,
+    preview_mask=MaskPreview(_preview, options=("base_height", "base_width", "vae_scale_factor"), extras=TILE_EXTRAS),
+    schedule_period=lambda cfg: cfg.cache_steps,
+    pipeline_only="freeswim's work changes from step to step (full branch, cache reuse, CFG passes)",
+)

@@ -12,12 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
+from typing import Any
+
 from ..call import AttentionCall
 from ..config import MethodConfig, option
-from ..masks.radial import radial_mask
-from .base import AttentionMethod, require_grid
+from ..masks.preview import MaskView, block_picture
+from ..masks.radial import describe, radial_mask
+from .base import AttentionMethod
 from .block_masked import block_masked_attention
-from .joint import dense_attention, log_once
+from .spec import DemoGeometry, MaskPreview, MethodSpec
+from .toolkit import DenseWarmup, dense_attention, log_once, require_grid
 
 # Defaults per family, from the upstream scripts (Wan 2.1 T2V 14B and HunyuanVideo T2V, 1x length). Upstream has
 # no CogVideoX integration: its defaults here are untuned (Wan's warm-up, a conservative decay factor of 1.0).
@@ -30,8 +34,6 @@ FAMILY_DEFAULTS = {
 
 @dataclass
 class RadialConfig(MethodConfig):
-    method_name = "radial"
-
     dense_timesteps: int | None = option(
         None, low=0, help="the first N denoising steps run dense (None: family default, 12; upstream Wan 2.2: 11)"
     )
@@ -54,8 +56,6 @@ class RadialConfig(MethodConfig):
 
 
 class RadialMethod(AttentionMethod):
-    name = "radial"
-
     def __init__(self, config: RadialConfig) -> None:
         super().__init__(config)
         self._masks: dict[tuple, torch.Tensor] = {}
@@ -73,24 +73,8 @@ class RadialMethod(AttentionMethod):
 
     def runs_dense(self, call: AttentionCall, s: dict) -> bool:
         """Warm-up steps, dense first layers, and the optional last steps."""
-        if call.layer.index >= 0 and call.layer.index < s["dense_layers"]:
-            return True
-        ctx = call.context
-        if ctx is None:
-            if s["dense_timesteps"] or s["dense_last_steps"]:
-                raise RuntimeError(
-                    "radial: dense warm-up steps need the denoising step, and this processor has no per-forward "
-                    "context: install it with diffattn.apply(...), or pass dense_timesteps=0 and dense_last_steps=0"
-                )
-            return False
-        if ctx.step_index < s["dense_timesteps"]:
-            return True
-        if s["dense_last_steps"]:
-            if ctx.num_steps is None:
-                raise RuntimeError("radial: dense_last_steps needs the number of steps, which this pipeline does not expose")
-            if ctx.step_index >= ctx.num_steps - s["dense_last_steps"]:
-                return True
-        return False
+        warmup = DenseWarmup(s["dense_layers"], s["dense_timesteps"], s["dense_last_steps"])
+        return warmup.runs_dense(call, self.name)
 
     def mask_for(self, frames: int, tokens_per_frame: int, s: dict, device: torch.device) -> torch.Tensor:
         """The block mask on `device`, built once per geometry and device (its index lists are cached per mask)."""
@@ -122,3 +106,42 @@ class RadialMethod(AttentionMethod):
             return dense_attention(call)
         mask = self.mask_for(grid.frames, grid.tokens_per_frame, s, call.q.device)
         return block_masked_attention(call, mask, s["block_size"])
+
+
+# ---- what other tools read: the quality bench's demo options and the Mask explorer's picture --------------------
+def _demo_options(g: DemoGeometry) -> dict[str, Any]:
+    # Radial's blocks must tile a frame several times for its frame-distance bands to mean anything: the largest
+    # allowed block with >= 4 blocks per frame (256 tokens/frame -> 64). Its warm-up is 12 dense steps of 50
+    # upstream; keep that share of our (fewer) steps.
+    per_frame = g.grid.tokens_per_frame
+    block = max([b for b in (16, 32, 64, 128) if per_frame // b >= 4] or [16])
+    return {"block_size": block, "dense_timesteps": round(g.steps * 12 / 50)}
+
+
+def _preview(label: str, grid: tuple[int, ...], family: str, cfg: RadialConfig, extras: dict[str, Any]) -> MaskView:
+    """Radial's block mask at `grid` with the family's defaults under the given options."""
+    if len(grid) != 3 or grid[0] < 2:
+        raise ValueError(f"radial needs a video geometry with at least 2 frames (frames, height, width); got {label}")
+    s = RadialMethod(cfg).settings(family)
+    frames, tokens = grid[0], grid[1] * grid[2]
+    kwargs = {"block_size": s["block_size"], "decay_factor": float(s["decay_factor"]), "sink": bool(s["sink"])}
+    mask = radial_mask(frames, tokens, **kwargs)
+    info = {"method": "radial", "geometry": label, "family": family, "grid": "x".join(map(str, grid)),
+            **describe(frames, tokens, **kwargs)}
+    density = info["density"]
+    caption = (f"radial {label} ({frames}x{tokens}) block {s['block_size']} decay {s['decay_factor']:g}"
+               f"{'' if s['sink'] else ' no sink'} - density {density:.1%} ({info['kept_blocks']}/{mask.numel()} blocks)")
+    image, info["picture"] = block_picture(mask, caption, tokens_per_frame=tokens, block_size=s["block_size"])
+    return MaskView("radial", grid, image, density, 1.0 / density, info)
+
+
+SPEC = MethodSpec(
+    name="radial",
+    summary="Radial Attention: static O(n log n) spatio-temporal block mask, dense warm-up steps and layers",
+    config_cls=RadialConfig,
+    families=("wan", "hunyuan_video", "cogvideox"),
+    build=RadialMethod,
+    demo_options=_demo_options,
+    preview_mask=MaskPreview(_preview, options=("block_size", "decay_factor", "sink")),
+    cli_flags=("decay_factor", "dense_timesteps", "dense_layers", "block_size"),
+)

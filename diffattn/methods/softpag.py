@@ -62,11 +62,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..call import AttentionCall
+from ..call import AttentionCall, ForwardContext
 from ..config import MethodConfig, option
-from ..context import ForwardContext
 from .base import AttentionMethod
 from .softpag_presets import get_preset
+from .spec import DemoGeometry, MethodSpec
+from .toolkit import append_rows, output_sample, take_rows, with_output_sample
 
 logger = logging.getLogger("diffattn")
 
@@ -322,8 +323,6 @@ def soft_perturbed_attention(
 # ---- options ---------------------------------------------------------------------------------------------------
 @dataclass
 class SoftPAGConfig(MethodConfig):
-    method_name = "softpag"
-
     heads: Any = option(
         None,
         help="heads to perturb: 'L11H15,L1H10', 'L5' (all heads of layer 5), 'all', a preset 'sd3:golden-hour', "
@@ -382,55 +381,10 @@ class _ForwardState:
     arguments: dict[str, Any] | None = None
 
 
-# FLUX's 2-D position ids [S, 3] have no batch dimension (S may equal the batch by chance); SDXL's `time_ids` do.
-_POSITION_IDS = ("img_ids", "txt_ids")
-
-
-def _rows_of(value: Any, batch: int, rows: slice, name: str = "") -> Any:
-    """`value` restricted to batch `rows` (tensors whose first dim is the batch; dicts recursively)."""
-    if isinstance(value, torch.Tensor):
-        if value.ndim == 0 or value.shape[0] != batch or (name in _POSITION_IDS and value.ndim == 2):
-            return value
-        return value[rows]
-    if isinstance(value, dict):
-        return {k: _rows_of(v, batch, rows, k) for k, v in value.items()}
-    return value
-
-
-def _append_rows(value: Any, batch: int, rows: slice, name: str = "") -> Any:
-    """`value` with batch `rows` appended (the perturbed copies of the conditional rows)."""
-    if isinstance(value, torch.Tensor):
-        if value.ndim == 0 or value.shape[0] != batch or (name in _POSITION_IDS and value.ndim == 2):
-            return value
-        return torch.cat([value, value[rows]], dim=0)
-    if isinstance(value, dict):
-        return {k: _append_rows(v, batch, rows, k) for k, v in value.items()}
-    return value
-
-
-def _sample(output: Any) -> torch.Tensor:
-    if isinstance(output, tuple):
-        return output[0]
-    if hasattr(output, "sample"):
-        return output.sample
-    return output
-
-
-def _with_sample(output: Any, sample: torch.Tensor) -> Any:
-    if isinstance(output, tuple):
-        return (sample, *output[1:])
-    if hasattr(output, "sample"):
-        output.sample = sample
-        return output
-    return sample
-
-
 _LATENT_ARGS = ("hidden_states", "sample")
 
 
 class SoftPAGMethod(AttentionMethod):
-    name = "softpag"
-
     def __init__(self, config: SoftPAGConfig) -> None:
         super().__init__(config)
         self.spec = parse_heads(config.heads)
@@ -531,10 +485,10 @@ class SoftPAGMethod(AttentionMethod):
         if s == 0.0:
             return None
         if not self.config.batched:
-            state.arguments = {k: _rows_of(v, b, cond, k) for k, v in args.items()}
+            state.arguments = take_rows(args, b, cond)
             return None
         state.rows = slice(b, b + cond.stop - cond.start)
-        return {k: _append_rows(v, b, cond, k) for k, v in args.items()}
+        return append_rows(args, b, cond)
 
     def _find_model(self, ctx: ForwardContext) -> torch.nn.Module:
         """The model whose forward is finishing (the separate perturbed pass re-runs it).
@@ -556,7 +510,7 @@ class SoftPAGMethod(AttentionMethod):
         state: _ForwardState | None = None if ctx is None else ctx.extras.get(_STATE_KEY)
         if state is None or state.kind is None or self._inner:
             return output
-        sample = _sample(output)
+        sample = output_sample(output)
         if state.kind == "uncond":
             if state.scale == 0.0:
                 return output
@@ -566,7 +520,7 @@ class SoftPAGMethod(AttentionMethod):
                     "softpag: an unconditional pass came before the conditional pass of its step (or with another "
                     "batch); the guidance shift is computed in the conditional pass, which must come first"
                 )
-            return _with_sample(output, sample + shift.to(sample.dtype))
+            return with_output_sample(output, sample + shift.to(sample.dtype))
         if state.scale == 0.0:
             return output
         b, cond = state.batch, state.cond
@@ -577,7 +531,7 @@ class SoftPAGMethod(AttentionMethod):
             model = self._find_model(ctx)
             self._inner = True
             try:
-                perturbed = _sample(model(**state.arguments))
+                perturbed = output_sample(model(**state.arguments))
             finally:
                 self._inner = False
         shift = state.scale * (eps[cond] - perturbed)
@@ -586,7 +540,7 @@ class SoftPAGMethod(AttentionMethod):
         else:
             guided = eps + shift
             self._pending = {ctx.step_index: shift}
-        return _with_sample(output, guided)
+        return with_output_sample(output, guided)
 
     # ---- attention --------------------------------------------------------------------------------------------
     def _rows(self, ctx: ForwardContext | None) -> slice | None:
@@ -652,3 +606,19 @@ class SoftPAGMethod(AttentionMethod):
 
     def __repr__(self) -> str:
         return f"SoftPAGMethod({self.config})"
+
+
+def _demo_options(g: DemoGeometry) -> dict[str, Any]:
+    # SoftPAG needs heads; without a HeadHunter search for the demo models take all heads of the middle layer.
+    return {"heads": f"L{g.num_layers // 2}"}
+
+
+SPEC = MethodSpec(
+    name="softpag",
+    summary="SoftPAG: head-level soft perturbed-attention guidance (HeadHunter heads, Diffusers PAG parity)",
+    config_cls=SoftPAGConfig,
+    families=("sd3", "flux", "unet", "wan", "hunyuan_video"),
+    build=SoftPAGMethod,
+    role="guidance",
+    demo_options=_demo_options,
+)

@@ -1,6 +1,6 @@
 """Generalized neighborhood attention (NATTEN semantics) in 1-3 spatial dims: Triton kernel, CPU path, reference.
 
-`neighborhood_attention` is the front door; `neighborhood_attention_blocked` the plain-PyTorch tiled path (the
+`neighborhood_attention` is the front door (`grid_neighborhood_attention` the same on raster-ordered `[B, H, S, D]`); `neighborhood_attention_blocked` the plain-PyTorch tiled path (the
 default off CUDA); `neighborhood_attention_reference` the ground truth;
 `tiling` holds the window tables and tile choice shared with the simulator `diffattn.gna`.
 """
@@ -8,6 +8,7 @@ default off CUDA); `neighborhood_attention_reference` the ground truth;
 from .blocked import neighborhood_attention_blocked
 from .checks import BACKENDS, NAParams, normalize_params
 from .functional import default_backend, get_plan, neighborhood_attention
+from .raster import grid_neighborhood_attention
 from .reference import neighborhood_attention_reference, neighborhood_mask
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "NAParams",
     "default_backend",
     "get_plan",
+    "grid_neighborhood_attention",
     "neighborhood_attention",
     "neighborhood_attention_blocked",
     "neighborhood_attention_reference",

@@ -16,11 +16,12 @@ import torch
 
 from ..call import AttentionCall
 from ..config import MethodConfig, option
-from ..kernels import neighborhood_attention
-from .base import AttentionMethod, require_grid
-from .joint import can_split, dense_attention, log_once, visual_with_text
-
-IMAGE_FAMILIES = ("flux", "sd3")
+from ..families import IMAGE_FAMILIES
+from ..kernels.neighborhood import grid_neighborhood_attention
+from ..masks.preview import TILE_EXTRAS, MaskView, window_view
+from .base import AttentionMethod
+from .spec import DemoGeometry, MaskPreview, MethodSpec
+from .toolkit import DenseWarmup, can_split, dense_attention, log_once, require_grid, visual_with_text
 
 # Published configurations (NATTEN docs / GNA paper) and a Cosmos-style per-layer mix for Wan 720p.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -60,8 +61,6 @@ def _per_axis_values(value: Any, name: str) -> tuple:
 
 @dataclass
 class GNAConfig(MethodConfig):
-    method_name = "gna"
-
     kernel_size: Any = option(
         None, help="window per axis (int, or (T,H,W) / (H,W)); -1 = the whole axis. Needed unless a preset is given"
     )
@@ -103,38 +102,15 @@ class GNAConfig(MethodConfig):
                     )
 
 
-def grid_neighborhood_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    shape: tuple[int, ...],
-    kernel_size: Any,
-    stride: Any = 1,
-    dilation: Any = 1,
-    is_causal: Any = False,
-    *,
-    scale: float | None = None,
-    extra_k: torch.Tensor | None = None,
-    extra_v: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Neighborhood attention of raster-ordered tokens `[B, H, S, D]` over the token grid `shape` (S = prod(shape)):
-    the layout change to NATTEN's `[B, *shape, H, D]` and back, text keys `[B, H, T, D]` as extra keys."""
-    b, h, _, d = q.shape
-
-    def to_grid(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], h, *shape, d).movedim(1, -2)
-
-    ek = None if extra_k is None else extra_k.transpose(1, 2)
-    ev = None if extra_v is None else extra_v.transpose(1, 2)
-    out = neighborhood_attention(
-        to_grid(q), to_grid(k), to_grid(v), kernel_size, stride, dilation, is_causal, scale=scale, extra_k=ek, extra_v=ev
-    )
-    return out.movedim(-2, 1).reshape(q.shape)
+def spatial_shape(grid: tuple[int, ...], family: str) -> tuple[int, ...]:
+    """The grid GNA attends over: (frames, height, width) for video, (height, width) for image families and
+    single frames."""
+    if len(grid) == 3 and (family in IMAGE_FAMILIES or grid[0] == 1):
+        return tuple(grid[1:])
+    return tuple(grid)
 
 
 class GNAMethod(AttentionMethod):
-    name = "gna"
-
     def settings_for(self, layer_index: int) -> dict[str, Any]:
         """Window, stride, dilation and causality of one layer (preset, then options, then per-layer overrides)."""
         cfg = self.config
@@ -195,23 +171,57 @@ class GNAMethod(AttentionMethod):
             return dense_attention(call)
         if self.config.layers is not None and call.layer.index not in self.config.layers:
             return dense_attention(call)
-        ctx = call.context
-        if self.config.dense_timesteps:
-            if ctx is None:
-                raise RuntimeError(
-                    "gna: dense_timesteps needs the denoising step and this processor has no per-forward context: "
-                    "install it with diffattn.apply(...) or pass dense_timesteps=0"
-                )
-            if ctx.step_index < self.config.dense_timesteps:
-                return dense_attention(call)
+        if DenseWarmup(first_steps=self.config.dense_timesteps).runs_dense(call, self.name):
+            return dense_attention(call)
         grid = require_grid(call, self.name)
-        family = ctx.family if ctx is not None else ""
-        shape: tuple[int, ...] = tuple(grid)
-        if family in IMAGE_FAMILIES or grid.frames == 1:
-            shape = (grid.height, grid.width)
+        shape = spatial_shape(tuple(grid), call.context.family if call.context is not None else "")
         s = self.fit(shape, self.settings_for(call.layer.index), call.layer.path)
 
         def visual(batch_index, q, k, v, extra_k, extra_v):
             return grid_neighborhood_attention(q, k, v, shape, **s, scale=call.scale, extra_k=extra_k, extra_v=extra_v)
 
         return visual_with_text(call, visual)
+
+
+# ---- what other tools read: the quality bench's demo options and the Mask explorer's picture --------------------
+def _odd_half(n: int) -> int:
+    """About half of an axis, odd (a centred window), at least 1 and at most the axis."""
+    k = max(1, n // 2)
+    return k if k % 2 else k + 1  # n // 2 + 1 <= n for n >= 2
+
+
+def _demo_options(g: DemoGeometry) -> dict[str, Any]:
+    # GNA has no default window; the presets are for 720p/4K grids, larger than the demo grids. Use about half of
+    # each axis (odd, centred): 17x16x16 -> (9, 9, 9), 64x64 -> (33, 33); each query sees ~17-27% of the keys.
+    axes = tuple(g.grid) if g.family not in IMAGE_FAMILIES else (g.grid.height, g.grid.width)
+    return {"kernel_size": tuple(_odd_half(n) for n in axes)}
+
+
+def _preview(label: str, grid: tuple[int, ...], family: str, cfg: GNAConfig, extras: dict[str, Any]) -> MaskView:
+    """The key tiles our kernel visits for one layer's window at `grid`."""
+    extras = dict(extras)
+    layer = extras.pop("layer", 0)
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"layer must be an int >= 0, got {layer!r}")
+    method = GNAMethod(cfg)
+    shape = spatial_shape(grid, family)
+    settings = method.fit(shape, method.settings_for(layer), "mask explorer")
+    head = {"method": "gna", "geometry": label, "family": family, "layer": layer}
+    if cfg.preset:
+        head["preset"] = cfg.preset
+    return window_view("gna", label, shape, settings, extras, head)
+
+
+SPEC = MethodSpec(
+    name="gna",
+    summary="generalized neighborhood attention (window, stride, dilation, causal) over the token grid",
+    config_cls=GNAConfig,
+    families=("wan", "hunyuan_video", "cogvideox", "flux", "sd3"),
+    build=GNAMethod,
+    demo_options=_demo_options,
+    preview_mask=MaskPreview(
+        _preview,
+        options=("kernel_size", "stride", "dilation", "is_causal", "preset"),
+        extras={**TILE_EXTRAS, "layer": "layer index, for presets whose window differs per layer (default 0)"},
+    ),
+)

@@ -7,32 +7,20 @@ the same softmax as the kernels' extra keys. Text queries attend every valid key
 
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..call import AttentionCall
-
-logger = logging.getLogger("diffattn")
-_logged: set[str] = set()
+from ..log import log_once
+from .base import dense_attention
 
 # visual_fn(batch_index, q_v, k_v, v_v, extra_k, extra_v) -> out_v, all [b, H, S, D]; batch_index is None when
 # the call's whole batch is passed, else the LongTensor of the batch elements passed.
 VisualFn = Callable[..., torch.Tensor]
 
-
-def log_once(key: str, message: str, *args) -> None:
-    """Log a decision (e.g. running dense for a shape) once per process, not once per layer and step."""
-    if key not in _logged:
-        _logged.add(key)
-        logger.info(message, *args)
-
-
-def dense_attention(call: AttentionCall) -> torch.Tensor:
-    """Exactly what the stock processor computes."""
-    return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=call.attn_mask, scale=call.scale)
+__all__ = ["VisualFn", "can_split", "text_key_groups", "visual_with_text"]
 
 
 def text_key_groups(call: AttentionCall) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:

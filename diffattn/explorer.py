@@ -1,0 +1,153 @@
+"""Mask explorer: the block/tile pattern a method computes at a named model geometry, its density and the speed-up
+that density bounds. One function (`explore_mask`) serves `diffattn mask` and the app's Mask explorer.
+
+Every method whose spec has a `preview_mask` can be explored (`METHODS`); the spec says which of its options shape
+the mask and draws it (radial: its block mask; gna and freeswim: the key tiles our neighborhood-attention kernel
+visits, from the same tables the kernel reads). The pictures and numbers are `diffattn.masks.preview`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .config import parse_structured
+from .masks.preview import MaskView
+from .methods.spec import MethodSpec
+from .registry import get_method, method_specs
+
+logger = logging.getLogger("diffattn")
+
+__all__ = ["GEOMETRIES", "METHODS", "Geometry", "MaskView", "explore_mask", "mask_options", "parse_mask_options"]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A model's token grid after patchify: ``(frames, height, width)`` for video, ``(height, width)`` for images."""
+
+    name: str
+    grid: tuple[int, ...]
+    family: str  # a diffattn.adapters family name; "image" for an image model whose family does not matter here
+    doc: str
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.grid)
+
+
+def _geometries(*items: Geometry) -> dict[str, Geometry]:
+    return {g.name: g for g in items}
+
+
+# Exact production shapes: /work/shared/ecosystem.md section 5 (latent frames (F-1)/4+1, tokens (H/16)x(W/16)).
+GEOMETRIES: dict[str, Geometry] = _geometries(
+    Geometry("wan-1.3b-480p", (21, 30, 52), "wan", "Wan2.1 T2V 1.3B, 480x832, 81 frames (32,760 tokens)"),
+    Geometry("wan-14b-480p", (21, 30, 52), "wan", "Wan2.1 T2V 14B, 480x832, 81 frames (32,760 tokens)"),
+    Geometry("wan-14b-720p", (21, 45, 80), "wan", "Wan2.1 T2V 14B, 720x1280, 81 frames (75,600 tokens)"),
+    Geometry("wan-14b-768p", (18, 48, 80), "wan", "Wan2.1 14B at Radial's default 768x1280, 69 frames (69,120 tokens)"),
+    Geometry("hunyuan-720p", (33, 45, 80), "hunyuan_video", "HunyuanVideo, 720x1280, 129 frames (118,800 tokens)"),
+    Geometry("hunyuan-768p", (30, 48, 80), "hunyuan_video",
+             "HunyuanVideo, 768x1280, 117 frames (115,200 tokens; STA/NATTEN's shape, gna preset hunyuan-720p)"),
+    Geometry("cogvideox-480p", (13, 30, 45), "cogvideox", "CogVideoX 2B/5B, 480x720, 49 frames (17,550 tokens)"),
+    Geometry("flux-1024", (64, 64), "flux", "FLUX.1-dev 1024x1024 (4,096 image tokens)"),
+    Geometry("flux-4k", (256, 256), "flux", "FLUX.1-dev 4096x4096 (65,536 tokens; gna preset flux-4k)"),
+    Geometry("sd3-1024", (64, 64), "sd3", "SD3 / SD3.5 1024x1024 (4,096 image tokens)"),
+    Geometry("demo-video", (17, 16, 16), "wan", "the bundled demo video model (diffattn.demo)"),
+    Geometry("demo-image", (64, 64), "image", "the bundled demo image model (diffattn.demo)"),
+)
+
+
+# Methods the explorer can draw: those whose spec has a `preview_mask`, in registration order.
+METHODS: tuple[str, ...] = tuple(spec.name for spec in method_specs() if spec.preview_mask is not None)
+
+def _spec(method: str) -> MethodSpec:
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"no mask picture for method {method!r}; accepted methods: {', '.join(METHODS)}")
+    return get_method(method)
+
+
+def mask_options(method: str) -> dict[str, str]:
+    """Options `explore_mask` accepts for `method`, with their help text (the method's own, where it has one)."""
+    spec = _spec(method)
+    specs = {s.name: s for s in spec.config_cls.option_specs()}
+    out = {name: f"{specs[name].help} ({specs[name].accepted()})" for name in spec.preview_mask.options}
+    out.update(spec.preview_mask.extras)
+    return out
+
+
+def parse_mask_options(method: str, pairs: list[str] | dict[str, str]) -> dict[str, Any]:
+    """CLI/app text (``["decay_factor=0.2", "kernel_size=18,24,24"]`` or a dict of strings) -> typed options.
+
+    Config options are parsed by the method's config (its types and messages); the explorer-only options (tile
+    shapes, ``layer``) as structured values (comma-separated ints). Unknown names raise `ValueError` listing the
+    accepted ones.
+    """
+    spec = _spec(method)
+    items: list[tuple[str, str]] = []
+    if isinstance(pairs, dict):
+        items = [(str(k), str(v)) for k, v in pairs.items()]
+    else:
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise ValueError(f"mask options are key=value, got {pair!r}")
+            items.append((key.strip(), value))
+    out: dict[str, Any] = {}
+    for key, value in items:
+        if key in spec.preview_mask.options:
+            out[key] = spec.config_cls.parse_option(key, value)
+        elif key in spec.preview_mask.extras:
+            out[key] = parse_structured(value.strip())
+        else:
+            raise ValueError(_unknown_option(spec, key))
+    return out
+
+
+def _unknown_option(spec: MethodSpec, key: str) -> str:
+    accepted = ", ".join((*spec.preview_mask.options, *spec.preview_mask.extras))
+    return f"unknown mask option {key!r} for method {spec.name!r}; accepted: {accepted}"
+
+
+def _resolve_geometry(geometry: str | tuple[int, ...] | list[int], family: str | None) -> tuple[str, tuple[int, ...], str]:
+    """(label, grid, family) from a name of `GEOMETRIES` or an explicit grid."""
+    if isinstance(geometry, str):
+        if geometry not in GEOMETRIES:
+            raise ValueError(f"unknown geometry {geometry!r}; accepted: {', '.join(GEOMETRIES)} or a grid (F, H, W) / (H, W)")
+        g = GEOMETRIES[geometry]
+        return g.name, g.grid, family or g.family
+    if not isinstance(geometry, (tuple, list)) or len(geometry) not in (2, 3) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in geometry
+    ):
+        raise ValueError(
+            f"geometry must be a name ({', '.join(GEOMETRIES)}) or a grid of 2 or 3 ints >= 1 "
+            f"((frames, height, width) or (height, width)), got {geometry!r}"
+        )
+    grid = tuple(int(v) for v in geometry)
+    return "x".join(map(str, grid)), grid, family or ("wan" if len(grid) == 3 else "image")
+
+
+def explore_mask(method: str, geometry: str | tuple[int, ...], *, family: str | None = None, **options: Any) -> MaskView:
+    """The mask `method` computes at `geometry`, with the method's own options and defaults.
+
+    Args:
+        method: a method of `METHODS` (``radial``, ``gna``, ``freeswim``).
+        geometry: a name from `GEOMETRIES` or a token grid ``(frames, height, width)`` / ``(height, width)``.
+        family: the model family whose defaults apply (default: the geometry's; ``wan`` for explicit video grids).
+        options: the method's mask options (`mask_options(method)` lists them), e.g. ``decay_factor=0.2``,
+            ``kernel_size=(18, 24, 24)``, ``base_height=480``; ``q_tile``/``kv_tile`` pick tile shapes (gna, freeswim).
+
+    Raises:
+        ValueError: unknown method, geometry or option, or a value the method refuses; the message names it and
+            what is accepted.
+    """
+    spec = _spec(method)
+    label, grid, fam = _resolve_geometry(geometry, family)
+    preview = spec.preview_mask
+    unknown = [k for k in options if k not in preview.options and k not in preview.extras]
+    if unknown:
+        raise ValueError(_unknown_option(spec, unknown[0]))
+    config = spec.config_cls.from_options(**{k: v for k, v in options.items() if k in preview.options})
+    extras = {k: v for k, v in options.items() if k in preview.extras}
+    return preview.draw(label, grid, fam, config, extras)
