@@ -27,7 +27,6 @@ ALL_FAMILIES = FAMILY_NAMES  # every model family (the dense method's)
 PLANNED: dict[str, tuple[str, tuple[str, ...]]] = {
     "rectified": ("top-p block selection + pooled-attention rectification", ("wan", "hunyuan_video", "cogvideox", "flux")),
     "agent": ("agent tokens + agent attention (AgentSD)", ("unet", "flux", "sd3")),
-    "ficgen": ("frequency-aware regional (layout) attention", ("unet",)),
 }
 
 _REGISTRY: dict[str, MethodSpec] = {}
