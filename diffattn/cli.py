@@ -28,6 +28,7 @@ BENCHES = {
     "step": ("diffattn.step_bench", "one denoising step of a full-size video transformer, dense vs a method"),
     "quality": ("diffattn.quality_bench", "every method vs dense on the demo models: PSNR, SSIM, attention energy decay"),
     "highres": ("diffattn.highres_bench", "FreeSwim end to end at 1080p (Wan2.1-1.3B config) under a GPU memory cap"),
+    "layout": ("diffattn.pipelines.ficgen_bench", "FICGen layout accuracy on the UNet demo model; SD1.5 step overhead"),
 }
 
 
