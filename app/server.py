@@ -35,6 +35,7 @@ def build_app(video_model: str | None = None, image_model: str | None = None, de
     import gradio as gr
 
     from ..generate import torch_dtype
+    from .layout_tab import layout_tab
     from .mask_tab import mask_tab
     from .tabs import compare_tab, generation_tab
 
@@ -52,6 +53,7 @@ def build_app(video_model: str | None = None, image_model: str | None = None, de
                 compare_tab(runner, video_model, image_model, demo)
             with gr.Tab("Mask explorer", elem_id="tab-mask"):
                 mask_tab(demo)
+            layout_tab(runner, demo)  # app/layout_tab.py (FICGen)
     demo.diffattn_out_dir = str(out)  # the launcher allows Gradio to serve files from here
     return demo
 
