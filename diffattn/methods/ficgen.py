@@ -441,12 +441,14 @@ class FICGenMethod(AttentionMethod):
             if pooled_text.shape[0] == 1 and nc > 1:
                 pooled_text = pooled_text.expand(nc, -1)
             tokens = modules.tokens(inputs, pooled_text, nc, q.device, pd)
-            mixed = layer_module(call.hidden_states[rows].to(pd), global_out.to(pd), phrase_out.to(pd), maps, tokens, hw)
+            mixed = layer_module(call.hidden_states[rows].to(pd), global_out.to(pd), phrase_out.to(pd), maps.to(pd),
+                                 tokens, hw)
         else:
-            mixed = frequency_composite(
-                global_out, phrase_out, maps, hw, rho=self.config.rho, alpha=self.config.alpha, beta=self.config.beta,
-                band=self.config.band, instance_weight=self.config.instance_weight,
-            )
+            with torch.autocast(q.device.type, enabled=False):  # FFTs have no bf16 kernels
+                mixed = frequency_composite(
+                    global_out, phrase_out, maps, hw, rho=self.config.rho, alpha=self.config.alpha,
+                    beta=self.config.beta, band=self.config.band, instance_weight=self.config.instance_weight,
+                )
         out = dense.clone()
         out[rows] = mixed.to(dense.dtype)
         return out

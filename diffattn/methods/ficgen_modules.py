@@ -305,7 +305,12 @@ class VFELayer(nn.Module):
 
     def forward(self, x, global_out, phrase_out, maps, tokens, hw) -> torch.Tensor:
         """x `[B, S, Cq]`; global_out `[B, H, S, D]`; phrase_out `[B, n, H, S, D]`; maps `[B, n, S]`; tokens from
-        `FICGenModules.tokens` (expanded to B rows). Returns `[B, H, S, D]`."""
+        `FICGenModules.tokens` (expanded to B rows). Returns `[B, H, S, D]`. Runs in the modules' own dtype with
+        autocast off (the FFTs and complex products have no bf16 kernels; the modules are small)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self._forward(x, global_out, phrase_out, maps, tokens, hw)
+
+    def _forward(self, x, global_out, phrase_out, maps, tokens, hw) -> torch.Tensor:
         from .ficgen import region_bias
 
         b, heads, s, d = global_out.shape
@@ -402,7 +407,8 @@ class FICGenModules(nn.Module):
                                 antialias=True, align_corners=False).unflatten(0, (b, n))
         exemplar = F.interpolate(exemplar.to(param.device, param.dtype), size=(r, r), mode="bilinear", antialias=True,
                                  align_corners=False)
-        hf, lf, box = self.sampler(patches, exemplar, inputs.boxes.to(param.device, param.dtype))
+        with torch.autocast(param.device.type, enabled=False):
+            hf, lf, box = self.sampler(patches, exemplar, inputs.boxes.to(param.device, param.dtype))
         phrase_pooled = inputs.phrase_pooled if inputs.phrase_pooled is not None else pooled(inputs.phrase_embeds)
         out = [hf, lf, box, phrase_pooled.to(param.device, param.dtype), None, inputs.valid.to(param.device)]
         if b == 1 and rows > 1:
