@@ -143,17 +143,25 @@ def generate(pipe: Any, items: list[dict[str, Any]], variant: str, *, weights: A
 
 def layout_accuracy(pipe: Any, *, weights: Any = None, n: int = 64, steps: int = 20, seed: int = 0,
                     modes: tuple[str, ...] = ("grid", "free"), options: dict[str, Any] | None = None,
-                    references: ShapesReferenceBank | None = None) -> dict[str, Any]:
+                    references: ShapesReferenceBank | None = None,
+                    extra_free: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Scores per `set/variant`; `extra_free` adds training-free variants with other options (`free[k=v,...]`)."""
     results: dict[str, Any] = {}
-    variants = ["stock", "free"] + (["trained"] if weights is not None else [])
+    variants: list[tuple[str, str, dict[str, Any]]] = [("stock", "stock", {}), ("free", "free", options or {})]
+    for extra in extra_free or []:
+        label = "free[" + ",".join(f"{k}={v}" for k, v in extra.items()) + "]"
+        variants.append((label, "free", {**(options or {}), **extra}))
+    if weights is not None:
+        variants.append(("trained", "trained", options or {}))
     for mode in modes:
         items = random_layouts(n, seed=seed, mode=mode)
-        for variant in variants:
+        for label, variant, opts in variants:
             start = time.perf_counter()
             imgs = generate(pipe, items, variant, weights=weights, steps=steps, seed=seed, references=references,
-                            options=options)
-            results[f"{mode}/{variant}"] = {**summarise(score(imgs, items)), "seconds": time.perf_counter() - start}
-            results[f"{mode}/{variant}"]["_images"] = imgs[:8]
+                            options=opts)
+            results[f"{mode}/{label}"] = {**summarise(score(imgs, items)), "seconds": time.perf_counter() - start,
+                                          "options": opts}
+            results[f"{mode}/{label}"]["_images"] = imgs[:8]
     return results
 
 
@@ -226,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--overhead", action="store_true", help="also time the SD1.5 UNet step (GPU)")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="training-free ficgen option")
+    parser.add_argument("--also", action="append", default=[], metavar="K=V;K=V",
+                        help="another training-free variant with these options (repeatable), e.g. 'alpha=1;beta=2'")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--grid-png", default=None, help="write a picture of the first layouts per variant")
     args = parser.parse_args(argv)
@@ -236,26 +246,25 @@ def main(argv: list[str] | None = None) -> int:
                               torch.cuda.is_available() else "cpu", "date": time.strftime("%Y-%m-%d"),
                               "options": options, "n": args.n, "steps": args.steps}
     if args.model:
-        from diffusers import StableDiffusionPipeline
-
+        from ..generate import load_pipeline
         from ..methods.ficgen_modules import load_modules
 
-        pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None,
-                                                       requires_safety_checker=False).to(args.device)
+        pipe = load_pipeline(args.model, dtype="fp32", device=args.device)
         pipe.set_progress_bar_config(disable=True)
         weights = load_modules(args.weights, args.device) if args.weights else None
         refs = ShapesReferenceBank() if weights is not None else None
+        extra = [parse_method_options("ficgen", [p for p in spec.split(";") if p]) for spec in args.also]
         acc = layout_accuracy(pipe, weights=weights, n=args.n, steps=args.steps, seed=args.seed, options=options,
-                              references=refs)
+                              references=refs, extra_free=extra)
         if args.grid_png:
             _picture({k: v.pop("_images") for k, v in acc.items()}, args.grid_png)
         else:
             for v in acc.values():
                 v.pop("_images")
         record["layout_accuracy"] = acc
-        print(f"{'set/variant':<16} {'instances':>9} {'mass in box':>11} {'colour hit':>10} {'shape hit':>9}")
+        print(f"{'set/variant':<44} {'instances':>9} {'mass in box':>11} {'colour hit':>10} {'shape hit':>9}")
         for key, v in acc.items():
-            print(f"{key:<16} {v['instances']:>9} {v['mass_in_box']:>11.3f} {v['colour_hit']:>10.3f} {v['shape_hit']:>9.3f}")
+            print(f"{key:<44} {v['instances']:>9} {v['mass_in_box']:>11.3f} {v['colour_hit']:>10.3f} {v['shape_hit']:>9.3f}")
     if args.overhead:
         import triton
 

@@ -198,7 +198,7 @@ def write_card(folder: str | os.PathLike, record: dict[str, Any]) -> Path:
 
 Trained by `python -m diffattn.pipelines.ficgen_train` (diffattn) on the drawn-shapes scenes with boxes
 (`demo_data.sample_scenes`: 1-3 shapes per 128x128 image), for the UNet demo model `assets/demo-unet`.
-Load with `diffattn.apply(pipe, "ficgen", weights="{folder.as_posix()}")` or
+Load with `diffattn.apply(pipe, "ficgen", weights="assets/{folder.name}")` or
 `diffattn.pipelines.layout.LayoutPipeline(pipe, weights=..., references="shapes")`.
 
 - What: FICGen's trainable modules (reference encoders with FrequencyProtos + Perceiver resamplers, box
@@ -231,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--export", default=None, help="folder for the shipped weights + card (default: --out)")
     args = parser.parse_args(argv)
-    from diffusers import StableDiffusionPipeline
+    from ..generate import load_pipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
+    pipe = load_pipeline(args.model, dtype="fp32", device="cpu")  # diffattn's class for the demo models
     cfg = TrainConfig(layers=args.layers, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                       minutes=args.minutes)
     trainer = Trainer(pipe, args.out, cfg, device=args.device)
