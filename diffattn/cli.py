@@ -21,15 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-# `diffattn bench <what>`: module with `main(argv) -> int`, loaded only when asked for.
-BENCHES = {
-    "kernels": ("diffattn.kernels.block_sparse.bench", "block-sparse attention kernel vs cuDNN SDPA and FlexAttention"),
-    "gna": ("diffattn.kernels.neighborhood.bench", "neighborhood attention kernel vs cuDNN SDPA (NATTEN's figures)"),
-    "step": ("diffattn.step_bench", "one denoising step of a full-size video transformer, dense vs a method"),
-    "quality": ("diffattn.quality_bench", "every method vs dense on the demo models: PSNR, SSIM, attention energy decay"),
-    "highres": ("diffattn.highres_bench", "FreeSwim end to end at 1080p (Wan2.1-1.3B config) under a GPU memory cap"),
-    "layout": ("diffattn.pipelines.ficgen_bench", "FICGen layout accuracy on the UNet demo model; SD1.5 step overhead"),
-}
+from .bench import BENCHES, bench_module
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -54,12 +46,11 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     if args.what is None:
         print("usage: diffattn bench NAME [options]   (diffattn bench NAME --help for a benchmark's options)")
-        for name, (_, summary) in sorted(BENCHES.items()):
+        for name, summary in sorted(BENCHES.items()):
             print(f"  {name:<8} {summary}")
         return 0 if {"-h", "--help"} & set(rest) else 2
-    module_name, _ = BENCHES[args.what]
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(bench_module(args.what))
     except ImportError as exc:
         return _fail(f"diffattn bench {args.what}", f"not available ({exc})")
     return int(module.main(rest) or 0)
@@ -93,6 +84,7 @@ def _guarded(prog: str, fn: Callable[[], int], *, oom_advice: str = "try --offlo
 # ------------------------------------------------------------------------------------------------------------------
 def _mask_parser(method: str) -> argparse.ArgumentParser:
     from .explorer import GEOMETRIES, mask_options
+    from .registry import get_method
 
     geometries = "\n".join(f"  {name:16} {'x'.join(map(str, g.grid)):10} {g.doc}" for name, g in GEOMETRIES.items())
     parser = argparse.ArgumentParser(
@@ -105,20 +97,36 @@ def _mask_parser(method: str) -> argparse.ArgumentParser:
     where.add_argument("--grid", help="token grid F,H,W (video) or H,W (image), after patchify")
     parser.add_argument("--family", default=None, help="model family whose defaults apply (default: the geometry's)")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="mask option, repeatable")
+    parser.add_argument("--frames", type=int, help="latent frames (with --tokens-per-frame, instead of --grid)")
+    parser.add_argument("--tokens-per-frame", type=int, help="tokens per latent frame (H*W after patchify)")
+    config = get_method(method).config_cls
+    kinds = {o.name: o for o in config.option_specs()}
     for name, help_text in mask_options(method).items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=f"opt_{name}", metavar=name.upper(), default=None,
-                            help=help_text)
-    if method == "radial":  # the flags of the first version keep working
-        parser.add_argument("--frames", type=int, help="latent frames (with --tokens-per-frame, instead of --grid)")
-        parser.add_argument("--tokens-per-frame", type=int, help="tokens per latent frame (H*W after patchify)")
-        parser.add_argument("--no-sink", action="store_true", help="no frame-0 attention sink (= --sink false)")
+        flag = name.replace("_", "-")
+        parser.add_argument(f"--{flag}", dest=f"opt_{name}", metavar=name.upper(), default=None, help=help_text)
+        if name in kinds and kinds[name].type in (bool, bool | None):
+            parser.add_argument(f"--no-{flag}", dest=f"opt_{name}", action="store_const", const="false",
+                                help=f"= --{flag} false")
     parser.add_argument("--out", default=f"{method}_mask.png", help="PNG path")
     return parser
+
+
+def _mask_usage() -> str:
+    from .explorer import GEOMETRIES, METHODS
+
+    geometries = "\n".join(f"  {name:16} {'x'.join(map(str, g.grid)):10} {g.doc}" for name, g in GEOMETRIES.items())
+    return (f"usage: diffattn mask METHOD [--geometry NAME | --grid F,H,W | --grid H,W] [options]\n"
+            f"draw a method's mask at a model geometry: PNG, density, predicted attention speed-up\n\n"
+            f"methods: {', '.join(METHODS)} (diffattn mask METHOD --help for its options)\n"
+            f"geometries:\n{geometries}")
 
 
 def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
     from .explorer import METHODS, explore_mask, parse_mask_options
 
+    if args.method is None or args.method in ("-h", "--help"):
+        print(_mask_usage())
+        return 0 if args.method is not None or {"-h", "--help"} & set(rest) else 2
     if args.method not in METHODS:
         return _fail("diffattn mask", f"no mask picture for method {args.method!r}; accepted: {', '.join(METHODS)}")
     prog = f"diffattn mask {args.method}"
@@ -127,8 +135,6 @@ def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
     def run() -> int:
         pairs = list(opts.opt)
         pairs += [f"{k[4:]}={v}" for k, v in vars(opts).items() if k.startswith("opt_") and v is not None]
-        if getattr(opts, "no_sink", False):
-            pairs.append("sink=false")
         options = parse_mask_options(args.method, pairs)
         geometry = _mask_geometry(opts)
         if Path(opts.out).suffix.lower() != ".png":
@@ -146,7 +152,7 @@ def _cmd_mask(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _mask_geometry(opts: argparse.Namespace) -> str | tuple[int, ...]:
-    frames, per_frame = getattr(opts, "frames", None), getattr(opts, "tokens_per_frame", None)
+    frames, per_frame = opts.frames, opts.tokens_per_frame
     if frames is not None or per_frame is not None:
         if opts.geometry or opts.grid:
             raise ValueError("--frames/--tokens-per-frame replace --geometry/--grid; give one of them")
@@ -548,14 +554,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also list the methods that are not available yet")
     # no -h here: `diffattn bench NAME --help` reaches that benchmark's own parser
     p = sub.add_parser("bench", help="benchmarks (GPU; diffattn bench NAME --help for its options)", add_help=False)
-    p.add_argument("what", nargs="?", choices=sorted(BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
+    p.add_argument("what", nargs="?", choices=sorted(BENCHES), help="; ".join(f"{k}: {v}" for k, v in BENCHES.items()))
     sub.add_parser("generate", help="generate an image or a video with a method (--help for options)", add_help=False)
     sub.add_parser("render", help="--highres (FreeSwim) or --long (Radial) video rendering", add_help=False)
     sub.add_parser("headhunt", help="HeadHunter: greedy search for SoftPAG heads (--help for options)", add_help=False)
     sub.add_parser("app", help="the Gradio web app (--help for options)", add_help=False)
     p = sub.add_parser("mask", help="a method's mask at a model geometry: PNG, density, predicted speed-up",
                        add_help=False)
-    p.add_argument("method", help="radial, gna or freeswim (diffattn mask METHOD --help for its options)")
+    p.add_argument("method", nargs="?", help="a method with a mask picture (diffattn mask --help lists them; "
+                   "diffattn mask METHOD --help for its options)")
     return parser
 
 

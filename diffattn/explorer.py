@@ -8,9 +8,11 @@ visits, from the same tables the kernel reads). The pictures and numbers are `di
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .config import parse_structured
@@ -54,9 +56,47 @@ GEOMETRIES: dict[str, Geometry] = _geometries(
     Geometry("flux-1024", (64, 64), "flux", "FLUX.1-dev 1024x1024 (4,096 image tokens)"),
     Geometry("flux-4k", (256, 256), "flux", "FLUX.1-dev 4096x4096 (65,536 tokens; gna preset flux-4k)"),
     Geometry("sd3-1024", (64, 64), "sd3", "SD3 / SD3.5 1024x1024 (4,096 image tokens)"),
-    Geometry("demo-video", (17, 16, 16), "wan", "the bundled demo video model (diffattn.demo)"),
-    Geometry("demo-image", (64, 64), "image", "the bundled demo image model (diffattn.demo)"),
 )
+
+
+def model_geometry(name: str, folder: str | Path, doc: str) -> Geometry:
+    """The token grid a pipeline folder's transformer sees at the size its weights were trained at, read from its
+    configs (no weights loaded): `training.json` (height, width, frames or size), the VAE's scale factors and the
+    transformer's patch size and class (its family)."""
+    from .adapters import FAMILIES
+
+    root = Path(folder)
+
+    def read(rel: str) -> dict[str, Any]:
+        return json.loads((root / rel).read_text())
+
+    trained = read("training.json")["config"]
+    vae, transformer = read("vae/config.json"), read("transformer/config.json")
+    spatial, temporal = vae.get("scale_factor_spatial", 8), vae.get("scale_factor_temporal", 4)
+    patch = transformer["patch_size"]
+    patch = tuple(patch) if isinstance(patch, (list, tuple)) else (1, patch, patch)
+    family = next((a.name for a in FAMILIES.values() if transformer["_class_name"] in a.model_classes), "image")
+    if "num_frames" in trained:
+        grid = ((trained["num_frames"] - 1) // temporal // patch[0] + 1, trained["height"] // spatial // patch[1],
+                trained["width"] // spatial // patch[2])
+    else:
+        grid = (trained["size"] // spatial // patch[1], trained["size"] // spatial // patch[2])
+    return Geometry(name, grid, family, doc)
+
+
+def _demo_geometries() -> list[Geometry]:
+    """The bundled demo models' grids, from their configs (left out when the weights are not installed)."""
+    from .demo import DEMO_MODELS, assets_dir
+
+    out = []
+    for kind, name in DEMO_MODELS.items():
+        folder = assets_dir() / name
+        if (folder / "training.json").is_file():
+            out.append(model_geometry(name, folder, f"the bundled demo {kind} model (diffattn.demo), from its config"))
+    return out
+
+
+GEOMETRIES.update(_geometries(*_demo_geometries()))
 
 
 # Methods the explorer can draw: those whose spec has a `preview_mask`, in registration order.

@@ -384,7 +384,7 @@ def train_demo_unet(
 
 def _loss_plot(log: list[dict[str, float]], path: Path, kind: str,
                loss_name: str = "rectified-flow loss (MSE, log scale)") -> None:
-    from diffattn.plot import line_plot
+    from diffattn.bench.plot import line_plot
 
     steps = [e["step"] for e in log]
     line_plot(
@@ -410,10 +410,6 @@ CARD_PROMPTS = {
 def render_samples(folder: str | Path, kind: str, device: str | None = None, seed: int = 0) -> list[str]:
     """Generate the card's prompts with the saved pipeline (its default settings) and write `samples.png` (video:
     every 4th frame per row) and, for video, `samples.gif`. Returns the file names."""
-    import imageio.v3 as iio
-
-    from .demo import DemoImagePipeline, DemoVideoPipeline
-
     folder = Path(folder)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "unet":  # two rows: seeds `seed` and `seed + 1`
@@ -424,8 +420,14 @@ def render_samples(folder: str | Path, kind: str, device: str | None = None, see
         rows = [pipe(CARD_PROMPTS[kind], generator=torch.Generator(device="cpu").manual_seed(seed + i),
                      output_type="np").images for i in range(2)]
         sheet = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
-        iio.imwrite(folder / "samples.png", (sheet * 255).round().astype(np.uint8))
+        from PIL import Image
+
+        Image.fromarray((sheet * 255).round().astype(np.uint8)).save(folder / "samples.png")
         return ["samples.png"]
+    import imageio.v3 as iio
+
+    from .demo import DemoImagePipeline, DemoVideoPipeline
+
     absent = {} if kind == "video" else {"text_encoder_3": None, "tokenizer_3": None}
     pipe = (DemoVideoPipeline if kind == "video" else DemoImagePipeline).from_pretrained(str(folder), **absent).to(dev)
     pipe.set_progress_bar_config(disable=True)

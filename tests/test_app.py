@@ -304,7 +304,7 @@ def test_mask_explorer_shows_picture_density_and_speedup(page):
     fill(page, "mask-opt-gna-kernel_size", "5,7,7")
     text = click_and_wait(page, "mask-show", "mask-numbers")
     screenshot(page, "mask-gna")
-    assert text.startswith("gna at demo-video (17x16x16 tokens): density"), text
+    assert text.startswith("gna at demo-video (5x32x32 tokens): density"), text  # the model's grid, from its config
     assert '"kernel_size":"5x7x7"' in page.locator("#mask-info").inner_text().replace("\n", "").replace(" ", "")
 
 

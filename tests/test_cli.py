@@ -190,6 +190,7 @@ def test_mask_freeswim_window_from_base_size(tmp_path, capsys):
         (["gna", "--geometry", "demo-video"], ["needs kernel_size=... or preset="]),
         (["radial", "--geometry", "demo-video", "--out", "m.jpg"], ["--out must end in .png"]),
         (["radial", "--frames", "0", "--tokens-per-frame", "300"], ["num_frames"]),
+        (["radial", "--grid", "150,150,150"], ["26,368 x 26,368 blocks", "more than the Mask explorer builds"]),
     ],
 )
 def test_mask_errors_are_one_line(tmp_path, capsys, args, words):
@@ -197,6 +198,15 @@ def test_mask_errors_are_one_line(tmp_path, capsys, args, words):
     assert main(["mask", *args, *out]) == 2
     _one_line_error(capsys, *words)
     assert not (tmp_path / "m.png").exists()
+
+
+def test_mask_help_without_a_method_lists_the_methods():
+    res = _run("mask", "--help")
+    assert res.returncode == 0, res.stderr
+    assert "methods: radial, gna, freeswim" in res.stdout
+    assert re.search(r"^  demo-video +5x32x32 ", res.stdout, re.MULTILINE)
+    res = _run("mask")
+    assert res.returncode == 2 and "usage: diffattn mask METHOD" in res.stdout
 
 
 def test_mask_help_lists_options_and_geometries():

@@ -1,4 +1,4 @@
-"""diffattn.gna: simulator counts and the stride proposer."""
+"""diffattn.kernels.neighborhood.simulator: simulator counts and the stride proposer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from diffattn.gna import natten_fully_block_sparse, propose_stride, simulate
+from diffattn.kernels.neighborhood.simulator import natten_fully_block_sparse, propose_stride, simulate
 from diffattn.kernels.neighborhood.reference import neighborhood_mask
 
 
@@ -57,7 +57,7 @@ def test_exact_test_agrees_with_natten_closed_form_1d():
     for L in (64, 96, 128):
         for K in range(8, L + 1, 4):
             for s in range(1, K + 1):
-                for tq, tkv in ((8, 8), (16, 8), (8, 16)):
+                for tq, tkv in ((16, 16), (32, 16), (16, 32)):
                     ours = simulate((L,), K, s, q_tile=(tq,), kv_tile=(tkv,)).perfectly_block_sparse
                     theirs = natten_fully_block_sparse((L,), K, s, 1, False, (tq,), (tkv,))
                     if theirs and not ours:
@@ -90,6 +90,18 @@ def test_simulator_rejects_bad_tiles():
         simulate((16, 16), 4, q_tile=(4,), kv_tile=(4, 4))
     with pytest.raises(ValueError, match="kernel_size"):
         simulate((16,), 17)
+
+
+@pytest.mark.parametrize("q_tile,kv_tile", [((2, 4), (4, 4)), ((4, 4), (3, 8)), ((4, 4), (2, 2))])
+def test_simulator_and_kernel_share_one_tile_rule(q_tile, kv_tile):
+    """Tiles the Triton kernel cannot run (not powers of two, product < 16) are refused by both, alike."""
+    from diffattn.kernels.neighborhood import get_plan
+
+    with pytest.raises(ValueError, match="powers of two with a product >= 16") as sim_err:
+        simulate((16, 16), 4, q_tile=q_tile, kv_tile=kv_tile)
+    with pytest.raises(ValueError, match="powers of two with a product >= 16") as plan_err:
+        get_plan((16, 16), (4, 4), (1, 1), (1, 1), (False, False), q_tile, kv_tile)
+    assert str(sim_err.value) == str(plan_err.value)
 
 
 def test_simulator_is_torch_free_of_devices():

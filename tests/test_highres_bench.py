@@ -1,4 +1,4 @@
-"""`diffattn bench highres` (diffattn.highres_bench): FreeSwim end to end with per-stage time and memory.
+"""`diffattn bench highres` (diffattn.bench.highres): FreeSwim end to end with per-stage time and memory.
 
 On CPU the tiny pipeline runs the whole job (model CPU offload hooks included, execution device cpu); the GPU memory
 cap is ignored there and the report says so. The real-size UMT5-XXL config is only counted on the meta device.
@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from diffattn import highres_bench as hb
+from diffattn.bench import highres as hb
+from diffattn.bench import models
 from diffattn.cli import main as cli_main
 
 
@@ -83,7 +84,7 @@ def test_printed_table(tiny_run, capsys):
 
 
 def test_umt5_xxl_parameter_count():
-    c = hb.UMT5_XXL
+    c = models.UMT5_XXL
     d, layers = c["d_model"], c["num_layers"]
     per_layer = (
         4 * d * c["num_heads"] * c["d_kv"]  # q, k, v, o
@@ -92,17 +93,17 @@ def test_umt5_xxl_parameter_count():
         + 2 * d  # two RMS norms
     )
     expected = c["vocab_size"] * d + layers * per_layer + d  # shared embedding, layers, final norm
-    assert hb.umt5_xxl_parameters() == expected
+    assert models.umt5_xxl_parameters() == expected
     assert 5.67e9 < expected < 5.69e9
 
 
 def test_random_filler_keeps_ties_and_fills_by_rule():
     from transformers import UMT5EncoderModel
 
-    fields = {**hb.UMT5_XXL, "vocab_size": 300, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2,
+    fields = {**models.UMT5_XXL, "vocab_size": 300, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2,
               "num_heads": 4}
     with torch.device("meta"):
-        model = UMT5EncoderModel(hb.umt5_config(fields))
+        model = UMT5EncoderModel(models.umt5_config(fields))
     hb.RandomFiller(seed=1).materialize(model)
     params = dict(model.named_parameters())
     assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 and p.isfinite().all() for p in params.values())
@@ -134,9 +135,11 @@ def test_preflight_fails_before_building(capsys, monkeypatch):
     import diffattn.generate as gen
 
     real = gen._has_module
-    monkeypatch.setattr(gen, "_has_module", lambda m: False if m == "ftfy" else real(m))
+    real_installed = hb.installed
+    monkeypatch.setattr(hb, "installed", lambda m: False if m == "ftfy" else real_installed(m))
     assert hb.main(["--model", "tiny"]) == 2
     assert "ftfy is not installed" in capsys.readouterr().err
+    monkeypatch.setattr(hb, "installed", real_installed)
     monkeypatch.setattr(gen, "_has_module", lambda m: False if m in ("imageio_ffmpeg", "cv2") else real(m))
     assert hb.main(["--model", "tiny", "--video", "x.mp4"]) == 2
     assert "no writer here" in capsys.readouterr().err

@@ -86,7 +86,7 @@ def test_radial_options_override_defaults():
     [
         ((5, 6, 7), (3, 3, 5), (1, 1, 1), (1, 1, 1), (2, 2, 4), (1, 4, 4)),
         ((4, 8, 9), (3, 4, 4), (1, 2, 2), (1, 1, 1), (2, 4, 2), (2, 2, 4)),
-        ((12, 10), (5, 3), (2, 1), (2, 3), (2, 4), (4, 2)),
+        ((12, 10), (5, 3), (2, 1), (2, 3), (2, 8), (8, 2)),
     ],
 )
 def test_gna_tiles_match_a_brute_force_reduction_of_the_window_mask(shape, kernel, stride, dilation, q_tile, kv_tile):
@@ -138,10 +138,13 @@ def test_every_named_geometry_runs_every_method_it_fits():
 
 
 def test_tiny_tiles_are_sampled_for_the_picture():
-    view = explore_mask("gna", (4, 40, 40), kernel_size=(3, 5, 5), q_tile=(1, 1, 1), kv_tile=(1, 1, 1))
+    # the smallest tiles the kernel runs (16 tokens) on a grid with more tile pairs than a whole picture holds
+    view = explore_mask("gna", (4, 160, 160), kernel_size=(3, 5, 5), q_tile=(1, 4, 4), kv_tile=(1, 4, 4))
     assert view.info["picture"] == "sampled tiles"
     assert explore_mask("gna", "demo-video", kernel_size=5).info["picture"] == "all tiles"
-    assert view.density == pytest.approx(3 * 5 * 5 / 6400)
+    # by hand: along time each query frame visits 3 key frames; along a 160-token axis with tiles of 4 and window 5,
+    # a query tile visits the key tiles beside it (3), the two border tiles 2: 38 * 3 + 2 * 2 = 118 of 40 x 40 pairs
+    assert view.density == pytest.approx((4 * 3 / 4**2) * (118 * 4 * 4 / 160**2) ** 2)
     assert max(view.image.size) < 1400
 
 
@@ -187,3 +190,26 @@ def test_parse_mask_options():
         parse_mask_options("gna", ["kernel_size"])
     assert set(mask_options("freeswim")) == {"base_height", "base_width", "vae_scale_factor", "q_tile", "kv_tile"}
     assert "lower is sparser" in mask_options("radial")["decay_factor"]
+
+
+def test_demo_geometries_come_from_the_models_configs():
+    """The demo models' grids are what their transformers see at their training size (pipelines/demo.py)."""
+    from diffattn.pipelines.demo import DemoImageConfig, DemoVideoConfig
+
+    v, i = DemoVideoConfig(), DemoImageConfig()
+    # video: the pixel-space VAE packs 4 frames per latent frame after the first, patch (1, 2, 2)
+    assert GEOMETRIES["demo-video"].grid == ((v.num_frames - 1) // 4 + 1, v.height // 2, v.width // 2)
+    assert GEOMETRIES["demo-video"].family == "wan"
+    assert GEOMETRIES["demo-image"].grid == (i.size // 2, i.size // 2)
+    assert GEOMETRIES["demo-image"].family == "sd3"
+
+
+def test_masks_beyond_the_memory_limit_are_refused_before_building():
+    from diffattn.masks.preview import MAX_MASK_ELEMENTS
+
+    with pytest.raises(ValueError, match="more than the Mask explorer builds"):
+        explore_mask("radial", (150, 150, 150))
+    # just under the limit at block 128: (8192 blocks)^2 = 2^26 is allowed; one more frame is not
+    assert MAX_MASK_ELEMENTS == 8192 ** 2
+    with pytest.raises(ValueError, match="8,193 x 8,193"):
+        explore_mask("radial", (8193, 128, 1))

@@ -12,10 +12,10 @@ import torch
 
 from diffattn.call import AttentionCall, LayerInfo
 from diffattn.context import TokenGrid
-from diffattn.energy import EnergyDecay, EnergyProbe, plot_energy_decay
+from diffattn.bench.energy import EnergyDecay, EnergyProbe, plot_energy_decay
 from diffattn.methods.base import dense_attention
-from diffattn.metrics import psnr, ssim
-from diffattn.quality_bench import Geometry, demo_options, parse_method_opts
+from diffattn.bench.metrics import psnr, ssim
+from diffattn.bench.quality import Geometry, demo_options, parse_method_opts
 
 
 def _image(seed: int, shape=(16, 20, 3)) -> np.ndarray:
@@ -274,7 +274,7 @@ def test_bench_end_to_end(tiny_folders, tmp_path, capsys):
 
 
 def test_bench_methods_subset_and_opts(tiny_folders, tmp_path):
-    from diffattn.quality_bench import main
+    from diffattn.bench.quality import main
 
     js = tmp_path / "q.json"
     rc = main([
@@ -296,7 +296,7 @@ def test_bench_methods_subset_and_opts(tiny_folders, tmp_path):
 
 def test_bench_errors_are_one_line(monkeypatch, tmp_path, capsys):
     import diffattn.demo
-    from diffattn.quality_bench import main
+    from diffattn.bench.quality import main
 
     monkeypatch.setattr(diffattn.demo, "assets_dir", lambda: tmp_path)
     assert main(["--models", "video", "--no-progress"]) == 2

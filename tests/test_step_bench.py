@@ -10,7 +10,7 @@ import tiny
 import torch
 
 import diffattn
-from diffattn import step_bench
+from diffattn.bench import step as step_bench
 
 # base 32x48 pixels with VAE 8 and patch 2: window (T, 3, 3) on tiny Wan's 3x5x7 token grid
 BASE = {"base_height": 32, "base_width": 48}

@@ -14,14 +14,18 @@ from typing import Any
 
 import torch
 
-from ..gna import simulate
+from ..kernels.neighborhood.simulator import simulate
 from ..kernels.neighborhood.tiling import make_plan
 from .draw import block_mask_image
 
-__all__ = ["MAX_PICTURE", "TILE_EXTRAS", "MaskView", "block_picture", "window_view"]
+__all__ = ["MAX_MASK_ELEMENTS", "MAX_PICTURE", "TILE_EXTRAS", "MaskView", "block_picture", "check_mask_size", "window_view"]
 
 # The picture never has more than this many blocks (tiles) per side: larger masks are OR-pooled down to it.
 MAX_PICTURE = 768
+# Block masks built whole for a picture may hold at most this many (query block, key block) pairs: building one
+# costs ~17 bytes per pair at its peak (the bool mask, its float copy for pooling, temporaries; measured on CPU), so
+# this bounds a request at ~1.1 GB (the radial mask of a 150^3 grid would need ~12 GB).
+MAX_MASK_ELEMENTS = 1 << 26
 # Tile masks up to this many elements are built whole (then pooled); above it rows/columns are point-sampled.
 _MAX_FULL_ELEMENTS = 1 << 24
 # The explorer-only options of `window_view`: the kernel's tile shapes.
@@ -56,6 +60,16 @@ class MaskView:
         out.parent.mkdir(parents=True, exist_ok=True)
         self.image.save(out, format="PNG", optimize=True)
         return str(out)
+
+
+def check_mask_size(rows: int, cols: int, what: str, advice: str) -> None:
+    """Refuse a whole mask of `rows` x `cols` blocks beyond `MAX_MASK_ELEMENTS` (a clear `ValueError` instead of
+    gigabytes of memory)."""
+    if rows * cols > MAX_MASK_ELEMENTS:
+        raise ValueError(
+            f"{what} has {rows:,} x {cols:,} blocks ({rows * cols:,}), more than the Mask explorer builds "
+            f"({MAX_MASK_ELEMENTS:,}, about {MAX_MASK_ELEMENTS * 17 / 2**30:.1f} GB); {advice}"
+        )
 
 
 def _pool_any(mask: torch.Tensor, limit: int = MAX_PICTURE) -> tuple[torch.Tensor, int]:

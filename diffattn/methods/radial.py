@@ -16,7 +16,7 @@ from typing import Any
 
 from ..call import AttentionCall
 from ..config import MethodConfig, option
-from ..masks.preview import MaskView, block_picture
+from ..masks.preview import MaskView, block_picture, check_mask_size
 from ..masks.radial import describe, radial_mask
 from .base import AttentionMethod
 from .block_masked import block_masked_attention
@@ -124,6 +124,9 @@ def _preview(label: str, grid: tuple[int, ...], family: str, cfg: RadialConfig, 
         raise ValueError(f"radial needs a video geometry with at least 2 frames (frames, height, width); got {label}")
     s = RadialMethod(cfg).settings(family)
     frames, tokens = grid[0], grid[1] * grid[2]
+    nb = -(-frames * tokens // s["block_size"])
+    check_mask_size(nb, nb, f"the radial mask of {label} at block size {s['block_size']}",
+                    "use a larger block_size or a smaller grid")
     kwargs = {"block_size": s["block_size"], "decay_factor": float(s["decay_factor"]), "sink": bool(s["sink"])}
     mask = radial_mask(frames, tokens, **kwargs)
     info = {"method": "radial", "geometry": label, "family": family, "grid": "x".join(map(str, grid)),

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from ..call import AttentionCall
 from ..log import log_once
-from .base import dense_attention
 
 # visual_fn(batch_index, q_v, k_v, v_v, extra_k, extra_v) -> out_v, all [b, H, S, D]; batch_index is None when
 # the call's whole batch is passed, else the LongTensor of the batch elements passed.

@@ -12,7 +12,7 @@ import torch
 from .blocked import neighborhood_attention_blocked
 from .checks import BACKENDS, check_qkv, normalize_params, spatial_shape
 from .reference import neighborhood_attention_reference
-from .tiling import Plan, choose_tiles, make_plan
+from .tiling import Plan, check_tiles, choose_tiles, make_plan
 
 logger = logging.getLogger("diffattn")
 
@@ -46,13 +46,7 @@ def _get_plan(shape, kernel_size, stride, dilation, is_causal, q_tile, kv_tile) 
         cq, ck = choose_tiles(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal)
         q_tile = cq if q_tile is None else q_tile
         kv_tile = ck if kv_tile is None else kv_tile
-    q_tile, kv_tile = tuple(int(t) for t in q_tile), tuple(int(t) for t in kv_tile)
-    for name, t in (("q_tile", q_tile), ("kv_tile", kv_tile)):
-        n = 1
-        for x in t:
-            n *= x
-        if len(t) != p.ndim or any(x < 1 or x & (x - 1) for x in t) or n < 16:
-            raise ValueError(f"{name} must be {p.ndim} powers of two with a product >= 16, got {t}")
+    q_tile, kv_tile = check_tiles(p.ndim, q_tile, kv_tile)
     return make_plan(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal, q_tile, kv_tile)
 
 
@@ -176,11 +170,11 @@ def neighborhood_attention(
     (plain PyTorch, one query tile at a time over the box of keys it can see: the CPU path, differentiable by
     autograd) or "reference" (dense `[N, N]` mask, small problems only; the ground truth).
     q_tile/kv_tile: override the Triton tile shapes (powers of two, at least 16 tokens per tile; default: chosen by
-    the simulator's cost, see `diffattn.gna.simulate`). For "blocked", q_tile (any ints >= 1, group-local) sets its
+    the simulator's cost, see `diffattn.kernels.neighborhood.simulate`). For "blocked", q_tile (any ints >= 1, group-local) sets its
     query tile and kv_tile is unused (the key box follows from the windows).
 
     On Hopper the forward reads tiles as TMA boxes in place (set DIFFATTN_NA_TMA=0 for pointer loads); perfectly
-    block-sparse settings (see `diffattn.gna.propose_stride`) run with no per-element mask. No permutation copy is
+    block-sparse settings (see `diffattn.kernels.neighborhood.propose_stride`) run with no per-element mask. No permutation copy is
     ever made.
     """
     check_qkv(q, k, v, extra_k, extra_v, scale)

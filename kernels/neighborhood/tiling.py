@@ -2,7 +2,7 @@
 
 The kernel never evaluates NATTEN's window formulas itself; it reads small per-axis integer tables built here
 (per query row: window start and length; per query tile: the box of key tiles it visits and the inner sub-box that
-needs no masking; per key tile: the inverse, for the backward). The simulator (`diffattn.gna`) counts work from
+needs no masking; per key tile: the inverse, for the backward). The simulator (`simulator.py`) counts work from
 the same tables, so what it predicts is exactly what the kernel does.
 
 Coordinates are group-local: dilation d splits an axis of length L into d interleaved groups; group j holds
@@ -184,12 +184,26 @@ def make_plan(shape: Sequence[int], kernel_size: Sequence[int], stride: Sequence
     return Plan(axes, tuple(q_tile), tuple(kv_tile))
 
 
-def _pow2_shapes(ndim: int, total_log2: int) -> list[tuple[int, ...]]:
+def check_tiles(ndim: int, q_tile: Sequence[int], kv_tile: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The tile rule of the Triton kernel, shared by the front door and the simulator: `ndim` entries per tile,
+    each a power of two, with a product >= 16. Why: a tile's tokens are one `tl.arange` block (a power of two
+    long) and one operand of `tl.dot` (at least 16 rows). Returns the tiles as int tuples."""
+    out = []
+    for name, tile in (("q_tile", q_tile), ("kv_tile", kv_tile)):
+        t = tuple(int(x) for x in tile)
+        if len(t) != ndim or any(x < 1 or x & (x - 1) for x in t) or math.prod(t) < 16:
+            raise ValueError(f"{name} must be {ndim} powers of two with a product >= 16, got {tuple(tile)}")
+        out.append(t)
+    return out[0], out[1]
+
+
+def pow2_shapes(ndim: int, total_log2: int) -> list[tuple[int, ...]]:
+    """Every shape of `ndim` powers of two whose product is 2**total_log2."""
     if ndim == 1:
         return [(1 << total_log2,)]
     out = []
     for a in range(total_log2 + 1):
-        for rest in _pow2_shapes(ndim - 1, total_log2 - a):
+        for rest in pow2_shapes(ndim - 1, total_log2 - a):
             out.append((1 << a,) + rest)
     return out
 
@@ -212,8 +226,8 @@ def choose_tiles(shape: tuple[int, ...], kernel_size: tuple[int, ...], stride: t
     36 x 36 for 3-D, each evaluated from cached per-axis tables).
     """
     ndim = len(shape)
-    qs = _pow2_shapes(ndim, block_m.bit_length() - 1)
-    ks = _pow2_shapes(ndim, block_n.bit_length() - 1)
+    qs = pow2_shapes(ndim, block_m.bit_length() - 1)
+    ks = pow2_shapes(ndim, block_n.bit_length() - 1)
     best, best_cost = None, math.inf
     for qt in qs:
         # do not let a tile be wildly longer than its axis (pure padding)

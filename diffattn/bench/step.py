@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import statistics
 import sys
@@ -28,44 +27,9 @@ from typing import Any
 
 import torch
 
+from .harness import write_json
+from .models import MODELS
 logger = logging.getLogger("diffattn")
-
-# Real configurations (Diffusers' config.json of the released checkpoints).
-MODELS: dict[str, dict[str, Any]] = {
-    "wan2.1-14b": {
-        "class": "WanTransformer3DModel",
-        "config": {
-            "patch_size": (1, 2, 2), "num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 16,
-            "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 13824, "num_layers": 40,
-            "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None,
-            "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
-        },
-        "vae": (4, 8),  # temporal, spatial compression
-        "text_len": 512,
-        "text_dim": 4096,
-    },
-    "hunyuan-video": {
-        "class": "HunyuanVideoTransformer3DModel",
-        "config": {
-            "in_channels": 16, "out_channels": 16, "num_attention_heads": 24, "attention_head_dim": 128,
-            "num_layers": 20, "num_single_layers": 40, "num_refiner_layers": 2, "mlp_ratio": 4.0, "patch_size": 2,
-            "patch_size_t": 1,
-            "qk_norm": "rms_norm", "guidance_embeds": True, "text_embed_dim": 4096, "pooled_projection_dim": 768,
-            "rope_theta": 256.0, "rope_axes_dim": (16, 56, 56),
-        },
-        "vae": (4, 8),
-        "text_len": 256,
-        "text_dim": 4096,
-    },
-}
-
-
-# Wan2.1-T2V-1.3B differs from 14B only in width, depth and FFN size.
-MODELS["wan2.1-1.3b"] = {
-    **MODELS["wan2.1-14b"],
-    "config": {**MODELS["wan2.1-14b"]["config"], "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
-}
-
 
 def parse_shape(text: str) -> tuple[int, int, int]:
     """`HxWxF` in pixels and frames, e.g. 768x1280x69."""
@@ -185,7 +149,7 @@ class ErrorProbe:
         self.name = getattr(method, "name", "?")
 
     def attend(self, call):
-        from .methods.base import dense_attention
+        from ..methods.base import dense_attention
 
         out = self.method.attend(call)
         if call.role in ("self", "joint"):
@@ -279,7 +243,7 @@ def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
 def schedule_period(method: str, options: dict[str, Any]) -> int:
     """Steps after which a method's per-step work repeats (its spec's `schedule_period`: FreeSwim's `cache_steps`;
     dense and the others: 1)."""
-    from .registry import get_method
+    from ..registry import get_method
 
     spec = get_method(method)
     return spec.schedule_period(spec.config_cls.from_options(**options))
@@ -493,19 +457,13 @@ def parse_variant(method: str, text: str) -> dict[str, Any]:
     return options
 
 
-def _dump(report: dict[str, Any], path: str | None) -> None:
-    if path:
-        with open(path, "w") as fh:
-            json.dump(report, fh, indent=2)
-
-
 def text_encoder_bytes(model: str) -> int | None:
     """Weights of the pipeline's text encoder in bf16, counted on the meta device (Wan: UMT5-XXL encoder, the config
     `diffattn bench highres` builds)."""
     if not model.startswith("wan"):
         return None
     try:
-        from .highres_bench import umt5_xxl_parameters
+        from .models import umt5_xxl_parameters
 
         return umt5_xxl_parameters() * 2
     except ImportError:
@@ -570,7 +528,7 @@ def run(args: argparse.Namespace, device: str = "cuda") -> dict[str, Any]:
                 results[name] = vars(r)
                 logger.info("%s %s: %.3f s per step (%s)", entry["shape"], name, r.step_s, r.forwards)
                 _empty_cache(device)
-                _dump(report, args.json)
+                write_json(report, args.json)
             ref = results.get("dense-cudnn") or next(iter(results.values()))
             entry["projected"] = {k: args.steps * v["step_s"] for k, v in results.items()}
             entry["speedup"] = {k: ref["step_s"] / v["step_s"] for k, v in results.items()}
@@ -583,7 +541,7 @@ def run(args: argparse.Namespace, device: str = "cuda") -> dict[str, Any]:
                 results[name] = vars(time_step(model, inputs, name, args.repeats, args.method,
                                                method_options(args.method, options)))
                 logger.info("%s %s: %.3f s", entry["shape"], name, results[name]["step_s"])
-                _dump(report, args.json)
+                write_json(report, args.json)
             runtime = spec.build(spec.config_cls.from_options(**variants[0][1]))
             if hasattr(runtime, "mask_for"):
                 mask = runtime.mask_for(grid.frames, grid.tokens_per_frame, report["settings"], torch.device("cpu"))
@@ -603,11 +561,11 @@ def run(args: argparse.Namespace, device: str = "cuda") -> dict[str, Any]:
                 }
         del inputs
         _empty_cache(device)
-        _dump(report, args.json)
+        write_json(report, args.json)
     if args.vae:
         report["vae"] = measure_vae(args.shape[0], device=device)
         report["text_encoder_bytes"] = text_encoder_bytes(args.model)
-        _dump(report, args.json)
+        write_json(report, args.json)
     return report
 
 
@@ -748,11 +706,11 @@ def main(argv: list[str] | None = None) -> int:
         report = {"vae": measure_vae(args.shape[0]), "text_encoder_bytes": text_encoder_bytes(args.model),
                   "shapes": [{"shape": "x".join(map(str, args.shape[0]))}], "device": torch.cuda.get_device_name(),
                   "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-        _dump(report, args.json)
+        write_json(report, args.json)
         print("\n".join(render_vae(report)))
         return 0
     report = run(args)
-    _dump(report, args.json)
+    write_json(report, args.json)
     print(render(report))
     return 0
 

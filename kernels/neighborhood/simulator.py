@@ -20,14 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from diffattn.kernels.neighborhood.checks import normalize_params
-from diffattn.kernels.neighborhood.tiling import (
-    MASK_COST,
-    _pow2_shapes,
-    axis_plan,
-    choose_tiles,
-    make_plan,
-)
+from .checks import normalize_params
+from .tiling import MASK_COST, axis_plan, check_tiles, choose_tiles, make_plan, pow2_shapes
 
 __all__ = ["GNASimulation", "StrideProposal", "simulate", "propose_stride", "natten_fully_block_sparse"]
 
@@ -140,9 +134,7 @@ def simulate(
         cq, ck = choose_tiles(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal)
         q_tile = cq if q_tile is None else q_tile
         kv_tile = ck if kv_tile is None else kv_tile
-    q_tile, kv_tile = tuple(int(t) for t in q_tile), tuple(int(t) for t in kv_tile)
-    if len(q_tile) != p.ndim or len(kv_tile) != p.ndim or min(q_tile + kv_tile) < 1:
-        raise ValueError(f"q_tile and kv_tile need {p.ndim} positive entries, got {q_tile} and {kv_tile}")
+    q_tile, kv_tile = check_tiles(p.ndim, q_tile, kv_tile)
     plan = make_plan(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal, q_tile, kv_tile)
     c = plan.counts()
     n = math.prod(p.shape)
@@ -214,8 +206,8 @@ def propose_stride(
     if q_tile is not None and kv_tile is not None:
         pairs = [(tuple(q_tile), tuple(kv_tile))]
     else:
-        qs = [tuple(q_tile)] if q_tile is not None else _pow2_shapes(nd, block_m.bit_length() - 1)
-        ks = [tuple(kv_tile)] if kv_tile is not None else _pow2_shapes(nd, block_n.bit_length() - 1)
+        qs = [tuple(q_tile)] if q_tile is not None else pow2_shapes(nd, block_m.bit_length() - 1)
+        ks = [tuple(kv_tile)] if kv_tile is not None else pow2_shapes(nd, block_n.bit_length() - 1)
         pairs = [(a, b) for a in qs for b in ks]
     best: tuple[float, float, StrideProposal] | None = None
     for qt, kt in pairs:

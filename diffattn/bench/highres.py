@@ -29,7 +29,6 @@ classes (tests, CPU).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -44,17 +43,11 @@ from typing import Any
 
 import torch
 
+from .harness import installed, versions, write_json
+from .models import MODELS, UMT5_XXL, count_parameters, umt5_config
 logger = logging.getLogger("diffattn")
 
 GIB = 2**30
-
-# google/umt5-xxl (Wan's text encoder; the pipelines use its encoder only).
-UMT5_XXL: dict[str, Any] = {
-    "vocab_size": 256384, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
-    "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-    "layer_norm_epsilon": 1e-6, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
-    "tie_word_embeddings": False,
-}
 
 DEFAULT_PROMPT = "a red fox running through fresh snow in a quiet forest at sunrise, cinematic, detailed fur"
 DEFAULT_NEGATIVE = "blurry, low quality, static, distorted"
@@ -82,8 +75,6 @@ class ModelPreset:
 
 
 def _presets() -> dict[str, ModelPreset]:
-    from .step_bench import MODELS
-
     return {
         "wan2.1-1.3b": ModelPreset(
             transformer=dict(MODELS["wan2.1-1.3b"]["config"]),
@@ -199,24 +190,6 @@ def _meta_parameters(real_buffers: bool = True) -> Iterator[None]:
         yield
 
 
-def umt5_config(fields: dict[str, Any]):
-    from transformers import UMT5Config
-
-    return UMT5Config(**fields)
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def umt5_xxl_parameters() -> int:
-    """Parameters of the UMT5-XXL encoder, counted on the meta device (nothing allocated)."""
-    from transformers import UMT5EncoderModel
-
-    with torch.device("meta"):
-        return count_parameters(UMT5EncoderModel(umt5_config(UMT5_XXL)))
-
-
 @dataclass
 class BuiltPipeline:
     pipe: Any
@@ -236,8 +209,8 @@ def build_pipeline(model: str, *, seed: int = 0, flow_shift: float = 3.0, vae_dt
     )
     from transformers import UMT5EncoderModel
 
-    from .pipelines import FreeSwimPipeline
-    from .pipelines.demo import word_tokenizer
+    from ..pipelines import FreeSwimPipeline
+    from ..pipelines.demo import word_tokenizer
 
     presets = _presets()
     if model not in presets:
@@ -620,7 +593,7 @@ def _summarize(report: dict[str, Any], clock: StageClock, probe: PipelineProbe) 
 def video_writer(path: str) -> str:
     """The writer `generate.write_result` will use for `--video` (imageio, else OpenCV for .mp4). ValueError when
     none can or the suffix is not a video one."""
-    from .generate import VIDEO_SUFFIXES, video_writer as writer_for
+    from ..generate import VIDEO_SUFFIXES, video_writer as writer_for
 
     if Path(path).suffix.lower() not in VIDEO_SUFFIXES:
         raise ValueError(f"--video must end in {', '.join(VIDEO_SUFFIXES)}, got {path!r}")
@@ -629,7 +602,7 @@ def video_writer(path: str) -> str:
 
 def write_video(result: Any, path: str, fps: int = 16) -> dict[str, Any]:
     """Write the pipeline's video (the CLI's writer); returns frames, size and the writer used."""
-    from .generate import write_result
+    from ..generate import write_result
 
     writer = video_writer(path)
     return {**write_result(result, path, fps=fps), "writer": writer}
@@ -662,25 +635,13 @@ def read_back(path: str, writer: str) -> dict[str, Any]:
 
 def preflight(video: str | None) -> None:
     """Fail before minutes of model building: what the run needs that a bare GPU image may lack."""
-    from .generate import _has_module as _has
-
-    if not _has("ftfy"):
+    if not installed("ftfy"):
         raise ValueError("ftfy is not installed: WanVideoToVideoPipeline (FreeSwim's refine pass) cleans prompts with "
                          "it unconditionally (pip install ftfy)")
-    if not _has("accelerate"):
+    if not installed("accelerate"):
         raise ValueError("accelerate is not installed: enable_model_cpu_offload needs it (pip install accelerate)")
     if video is not None:
         video_writer(video)
-
-
-def _versions() -> dict[str, str]:
-    out = {"torch": torch.__version__}
-    for name in ("diffusers", "transformers", "accelerate", "triton"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            pass
-    return out
 
 
 def run(settings: HighresSettings, *, video: str | None = None, fps: int = 16,
@@ -690,7 +651,7 @@ def run(settings: HighresSettings, *, video: str | None = None, fps: int = 16,
     dump = dump or (lambda report: None)
     cuda = settings.device.startswith("cuda")
     report: dict[str, Any] = {
-        "settings": asdict(settings), "refine_steps": settings.refine_steps, "versions": _versions(),
+        "settings": asdict(settings), "refine_steps": settings.refine_steps, "versions": versions(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "device": torch.cuda.get_device_name() if cuda else settings.device, "oom": None, "notes": [],
     }
@@ -919,9 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.INFO)  # stage lines go through the CLI's handler
 
     def dump(report: dict[str, Any]) -> None:
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=2))
+        write_json(report, args.out)
 
     report = run(settings, video=args.video, fps=args.fps, dump=dump)
     dump(report)

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .call import AttentionCall
-from .methods.base import dense_attention
+from ..call import AttentionCall
+from ..methods.base import dense_attention
 
 
 @dataclass

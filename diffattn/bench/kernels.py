@@ -1,8 +1,8 @@
 """Benchmark block_sparse_attention against cuDNN SDPA (dense) and FlexAttention (same block mask) on a GPU.
 
-    python -m diffattn.kernels.block_sparse.bench                     # the full table (forward; backward subset)
-    python -m diffattn.kernels.block_sparse.bench --shapes wan1.3b --densities 1.0,0.1 --masks random
-    python -m diffattn.kernels.block_sparse.bench --sweep             # kernel-config sweep (tuning aid)
+    diffattn bench kernels                     # the full table (forward; backward subset)
+    diffattn bench kernels --shapes wan1.3b --densities 1.0,0.1 --masks random
+    diffattn bench kernels --sweep             # kernel-config sweep (tuning aid)
 
 Effective TFLOP/s = 4*Sq*Sk*D*H*density / time (forward); forward+backward counts 3.5x that (2 + 5 matmuls).
 FlexAttention's BlockMask is built from the same CSR index lists (`BlockMask.from_kv_blocks`, all blocks "full",
@@ -12,14 +12,13 @@ no mask_mod); its construction time is excluded from its timing and reported sep
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import platform
 import sys
 import time
 
 import torch
+
+from .harness import env_line, median_ms, write_json
 
 SHAPES: dict[str, tuple[int, int, int]] = {
     # name: (heads, tokens, tokens per "frame" used by the radial-like mask)
@@ -84,18 +83,8 @@ def make_mask(kind: str, heads: int, nb: int, bs: int, tpf: int, density: float,
     raise ValueError(f"mask kind must be random, band or radial, got {kind!r}")
 
 
-def _env_line() -> str:
-    import triton
-
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return (f"device: {dev}; torch {torch.__version__}; triton {triton.__version__}; CUDA {torch.version.cuda}; "
-            f"python {platform.python_version()}; date {datetime.date.today().isoformat()}")
-
-
 def _bench(fn, rep: int, grad_to_none=None) -> float:
-    import triton
-
-    return float(triton.testing.do_bench(fn, warmup=max(25, rep // 4), rep=rep, grad_to_none=grad_to_none, return_mode="median"))
+    return median_ms(fn, warmup=max(25, rep // 4), rep=rep, grad_to_none=grad_to_none, warm_call=False)
 
 
 class _Flex:
@@ -116,8 +105,8 @@ class _Flex:
 
 def sweep(args: argparse.Namespace) -> int:
     """Time the forward and backward kernels over a grid of configs at one shape (tuning aid)."""
-    from . import triton_bwd, triton_fwd
-    from .index import get_block_index
+    from ..kernels.block_sparse import triton_bwd, triton_fwd
+    from ..kernels.block_sparse.index import get_block_index
 
     H, S, tpf = SHAPES[args.shapes.split(",")[0]]
     D, bs = args.head_dim, args.block_size
@@ -182,9 +171,9 @@ def sweep(args: argparse.Namespace) -> int:
 
 def overhead(args: argparse.Namespace) -> int:
     """Diagnose small-shape cost: device time vs host time per call, through the op and the bare launcher."""
-    from . import triton_fwd
-    from .index import get_block_index
-    from .op import block_sparse_attention
+    from ..kernels.block_sparse import triton_fwd
+    from ..kernels.block_sparse.index import get_block_index
+    from ..kernels.block_sparse.op import block_sparse_attention
 
     H, S, tpf = SHAPES[args.shapes.split(",")[0]]
     D, bs = args.head_dim, args.block_size
@@ -265,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from .index import get_block_index
-    from .op import block_sparse_attention
+    from ..kernels.block_sparse.index import get_block_index
+    from ..kernels.block_sparse.op import block_sparse_attention
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     D, bs = args.head_dim, args.block_size
@@ -274,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     bwd_shapes = set(SHAPES) if args.backward == "all" else set() if args.backward == "none" else set(args.backward.split(","))
     rows: list[dict] = []
-    print(_env_line(), flush=True)
+    print(env_line(), flush=True)
     for name in args.shapes.split(","):
         H, S, tpf = SHAPES[name]
         nb = math.ceil(S / bs)
@@ -344,8 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out + ".md", "w") as f:
             f.write(md)
-        with open(args.out + ".json", "w") as f:
-            json.dump(dict(env=_env_line(), argv=sys.argv, rows=rows), f, indent=1)
+        write_json(dict(env=env_line(), argv=sys.argv, rows=rows), args.out + ".json", indent=1)
     return 0
 
 
@@ -366,7 +354,7 @@ def _fmt_row(r: dict) -> str:
 
 def render(rows: list[dict], args: argparse.Namespace, env: str | None = None) -> str:
     """Markdown tables: forward, then forward+backward, with the targets' verdicts."""
-    out = [f"{env or _env_line()}; bf16, head dim {args.head_dim}, block {args.block_size}, batch 1; median of "
+    out = [f"{env or env_line()}; bf16, head dim {args.head_dim}, block {args.block_size}, batch 1; median of "
            f"`triton.testing.do_bench`.", ""]
     out.append("Forward. TF/s = effective (4·S²·D·H·density / time). `vs cuDNN·d` = our time / (cuDNN dense time × density) "
                "(target ≤ 1.2 for d ≤ 0.5; at d = 1 the ratio is our throughput vs cuDNN's, target ≥ 0.85 as 1/ratio). "

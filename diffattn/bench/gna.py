@@ -1,7 +1,6 @@
 """Benchmark and GPU check for neighborhood attention: ours vs cuDNN SDPA (and FlexAttention) in one run.
 
-    python -m diffattn.kernels.neighborhood.bench --cases flux-gna,hunyuan-gna --flex --check
-    diffattn bench gna ...   (same arguments)
+    diffattn bench gna --cases flux-gna,hunyuan-gna --flex --check
 
 Cases are the NATTEN Hopper profiler configurations (docs/profiler.md; fp16, batch 1, head dim 128). Prints a
 Markdown table (ms median of `triton.testing.do_bench`, effective TFLOP/s = 4*N*kernel_volume*D*H / time,
@@ -19,6 +18,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from .harness import env_line, median_ms, write_json_lines
 
 logger = logging.getLogger("diffattn")
 
@@ -46,19 +47,14 @@ CASES: dict[str, Case] = {
 
 
 def _bench(fn, long: bool = False) -> float:
-    import triton
-
-    fn()
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=100 if long else 50, rep=600 if long else 300,
-                                         return_mode="median"))
+    return median_ms(fn, warmup=100 if long else 50, rep=600 if long else 300)
 
 
 def _flex_fn(q, k, v, case: Case, order: str, plan):
     """FlexAttention with the same neighborhood mask, tokens in row-major or in our tile order."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from .tiling import permute_tokens, unpermute_tokens
+    from ..kernels.neighborhood.tiling import permute_tokens, unpermute_tokens
 
     dev = q.device
     nd = len(case.shape)
@@ -132,8 +128,8 @@ def sampled_check(q, k, v, out, case_args: dict, n_rows: int = 64, seed: int = 0
     """Max relative error of `out` on random query rows against exact attention over each row's key set
     (key sets from the independent reference's per-axis masks; inf if any sampled output is not finite). Works at
     production sizes."""
-    from .checks import normalize_params
-    from .reference import axis_mask
+    from ..kernels.neighborhood.checks import normalize_params
+    from ..kernels.neighborhood.reference import axis_mask
 
     p = normalize_params(q.shape[1:-2], case_args["kernel_size"], case_args.get("stride", 1),
                          case_args.get("dilation", 1), case_args.get("is_causal", False))
@@ -166,8 +162,8 @@ def sampled_check(q, k, v, out, case_args: dict, n_rows: int = 64, seed: int = 0
 
 def gpu_correctness() -> list[str]:
     """Small random problems (odd sizes, every feature) against the reference, forward and backward."""
-    from .functional import neighborhood_attention
-    from .reference import neighborhood_attention_reference
+    from ..kernels.neighborhood.functional import neighborhood_attention
+    from ..kernels.neighborhood.reference import neighborhood_attention_reference
 
     torch.manual_seed(0)
     lines = []
@@ -214,9 +210,9 @@ def _tma_path_checks() -> list[str]:
     """Problems through the front door, asserting its in-place TMA forward ran: perfectly block-sparse ones and ones
     with masked tile pairs, with lse, text tokens, batch > 1 (3-D folds batch into axis 0) and the backward from the
     TMA forward's lse."""
-    from . import triton_fwd
-    from .functional import neighborhood_attention
-    from .reference import neighborhood_attention_reference
+    from ..kernels.neighborhood import triton_fwd
+    from ..kernels.neighborhood.functional import neighborhood_attention
+    from ..kernels.neighborhood.reference import neighborhood_attention_reference
 
     real = triton_fwd.na_forward
     calls = [0]
@@ -276,9 +272,9 @@ TMA_SWEEP: dict[int, list[tuple]] = {
 
 def tma_sweep(name: str, case: Case, q, k, v, cudnn_ms: float, long: bool, add) -> None:
     """Time the in-place TMA forward over `TMA_SWEEP` (each variant checked on sampled rows first)."""
-    from .functional import get_plan
-    from .triton_fwd import na_forward
-    from .triton_fwd_tma import tma_inplace_ok
+    from ..kernels.neighborhood.functional import get_plan
+    from ..kernels.neighborhood.triton_fwd import na_forward
+    from ..kernels.neighborhood.triton_fwd_tma import tma_inplace_ok
 
     scale = q.shape[-1] ** -0.5
     for qt, kt, w, st in TMA_SWEEP[len(case.shape)]:
@@ -296,46 +292,15 @@ def tma_sweep(name: str, case: Case, q, k, v, cudnn_ms: float, long: bool, add) 
             add("ours TMA sweep FAILED", float("nan"), f"{tag}: {type(e).__name__}: {str(e)[:200]}")
 
 
-# Kernel-only forward on permuted tokens (ws_experiment.py): (warp_specialize, warps, stages). Variants that lost
-# or broke under Triton 3.6's warp specialization (64-key tiles, 64-row query tiles, in-place 5-D boxes) were
-# measured at commit e9c86e4 (NOTES.md item 9).
-WS_VARIANTS = [(False, 8, 3), (True, 4, 2)]
-
-
-def ws_experiment(case: Case, q, k, v, cudnn_ms: float, long: bool, add) -> None:
-    """Time `ws_experiment.na_forward_ws` (kernel only, permuted tokens; each checked on sampled rows first)."""
-    from .functional import get_plan
-    from .tiling import permute_tokens, unpermute_tokens
-    from .ws_experiment import na_forward_ws
-
-    ones = (1,) * len(case.shape)
-    scale = q.shape[-1] ** -0.5
-    plan = get_plan(case.shape, case.kernel_size, case.stride, 1, False)
-    qp = permute_tokens(q, plan.q_tile, ones).contiguous()
-    kp = permute_tokens(k, plan.kv_tile, ones).contiguous()
-    vp = permute_tokens(v, plan.kv_tile, ones).contiguous()
-    for ws, w, st in WS_VARIANTS:
-        tag = f"permuted, warp_specialize={int(ws)} warps={w} stages={st} Q{plan.q_tile} KV{plan.kv_tile}"
-        try:
-            def fn(w=w, st=st, ws=ws):
-                return na_forward_ws(qp, kp, vp, plan, scale, ws, w, st)
-            out = unpermute_tokens(fn(), case.shape, plan.q_tile, ones)
-            err = sampled_check(q, k, v, out, {"kernel_size": case.kernel_size, "stride": case.stride}, 16)
-            ms = _bench(fn, long)
-            add("ours, kernel only (permuted, device descriptors)", ms, tag, speedup=cudnn_ms / ms, sampled_rel_err=err)
-        except Exception as e:
-            add("ours, kernel only (permuted) FAILED", float("nan"), f"{tag}: {type(e).__name__}: {str(e)[-600:]}")
-
-
 def tile_sweep(case: Case, q, k, v, cudnn_ms: float, long: bool, add, n_best: int = 5) -> None:
     """Does the simulator's tile choice hold up? Time the front door at the `n_best` cheapest (q_tile, kv_tile)
     pairs by `tiling.tile_cost` plus NATTEN's Hopper tiles, and log the rank correlation of cost and time."""
-    from .checks import normalize_params
-    from .functional import neighborhood_attention
-    from .tiling import _pow2_shapes, make_plan, tile_cost
+    from ..kernels.neighborhood.checks import normalize_params
+    from ..kernels.neighborhood.functional import neighborhood_attention
+    from ..kernels.neighborhood.tiling import pow2_shapes, make_plan, tile_cost
 
     p = normalize_params(case.shape, case.kernel_size, case.stride)
-    shapes = _pow2_shapes(p.ndim, 7)
+    shapes = pow2_shapes(p.ndim, 7)
     costs = []
     for qt in shapes:
         for kt in shapes:
@@ -371,11 +336,11 @@ def tile_sweep(case: Case, q, k, v, cudnn_ms: float, long: bool, add, n_best: in
 
 
 def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
-    from diffattn.gna import simulate
+    from diffattn.kernels.neighborhood.simulator import simulate
 
-    from .functional import get_plan, neighborhood_attention
-    from .tiling import permute_tokens, unpermute_tokens
-    from .triton_fwd import na_forward
+    from ..kernels.neighborhood.functional import get_plan, neighborhood_attention
+    from ..kernels.neighborhood.tiling import permute_tokens, unpermute_tokens
+    from ..kernels.neighborhood.triton_fwd import na_forward
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     b, h, d = 1, case.heads, args.head_dim
@@ -402,12 +367,6 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
     if args.tile_sweep:
         tile_sweep(case, q, k, v, cudnn_ms, long, add)
         variants = []
-    elif args.ws_experiment:
-        fd = lambda: neighborhood_attention(q, k, v, case.kernel_size, case.stride)  # noqa: E731
-        ms_fd = _bench(fd, long)
-        add("ours, front door neighborhood_attention()", ms_fd, speedup=cudnn_ms / ms_fd)
-        ws_experiment(case, q, k, v, cudnn_ms, long, add)
-        variants = []
     elif args.only_tma:
         tma_sweep(name, case, q, k, v, cudnn_ms, long, add)
         variants = []
@@ -417,8 +376,8 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
     for var in variants:
         q_tile = kv_tile = None
         if var.get("kv64"):
-            from .checks import normalize_params
-            from .tiling import choose_tiles
+            from ..kernels.neighborhood.checks import normalize_params
+            from ..kernels.neighborhood.tiling import choose_tiles
             p = normalize_params(case.shape, case.kernel_size, case.stride)
             q_tile, kv_tile = choose_tiles(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal,
                                            64 if var.get("q64") else 128, 64)
@@ -439,7 +398,7 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
                 speedup=cudnn_ms / ms)
             if var:
                 continue
-            from .triton_fwd_tma import tma_inplace_ok
+            from ..kernels.neighborhood.triton_fwd_tma import tma_inplace_ok
             if tma_inplace_ok(q, plan):
                 try:
                     fti = lambda: na_forward(q, k, v, plan, scale, None, None, False, "spatial", tma=True)  # noqa: E731
@@ -492,7 +451,7 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
                 ms_bc = _bench(fbc, long)
                 add("cuDNN SDPA fwd+bwd (dense)", ms_bc, eff_flops=dense_flops * 3.5)
                 add("ours fwd+bwd", ms_b, tag, eff_flops=flops * 3.5, speedup=ms_bc / ms_b)
-                from .triton_bwd import na_backward
+                from ..kernels.neighborhood.triton_bwd import na_backward
                 o1, l1 = na_forward(q, k, v, plan, scale, None, None, True, "spatial")
                 for bw, bs in ((4, 2), (8, 2), (4, 3), (8, 3)):
                     try:
@@ -503,7 +462,7 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
                         add("ours backward FAILED", float("nan"), f"warps={bw} stages={bs}: {type(e).__name__}: {str(e)[:200]}")
         except Exception as e:  # keep the other variants going; report the failure in the table
             add("ours FAILED", float("nan"), f"{tag}: {type(e).__name__}: {str(e)[:300]}")
-    if args.flex and (not long or args.flex_long) and not (args.only_tma or args.ws_experiment or args.tile_sweep):
+    if args.flex and (not long or args.flex_long) and not (args.only_tma or args.tile_sweep):
         plan = get_plan(case.shape, case.kernel_size, case.stride, 1, False)
         for order in ("rowmajor", "tiled"):
             try:
@@ -555,19 +514,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-tma", action="store_true", help="time cuDNN and the TMA sweep only (with --tma)")
     ap.add_argument("--tile-sweep", action="store_true",
                     help="time cuDNN and the front door at the simulator's best tile pairs (checks its choice)")
-    ap.add_argument("--ws-experiment", action="store_true",
-                    help="time cuDNN, the front door and the kernel-only warp-specialized forward on permuted tokens "
-                    "(perfectly block-sparse cases)")
     ap.add_argument("--check", action="store_true", help="run the small-shape correctness suite first")
     ap.add_argument("--out", default=None, help="write JSON lines here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("a CUDA device is needed for this benchmark", file=sys.stderr)
         return 2
-    import triton
-
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"{args.dtype}, head dim {args.head_dim}, batch 1", flush=True)
+    print(f"{env_line()}; {args.dtype}, head dim {args.head_dim}, batch 1", flush=True)
     if args.check:
         lines = gpu_correctness()
         print("\n".join(lines), flush=True)
@@ -578,10 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         run_case(name, CASES[name], args, rows)
         torch.cuda.empty_cache()  # the case's tensors are gone with its frame
-    if args.out:
-        with open(args.out, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    write_json_lines(rows, args.out)
     print(format_table(rows))
     return 0
 

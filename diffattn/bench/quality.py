@@ -17,7 +17,6 @@ Method options default to each method spec's `demo_options` (its defaults made s
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
@@ -29,12 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from .geometry import TokenGrid
-from .demo import DEMO_PROMPTS, demo_model_path
+from ..geometry import TokenGrid
+from ..demo import DEMO_PROMPTS, demo_model_path
+from .harness import versions, write_json
 from .energy import EnergyDecay, EnergyProbe, plot_energy_decay
-from .methods.spec import DemoGeometry
+from ..methods.spec import DemoGeometry
 from .metrics import psnr, ssim
-from .registry import get_method
+from ..registry import get_method
 
 logger = logging.getLogger("diffattn")
 
@@ -118,28 +118,6 @@ class BenchConfig:
                 raise ValueError(f"--method-opt given for {m!r}, which is not among --methods {self.methods}")
 
 
-def _versions(device: str) -> dict[str, str]:
-    import diffusers
-    import torch
-
-    from . import __version__
-
-    info = {"diffattn": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name(torch.device(device))
-    else:
-        import platform
-
-        info["device"] = f"cpu ({platform.processor() or platform.machine()})"
-    return info
-
-
 def _call_args(kind: str, cfg: BenchConfig) -> dict[str, Any]:
     size = cfg.sizes.get(kind)
     args: dict[str, Any] = {"num_inference_steps": cfg.steps, "guidance_scale": cfg.guidance,
@@ -167,7 +145,7 @@ def _sync(device: str) -> None:
 
 def _generate(pipe, prompt: str, seed: int, method: str | None, options: dict[str, Any], call: dict[str, Any],
               device: str) -> tuple[np.ndarray, float]:
-    from .generate import run_generation
+    from ..generate import run_generation
 
     _sync(device)
     result, seconds = run_generation(pipe, prompt, method=method, options=options, seed=seed, **call)
@@ -178,8 +156,8 @@ def _probe_run(pipe, prompt: str, seed: int, call: dict[str, Any], queries: int)
     """One dense generation with `EnergyProbe` in place of dense's runtime; its energy decay (largest grid)."""
     import torch
 
-    from .api import apply, remove, replace_runtime
-    from .generate import call_kwargs
+    from ..api import apply, remove, replace_runtime
+    from ..generate import call_kwargs
 
     probe = EnergyProbe(queries=queries, seed=seed)
     apply(pipe, "dense")
@@ -197,7 +175,7 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 def _model_geometry(pipe, grid: TokenGrid, steps: int) -> Geometry:
-    from .adapters import family_of
+    from ..adapters import family_of
 
     model = pipe.transformer
     adapter = family_of(model)
@@ -209,13 +187,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the whole bench; returns the report (what `--json` writes, with inf PSNR as float inf)."""
     from tqdm.auto import tqdm
 
-    from .adapters import family_of
-    from .generate import load_pipeline
-    from .registry import available_methods
+    from ..adapters import family_of
+    from ..generate import load_pipeline
+    from ..registry import available_methods
 
     dtype = cfg.dtype or ("bf16" if cfg.device.startswith("cuda") else "fp32")
     report: dict[str, Any] = {
-        **_versions(cfg.device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dtype": dtype,
+        **versions(cfg.device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dtype": dtype,
         "steps": cfg.steps or "pipeline default", "seeds": list(cfg.seeds), "warmup": cfg.warmup,
         "queries": cfg.queries, "models": {},
     }
@@ -499,9 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.md:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
         Path(args.md).write_text(text + "\n")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(_jsonable(report), indent=2))
+    write_json(_jsonable(report), args.json)
     errors = [f"{k}/{label}" for k, m in report["models"].items() for label, r in m["methods"].items() if "error" in r]
     if errors:
         print(f"diffattn bench quality: failed: {', '.join(errors)}", file=sys.stderr)

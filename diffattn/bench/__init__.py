@@ -1,0 +1,28 @@
+"""Every benchmark, one module each: `diffattn bench NAME` runs `diffattn.bench.NAME.main(argv) -> int`.
+
+Shared pieces: `harness` (GPU timing, device/version header, JSON writers), `models` (the real model configs,
+random weights), `metrics` (PSNR, SSIM), `energy` (attention energy decay), `plot` (PNG line plots).
+
+Adding a benchmark: write `diffattn/bench/<name>.py` with `main(argv: list[str] | None = None) -> int` (its
+`argparse` prog `diffattn bench <name>`; time with `harness.median_ms`, print `harness.env_line()` first, write
+JSON with `harness.write_json`), and add one line below. Nothing here is imported until a benchmark is asked for.
+"""
+
+from __future__ import annotations
+
+# name -> one-line summary (`diffattn bench` lists them); the module is diffattn.bench.<name>
+BENCHES: dict[str, str] = {
+    "kernels": "block-sparse attention kernel vs cuDNN SDPA and FlexAttention",
+    "gna": "neighborhood attention kernel vs cuDNN SDPA (NATTEN's figures)",
+    "step": "one denoising step of a full-size video transformer, dense vs a method",
+    "quality": "every method vs dense on the demo models: PSNR, SSIM, attention energy decay",
+    "highres": "FreeSwim end to end at 1080p (Wan2.1-1.3B config) under a GPU memory cap",
+    "layout": "FICGen layout accuracy on the UNet demo model (stock / training-free / trained); SD1.5 step overhead",
+}
+
+
+def bench_module(name: str) -> str:
+    """The module of benchmark `name` (`ValueError` listing the benchmarks when unknown)."""
+    if name not in BENCHES:
+        raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(sorted(BENCHES))}")
+    return f"{__name__}.{name}"
