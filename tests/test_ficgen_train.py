@@ -118,3 +118,33 @@ def test_modules_shapes_and_errors(pipe, bank):
     assert inputs.patches[0, 1].abs().sum() == 0 and inputs.exemplar[0].abs().sum() > 0
     with pytest.raises(FileNotFoundError, match="not found"):
         load_modules("/no/such/folder")
+
+
+def test_shipped_weights_fit_the_demo_unet():
+    """assets/ficgen-demo-unet (trained on the GPU) loads, names the demo UNet's mid/up1 cross-attentions and runs."""
+    from pathlib import Path
+
+    from diffattn.demo import assets_dir
+    from diffattn.generate import load_pipeline
+
+    folder = assets_dir() / "ficgen-demo-unet"
+    assert sum(p.stat().st_size for p in Path(folder).iterdir()) < 3 * 2**20
+    pipe = load_pipeline(str(assets_dir() / "demo-unet"))
+    modules = load_modules(folder)
+    expected = FICGenModules.for_unet(pipe.unet, "mid,up1").cfg.layers
+    assert modules.cfg.layers == expected and len(expected) == 4  # mid (1 block) + up_blocks.1 (3 blocks)
+    layout = Layout.from_dict({"instances": [{"phrase": "a red circle", "box": [0.1, 0.1, 0.5, 0.5]}]})
+    inputs = build_inputs(pipe, [layout], ["a red circle on a gray background"], references=ShapesReferenceBank(scenes=40),
+                          cond_rows=slice(0, 1))
+    text = pipe.encode_prompt(prompt=["a red circle on a gray background"], device="cpu", num_images_per_prompt=1,
+                              do_classifier_free_guidance=False)[0]
+    x = torch.randn(1, 12, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stock = pipe.unet(x, torch.tensor(500), encoder_hidden_states=text).sample
+        diffattn.apply(pipe.unet, "ficgen", weights=str(folder))
+        try:
+            out = pipe.unet(x, torch.tensor(500), encoder_hidden_states=text,
+                            cross_attention_kwargs={"ficgen": inputs}).sample
+        finally:
+            diffattn.remove(pipe.unet)
+    assert out.shape == stock.shape and torch.isfinite(out).all() and (out - stock).abs().max() > 1e-4
