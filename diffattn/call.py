@@ -34,6 +34,7 @@ class ForwardContext:
         timestep: the model's timestep input as a float (largest entry for per-token timesteps).
         pass_name: `"cond"`, `"uncond"`, `"cond_uncond"` when the pipeline names its pass, else None.
         pass_index: 0 for the first forward of this step, 1 for the second (separate CFG passes), ...
+        patch_size: the model's patch (frames, height, width) from latents to tokens, when the family has one.
     """
 
     family: str
@@ -47,6 +48,7 @@ class ForwardContext:
     timestep: float | None = None
     pass_name: str | None = None
     pass_index: int = 0
+    patch_size: tuple[int, int, int] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def grid_for_tokens(self, num_tokens: int) -> TokenGrid:

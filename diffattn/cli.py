@@ -17,7 +17,6 @@ import importlib
 import inspect
 import logging
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -312,27 +311,21 @@ def _cmd_render_highres(rest: list[str]) -> int:
     prog = "diffattn render --highres"
 
     def run() -> int:
-        import torch
-
-        from .generate import load_pipeline, write_sidecar
-        from .pipelines import FreeSwimPipeline
+        from .generate import write_sidecar
+        from .pipelines.render import load_highres_pipeline, render_highres
 
         _check_suffix(opts.out)
-        pipe = load_pipeline(opts.model, dtype=opts.dtype, device=opts.device, offload=opts.offload, cls=FreeSwimPipeline)
-        if opts.vae_tiling:
-            pipe.vae.enable_tiling()
+        pipe = load_highres_pipeline(opts.model, dtype=opts.dtype, device=opts.device, offload=opts.offload,
+                                     vae_tiling=opts.vae_tiling)
         _output_for(pipe, opts.out, "freeswim")
-        start = time.perf_counter()
         with _decode_notice(pipe, prog):
-            result = pipe(
-                opts.prompt, negative_prompt=opts.negative_prompt, height=opts.height, width=opts.width,
-                num_frames=opts.frames, base_height=opts.base_height, base_width=opts.base_width,
+            result, seconds = render_highres(
+                pipe, opts.prompt, seed=opts.seed, negative_prompt=opts.negative_prompt, height=opts.height,
+                width=opts.width, num_frames=opts.frames, base_height=opts.base_height, base_width=opts.base_width,
                 num_inference_steps=opts.steps, strength=opts.strength, cache_steps=opts.cache_steps,
                 cache_device=opts.cache_device, guidance_scale=opts.guidance,
                 max_sequence_length=opts.max_sequence_length,
-                generator=torch.Generator(device="cpu").manual_seed(opts.seed), output_type="np",
             )
-        seconds = time.perf_counter() - start
         written = _write(prog, result, opts.out, opts.fps)
         sidecar = write_sidecar(opts.out, vars(opts), written, seconds)
         print(f"wrote {opts.out} ({written.get('frames', 1)} frames, {seconds:.1f} s) and {sidecar}")
@@ -376,12 +369,8 @@ def _cmd_render_long(rest: list[str]) -> int:
     prog = "diffattn render --long"
 
     def run() -> int:
-        from .generate import (
-            load_pipeline,
-            parse_method_options,
-            run_generation,
-            write_sidecar,
-        )
+        from .generate import load_pipeline, parse_method_options, write_sidecar
+        from .pipelines.render import plan_long, render_long
         from .registry import get_method
 
         if opts.extend < 1:
@@ -399,74 +388,23 @@ def _cmd_render_long(rest: list[str]) -> int:
         if not _makes_video(pipe):
             raise ValueError(f"needs a video pipeline (Wan, HunyuanVideo, CogVideoX); {type(pipe).__name__} makes images")
         out = _output_for(pipe, opts.out, "long")
-        lora_info = _load_lora(pipe, opts.lora) if opts.lora else {}
-        options = {**lora_info.get("radial", {}), **options}
-        frames, trained = _long_frames(pipe, opts, lora_info)
-        height = opts.height or lora_info.get("height")
-        width = opts.width or lora_info.get("width")
+        plan = plan_long(pipe, options=options, frames=opts.frames, extend=opts.extend, height=opts.height,
+                         width=opts.width, lora=opts.lora)
         with _decode_notice(pipe, prog):
-            result, seconds = run_generation(
-                pipe, prompt, method="radial", options=options, seed=opts.seed, negative_prompt=opts.negative_prompt,
-                num_inference_steps=opts.steps, height=height, width=width, num_frames=frames,
-                guidance_scale=opts.guidance, max_sequence_length=opts.max_sequence_length, output_type="np",
+            result, seconds = render_long(
+                pipe, prompt, plan, seed=opts.seed, negative_prompt=opts.negative_prompt,
+                num_inference_steps=opts.steps, guidance_scale=opts.guidance,
+                max_sequence_length=opts.max_sequence_length,
             )
         written = _write(prog, result, out, opts.fps)
-        settings = {**vars(opts), "model": model, "prompt": prompt, "dtype": dtype, "out": out, "frames": frames,
-                    "height": height, "width": width, "default_frames": trained, "attn": "radial",
-                    "attn_options": options, "lora_kind": lora_info.get("kind")}
+        settings = {**vars(opts), "model": model, "prompt": prompt, "dtype": dtype, "out": out, "frames": plan.frames,
+                    "height": plan.height, "width": plan.width, "default_frames": plan.default_frames,
+                    "attn": "radial", "attn_options": plan.options, "lora_kind": plan.lora_kind}
         sidecar = write_sidecar(out, settings, written, seconds, pipe=pipe)
         print(f"wrote {out} ({written['frames']} frames, radial, {seconds:.1f} s) and {sidecar}")
         return 0
 
     return _guarded(prog, run, oom_advice="try --offload, fewer --frames or a smaller size")
-
-
-def _load_lora(pipe, path: str) -> dict:
-    """Load a LoRA into `pipe`; a radial LoRA folder also returns its radial options and training geometry."""
-    import json
-
-    from .pipelines.radial_lora import LORA_CONFIG_NAME, load_radial_lora
-
-    config = Path(path) / LORA_CONFIG_NAME
-    try:
-        if config.is_file():
-            info = json.loads(config.read_text(encoding="utf-8"))
-            load_radial_lora(pipe, path, apply_radial=False)  # weights only: the CLI applies radial itself
-            radial = {k: v for k, v in info.get("radial", {}).items() if k != "dense_timesteps" and v is not None}
-            return {"kind": "radial", "radial": radial, "num_frames": info.get("num_frames"),
-                    "height": info.get("height"), "width": info.get("width")}
-        pipe.load_lora_weights(path)
-    except Exception as exc:  # Diffusers, peft and safetensors each raise their own types for a bad LoRA
-        raise ValueError(f"--lora {path!r} could not be loaded: {exc}") from exc
-    return {"kind": "diffusers"}
-
-
-def _call_default(pipe, name: str):
-    """The pipeline's default for call argument `name`: its `call_defaults` mapping when it has one (pipelines whose
-    signature says None and fill the value in inside `__call__`), else the signature's default (None if neither)."""
-    defaults = getattr(pipe, "call_defaults", None)
-    if callable(defaults):
-        defaults = defaults()
-    if isinstance(defaults, dict) and defaults.get(name) is not None:
-        return defaults[name]
-    param = inspect.signature(pipe.__call__).parameters.get(name)
-    return None if param is None or param.default is inspect.Parameter.empty else param.default
-
-
-def _long_frames(pipe, opts: argparse.Namespace, lora_info: dict) -> tuple[int, int | None]:
-    """(frames to render, the pipeline's default length): --frames, else the LoRA's training length, else
-    (default - 1) * extend + 1, which keeps the 4k+1 lengths the video VAEs need."""
-    default = _call_default(pipe, "num_frames")
-    default = default if isinstance(default, int) and not isinstance(default, bool) else None
-    if opts.frames is not None:
-        if opts.frames < 1:
-            raise ValueError(f"--frames must be >= 1, got {opts.frames}")
-        return opts.frames, default
-    if lora_info.get("num_frames"):
-        return int(lora_info["num_frames"]), default
-    if default is None:
-        raise ValueError(f"{type(pipe).__name__} has no default frame count; pass --frames")
-    return (default - 1) * opts.extend + 1, default
 
 
 def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:

@@ -49,6 +49,7 @@ def spy(monkeypatch):
                     "num_steps": None if ctx is None else ctx.num_steps,
                     "timestep": None if ctx is None else ctx.timestep,
                     "text_mask": None if ctx is None or ctx.text_mask is None else ctx.text_mask.clone(),
+                    "patch_size": None if ctx is None else ctx.patch_size,
                 }
             )
             return F.scaled_dot_product_attention(call.q, call.k, call.v, attn_mask=call.attn_mask)

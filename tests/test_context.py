@@ -51,6 +51,21 @@ def test_grid_text_span_and_layers(family, spy):
         assert {r["grid"] for r in spy} == {(1, 12, 20), (1, 6, 10)}
 
 
+@pytest.mark.parametrize("family", ["wan", "hunyuan_video", "cogvideox", "sd3"])
+def test_patch_size_reaches_methods(family, spy):
+    """The model's own patch (frames, height, width) is in the context (FreeSwim's window reads it)."""
+    model, make_inputs = tiny.BUILDERS[family]()
+    diffattn.apply(model, "spy")
+    try:
+        tiny.output_of(model, make_inputs(batch=1))
+    finally:
+        diffattn.remove(model)
+    cfg = model.config
+    p = cfg.patch_size
+    expected = tuple(p) if isinstance(p, (list, tuple)) else (getattr(cfg, "patch_size_t", None) or 1, p, p)
+    assert spy and {r["patch_size"] for r in spy} == {expected}
+
+
 def test_hunyuan_padding_mask_reaches_methods(spy):
     model, make_inputs = tiny.BUILDERS["hunyuan_video"]()
     inputs = make_inputs(batch=2)

@@ -151,3 +151,18 @@ def test_freeswim_errors():
         diffattn.apply(model, "freeswim", cache_steps=0)
     with pytest.raises(ValueError, match=r"'cache_device'.*one of 'same', 'cpu'"):
         diffattn.apply(model, "freeswim", cache_device="gpu")
+
+
+def test_window_follows_the_models_patch():
+    """The base grid is base pixels / VAE factor / the model's patch: a 1x1 patch doubles Wan's (2x2) window."""
+    from diffattn.geometry import TokenGrid
+
+    m = FreeSwimMethod(FreeSwimConfig(base_height=480, base_width=832))
+    grid = TokenGrid(21, 200, 200)
+    assert m.window(grid) == m.window(grid, (2, 2)) == (21, 31, 53)
+    assert m.window(grid, (1, 1)) == (21, 61, 105)  # 2 * (480 / 8 / 2) + 1, 2 * (832 / 8 / 2) + 1
+    import math
+
+    n = grid.num_tokens  # the training token count follows the patch too: frames x base grid
+    assert m.scale(64, grid, n, (1, 1)) == pytest.approx(64**-0.5 * math.sqrt(math.log(n) / math.log(21 * 60 * 104)))
+    assert m.scale(64, grid, n, (2, 2)) == pytest.approx(64**-0.5 * math.sqrt(math.log(n) / math.log(21 * 30 * 52)))

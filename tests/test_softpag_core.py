@@ -101,7 +101,7 @@ def test_image_scope_identity_with_per_query_additive_mask():
 
 def test_image_scope_chunks(monkeypatch):
     """Tiny chunks of image rows give the same result (the chunk loop has no off-by-one)."""
-    import diffattn.methods.softpag as sp
+    import diffattn.methods.softpag_targets as sp
 
     q, k, v = rand(1, 2, 13, 4, seed=11), rand(1, 2, 13, 4, seed=12), rand(1, 2, 13, 4, seed=13)
     whole = target_attention(q, k, v, "mean_q", "image", text_len=5)

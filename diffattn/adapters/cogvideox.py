@@ -65,7 +65,8 @@ def _read_inputs(model, args: dict[str, Any]) -> ForwardContext:
     p, p_t = model.config.patch_size, model.config.patch_size_t
     _, f, _, h, w = hidden.shape
     frames = f if p_t is None else f // p_t
-    return forward_context("cogvideox", args, "hidden_states", TokenGrid(frames, h // p, w // p))
+    return forward_context("cogvideox", args, "hidden_states", TokenGrid(frames, h // p, w // p),
+                           patch_size=(p_t or 1, p, p))
 
 
 ADAPTER = FamilyAdapter(

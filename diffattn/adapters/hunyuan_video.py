@@ -93,7 +93,7 @@ def _read_inputs(model, args: dict[str, Any]) -> ForwardContext:
     mask = args.get("encoder_attention_mask")
     return forward_context(
         "hunyuan_video", args, "hidden_states", TokenGrid(f // p_t, h // p, w // p),
-        text_mask=None if mask is None else mask.bool(),
+        text_mask=None if mask is None else mask.bool(), patch_size=(p_t, p, p),
     )
 
 

@@ -81,7 +81,8 @@ class SD3Processor(DiffattnProcessor):
 def _read_inputs(model, args: dict[str, Any]) -> ForwardContext:
     hidden = args["hidden_states"]  # [B, C, H, W]
     p = model.config.patch_size
-    return forward_context("sd3", args, "hidden_states", TokenGrid(1, hidden.shape[-2] // p, hidden.shape[-1] // p))
+    return forward_context("sd3", args, "hidden_states", TokenGrid(1, hidden.shape[-2] // p, hidden.shape[-1] // p),
+                           patch_size=(1, p, p))
 
 
 ADAPTER = FamilyAdapter(

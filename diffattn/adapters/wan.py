@@ -109,7 +109,7 @@ def _read_inputs(model, args: dict[str, Any]) -> ForwardContext:
     image = args.get("encoder_hidden_states_image")
     return forward_context(
         "wan", args, "hidden_states", TokenGrid(f // p_t, h // p_h, w // p_w),
-        image_len=0 if image is None else image.shape[1],
+        image_len=0 if image is None else image.shape[1], patch_size=(p_t, p_h, p_w),
     )
 
 

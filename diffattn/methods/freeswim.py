@@ -41,6 +41,9 @@ from .toolkit import append_rows, keep_rows, log_once, require_grid
 logger = logging.getLogger("diffattn")
 
 DUAL, CACHED, WINDOW = "dual", "cached", "window"
+# Wan's spatial patch (height, width): used when no per-forward context gives the model's own (processors
+# installed by hand, the Mask explorer)
+WAN_PATCH = (2, 2)
 
 
 @dataclass
@@ -100,17 +103,20 @@ class FreeSwimMethod(AttentionMethod):
         return keep_rows(output, ctx.extras["freeswim_batch"])  # the window rows
 
     # ---- attention ------------------------------------------------------------------------------------------
-    def window(self, grid) -> tuple[int, int, int]:
+    def base_grid(self, patch: tuple[int, int] = WAN_PATCH) -> tuple[int, int]:
+        """The training resolution's token grid (height, width): base pixels / VAE factor / the model's patch."""
+        vae = self.config.vae_scale_factor
+        return self.config.base_height // vae // patch[0], self.config.base_width // vae // patch[1]
+
+    def window(self, grid, patch: tuple[int, int] = WAN_PATCH) -> tuple[int, int, int]:
         """Kernel (T, 2*dh+1, 2*dw+1) from the base resolution, clamped to the grid."""
-        patch = 2  # Wan's spatial patch
-        dh = self.config.base_height // self.config.vae_scale_factor // patch // 2
-        dw = self.config.base_width // self.config.vae_scale_factor // patch // 2
+        base_h, base_w = self.base_grid(patch)
+        dh, dw = base_h // 2, base_w // 2
         return grid.frames, min(2 * dh + 1, grid.height), min(2 * dw + 1, grid.width)
 
-    def scale(self, head_dim: int, grid, n_keys: int) -> float:
+    def scale(self, head_dim: int, grid, n_keys: int, patch: tuple[int, int] = WAN_PATCH) -> float:
         default = head_dim**-0.5
-        base_h = self.config.base_height // self.config.vae_scale_factor // 2
-        base_w = self.config.base_width // self.config.vae_scale_factor // 2
+        base_h, base_w = self.base_grid(patch)
         if self.config.scale_mode == "none":
             return default
         if self.config.scale_mode == "upstream":
@@ -119,9 +125,9 @@ class FreeSwimMethod(AttentionMethod):
         n_train = grid.frames * base_h * base_w
         return default * math.sqrt(max(math.log(n_keys) / math.log(n_train), 1.0))
 
-    def _window_attention(self, q, k, v, grid) -> torch.Tensor:
-        kernel = self.window(grid)
-        scale = self.scale(q.shape[-1], grid, kernel[0] * kernel[1] * kernel[2])
+    def _window_attention(self, q, k, v, grid, patch: tuple[int, int]) -> torch.Tensor:
+        kernel = self.window(grid, patch)
+        scale = self.scale(q.shape[-1], grid, kernel[0] * kernel[1] * kernel[2], patch)
         return grid_neighborhood_attention(q, k, v, tuple(grid), kernel, scale=scale)
 
     def attend(self, call: AttentionCall) -> torch.Tensor:
@@ -129,11 +135,12 @@ class FreeSwimMethod(AttentionMethod):
         mode = ctx.extras.get("freeswim_mode", WINDOW) if ctx is not None else WINDOW
         if call.role == "self":
             grid = require_grid(call, self.name)
+            patch = tuple(ctx.patch_size[1:]) if ctx is not None and ctx.patch_size else WAN_PATCH
             if mode != DUAL:
-                return self._window_attention(call.q, call.k, call.v, grid)
+                return self._window_attention(call.q, call.k, call.v, grid, patch)
             b = call.q.shape[0] // 2
-            out_w = self._window_attention(call.q[:b], call.k[:b], call.v[:b], grid)
-            scale = self.scale(call.q.shape[-1], grid, grid.num_tokens)
+            out_w = self._window_attention(call.q[:b], call.k[:b], call.v[:b], grid, patch)
+            scale = self.scale(call.q.shape[-1], grid, grid.num_tokens, patch)
             out_f = F.scaled_dot_product_attention(call.q[b:], call.k[b:], call.v[b:], scale=scale)
             return torch.cat([out_w, out_f], dim=0)
         if call.role == "cross" and mode == DUAL:

@@ -54,270 +54,28 @@ model's timestep on the 0..1000 scale (FLUX's transformer input t/1000 is rescal
 from __future__ import annotations
 
 import logging
-import re
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..call import AttentionCall, ForwardContext
+from ..call import AttentionCall
 from ..config import MethodConfig, option
 from .base import AttentionMethod
-from .softpag_presets import get_preset
+from .softpag_guidance import SoftPAGGuidance
+from .softpag_heads import HeadSpec, parse_heads
+from .softpag_targets import SCOPES, TARGETS, soft_perturbed_attention, target_attention
 from .spec import DemoGeometry, MethodSpec
-from .toolkit import append_rows, output_sample, take_rows, with_output_sample
+
+__all__ = [
+    "SCOPES", "SPEC", "TARGETS", "HeadSpec", "SoftPAGConfig", "SoftPAGMethod", "parse_heads",
+    "soft_perturbed_attention", "target_attention",
+]
 
 logger = logging.getLogger("diffattn")
 
-TARGETS = ("identity", "uniform", "mean_q")
-SCOPES = ("full", "image")
 PERTURBED_ROLES = ("self", "joint")
-_STATE_KEY = "softpag"
-_CHUNK_ELEMENTS = 1 << 24  # logits per chunk of image rows in scope="image"
-
-
-# ---- head specification ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class HeadSpec:
-    """Parsed `heads`: per layer a tuple of heads, or None for all heads of that layer; `all_layers` for "all"."""
-
-    layers: dict[int, tuple[int, ...] | None]
-    all_layers: bool = False
-    families: frozenset[str] = frozenset()
-
-    def heads_of(self, layer: int) -> tuple[int, ...] | None | bool:
-        """Heads of `layer`: a tuple, None (all heads) or False (layer not chosen)."""
-        if self.all_layers:
-            return None
-        if layer not in self.layers:
-            return False
-        return self.layers[layer]
-
-
-_ITEM = re.compile(r"^L(\d+)(?:H(\d+))?$", re.IGNORECASE)
-_RANGE = re.compile(r"^L(\d+)-L?(\d+)$", re.IGNORECASE)
-
-
-def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, str) and value.isdigit()):
-        raise ValueError(f"option 'heads' of method 'softpag': {what} must be a non-negative int, got {value!r}")
-    value = int(value)
-    if value < 0:
-        raise ValueError(f"option 'heads' of method 'softpag': {what} must be >= 0, got {value}")
-    return value
-
-
-def parse_heads(spec: Any) -> HeadSpec:
-    """Parse `heads`: `"L11H15,L1H10"`, `"L5"` (all heads of layer 5), `"L60-L69"` (all heads of those layers),
-    `"all"`, presets (`"sd3:golden-hour"`),
-    mixes of these separated by commas, a dict `{layer: [head, ...] | "all"}`, or a list of `(layer, head)` pairs
-    and/or such strings. Raises `ValueError` naming what is accepted."""
-    accepted = (
-        "expected a string like 'L11H15,L1H10', 'L5' (all heads of layer 5), 'all' or a preset 'sd3:golden-hour', "
-        "a dict {layer: [heads] | 'all'}, or a list of (layer, head) pairs"
-    )
-    layers: dict[int, set[int] | None] = {}
-    families: set[str] = set()
-    all_layers = False
-
-    def add(layer: int, head: int | None) -> None:
-        if head is None:
-            layers[layer] = None
-        elif layers.get(layer, set()) is not None:
-            layers.setdefault(layer, set()).add(head)  # type: ignore[union-attr]
-
-    def add_string(text: str) -> None:
-        nonlocal all_layers
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
-            raise ValueError(f"option 'heads' of method 'softpag' got an empty string; {accepted}")
-        for item in items:
-            if item.lower() == "all":
-                all_layers = True
-            elif ":" in item:
-                family, heads = get_preset(item)
-                families.add(family)
-                for layer, head in heads:
-                    add(layer, head)
-            elif _RANGE.match(item):
-                first, last = (int(g) for g in _RANGE.match(item).groups())
-                if last < first:
-                    raise ValueError(f"option 'heads' of method 'softpag': empty layer range {item!r}")
-                for layer in range(first, last + 1):
-                    add(layer, None)
-            else:
-                match = _ITEM.match(item)
-                if match is None:
-                    raise ValueError(f"option 'heads' of method 'softpag': cannot parse {item!r}; {accepted}")
-                add(int(match.group(1)), None if match.group(2) is None else int(match.group(2)))
-
-    if spec is None:
-        raise ValueError(f"option 'heads' of method 'softpag' is required; {accepted}")
-    if isinstance(spec, str):
-        add_string(spec)
-    elif isinstance(spec, dict):
-        if not spec:
-            raise ValueError(f"option 'heads' of method 'softpag' got an empty dict; {accepted}")
-        for key, value in spec.items():
-            layer = _int(key, "a layer index")
-            if value is None or (isinstance(value, str) and value.lower() == "all"):
-                add(layer, None)
-            elif isinstance(value, (list, tuple, set)):
-                if not value:
-                    raise ValueError(f"option 'heads' of method 'softpag': layer {layer} has an empty head list")
-                for head in value:
-                    add(layer, _int(head, "a head index"))
-            else:
-                add(layer, _int(value, "a head index"))
-    elif isinstance(spec, (list, tuple)):
-        if not spec:
-            raise ValueError(f"option 'heads' of method 'softpag' got an empty list; {accepted}")
-        for item in spec:
-            if isinstance(item, str):
-                add_string(item)
-            elif isinstance(item, (list, tuple)) and len(item) == 2:
-                add(_int(item[0], "a layer index"), _int(item[1], "a head index"))
-            else:
-                raise ValueError(f"option 'heads' of method 'softpag': cannot use {item!r}; {accepted}")
-    else:
-        raise ValueError(f"option 'heads' of method 'softpag' got {type(spec).__name__}; {accepted}")
-    frozen = {layer: None if heads is None else tuple(sorted(heads)) for layer, heads in layers.items()}
-    return HeadSpec(frozen, all_layers, frozenset(families))
-
-
-# ---- the perturbed attention (pure tensor functions) ----------------------------------------------------------
-def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-    """A stock SDPA mask as a 4-D additive float mask (bool: True = attend)."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-    else:
-        mask = mask.to(dtype)
-    while mask.ndim < 4:
-        mask = mask.unsqueeze(0)
-    return mask
-
-
-def _mean_query(q: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Mean query `[b, h, 1, D]` over the rows marked valid (`[b, S]` bool), or over all rows."""
-    if valid is None:
-        return q.mean(dim=2, keepdim=True)
-    w = valid.to(q.dtype)[:, None, :, None]
-    return (q * w).sum(dim=2, keepdim=True) / w.sum(dim=2, keepdim=True).clamp_min(1)
-
-
-def _broadcast_query_attention(qbar, k, v, mask, scale, num_queries: int) -> torch.Tensor:
-    """attention(qbar, k, v) for one query row per (batch, head), broadcast to `num_queries` rows; a mask that
-    differs per query row expands the query instead (still SDPA, no map)."""
-    if mask is None or mask.shape[-2] == 1:
-        out = F.scaled_dot_product_attention(qbar, k, v, attn_mask=mask, scale=scale)
-        return out.expand(-1, -1, num_queries, -1)
-    return F.scaled_dot_product_attention(qbar.expand(-1, -1, num_queries, -1), k, v, attn_mask=mask, scale=scale)
-
-
-def target_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    target: str,
-    scope: str = "full",
-    *,
-    dense: torch.Tensor | None = None,
-    text_len: int = 0,
-    text_first: bool = False,
-    attn_mask: torch.Tensor | None = None,
-    key_padding: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """The target's attention output P v for q, k, v `[b, h, S, D]` (self or joint attention, Sq = Sk).
-
-    See the module docstring for the definitions. `dense` (the stock attention output) is needed for
-    `scope="image"` with text (text rows keep it) and computed when not given.
-    """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"softpag perturbs self/joint attention only (Sq == Sk); got Sq={q.shape[2]}, Sk={k.shape[2]}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    mask = attn_mask
-    if scope == "full" or text_len == 0:
-        if target == "identity":
-            return v
-        if target == "uniform":
-            if mask is None:
-                return v.mean(dim=2, keepdim=True).expand_as(v)
-            return _broadcast_query_attention(torch.zeros_like(q[:, :, :1]), k, v, mask, scale, q.shape[2])
-        return _broadcast_query_attention(_mean_query(q, key_padding), k, v, mask, scale, q.shape[2])
-
-    # scope == "image" with text in the sequence
-    s = q.shape[2]
-    img = slice(text_len, s) if text_first else slice(0, s - text_len)
-    txt = slice(0, text_len) if text_first else slice(s - text_len, s)
-    if dense is None:
-        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    out = dense.clone()
-    qi, ki, vi = q[:, :, img].float(), k[:, :, img].float(), v[:, :, img].float()
-    kt, vt = k[:, :, txt].float(), v[:, :, txt].float()
-    n_img = qi.shape[2]
-    m4 = _additive_mask(mask)
-    per_query = m4 is not None and m4.shape[-2] > 1
-    if m4 is not None and target != "identity" and per_query:
-        image_block = m4[..., img, img]
-        if bool((image_block != image_block[..., :1, :]).any()):
-            raise NotImplementedError(
-                f"softpag: target {target!r} with scope='image' needs a mask that is the same for every query over "
-                "the image keys; this call's mask differs per query (use target='identity' or scope='full')"
-            )
-    if target != "identity":
-        qbar = torch.zeros_like(qi[:, :, :1]) if target == "uniform" else qi.mean(dim=2, keepdim=True)
-        logits = qbar @ ki.transpose(-1, -2) * scale
-        if m4 is not None:
-            logits = logits + (m4[..., :1, img] if not per_query else m4[..., img.start : img.start + 1, img])
-        shared_lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [b, h, 1, 1]
-        shared_out = torch.softmax(logits, dim=-1) @ vi  # [b, h, 1, D]
-    b, h = qi.shape[:2]
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h * (kt.shape[2] + 1)))
-    pieces = []
-    for start in range(0, n_img, chunk):
-        rows = slice(start, min(n_img, start + chunk))
-        qc = qi[:, :, rows]
-        text_logits = qc @ kt.transpose(-1, -2) * scale
-        abs_rows = slice(img.start + rows.start, img.start + rows.stop)
-        if m4 is not None:
-            text_logits = text_logits + (m4[..., :, txt] if not per_query else m4[..., abs_rows, txt])
-        if target == "identity":
-            own = (qc * ki[:, :, rows]).sum(-1, keepdim=True) * scale
-            if m4 is not None:
-                if per_query:
-                    own = own + torch.diagonal(m4[..., abs_rows, abs_rows], dim1=-2, dim2=-1).unsqueeze(-1)
-                else:
-                    own = own + m4[..., 0, abs_rows].unsqueeze(-1)
-            image_out = vi[:, :, rows]
-        else:
-            own = shared_lse.expand(-1, -1, qc.shape[2], 1)
-            image_out = shared_out
-        weights = torch.softmax(torch.cat([own.expand(b, h, -1, 1), text_logits.expand(b, h, -1, -1)], dim=-1), -1)
-        pieces.append(weights[..., :1] * image_out + weights[..., 1:] @ vt)
-    out[:, :, img] = torch.cat(pieces, dim=2).to(out.dtype)
-    return out
-
-
-def soft_perturbed_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: float, target: str = "identity", scope: str = "full",
-    **kwargs: Any,
-) -> torch.Tensor:
-    """(1 - u) * attention(q, k, v) + u * target_attention(...): the SoftPAG output of all given heads and rows."""
-    mask, scale = kwargs.get("attn_mask"), kwargs.get("scale")
-    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    if u == 0:
-        return dense
-    tgt = target_attention(q, k, v, target, scope, dense=dense, **kwargs)
-    return tgt.to(dense.dtype) if u == 1 else torch.lerp(dense, tgt.to(dense.dtype), u)
 
 
 # ---- options ---------------------------------------------------------------------------------------------------
@@ -369,43 +127,12 @@ class SoftPAGConfig(MethodConfig):
 
 
 # ---- the method -------------------------------------------------------------------------------------------------
-@dataclass
-class _ForwardState:
-    """What prepare_forward decided for one model forward (kept in the context's extras)."""
-
-    rows: slice | None  # rows whose chosen heads are perturbed; None = all rows
-    kind: str | None = None  # None (perturbation only), "cfg_batch", "cond", "uncond"
-    scale: float = 0.0
-    batch: int = 0
-    cond: slice | None = None
-    arguments: dict[str, Any] | None = None
-
-
-_LATENT_ARGS = ("hidden_states", "sample")
-
-
-class SoftPAGMethod(AttentionMethod):
+class SoftPAGMethod(SoftPAGGuidance, AttentionMethod):
     def __init__(self, config: SoftPAGConfig) -> None:
         super().__init__(config)
         self.spec = parse_heads(config.heads)
-        self._pipeline: Any = None
-        self._model: Any = None
-        self._inner = False
-        self._pending: dict[int, torch.Tensor] = {}  # step -> shift of that step's conditional pass
+        self._init_guidance()
         self._checked_layers = False
-
-    # ---- binding ------------------------------------------------------------------------------------------------
-    def bind_pipeline(self, pipe: Any) -> None:
-        """Tell the method which pipeline drives it (weakly held): turns `guidance="auto"` on and lets `cfg=None`
-        read `pipe.do_classifier_free_guidance`. `diffattn.apply` on a pipeline calls this."""
-        self._pipeline = weakref.ref(pipe)
-
-    def bind_model(self, model: torch.nn.Module) -> None:
-        """The model the separate perturbed pass (`batched=False`) re-runs (found automatically otherwise)."""
-        self._model = weakref.ref(model)
-
-    def _pipe(self) -> Any:
-        return self._pipeline() if self._pipeline is not None else None
 
     # ---- checks -------------------------------------------------------------------------------------------------
     def _check_family(self, family: str | None) -> None:
@@ -428,126 +155,6 @@ class SoftPAGMethod(AttentionMethod):
                 f"{call.layer.num_layers} attention layers (indices 0..{call.layer.num_layers - 1})"
             )
         self._checked_layers = True
-
-    # ---- forward level: guidance ------------------------------------------------------------------------------
-    def _guiding(self, ctx: ForwardContext) -> bool:
-        if self.config.guidance == "on":
-            return True
-        if self.config.guidance == "off":
-            return False
-        return self._pipe() is not None or ctx.num_steps is not None
-
-    def scale_at(self, ctx: ForwardContext) -> float:
-        """The guidance scale s_t of this forward (0 outside the step window)."""
-        cfg = self.config
-        if ctx.num_steps:
-            frac = ctx.step_index / ctx.num_steps
-            if not (cfg.start <= frac < cfg.end):
-                return 0.0
-        s = cfg.scale
-        if cfg.adaptive_scale and ctx.timestep is not None:
-            t = ctx.timestep * 1000.0 if ctx.family == "flux" else ctx.timestep
-            s = max(0.0, s - cfg.adaptive_scale * (1000.0 - t))
-        return float(s)
-
-    def _cfg_batch(self, ctx: ForwardContext, args: dict[str, Any]) -> bool:
-        if self.config.cfg is not None:
-            return self.config.cfg and ctx.batch_size % 2 == 0
-        pipe = self._pipe()
-        if pipe is not None and hasattr(pipe, "do_classifier_free_guidance"):
-            return bool(pipe.do_classifier_free_guidance) and ctx.batch_size % 2 == 0
-        if ctx.pass_name == "cond_uncond":
-            return True
-        if ctx.batch_size % 2:
-            return False
-        latent = next((args[n] for n in _LATENT_ARGS if isinstance(args.get(n), torch.Tensor)), None)
-        n = ctx.batch_size // 2
-        return latent is not None and torch.equal(latent[:n], latent[n:])
-
-    def prepare_forward(self, ctx: ForwardContext, args: dict[str, Any]) -> dict[str, Any] | None:
-        self._check_family(ctx.family)
-        if self._inner or not self._guiding(ctx):
-            ctx.extras[_STATE_KEY] = _ForwardState(rows=None)
-            return None
-        b = ctx.batch_size
-        if ctx.step_index == 0 and ctx.pass_index == 0:
-            self._pending.clear()
-        s = self.scale_at(ctx)
-        if ctx.pass_name == "uncond":
-            ctx.extras[_STATE_KEY] = _ForwardState(rows=slice(0, 0), kind="uncond", scale=s, batch=b)
-            return None
-        if ctx.pass_name != "cond" and self._cfg_batch(ctx, args):
-            kind, cond = "cfg_batch", slice(b // 2, b)
-        else:  # "cond", or an unnamed forward without CFG halves (FLUX-dev; second-order solvers' repeated t)
-            kind, cond = "cond", slice(0, b)
-        state = _ForwardState(rows=slice(0, 0), kind=kind, scale=s, batch=b, cond=cond)
-        ctx.extras[_STATE_KEY] = state
-        if s == 0.0:
-            return None
-        if not self.config.batched:
-            state.arguments = take_rows(args, b, cond)
-            return None
-        state.rows = slice(b, b + cond.stop - cond.start)
-        return append_rows(args, b, cond)
-
-    def _find_model(self, ctx: ForwardContext) -> torch.nn.Module:
-        """The model whose forward is finishing (the separate perturbed pass re-runs it).
-
-        Found in `ctx.extras["module"]` (the context hook records the running model, so Wan 2.2's two experts,
-        which share one method, each re-run themselves), else the model given to `bind_model`.
-        """
-        module = ctx.extras.get("module")
-        if isinstance(module, torch.nn.Module):
-            return module
-        if self._model is not None and self._model() is not None:
-            return self._model()
-        raise RuntimeError(
-            "softpag (batched=False): cannot find the model to run the perturbed pass; call "
-            "method.bind_model(model) or use batched=True"
-        )
-
-    def finish_forward(self, ctx: ForwardContext | None, output: Any) -> Any:
-        state: _ForwardState | None = None if ctx is None else ctx.extras.get(_STATE_KEY)
-        if state is None or state.kind is None or self._inner:
-            return output
-        sample = output_sample(output)
-        if state.kind == "uncond":
-            if state.scale == 0.0:
-                return output
-            shift = self._pending.get(ctx.step_index)
-            if shift is None or shift.shape != sample.shape:
-                raise RuntimeError(
-                    "softpag: an unconditional pass came before the conditional pass of its step (or with another "
-                    "batch); the guidance shift is computed in the conditional pass, which must come first"
-                )
-            return with_output_sample(output, sample + shift.to(sample.dtype))
-        if state.scale == 0.0:
-            return output
-        b, cond = state.batch, state.cond
-        if self.config.batched:
-            eps, perturbed = sample[:b], sample[b:]
-        else:
-            eps = sample
-            model = self._find_model(ctx)
-            self._inner = True
-            try:
-                perturbed = output_sample(model(**state.arguments))
-            finally:
-                self._inner = False
-        shift = state.scale * (eps[cond] - perturbed)
-        if state.kind == "cfg_batch":
-            guided = eps + shift.repeat(2, *([1] * (shift.ndim - 1)))
-        else:
-            guided = eps + shift
-            self._pending = {ctx.step_index: shift}
-        return with_output_sample(output, guided)
-
-    # ---- attention --------------------------------------------------------------------------------------------
-    def _rows(self, ctx: ForwardContext | None) -> slice | None:
-        state = None if ctx is None else ctx.extras.get(_STATE_KEY)
-        if self._inner or state is None:
-            return None
-        return state.rows
 
     def attend(self, call: AttentionCall) -> torch.Tensor:
         q, k, v = call.q, call.k, call.v

@@ -101,8 +101,10 @@ class MethodSpec:
             raise ValueError(f"method {self.name!r} names unknown families {unknown}; known: {FAMILY_NAMES}")
         if self.role not in ROLES:
             raise ValueError(f"method {self.name!r}: role must be one of {', '.join(ROLES)}, got {self.role!r}")
-        if not (isinstance(self.config_cls, type) and issubclass(self.config_cls, MethodConfig)):
-            raise TypeError(f"method {self.name!r}: config_cls must be a MethodConfig subclass, got {self.config_cls!r}")
+        if not (isinstance(self.config_cls, type) and issubclass(self.config_cls, MethodConfig)) or (
+            self.config_cls is MethodConfig
+        ):
+            raise TypeError(f"method {self.name!r}: config_cls must be a subclass of MethodConfig, got {self.config_cls!r}")
         option_names = {s.name for s in self.config_cls.option_specs()}
         for what, names in (("cli_flags", self.cli_flags),
                             ("preview_mask.options", self.preview_mask.options if self.preview_mask else ())):
@@ -110,7 +112,7 @@ class MethodSpec:
             if missing:
                 raise ValueError(f"method {self.name!r}: {what} names options {missing} that {self.config_cls.__name__} lacks")
         _stamp(self.config_cls, "method_name", self.name)
-        if inspect.isclass(self.build) and issubclass(self.build, AttentionMethod):
+        if inspect.isclass(self.build) and issubclass(self.build, AttentionMethod) and self.build is not AttentionMethod:
             _stamp(self.build, "name", self.name)
 
     def make_config(self, **options: Any) -> MethodConfig:

@@ -10,11 +10,15 @@ import math
 
 import torch
 
-#: dtypes the Triton kernels run on; the PyTorch backends also take float64 (ground truth in tests).
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
-MAX_HEAD_DIM = 256
-BACKENDS = ("auto", "triton", "blocked", "reference")
+from ..common import (
+    BACKENDS,
+    check_dtype,
+    check_extra_pair,
+    check_head_dim,
+    check_like_q,
+    check_scale,
+    check_tensors,
+)
 
 
 def check_block_size(block_size: int) -> None:
@@ -36,24 +40,17 @@ def check_inputs(
     extra_v: torch.Tensor | None,
     backend: str,
 ) -> None:
-    """Validate all arguments; see `block_sparse_attention` for the accepted forms."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("block_mask", block_mask)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    """Validate all arguments; see `block_sparse_attention` for the accepted forms (the checks both front doors
+    share are `kernels.common`'s)."""
+    check_tensors(q=q, k=k, v=v, block_mask=block_mask)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_block_size(block_size)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, H, S, D] (the layout of F.scaled_dot_product_attention), got shape {tuple(t.shape)}")
-    allowed = KERNEL_DTYPES if backend == "triton" else REFERENCE_DTYPES
-    if q.dtype not in allowed:
-        raise TypeError(f"q dtype must be one of {[str(d) for d in allowed]}, got {q.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
+    check_dtype(q, backend)
+    check_like_q(q, k=k, v=v)
     B, H, Sq, D = q.shape
     if k.shape[:2] != (B, H) or v.shape[:2] != (B, H):
         raise ValueError(f"k and v must have q's batch and heads {(B, H)}, got k {tuple(k.shape)} and v {tuple(v.shape)}")
@@ -63,8 +60,7 @@ def check_inputs(
         raise ValueError(f"v head dim {v.shape[-1]} must equal q head dim {D} (different value dims are not supported)")
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"k and v must have the same sequence length, got {k.shape[2]} and {v.shape[2]}")
-    if D < 1 or D > MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in 1..{MAX_HEAD_DIM}, got {D}")
+    check_head_dim(D)
     if B == 0 or H == 0:
         raise ValueError(f"q must have a non-empty batch and heads, got shape {tuple(q.shape)}")
     Sk = k.shape[2]
@@ -81,22 +77,12 @@ def check_inputs(
             f"block_mask shape must be [{B} or 1, {H} or 1, {nq}, {nk}] for Sq={Sq}, Sk={Sk}, block_size={block_size}, "
             f"got {tuple(block_mask.shape)}"
         )
-    if (extra_k is None) != (extra_v is None):
-        raise ValueError("extra_k and extra_v must be given together (or both None)")
+    check_extra_pair(extra_k, extra_v)
     if extra_k is not None and extra_v is not None:
         for name, t in (("extra_k", extra_k), ("extra_v", extra_v)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
             if t.dim() != 4 or t.shape[:2] != (B, H) or t.shape[-1] != D:
                 raise ValueError(f"{name} must be [B={B}, H={H}, T, D={D}], got {tuple(t.shape)}")
-            if t.dtype != q.dtype:
-                raise TypeError(f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
-            if t.device != q.device:
-                raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        check_like_q(q, extra_k=extra_k, extra_v=extra_v)
         if extra_k.shape[2] != extra_v.shape[2]:
             raise ValueError(f"extra_k and extra_v must have the same length, got {extra_k.shape[2]} and {extra_v.shape[2]}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale must be a finite positive number, got {scale}")
+    check_scale(scale)

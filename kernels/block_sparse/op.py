@@ -1,11 +1,12 @@
 """Front door: validation, backend choice, and the torch.library custom ops (forward, backward, autograd).
 
-Backends:
-- "triton": the Triton kernels (CUDA; or CPU tensors when `TRITON_INTERPRET=1` was set before triton was imported,
-  which is how tests run them without a GPU).
-- "reference": masked SDPA in plain PyTorch (`reference.py`); autograd through PyTorch. Used on CPU.
-- "auto" (default): "triton" for CUDA tensors, "reference" otherwise.
-The backend can be forced with the `backend=` argument or the environment variable `DIFFATTN_BLOCK_SPARSE_BACKEND`.
+Backends (`kernels.common`, the same vocabulary as `neighborhood_attention`):
+- None (default): "triton" where it runs (CUDA tensors, or CPU tensors when `TRITON_INTERPRET=1` was set before
+  triton was imported, which is how tests run the kernels without a GPU), "blocked" elsewhere.
+- "triton": the Triton kernels.
+- "blocked": plain PyTorch, one query block at a time over its kept key blocks (`blocked.py`): the CPU path.
+- "reference": masked SDPA over the whole score matrix in plain PyTorch (`reference.py`): the ground truth.
+The environment variable `DIFFATTN_BLOCK_SPARSE_BACKEND` sets the backend used when `backend=None`.
 
 The Triton path is registered as `torch.ops.diffattn.block_sparse_attn_fwd/_bwd` (custom ops with fake impls and
 `register_autograd`), so `torch.compile` traces through it without a graph break, and a call does no host
@@ -16,45 +17,24 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import torch
 
+from ..common import BACKENDS, default_backend, interpreting, resolve_backend
+from .blocked import block_sparse_attention_blocked
 from .checks import check_inputs
 from .index import get_block_index
-from .blocked import block_sparse_attention_blocked
 from .reference import block_sparse_attention_reference
 
 logger = logging.getLogger("diffattn")
 
 ENV_BACKEND = "DIFFATTN_BLOCK_SPARSE_BACKEND"
 
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - platforms without triton
-        return False
-    return True
+__all__ = ["BACKENDS", "ENV_BACKEND", "block_sparse_attention", "default_backend"]
 
 
 def _resolve_backend(backend: str | None, q: torch.Tensor) -> str:
-    name = backend or os.environ.get(ENV_BACKEND) or "auto"
-    if name == "auto":
-        return "triton" if (q.is_cuda and triton_available()) else "blocked"
-    if name == "triton":
-        if not triton_available():
-            raise RuntimeError("backend='triton' needs the triton package, which is not importable here")
-        if not q.is_cuda and not _interpret():
-            raise ValueError(
-                "backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is "
-                f"imported; got tensors on {q.device}. Use backend='blocked' (or 'auto') on CPU."
-            )
-    return name
+    return resolve_backend(backend, q.device, ENV_BACKEND)
 
 
 def _last_contig(t: torch.Tensor) -> torch.Tensor:
@@ -79,7 +59,7 @@ def _fwd_op(
     ev = _last_contig(extra_v) if extra_v is not None else None
     return triton_fwd.forward(
         _last_contig(q), _last_contig(k), _last_contig(v), index.kv_idx, index.kv_cnt, block_size, scale, ek, ev,
-        interpret=_interpret(),
+        interpret=interpreting(),
     )
 
 
@@ -111,7 +91,7 @@ def _bwd_op(
     ev = _last_contig(extra_v) if extra_v is not None else None
     return triton_bwd.backward(
         do, _last_contig(q), _last_contig(k), _last_contig(v), out, lse, dlse,
-        index.kv_idx, index.kv_cnt, index.q_idx, index.q_cnt, block_size, scale, ek, ev, interpret=_interpret(),
+        index.kv_idx, index.kv_cnt, index.q_idx, index.q_cnt, block_size, scale, ek, ev, interpret=interpreting(),
     )
 
 
@@ -181,10 +161,10 @@ def block_sparse_attention(
             (text tokens), with no mask; fused into the same softmax.
         return_lse: also return the log-sum-exp (natural log, float32 `[B, H, Sq]`), for merging partial results
             with `merge_attention_states`. It is differentiable.
-        backend: "auto" (default; Triton on CUDA, "blocked" elsewhere), "triton", "blocked" (plain PyTorch, one query
+        backend: None (default: Triton on CUDA or under TRITON_INTERPRET=1, "blocked" elsewhere; the env var
+            `DIFFATTN_BLOCK_SPARSE_BACKEND` overrides this default), "triton", "blocked" (plain PyTorch, one query
             block at a time over its kept key blocks: the CPU path) or "reference" (plain PyTorch over the whole
             masked score matrix: the ground truth).
-            The env var `DIFFATTN_BLOCK_SPARSE_BACKEND` sets the default.
 
     A query with no key at all (every block of its row masked and no extra keys) gets output 0 and lse -inf, and
     its gradients are 0; never NaN.

@@ -14,11 +14,17 @@ import torch
 IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# "triton": the kernel (CUDA, or CPU under TRITON_INTERPRET=1); "blocked": plain PyTorch by query tile (the CPU
-# default); "reference": dense-mask PyTorch (ground truth, small problems).
-BACKENDS = ("triton", "blocked", "reference")
-MAX_HEAD_DIM = 256
+from ..common import (
+    BACKENDS,
+    check_dtype,
+    check_extra_pair,
+    check_head_dim,
+    check_like_q,
+    check_scale,
+    check_tensors,
+)
+
+__all__ = ["BACKENDS", "NAParams", "check_qkv", "normalize_params", "spatial_shape"]
 
 
 @dataclass(frozen=True)
@@ -99,44 +105,32 @@ def check_qkv(
     extra_k: torch.Tensor | None,
     extra_v: torch.Tensor | None,
     scale: float | None,
+    backend: str = "triton",
 ) -> None:
-    """Check layouts `[B, *spatial, H, D]` (1-3 spatial axes), dtypes, devices, head dim and the extra keys."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    """Check layouts `[B, *spatial, H, D]` (1-3 spatial axes), dtypes (those of `backend`; float64 only on the
+    PyTorch backends), devices, head dim and the extra keys (the checks both front doors share are
+    `kernels.common`'s)."""
+    check_tensors(q=q, k=k, v=v)
     if not 4 <= q.dim() <= 6:
         raise ValueError(f"q must be [B, *spatial, H, D] with 1 to 3 spatial axes (4 to 6 dims), got shape {tuple(q.shape)}")
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
             f"q, k, v must have the same shape [B, *spatial, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q dtype must be one of float16, bfloat16, float32, got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    head_dim = q.shape[-1]
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    check_dtype(q, backend)
+    check_like_q(q, k=k, v=v)
+    check_head_dim(q.shape[-1])
     if q.shape[0] < 1 or q.shape[-2] < 1:
         raise ValueError(f"batch and heads must be >= 1, got shape {tuple(q.shape)}")
-    if scale is not None and not isinstance(scale, (float, int)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if (extra_k is None) != (extra_v is None):
-        raise ValueError("extra_k and extra_v must be given together (both or neither)")
+    check_scale(scale)
+    check_extra_pair(extra_k, extra_v)
     if extra_k is not None:
         assert extra_v is not None
         b, h, d = q.shape[0], q.shape[-2], q.shape[-1]
         for name, t in (("extra_k", extra_k), ("extra_v", extra_v)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 4 or t.shape[0] != b or t.shape[2] != h or t.shape[3] != d:
                 raise ValueError(f"{name} must be [B, T, H, D] = [{b}, T, {h}, {d}], got {tuple(t.shape)}")
-            if t.dtype != q.dtype:
-                raise TypeError(f"{name} dtype must equal q's ({q.dtype}), got {t.dtype}")
-            if t.device != q.device:
-                raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")
+        check_like_q(q, extra_k=extra_k, extra_v=extra_v)
         if extra_k.shape != extra_v.shape:
             raise ValueError(f"extra_k and extra_v must have the same shape, got {tuple(extra_k.shape)} and {tuple(extra_v.shape)}")
 

@@ -1,4 +1,8 @@
-"""Front door: `neighborhood_attention` validates once, picks the backend, and wires autograd."""
+"""Front door: `neighborhood_attention` validates once, picks the backend, and wires autograd.
+
+Backends (`kernels.common`, the same vocabulary as `block_sparse_attention`): None = auto ("triton" where it runs,
+"blocked" elsewhere; `DIFFATTN_NEIGHBORHOOD_BACKEND` sets it), "triton", "blocked", "reference".
+"""
 
 from __future__ import annotations
 
@@ -9,26 +13,17 @@ from typing import Optional
 
 import torch
 
+from ..common import BACKENDS, check_tensors, default_backend, resolve_backend, run_with_fallbacks
 from .blocked import neighborhood_attention_blocked
-from .checks import BACKENDS, check_qkv, normalize_params, spatial_shape
+from .checks import check_qkv, normalize_params, spatial_shape
 from .reference import neighborhood_attention_reference
-from .tiling import Plan, check_tiles, choose_tiles, make_plan
+from .tiling import Plan, make_plan, resolve_tiles
 
 logger = logging.getLogger("diffattn")
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+ENV_BACKEND = "DIFFATTN_NEIGHBORHOOD_BACKEND"
 
-
-def _triton_ok(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and _interpreting()
-
-
-def default_backend(device: torch.device) -> str:
-    """The backend `neighborhood_attention` uses when none is given: Triton where it runs, "blocked" elsewhere."""
-    return "triton" if _triton_ok(device) else "blocked"
+__all__ = ["BACKENDS", "ENV_BACKEND", "default_backend", "get_plan", "neighborhood_attention"]
 
 
 def get_plan(shape, kernel_size, stride, dilation, is_causal, q_tile=None, kv_tile=None) -> Plan:
@@ -42,11 +37,7 @@ def get_plan(shape, kernel_size, stride, dilation, is_causal, q_tile=None, kv_ti
 @functools.lru_cache(maxsize=256)
 def _get_plan(shape, kernel_size, stride, dilation, is_causal, q_tile, kv_tile) -> Plan:
     p = normalize_params(shape, kernel_size, stride, dilation, is_causal)
-    if q_tile is None or kv_tile is None:
-        cq, ck = choose_tiles(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal)
-        q_tile = cq if q_tile is None else q_tile
-        kv_tile = ck if kv_tile is None else kv_tile
-    q_tile, kv_tile = check_tiles(p.ndim, q_tile, kv_tile)
+    q_tile, kv_tile = resolve_tiles(p, q_tile, kv_tile)
     return make_plan(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal, q_tile, kv_tile)
 
 
@@ -56,10 +47,8 @@ def _plan_of(q: torch.Tensor, kernel_size, stride, dilation, is_causal, q_tile, 
                     tuple(bool(c) for c in is_causal), tuple(q_tile) or None, tuple(kv_tile) or None)
 
 
-# On Hopper the forward reads tiles as TMA boxes in place (triton_fwd_tma.py): +11-18% on H100 for GNA.
-_TMA_STATE = {"enabled": True}
-
-
+# On Hopper the forward reads tiles as TMA boxes in place (triton_fwd_tma.py): +11-18% on H100 for GNA;
+# DIFFATTN_NA_TMA=0 turns it off (pointer loads).
 # Registered as torch.library custom ops so torch.compile keeps them in one graph (no graph break); the plan is
 # passed as plain int lists and rebuilt from the (cached) tiling tables inside.
 @torch.library.custom_op("diffattn::neighborhood_attn_fwd", mutates_args=())
@@ -71,19 +60,15 @@ def _na_fwd_op(
     from .triton_fwd import na_forward
 
     plan = _plan_of(q, kernel_size, stride, dilation, is_causal, q_tile, kv_tile)
-    if _TMA_STATE["enabled"] and os.environ.get("DIFFATTN_NA_TMA", "1") != "0":
+    variants = []
+    if os.environ.get("DIFFATTN_NA_TMA", "1") != "0":
         from .triton_fwd_tma import tma_inplace_ok
 
         if tma_inplace_ok(q, plan) and tma_inplace_ok(k, plan) and tma_inplace_ok(v, plan):
-            try:
-                out, lse = na_forward(q, k, v, plan, scale, extra_k, extra_v, need_lse=True, tma=True)
-                assert lse is not None
-                return out, lse
-            except Exception as e:  # a Triton/driver without working TMA descriptors: use the pointer kernel
-                _TMA_STATE["enabled"] = False
-                logger.warning("neighborhood attention: TMA path unavailable (%s: %s); using the pointer kernel",
-                               type(e).__name__, e)
-    out, lse = na_forward(q, k, v, plan, scale, extra_k, extra_v, need_lse=True)
+            variants.append(("TMA", lambda: na_forward(q, k, v, plan, scale, extra_k, extra_v, need_lse=True, tma=True)))
+    variants.append(("pointer", lambda: na_forward(q, k, v, plan, scale, extra_k, extra_v, need_lse=True)))
+    key = (plan.q_tile, plan.kv_tile, tuple(q.shape), q.dtype, extra_k is not None)
+    out, lse = run_with_fallbacks("neighborhood attention forward", key, variants)
     assert lse is not None
     return out, lse
 
@@ -166,7 +151,8 @@ def neighborhood_attention(
     float32 `[B, *spatial, H]`. Differentiable (Triton backward); a torch.library custom op
     (`diffattn::neighborhood_attn_fwd`/`_bwd`), so torch.compile(fullgraph=True) traces through it.
 
-    backend: None (Triton on CUDA, or on CPU under TRITON_INTERPRET=1; otherwise "blocked"), "triton", "blocked"
+    backend: None (Triton on CUDA, or on CPU under TRITON_INTERPRET=1; otherwise "blocked"; the env var
+    `DIFFATTN_NEIGHBORHOOD_BACKEND` overrides this default), "triton", "blocked"
     (plain PyTorch, one query tile at a time over the box of keys it can see: the CPU path, differentiable by
     autograd) or "reference" (dense `[N, N]` mask, small problems only; the ground truth).
     q_tile/kv_tile: override the Triton tile shapes (powers of two, at least 16 tokens per tile; default: chosen by
@@ -177,13 +163,11 @@ def neighborhood_attention(
     block-sparse settings (see `diffattn.kernels.neighborhood.propose_stride`) run with no per-element mask. No permutation copy is
     ever made.
     """
-    check_qkv(q, k, v, extra_k, extra_v, scale)
+    check_tensors(q=q, k=k, v=v)
+    backend = resolve_backend(backend, q.device, ENV_BACKEND)
+    check_qkv(q, k, v, extra_k, extra_v, scale, backend)
     shape = spatial_shape(q)
     params = normalize_params(shape, kernel_size, stride, dilation, is_causal)
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend is None:
-        backend = default_backend(q.device)
     if backend == "reference":
         return neighborhood_attention_reference(
             q, k, v, params.kernel_size, params.stride, params.dilation, params.is_causal,
@@ -192,8 +176,6 @@ def neighborhood_attention(
         return neighborhood_attention_blocked(
             q, k, v, params.kernel_size, params.stride, params.dilation, params.is_causal,
             scale=scale, extra_k=extra_k, extra_v=extra_v, return_lse=return_lse, tile=q_tile)
-    if not _triton_ok(q.device):
-        raise ValueError(f"backend 'triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU), got device {q.device}")
     if extra_k is not None and extra_k.shape[1] == 0:
         extra_k = extra_v = None
     q_tiles = [int(t) for t in q_tile] if q_tile is not None else []

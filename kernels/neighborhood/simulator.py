@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .checks import normalize_params
-from .tiling import MASK_COST, axis_plan, check_tiles, choose_tiles, make_plan, pow2_shapes
+from .tiling import MASK_COST, axis_plan, make_plan, pow2_shapes, resolve_tiles
 
 __all__ = ["GNASimulation", "StrideProposal", "simulate", "propose_stride", "natten_fully_block_sparse"]
 
@@ -130,11 +130,7 @@ def simulate(
     q_tile/kv_tile: tile shapes (default: what the kernel would choose).
     """
     p = normalize_params(shape, kernel_size, stride, dilation, is_causal)
-    if q_tile is None or kv_tile is None:
-        cq, ck = choose_tiles(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal)
-        q_tile = cq if q_tile is None else q_tile
-        kv_tile = ck if kv_tile is None else kv_tile
-    q_tile, kv_tile = check_tiles(p.ndim, q_tile, kv_tile)
+    q_tile, kv_tile = resolve_tiles(p, q_tile, kv_tile)
     plan = make_plan(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal, q_tile, kv_tile)
     c = plan.counts()
     n = math.prod(p.shape)

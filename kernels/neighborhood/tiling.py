@@ -197,6 +197,17 @@ def check_tiles(ndim: int, q_tile: Sequence[int], kv_tile: Sequence[int]) -> tup
     return out[0], out[1]
 
 
+def resolve_tiles(params, q_tile: Sequence[int] | None, kv_tile: Sequence[int] | None):
+    """The tiles a plan uses (the front door and the simulator alike): those given, the others chosen by
+    `choose_tiles` for the normalized `params` (`checks.NAParams`), all checked by `check_tiles`."""
+    p = params
+    if q_tile is None or kv_tile is None:
+        cq, ck = choose_tiles(p.shape, p.kernel_size, p.stride, p.dilation, p.is_causal)
+        q_tile = cq if q_tile is None else q_tile
+        kv_tile = ck if kv_tile is None else kv_tile
+    return check_tiles(p.ndim, q_tile, kv_tile)
+
+
 def pow2_shapes(ndim: int, total_log2: int) -> list[tuple[int, ...]]:
     """Every shape of `ndim` powers of two whose product is 2**total_log2."""
     if ndim == 1:

@@ -1,0 +1,144 @@
+"""What the two kernel front doors share (`block_sparse_attention`, `neighborhood_attention`): one backend
+vocabulary and choice, one device/interpreter test, the argument checks common to both, and one Hopper-fallback
+scheme. Pure torch; no Diffusers, nothing of diffattn above the kernels.
+
+Backends: None = auto (Triton where it runs: CUDA, or CPU tensors under `TRITON_INTERPRET=1`; "blocked"
+elsewhere), "triton", "blocked" (plain PyTorch by tiles: the CPU path), "reference" (plain PyTorch over the whole
+masked score matrix: the ground truth). Each front door's environment variable (`DIFFATTN_BLOCK_SPARSE_BACKEND`,
+`DIFFATTN_NEIGHBORHOOD_BACKEND`) sets its default when `backend=None`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("diffattn")
+
+BACKENDS: tuple[str, ...] = ("triton", "blocked", "reference")
+#: dtypes the Triton kernels run on; the PyTorch backends also take float64 (ground truth in tests).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+MAX_HEAD_DIM = 256
+
+
+# ---- device and backend ---------------------------------------------------------------------------------------
+def interpreting() -> bool:
+    """Whether Triton's interpreter is on (`TRITON_INTERPRET`, read as Triton reads its boolean knobs)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - platforms without triton
+        return False
+    return True
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on `device`: CUDA, or CPU under the interpreter."""
+    device = torch.device(device)
+    return triton_importable() and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
+
+
+def default_backend(device: torch.device) -> str:
+    """The backend a front door uses when none is given: "triton" where it runs, "blocked" elsewhere."""
+    return "triton" if triton_runs_on(device) else "blocked"
+
+
+def resolve_backend(backend: str | None, device: torch.device, env_var: str) -> str:
+    """The backend to run: `backend`, else the front door's environment variable, else `default_backend`."""
+    source = "backend"
+    if backend is None and os.environ.get(env_var):
+        backend, source = os.environ[env_var].strip(), env_var
+    if backend is None:
+        return default_backend(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(map(repr, BACKENDS))} or None (auto), got {backend!r}")
+    if backend == "triton":
+        if not triton_importable():
+            raise RuntimeError("backend='triton' needs the triton package, which is not importable here")
+        if not triton_runs_on(device):
+            raise ValueError(
+                "backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is "
+                f"imported; got tensors on {device}. Use backend='blocked' (or None) on CPU."
+            )
+    return backend
+
+
+# ---- argument checks shared by both front doors -------------------------------------------------------------------
+def check_tensors(**tensors: Any) -> None:
+    """Each named argument is a tensor (`TypeError` naming it otherwise)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_dtype(q: torch.Tensor, backend: str) -> None:
+    allowed = KERNEL_DTYPES if backend == "triton" else REFERENCE_DTYPES
+    if q.dtype not in allowed:
+        raise TypeError(f"q dtype must be one of {[str(d) for d in allowed]}, got {q.dtype}")
+
+
+def check_like_q(q: torch.Tensor, **tensors: torch.Tensor) -> None:
+    """Each named tensor has q's dtype and device."""
+    for name, t in tensors.items():
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
+
+
+def check_head_dim(head_dim: int) -> None:
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+
+
+def check_extra_pair(extra_k: torch.Tensor | None, extra_v: torch.Tensor | None) -> None:
+    if (extra_k is None) != (extra_v is None):
+        raise ValueError("extra_k and extra_v must be given together (or both None)")
+    if extra_k is not None:
+        check_tensors(extra_k=extra_k, extra_v=extra_v)
+
+
+def check_scale(scale: float | None) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite positive number, got {scale}")
+
+
+# ---- Hopper fallback ---------------------------------------------------------------------------------------------
+_failed: set[tuple] = set()
+
+
+def run_with_fallbacks(kernel: str, key: tuple, variants: list[tuple[str, Callable[[], Any]]]) -> Any:
+    """Run the first variant that compiles, best first (Hopper-only variants such as TMA, then the plain one last).
+
+    A variant that fails for `key` (a kernel specialization) is remembered, so later calls skip it instead of
+    recompiling, and logged once; the last variant's errors propagate. Triton 3.6 fails to compile some Hopper
+    variants for some specializations, so a failure is a fact about that key, not about the device.
+    """
+    for i, (name, launch) in enumerate(variants):
+        last = i == len(variants) - 1
+        if not last and (kernel, key, name) in _failed:
+            continue
+        try:
+            return launch()
+        except Exception as e:
+            if last:
+                raise
+            _failed.add((kernel, key, name))
+            logger.warning("%s: Triton could not run the %s variant for %s (%s: %s); falling back", kernel, name,
+                           key, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+    raise AssertionError("unreachable: no variants given")
