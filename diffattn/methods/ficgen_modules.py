@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..frequency import low_pass_mask
+from .ficgen_parts import block_name, parse_layers, pooled, region_bias
 
 logger = logging.getLogger("diffattn")
 
@@ -311,8 +312,6 @@ class VFELayer(nn.Module):
             return self._forward(x, global_out, phrase_out, maps, tokens, hw)
 
     def _forward(self, x, global_out, phrase_out, maps, tokens, hw) -> torch.Tensor:
-        from .ficgen import region_bias
-
         b, heads, s, d = global_out.shape
         n = phrase_out.shape[1]
         hf, lf, box, phrase_pooled, text_pooled, valid = tokens
@@ -366,8 +365,6 @@ class FICGenModules(nn.Module):
     @classmethod
     def for_unet(cls, unet: nn.Module, layers: Any = "mid,up1", **sizes: Any) -> FICGenModules:
         """Modules for the attn2 layers of `unet` that `layers` names (as the method's `layers` option)."""
-        from .ficgen import block_name, parse_layers
-
         names, indices, every = parse_layers(layers)
         found: dict[str, list[int]] = {}
         index = -1
@@ -392,8 +389,6 @@ class FICGenModules(nn.Module):
 
     def tokens(self, inputs: Any, text_pooled: torch.Tensor, rows: int, device: torch.device, dtype: torch.dtype):
         """Reference tokens of one forward's inputs (computed once per inputs object and row count)."""
-        from .ficgen import pooled
-
         cache = inputs.cache
         key = ("tokens", id(self), rows, device, dtype)
         if key in cache:
