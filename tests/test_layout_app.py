@@ -118,3 +118,23 @@ def test_draw_two_boxes_and_generate_in_chromium(app, browser, models):
         assert "non-empty string" in text, text
     finally:
         context.close()
+
+
+def test_cli_generate_with_layout(models, tmp_path):
+    """`diffattn generate --layout layout.json` on the tiny UNet demo pipeline: image + sidecar with the layout;
+    a bad layout or another method is a one-line error before the model loads."""
+    from diffattn.cli import main
+
+    layout = Layout.from_dict({"instances": [{"phrase": "a red circle", "box": [0.1, 0.1, 0.5, 0.5]}]})
+    path = tmp_path / "layout.json"
+    layout.save(path)
+    out = tmp_path / "out.png"
+    assert main(["generate", "--model", str(models / "unet"), "--prompt", "a red circle on a gray background",
+                 "--layout", str(path), "--steps", "2", "--out", str(out)]) == 0
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert out.is_file() and sidecar["layout"] == layout.to_dict() and sidecar["attn"] == "ficgen"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"instances": [{"phrase": "x", "box": [0.5, 0, 0.2, 1]}]}')
+    assert main(["generate", "--model", str(models / "unet"), "--prompt", "x", "--layout", str(bad)]) == 2
+    assert main(["generate", "--model", str(models / "unet"), "--prompt", "x", "--layout", str(path),
+                 "--attn", "dense"]) == 2
