@@ -161,3 +161,37 @@ def test_layout_without_pipeline_is_a_clear_error(pipe):
             pipe.unet(sample, torch.tensor(10), encoder_hidden_states=text)
     finally:
         diffattn.remove(pipe.unet)
+
+
+def test_sdxl_unet_full_instance_equals_stock_and_layout_changes_cond_rows():
+    """An SDXL-style UNet (text_time added conditioning, 2 transformer layers per block), bare forwards with the
+    inputs through cross_attention_kwargs: full-image instance with the forward's own text = stock; a layout changes
+    only the conditional row."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=(4, 8), transformer_layers_per_block=(1, 2), norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=12 + 6 * 8,
+    ).eval()
+    sample = torch.randn(1, 4, 10, 14).repeat(2, 1, 1, 1)
+    text = torch.randn(2, 7, 24)
+    added = {"text_embeds": torch.randn(2, 12), "time_ids": torch.randn(2, 6)}
+    t = torch.tensor(400)
+    full = Layout.from_dict({"instances": [{"phrase": "the prompt", "box": [0, 0, 1, 1]}]})
+    two = Layout.from_dict(TWO)
+    with torch.no_grad():
+        stock = unet(sample, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
+        diffattn.apply(unet, "ficgen", alpha=1.0, beta=1.0, layers="all", cfg=True)
+        try:
+            same = unet(sample, t, encoder_hidden_states=text, added_cond_kwargs=added,
+                        cross_attention_kwargs={"ficgen": FICGenInputs.from_layouts(full, text[1:])}).sample
+            moved = unet(sample, t, encoder_hidden_states=text, added_cond_kwargs=added,
+                         cross_attention_kwargs={"ficgen": FICGenInputs.from_layouts(two, torch.randn(2, 7, 24))}).sample
+        finally:
+            diffattn.remove(unet)
+    torch.testing.assert_close(same, stock, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(moved[0], stock[0], atol=1e-6, rtol=1e-6)
+    assert (moved[1] - stock[1]).abs().max() > 1e-4
