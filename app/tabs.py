@@ -268,6 +268,7 @@ def compare_tab(runner: Runner, video_model: str | None, image_model: str | None
             with gr.Row():
                 use_video = gr.Button("Use the video model", size="sm", elem_id="compare-use-video")
                 use_image = gr.Button("Use the image model", size="sm", elem_id="compare-use-image")
+                use_unet = gr.Button("Use the UNet model", size="sm", elem_id="compare-use-unet")
             prompt = gr.Textbox(value=DEMO_PROMPTS["video"], label="Prompt", lines=2, elem_id="compare-prompt")
             negative = gr.Textbox(value="", label="Negative prompt", elem_id="compare-negative")
             picker = method_picker("compare", model, note, video_default, method_default="radial",
@@ -306,6 +307,7 @@ def compare_tab(runner: Runner, video_model: str | None, image_model: str | None
     picked = [picker.model, picker.method, picker.note, prompt, *video_only]
     use_video.click(lambda: pick(video_default, "video"), None, picked)
     use_image.click(lambda: pick(image_default, "image"), None, picked)
+    use_unet.click(lambda: pick(default_model("unet"), "unet"), None, picked)
     n_settings = len(settings)
     outputs = [dense_video, dense_image, dense_time, method_video, method_image, method_time, diff_image, status, files]
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEMO_MODELS = {"video": "demo-video", "image": "demo-image"}
+DEMO_MODELS = {"video": "demo-video", "image": "demo-image", "unet": "demo-unet"}
 
 DEMO_PROMPTS = {
     "video": "a red circle moving right on a blue background",
     "image": "a yellow square on the left on a green background",
+    "unet": "a red circle on the left and a yellow square at the top right on a blue background",
 }
 
 
@@ -27,7 +28,8 @@ def assets_dir() -> Path:
 
 
 def demo_model_path(kind: str = "video") -> str:
-    """Folder of the demo model of `kind` ("video" or "image"); a clear error when the weights are not there."""
+    """Folder of the demo model of `kind` ("video", "image" or "unet"); a clear error when the weights are not
+    there."""
     if kind not in DEMO_MODELS:
         raise ValueError(f"demo model kind must be one of {', '.join(DEMO_MODELS)}, got {kind!r}")
     path = assets_dir() / DEMO_MODELS[kind]

@@ -19,14 +19,13 @@ __all__ = [
 ]
 
 # Modules of `diffattn.methods` holding one `SPEC` each, in the order `available_methods()` lists them.
-BUILTIN_METHODS: tuple[str, ...] = ("dense", "radial", "gna", "freeswim", "softpag", "ficgen")
+BUILTIN_METHODS: tuple[str, ...] = ("dense", "radial", "gna", "freeswim", "softpag", "agent", "ficgen")
 
 ALL_FAMILIES = FAMILY_NAMES  # every model family (the dense method's)
 
 # Methods of DESIGN.md that are not implemented yet (removed from here when they land), with the families they will support (for `diffattn methods`).
 PLANNED: dict[str, tuple[str, tuple[str, ...]]] = {
     "rectified": ("top-p block selection + pooled-attention rectification", ("wan", "hunyuan_video", "cogvideox", "flux")),
-    "agent": ("agent tokens + agent attention (AgentSD)", ("unet", "flux", "sd3")),
 }
 
 _REGISTRY: dict[str, MethodSpec] = {}

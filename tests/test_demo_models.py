@@ -175,7 +175,7 @@ def test_bad_training_arguments(tmp_path):
 # ------------------------------------------------------------------------------------------------ shipped weights
 
 
-@pytest.mark.parametrize("kind", sorted(DEMO_MODELS))
+@pytest.mark.parametrize("kind", sorted(set(DEMO_MODELS) - {"unet"}))  # unet: tests/test_demo_unet.py
 def test_shipped_demo_model_folder(kind):
     folder = Path(demo_model_path(kind))
     assert folder.parent == assets_dir()

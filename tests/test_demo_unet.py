@@ -4,6 +4,7 @@ loading with stock `StableDiffusionPipeline`."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,3 +118,37 @@ def test_train_unet_saves_a_folder_that_stock_sd_pipeline_loads(tmp_path):
 
     card = write_card(folder).read_text()
     assert "UNet2DConditionModel" in card and "CrossAttnDownBlock2D" in card and "2 steps" in card
+
+
+# ------------------------------------------------------------------------------------------------ shipped weights
+
+
+def test_shipped_unet_demo_model_folder_and_agent_generation(tmp_path):
+    from diffattn.demo import assets_dir, demo_model_path
+    from diffattn.generate import load_pipeline, pipeline_class
+
+    import diffattn
+
+    folder = Path(demo_model_path("unet"))
+    assert folder.parent == assets_dir()
+    weights = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
+    assert 1e6 < weights <= 16 * 2**20
+    for name in ("README.md", "loss.png", "samples.png", "training.json"):
+        assert (folder / name).is_file(), name
+    record = json.loads((folder / "training.json").read_text())
+    trained = {k: v for k, v in record["config"].items() if k not in ("steps", "guidance")}
+    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in DemoUNetConfig().__dict__.items()
+                if k not in ("steps", "guidance")}
+    assert trained == expected
+    assert record["log"][-1]["eval_loss_ema"] < 0.5 * record["log"][0]["eval_loss_ema"]
+    assert pipeline_class(str(folder)) is DemoUNetPipeline
+    pipe = load_pipeline(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a red circle on the left on a blue background"
+    kw = {"num_inference_steps": 4, "height": 64, "width": 64, "output_type": "np"}
+    dense = pipe(prompt, generator=torch.Generator().manual_seed(0), **kw).images
+    diffattn.apply(pipe, "agent", seed=0)
+    agent = pipe(prompt, generator=torch.Generator().manual_seed(0), **kw).images
+    diffattn.remove(pipe)
+    assert agent.shape == dense.shape == (1, 64, 64, 3) and np.isfinite(agent).all()
+    assert 0 < np.abs(agent - dense).mean() < 0.2  # an approximation of dense, not another picture

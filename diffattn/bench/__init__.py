@@ -18,6 +18,7 @@ BENCHES: dict[str, str] = {
     "quality": "every method vs dense on the demo models: PSNR, SSIM, attention energy decay",
     "highres": "FreeSwim end to end at 1080p (Wan2.1-1.3B config) under a GPU memory cap",
     "layout": "FICGen layout accuracy on the UNet demo model (stock / training-free / trained); SD1.5 step overhead",
+    "agent": "AgentSD on SD1.5/SDXL UNet steps (real configs, fp16): dense vs agent vs ToMe, 50-step projection",
 }
 
 

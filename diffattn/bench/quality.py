@@ -174,10 +174,15 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"mean": float(np.mean(values)), "min": float(np.min(values))}
 
 
+def _denoiser(pipe) -> Any:
+    """The pipeline's transformer, or its UNet (the UNet demo model)."""
+    return getattr(pipe, "transformer", None) or pipe.unet
+
+
 def _model_geometry(pipe, grid: TokenGrid, steps: int) -> Geometry:
     from ..adapters import family_of
 
-    model = pipe.transformer
+    model = _denoiser(pipe)
     adapter = family_of(model)
     layers = max((s.layer.num_layers for s in adapter.slots(model)), default=1)
     return Geometry(adapter.name, grid, steps, layers)
@@ -203,7 +208,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     for kind, path in cfg.models.items():
         pipe = load_pipeline(path, dtype=dtype, device=cfg.device)
         pipe.set_progress_bar_config(disable=True)  # one bar for the whole bench
-        family = family_of(pipe.transformer).name
+        family = family_of(_denoiser(pipe)).name
         wanted = cfg.methods if cfg.methods is not None else available_methods()
         methods, skipped = [], {}
         for m in wanted:
