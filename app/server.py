@@ -37,6 +37,7 @@ def build_app(video_model: str | None = None, image_model: str | None = None, de
     `Limits.from_env()`); files go to `out_dir` (default: a temp dir)."""
     import gradio as gr
 
+    from .layout_tab import layout_tab
     from .mask_tab import mask_tab
     from .tabs import compare_tab, generation_tab
 
@@ -56,6 +57,7 @@ def build_app(video_model: str | None = None, image_model: str | None = None, de
                 compare_tab(runner, video_model, image_model, demo)
             with gr.Tab("Mask explorer", elem_id="tab-mask"):
                 mask_tab(demo, limits)
+            layout_tab(runner, demo)  # app/layout_tab.py (FICGen)
     demo.diffattn_out_dir = str(out)  # the launcher allows Gradio to serve files from here
     demo.diffattn_limits = limits
     return demo

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -104,6 +104,11 @@ class AttentionCall:
     attn_mask: torch.Tensor | None = None
     key_padding: torch.Tensor | None = None
     scale: float | None = None
+    # UNet cross-attention only (None elsewhere): the module's input `[B, S, C]` after its norms, and a projector of
+    # other encoder states `[N, L, D]` into this module's keys and values `[N, H, L, D]` -- for methods that attend
+    # extra texts with the frozen projections (FICGen's per-phrase regional cross-attention) or add their own.
+    hidden_states: torch.Tensor | None = None
+    project_kv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def num_visual(self) -> int:

@@ -423,6 +423,8 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
     parser.add_argument("--frames", type=int, default=None, help="video pipelines only")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out and its sidecar (default: refuse, nothing is written)")
+    parser.add_argument("--layout", default=None, help="layout.json (phrases + boxes): layout-to-image with ficgen "
+                        "(UNet pipelines; trained modules with --attn-opt weights=FOLDER); see docs/ficgen.md")
     opts = parser.parse_args(rest)
     prog = "diffattn generate"
     written_here: list[str] = []
@@ -441,6 +443,14 @@ def _cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
 
         if opts.attn_opt and not opts.attn:
             raise ValueError("--attn-opt needs --attn METHOD")
+        if opts.layout is not None:  # layout-to-image: ficgen with the layout (its phrases use the pipeline's encoder)
+            from .layout import Layout
+
+            if opts.attn not in (None, "ficgen"):
+                raise ValueError(f"--layout needs --attn ficgen (or no --attn), got --attn {opts.attn}")
+            opts.attn = "ficgen"
+            opts.attn_opt = [*opts.attn_opt, f"layout={opts.layout}"]
+            opts.layout = Layout.load(opts.layout).to_dict()  # validated now; the sidecar records it
         options = parse_method_options(opts.attn, opts.attn_opt) if opts.attn else {}
         _check_suffix(opts.out)
         model, is_demo = _resolve_model(opts.model)

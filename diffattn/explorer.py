@@ -94,7 +94,7 @@ def _demo_geometries() -> list[Geometry]:
     out = []
     for kind, name in DEMO_MODELS.items():
         folder = assets_dir() / name
-        if (folder / "training.json").is_file():
+        if (folder / "training.json").is_file() and (folder / "transformer" / "config.json").is_file():  # DiTs only
             out.append(model_geometry(name, folder, f"the bundled demo {kind} model (diffattn.demo), from its config"))
     return out
 

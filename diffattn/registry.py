@@ -19,13 +19,12 @@ __all__ = [
 ]
 
 # Modules of `diffattn.methods` holding one `SPEC` each, in the order `available_methods()` lists them.
-BUILTIN_METHODS: tuple[str, ...] = ("dense", "radial", "rectified", "gna", "freeswim", "softpag", "agent")
+BUILTIN_METHODS: tuple[str, ...] = ("dense", "radial", "rectified", "gna", "freeswim", "softpag", "agent", "ficgen")
 
 ALL_FAMILIES = FAMILY_NAMES  # every model family (the dense method's)
 
 # Methods of DESIGN.md that are not implemented yet (removed from here when they land), with the families they will support (for `diffattn methods`).
 PLANNED: dict[str, tuple[str, tuple[str, ...]]] = {
-    "ficgen": ("frequency-aware regional (layout) attention", ("unet",)),
 }
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -62,6 +62,8 @@ class UNetProcessor(DiffattnProcessor):
         call = AttentionCall(
             query, key, value, self.layer_info(role), role, ctx, grid=self.grid_for(ctx, query.shape[2]),
             text_len=key.shape[2] if is_cross else 0, attn_mask=attention_mask,
+            hidden_states=hidden_states if is_cross else None,
+            project_kv=_kv_projector(attn) if is_cross else None,
         )
         out = merge_heads(self.attend(call)).to(query.dtype)
         out = attn.to_out[0](out)
@@ -71,6 +73,26 @@ class UNetProcessor(DiffattnProcessor):
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def _kv_projector(attn):
+    """Keys and values `[N, H, L, D]` of other encoder states `[N, L, D]` through this module's frozen projections
+    (norm_cross, fused or separate to_k/to_v, norm_k), exactly as for the forward's own text."""
+
+    def project(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if attn.norm_cross:
+            states = attn.norm_encoder_hidden_states(states)
+        if getattr(attn, "fused_projections", False):
+            kv = attn.to_kv(states)
+            key, value = torch.split(kv, kv.shape[-1] // 2, dim=-1)
+        else:
+            key, value = attn.to_k(states), attn.to_v(states)
+        key, value = split_heads(key, states.shape[0], attn.heads), split_heads(value, states.shape[0], attn.heads)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        return key, value
+
+    return project
 
 
 def _slots(model) -> list[Slot]:
