@@ -55,14 +55,14 @@ def apply(
     method: str | list[str] | tuple[str, ...],
     *,
     via: str = "adapter",
-    layout: Any = None,
+    token_layout: Any = None,
     **options: Any,
 ) -> Any:
     """Install `method` (with validated `options`) on a pipeline's transformer(s)/UNet or on a model.
 
     `via="adapter"` (default) installs diffattn's processors of the model's family; `via="dispatcher"` keeps the
     stock processors and runs the method as a Diffusers attention backend (any DiT whose processors call
-    `dispatch_attention_fn`; `layout=` fills in what its inputs do not show, see `diffattn.dispatch.Layout`).
+    `dispatch_attention_fn`; `token_layout=` fills in what its inputs do not show, see `diffattn.dispatch.Layout`).
     `method` may be a list of two methods that compose (an attention method and a guidance method, e.g.
     `["radial", "softpag"]`; rules in `diffattn/compose.py`); options then go to the method that has them, or per
     method as `radial={...}`. Applying again replaces the previous method; `remove` restores the stock processors
@@ -74,11 +74,11 @@ def apply(
         from .dispatch import apply_dispatcher
 
         models = _models_of(pipe_or_model)
-        return apply_dispatcher(pipe_or_model, models, lambda: remove(pipe_or_model), method, layout=layout, **options)
+        return apply_dispatcher(pipe_or_model, models, lambda: remove(pipe_or_model), method, layout=token_layout, **options)
     if via != "adapter":
         raise ValueError(f"via must be 'adapter' or 'dispatcher', got {via!r}")
-    if layout is not None:
-        raise ValueError("layout= is for via='dispatcher' (the adapters know their family's layout)")
+    if token_layout is not None:
+        raise ValueError("token_layout= is for via='dispatcher' (the adapters know their family's token layout)")
     if not isinstance(method, (list, tuple)):
         spec = get_method(method)
         config = spec.config_cls.from_options(**options)

@@ -314,14 +314,22 @@ def _cmd_render_highres(rest: list[str]) -> int:
                         "decode needs tens of GiB)")
     parser.add_argument("--fps", type=int, default=16)
     parser.add_argument("--out", default="freeswim.mp4", help=".mp4, .gif or .webm; a .json sidecar with the settings is written next to it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out and its sidecar (default: refuse, nothing is written)")
     opts = parser.parse_args(rest)
     prog = "diffattn render --highres"
 
     def run() -> int:
-        from .generate import write_sidecar
+        from .generate import check_output, write_sidecar
         from .pipelines.render import load_highres_pipeline, render_highres
+        from .settings import GenerationSettings, validate
 
         _check_suffix(opts.out)
+        validate(GenerationSettings(  # the generate command's checks, before minutes of loading
+            prompt=opts.prompt, negative_prompt=opts.negative_prompt, seed=opts.seed, steps=opts.steps,
+            height=opts.height, width=opts.width, frames=opts.frames, guidance=opts.guidance,
+            max_sequence_length=opts.max_sequence_length, fps=opts.fps, device=opts.device, dtype=opts.dtype))
+        check_output(opts.out, opts.overwrite)
         pipe = load_highres_pipeline(opts.model, dtype=opts.dtype, device=opts.device, offload=opts.offload,
                                      vae_tiling=opts.vae_tiling)
         _output_for(pipe, opts.out, "freeswim")
@@ -333,8 +341,8 @@ def _cmd_render_highres(rest: list[str]) -> int:
                 cache_device=opts.cache_device, guidance_scale=opts.guidance,
                 max_sequence_length=opts.max_sequence_length,
             )
-        written = _write(prog, result, opts.out, opts.fps)
-        sidecar = write_sidecar(opts.out, vars(opts), written, seconds)
+        written = _write(prog, result, opts.out, opts.fps, overwrite=opts.overwrite)
+        sidecar = write_sidecar(opts.out, vars(opts), written, seconds, overwrite=opts.overwrite)
         print(f"wrote {opts.out} ({written.get('frames', 1)} frames, {seconds:.1f} s) and {sidecar}")
         return 0
 
@@ -372,13 +380,16 @@ def _cmd_render_long(rest: list[str]) -> int:
                         "radial LoRA folder (lora_config.json) also gives its radial options and training length")
     flags = _add_option_flags(parser, "radial")
     parser.add_argument("--attn-opt", action="append", default=[], metavar="KEY=VALUE", help="other radial options")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out and its sidecar (default: refuse, nothing is written)")
     opts = parser.parse_args(rest)
     prog = "diffattn render --long"
 
     def run() -> int:
-        from .generate import load_pipeline, parse_method_options, write_sidecar
+        from .generate import check_output, load_pipeline, parse_method_options, write_sidecar
         from .pipelines.render import plan_long, render_long
         from .registry import get_method
+        from .settings import GenerationSettings, validate
 
         if opts.extend < 1:
             raise ValueError(f"--extend must be an int >= 1, got {opts.extend}")
@@ -387,14 +398,19 @@ def _cmd_render_long(rest: list[str]) -> int:
         _check_suffix(opts.out)
         model, is_demo = _resolve_model(opts.model)
         prompt = _resolve_prompt(opts.prompt, is_demo)
+        dtype = opts.dtype or ("bf16" if opts.device.startswith("cuda") else "fp32")
+        validate(GenerationSettings(  # the generate command's checks, before minutes of loading
+            prompt=prompt, negative_prompt=opts.negative_prompt, seed=opts.seed, steps=opts.steps, height=opts.height,
+            width=opts.width, frames=opts.frames, guidance=opts.guidance, max_sequence_length=opts.max_sequence_length,
+            fps=opts.fps, device=opts.device, dtype=dtype))
         options = parse_method_options("radial", opts.attn_opt)
         options.update({k: getattr(opts, k) for k in flags if getattr(opts, k) is not None})
         get_method("radial").config_cls.from_options(**options)  # bad values fail before the model loads
-        dtype = opts.dtype or ("bf16" if opts.device.startswith("cuda") else "fp32")
         pipe = load_pipeline(model, dtype=dtype, device=opts.device, offload=opts.offload)
         if not _makes_video(pipe):
             raise ValueError(f"needs a video pipeline (Wan, HunyuanVideo, CogVideoX); {type(pipe).__name__} makes images")
         out = _output_for(pipe, opts.out, "long")
+        check_output(out, opts.overwrite)
         plan = plan_long(pipe, options=options, frames=opts.frames, extend=opts.extend, height=opts.height,
                          width=opts.width, lora=opts.lora)
         with _decode_notice(pipe, prog):
@@ -403,11 +419,11 @@ def _cmd_render_long(rest: list[str]) -> int:
                 num_inference_steps=opts.steps, guidance_scale=opts.guidance,
                 max_sequence_length=opts.max_sequence_length,
             )
-        written = _write(prog, result, out, opts.fps)
+        written = _write(prog, result, out, opts.fps, overwrite=opts.overwrite)
         settings = {**vars(opts), "model": model, "prompt": prompt, "dtype": dtype, "out": out, "frames": plan.frames,
                     "height": plan.height, "width": plan.width, "default_frames": plan.default_frames,
                     "attn": "radial", "attn_options": plan.options, "lora_kind": plan.lora_kind}
-        sidecar = write_sidecar(out, settings, written, seconds, pipe=pipe)
+        sidecar = write_sidecar(out, settings, written, seconds, pipe=pipe, overwrite=opts.overwrite)
         print(f"wrote {out} ({written['frames']} frames, radial, {seconds:.1f} s) and {sidecar}")
         return 0
 

@@ -12,7 +12,7 @@ The backend receives q, k, v `[B, S, H, D]` and nothing else, so the geometry co
 (the same hook as the adapter route: grid from the latent shape and patch size, text length and padding from the
 inputs, step from the timestep) and from a forward pre-hook on every attention module (its layer index). The role of
 a call (self, cross, joint) is the adapter's for known families and is inferred from the shapes otherwise; where a
-model's layout cannot be inferred, the error names the `layout=` entry to pass.
+model's layout cannot be inferred, the error names the `token_layout=` entry to pass.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def _uses_dispatcher(processor: Any) -> bool:
 # ---- the generic context reader -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Layout:
-    """What the dispatcher route cannot always infer from a model's inputs (`layout=` of `diffattn.apply`).
+    """What the dispatcher route cannot always infer from a model's inputs (`token_layout=` of `diffattn.apply`; `layout=` is FICGen's option).
 
     grid: the token grid (frames, height, width) of the video/image stream, for models whose inputs do not show it.
     text: "first" or "last": where the text sits in a joint [text; image] sequence of a model without an adapter.
@@ -370,8 +370,8 @@ class DispatchInstall:
         if self.layout.text is None:
             raise ValueError(
                 f"diffattn via='dispatcher': layer {layer.path!r} of this model attends a joint [text; image] sequence "
-                "and diffattn cannot tell where the text sits; pass layout={'text': 'first'} or "
-                "layout={'text': 'last'} to diffattn.apply"
+                "and diffattn cannot tell where the text sits; pass token_layout={'text': 'first'} or "
+                "token_layout={'text': 'last'} to diffattn.apply"
             )
         return self.layout.text == "first"
 
@@ -384,7 +384,7 @@ class DispatchInstall:
             raise ValueError(
                 f"diffattn via='dispatcher': method {self.method_name!r} needs the token grid, and the inputs of this "
                 f"{g.family if g else 'model'} forward do not show it (layer {layer.path!r}); pass "
-                "layout={'grid': (frames, height, width)} (in tokens) or layout={'patch_size': (t, h, w)} to "
+                "token_layout={'grid': (frames, height, width)} (in tokens) or token_layout={'patch_size': (t, h, w)} to "
                 "diffattn.apply"
             )
         n = sq * world

@@ -176,6 +176,7 @@ def test_triton_kernels_under_interpreter():
 def test_hopper_variant_failure_is_remembered_and_falls_back():
     pytest.importorskip("triton")
     from diffattn.kernels.block_sparse import triton_fwd
+    from diffattn.kernels.common import run_with_fallbacks
 
     key = ("unit-test", 1)
     calls = []
@@ -186,12 +187,10 @@ def test_hopper_variant_failure_is_remembered_and_falls_back():
             raise RuntimeError("PassManager::run failed")
 
     for _ in range(3):
-        for tma, ws in triton_fwd.hopper_fallbacks(True, True, key):
-            if triton_fwd.run_or_record(lambda: launch(tma, ws), key, tma, ws):
-                break
+        run_with_fallbacks("block_sparse forward", key, triton_fwd.hopper_variants(True, True, launch))
     assert calls == [(True, True), (True, False), (True, False), (True, False)]
     with pytest.raises(RuntimeError):  # the portable variant's errors are never swallowed
-        triton_fwd.run_or_record(lambda: launch(False, True), key, False, False)
+        run_with_fallbacks("block_sparse forward", key, [("plain", lambda: launch(False, True))])
 
 
 @pytest.mark.parametrize("Sq,Sk,bs,mb,mh,T", [(50, 70, 16, 1, 1, 3), (33, 33, 16, 2, 3, 0), (96, 40, 32, 1, 3, 5)])

@@ -301,3 +301,20 @@ def test_model_source_rules(tmp_path):
     for bad in ("../x/y", "a/b/c", "no-slash-name", "/abs/missing"):
         with pytest.raises(ValueError, match="does not exist"):
             model_source(str(bad))
+
+
+@pytest.mark.parametrize("mode", ["--highres", "--long"])
+def test_render_refuses_an_existing_output_and_bad_settings_before_loading(tmp_path, capsys, mode):
+    """`diffattn render` shares generate's rules: an existing output is never replaced without --overwrite, and a bad
+    setting is a one-line error, both before any model is loaded (the model folder here does not even exist)."""
+    out = tmp_path / "clip.gif"
+    out.write_bytes(b"precious")
+    base = ["render", mode, "--model", str(tmp_path / "no-model-here"), "--prompt", "a fox", "--device", "cpu",
+            "--dtype", "fp32", "--out", str(out)]
+    if mode == "--long":  # --long resolves the model first (a missing folder is its own one-line error)
+        base[base.index(str(tmp_path / "no-model-here"))] = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    assert main(base) == 2
+    _one_line_error(capsys, f"{out} exists", "--overwrite")
+    assert out.read_bytes() == b"precious"
+    assert main([*base, "--overwrite", "--fps", "0"]) == 2
+    _one_line_error(capsys, "--fps must be an integer >= 1")

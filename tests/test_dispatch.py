@@ -192,13 +192,13 @@ def test_qwen_image_joint_layout(monkeypatch, spy):
     inputs = make_inputs()
     stock = _run(model, inputs)
     diffattn.apply(model, "gna", via="dispatcher", kernel_size=(3, 3))
-    with pytest.raises(ValueError, match=r"layout=\{'text': 'first'\}"):
+    with pytest.raises(ValueError, match=r"token_layout=\{'text': 'first'\}"):
         _run(model, inputs)
-    diffattn.apply(model, "gna", via="dispatcher", kernel_size=(3, 3), layout={"text": "first"})
+    diffattn.apply(model, "gna", via="dispatcher", kernel_size=(3, 3), token_layout={"text": "first"})
     sparse = _run(model, inputs)
     assert (sparse - stock).abs().max() > 1e-3
     monkeypatch.setattr(dispatch, "DISPATCH_METHODS", (*dispatch.DISPATCH_METHODS, "spy"))
-    diffattn.apply(model, "spy", via="dispatcher", layout={"text": "first"})
+    diffattn.apply(model, "spy", via="dispatcher", token_layout={"text": "first"})
     assert torch.equal(_run(model, inputs), stock)
     assert {(r["role"], r["grid"], r["text_len"], r["text_first"], r["visual"]) for r in spy} == {
         ("joint", (1, 6, 7), 5, True, (5, 47))
@@ -256,9 +256,9 @@ def test_refusals():
     with pytest.raises(ValueError, match="via must be"):
         diffattn.apply(wan, "dense", via="dispatch")
     with pytest.raises(ValueError, match="layout"):
-        diffattn.apply(wan, "dense", via="dispatcher", layout={"txt": "first"})
-    with pytest.raises(ValueError, match="layout= is for via='dispatcher'"):
-        diffattn.apply(wan, "dense", layout={"text": "first"})
+        diffattn.apply(wan, "dense", via="dispatcher", token_layout={"txt": "first"})
+    with pytest.raises(ValueError, match="token_layout= is for via='dispatcher'"):
+        diffattn.apply(wan, "dense", token_layout={"text": "first"})
     unet, _ = tiny_unet()
     with pytest.raises(ValueError, match="dispatch_attention_fn"):
         diffattn.apply(unet, "dense", via="dispatcher")
@@ -273,7 +273,7 @@ def test_unknown_grid_names_the_layout_option():
     install = DispatchInstall("radial", None, None, Layout(), slot, {}, None)
     layer = LayerInfo(0, "attn1", "blocks.0.attn1", "self", 1)
     x = torch.randn(1, 12, 2, 8)
-    with pytest.raises(ValueError, match=r"layout=\{'grid'"):
+    with pytest.raises(ValueError, match=r"token_layout=\{'grid'"):
         install.describe(x, x, x, None, None, layer, None)
     dense = DispatchInstall("dense", None, None, Layout(), slot, {}, None)
     assert dense.describe(x, x, x, None, None, layer, None) is None

@@ -146,19 +146,11 @@ def test_no_import_circles():
     assert not circles, "import circles:\n" + "\n".join(" -> ".join(c) for c in circles)
 
 
-# The Triton kernel files share their jit helpers forward -> backward by private name (kernel files are edited only
-# with the kernels; moving the helpers to a shared module of each kernel is left to that work).
-PRIVATE_ALLOWED = {
-    ("diffattn.kernels.block_sparse.triton_bwd", "diffattn.kernels.block_sparse.triton_fwd"),
-    ("diffattn.kernels.neighborhood.triton_bwd", "diffattn.kernels.neighborhood.triton_fwd"),
-}
-
-
 def test_no_private_names_across_modules():
     wrong = []
     for module, path in MODULES.items():
         for target, line, names in imports_of(module, path):
-            if target == module or (module, target) in PRIVATE_ALLOWED:
+            if target == module:
                 continue
             private = [n for n in names if n.startswith("_") and not n.startswith("__")]
             if private:

@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import run_with_fallbacks
 from .triton_fwd import (
-    LOG2E, _dot, _dot0, _is_hopper_or_newer, _pow2_divisor, _strides3, _tma_ok, head_dim_pad, hopper_fallbacks, run_or_record,
+    LOG2E, dot, dot0, is_hopper_or_newer, pow2_divisor, strides3, tma_ok, head_dim_pad, hopper_variants,
 )
 
 logger = logging.getLogger("diffattn")
@@ -49,12 +50,12 @@ def _dkdv_step(dk, dv, k, v, b, h, q_base, do_base, lse_base, delta_base, Q_DESC
     lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-    qkT = _dot0(k, tl.trans(q), IEEE) * qk_scale
+    qkT = dot0(k, tl.trans(q), IEEE) * qk_scale
     pT = tl.math.exp2(qkT - lse[None, :])
-    dv = _dot(pT.to(do.dtype), do, dv, IEEE)
-    dpT = _dot0(v, tl.trans(do), IEEE)
+    dv = dot(pT.to(do.dtype), do, dv, IEEE)
+    dpT = dot0(v, tl.trans(do), IEEE)
     dsT = pT * (dpT - delta[None, :])
-    dk = _dot(dsT.to(q.dtype), q, dk, IEEE)
+    dk = dot(dsT.to(q.dtype), q, dk, IEEE)
     return dk, dv
 
 
@@ -126,13 +127,13 @@ def _bsa_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, k, v, qk_scale, key_ok, MASKED: tl.constexpr, IEEE: tl.constexpr):
-    qk = _dot0(q, tl.trans(k), IEEE) * qk_scale
+    qk = dot0(q, tl.trans(k), IEEE) * qk_scale
     p = tl.math.exp2(qk - lse[:, None])
     if MASKED:
         p = tl.where(key_ok[None, :], p, 0.0)
-    dp = _dot0(do, tl.trans(v), IEEE)
+    dp = dot0(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])
-    dq = _dot(ds.to(k.dtype), k, dq, IEEE)
+    dq = dot(ds.to(k.dtype), k, dq, IEEE)
     return dq
 
 
@@ -250,7 +251,7 @@ def bwd_config(d: int, block_size: int, dtype: torch.dtype, interpret: bool) -> 
     k/v through TMA descriptors (319 TFLOP/s dense at Wan-1.3B; 308 without TMA; warp specialization: no gain). fp32 inputs get small tiles (correctness path, not tuned).
     """
     bd = head_dim_pad(d)
-    p = _pow2_divisor
+    p = pow2_divisor
 
     def cfg(m1, n1, w1, s1, m2, n2, w2, s2):
         return dict(dkdv=dict(BLOCK_M=p(block_size, m1), BLOCK_N=p(block_size, n1), num_warps=w1, num_stages=s1),
@@ -331,10 +332,10 @@ def backward(
         return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
 
     rstr = (out_scale.stride(0), out_scale.stride(1)) if rectify else (0, 0)
-    common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(ek), *_strides3(ev), *_strides3(do))
+    common = (*strides3(q), *strides3(k), *strides3(v), *strides3(ek), *strides3(ev), *strides3(do))
     bd = head_dim_pad(D)
     ieee = q.dtype == torch.float32
-    hopper = q.is_cuda and not interpret and _is_hopper_or_newer(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    hopper = q.is_cuda and not interpret and is_hopper_or_newer(q.device.index if q.device.index is not None else torch.cuda.current_device())
     allow = hopper or interpret
 
     def desc(t: torch.Tensor, rows: int):
@@ -344,7 +345,7 @@ def backward(
 
     c1 = dict(cfgs["dkdv"])
     bm1, bn1 = c1.pop("BLOCK_M"), c1.pop("BLOCK_N")
-    tma1 = bool(c1.pop("tma", False)) and allow and _tma_ok(q, do, D)
+    tma1 = bool(c1.pop("tma", False)) and allow and tma_ok(q, do, D)
     ws1 = bool(c1.pop("warp_specialize", False)) and allow
     nkt = triton.cdiv(Sk, bn1)
     grid1 = (nkt + triton.cdiv(T, bn1), B * H)
@@ -363,7 +364,7 @@ def backward(
         _launch_with_fallback(launch1, tma1, ws1, ("dkdv", q.dtype, D, block_size, bm1, bn1, has_extra, rectify, tuple(sorted(c1.items()))))
     c2 = dict(cfgs["dq"])
     bm2, bn2 = c2.pop("BLOCK_M"), c2.pop("BLOCK_N")
-    tma2 = bool(c2.pop("tma", False)) and allow and _tma_ok(k, v, D)
+    tma2 = bool(c2.pop("tma", False)) and allow and tma_ok(k, v, D)
     ws2 = bool(c2.pop("warp_specialize", False)) and allow
     grid2 = (triton.cdiv(Sq, bm2), B * H)
 
@@ -384,6 +385,4 @@ def backward(
 
 def _launch_with_fallback(launch, tma: bool, ws: bool, key: tuple) -> None:
     """Launch with the Hopper options, falling back (remembered per specialization) if they fail to compile."""
-    for tma_, ws_ in hopper_fallbacks(tma, ws, key):
-        if run_or_record(lambda: launch(tma_, ws_), key, tma_, ws_):
-            return
+    run_with_fallbacks("block_sparse backward", key, hopper_variants(tma, ws, launch))

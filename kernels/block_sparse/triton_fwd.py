@@ -16,10 +16,14 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+from ..common import run_with_fallbacks
 
 LOG2E = 1.4426950408889634
 logger = logging.getLogger("diffattn")
@@ -29,7 +33,7 @@ _INTERP_UPCAST = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in (""
 
 
 @triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
+def dot(a, b, acc, IEEE: tl.constexpr):
     if _INTERP_UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -40,7 +44,7 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _dot0(a, b, IEEE: tl.constexpr):
+def dot0(a, b, IEEE: tl.constexpr):
     if _INTERP_UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -53,7 +57,7 @@ def _dot0(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, key_ok, MASKED: tl.constexpr, IEEE: tl.constexpr):
     """One key tile of the online softmax. k, v: [BLOCK_N, BLOCK_D]."""
-    qk = _dot0(q, tl.trans(k), IEEE) * qk_scale
+    qk = dot0(q, tl.trans(k), IEEE) * qk_scale
     if MASKED:
         qk = tl.where(key_ok[None, :], qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
@@ -65,7 +69,7 @@ def _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, key_ok, MASKED: tl.constexpr, IE
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = _dot(p.to(v.dtype), v, acc, IEEE)
+    acc = dot(p.to(v.dtype), v, acc, IEEE)
     return acc, l_i, m_ij
 
 
@@ -165,7 +169,7 @@ def _bsa_fwd_kernel(
     tl.store(LSE + pid_bh * Sq + offs_m, lse, mask=m_ok)
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
+def pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two <= cap that divides n (n is a multiple of 16, so at least 16)."""
     d = 16
     while d * 2 <= cap and n % (d * 2) == 0:
@@ -187,52 +191,35 @@ def fwd_config(d: int, block_size: int, dtype: torch.dtype, interpret: bool) -> 
     """
     bd = head_dim_pad(d)
     if interpret:
-        return dict(BLOCK_M=_pow2_divisor(block_size, 64), BLOCK_N=_pow2_divisor(block_size, 32), num_warps=4, num_stages=1)
+        return dict(BLOCK_M=pow2_divisor(block_size, 64), BLOCK_N=pow2_divisor(block_size, 32), num_warps=4, num_stages=1)
     if dtype == torch.float32:
         if bd <= 64:
-            return dict(BLOCK_M=_pow2_divisor(block_size, 64), BLOCK_N=_pow2_divisor(block_size, 64), num_warps=4, num_stages=2)
+            return dict(BLOCK_M=pow2_divisor(block_size, 64), BLOCK_N=pow2_divisor(block_size, 64), num_warps=4, num_stages=2)
         if bd <= 128:
-            return dict(BLOCK_M=_pow2_divisor(block_size, 64), BLOCK_N=_pow2_divisor(block_size, 32), num_warps=4, num_stages=2)
-        return dict(BLOCK_M=_pow2_divisor(block_size, 32), BLOCK_N=_pow2_divisor(block_size, 32), num_warps=4, num_stages=1)
+            return dict(BLOCK_M=pow2_divisor(block_size, 64), BLOCK_N=pow2_divisor(block_size, 32), num_warps=4, num_stages=2)
+        return dict(BLOCK_M=pow2_divisor(block_size, 32), BLOCK_N=pow2_divisor(block_size, 32), num_warps=4, num_stages=1)
     if bd <= 64:  # D=64: 424 TFLOP/s dense at Wan-1.3B (BLOCK_N 64: 378)
-        return dict(BLOCK_M=_pow2_divisor(block_size, 128), BLOCK_N=_pow2_divisor(block_size, 128), num_warps=4, num_stages=2,
+        return dict(BLOCK_M=pow2_divisor(block_size, 128), BLOCK_N=pow2_divisor(block_size, 128), num_warps=4, num_stages=2,
                     tma=True, warp_specialize=True)
     if bd <= 128:
-        return dict(BLOCK_M=_pow2_divisor(block_size, 128), BLOCK_N=_pow2_divisor(block_size, 64), num_warps=4, num_stages=2,
+        return dict(BLOCK_M=pow2_divisor(block_size, 128), BLOCK_N=pow2_divisor(block_size, 64), num_warps=4, num_stages=2,
                     tma=True, warp_specialize=True)
-    return dict(BLOCK_M=_pow2_divisor(block_size, 64), BLOCK_N=_pow2_divisor(block_size, 32), num_warps=4, num_stages=2)
+    return dict(BLOCK_M=pow2_divisor(block_size, 64), BLOCK_N=pow2_divisor(block_size, 32), num_warps=4, num_stages=2)
 
 
 @functools.lru_cache(maxsize=None)
-def _is_hopper_or_newer(index: int) -> bool:
+def is_hopper_or_newer(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-_failed: set[tuple] = set()
-
-
-def hopper_fallbacks(tma: bool, ws: bool, key: tuple) -> list[tuple[bool, bool]]:
-    """Variants to try, best first, skipping those that already failed to compile for this specialization.
+def hopper_variants(tma: bool, ws: bool, launch: Callable[[bool, bool], Any]) -> list[tuple[str, Callable[[], Any]]]:
+    """The variants `kernels.common.run_with_fallbacks` tries, best first: as asked, then without warp
+    specialization, then without TMA (the portable one, last, whose errors propagate).
 
     Triton 3.6's Hopper warp-specialization pass fails on some specializations (seen: the forward with a
-    block-aligned key length); a failure is remembered per key so each call does not recompile."""
+    block-aligned key length); `run_with_fallbacks` remembers a failure per key so later calls do not recompile."""
     chain = [(tma, ws)] + ([(tma, False)] if ws else []) + ([(False, False)] if tma else [])
-    ok = [c for c in dict.fromkeys(chain) if key + c not in _failed]
-    return ok or [(False, False)]
-
-
-def run_or_record(launch, key: tuple, tma: bool, ws: bool) -> bool:
-    """Launch; on a compile failure of a Hopper variant, remember it, log once per key and return False."""
-    try:
-        launch()
-        return True
-    except Exception as e:
-        if not (tma or ws):
-            raise
-        _failed.add(key + (tma, ws))
-        logger.warning("block_sparse: Triton could not compile the %s variant (tma=%s, warp_specialize=%s): %s; "
-                       "falling back", key[0], tma, ws, str(e).splitlines()[0][:200])
-        return False
+    return [(f"tma={t}, warp_specialize={w}", functools.partial(launch, t, w)) for t, w in dict.fromkeys(chain)]
 
 
 def rect_strides(out_scale: torch.Tensor | None, out_bias: torch.Tensor | None) -> tuple[int, int, int, int, int]:
@@ -242,7 +229,7 @@ def rect_strides(out_scale: torch.Tensor | None, out_bias: torch.Tensor | None) 
     return (out_scale.stride(0), out_scale.stride(1), out_bias.stride(0), out_bias.stride(1), out_bias.stride(2))
 
 
-def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
+def strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
 
 
@@ -274,8 +261,8 @@ def forward(
         return out, lse
     cfg = dict(config) if config else fwd_config(D, block_size, q.dtype, interpret)
     BLOCK_M, BLOCK_N = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    hopper = q.is_cuda and not interpret and _is_hopper_or_newer(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    use_tma = bool(cfg.pop("tma", False)) and (hopper or interpret) and _tma_ok(k, v, D)
+    hopper = q.is_cuda and not interpret and is_hopper_or_newer(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    use_tma = bool(cfg.pop("tma", False)) and (hopper or interpret) and tma_ok(k, v, D)
     warp_spec = bool(cfg.pop("warp_specialize", False)) and (hopper or interpret)
     if Sk % block_size == 0 and not interpret:
         warp_spec = False  # Triton 3.6 fails to warp-specialize this specialization (no tail branch); see NOTES.md
@@ -301,7 +288,7 @@ def forward(
     def launch(tma_: bool, ws_: bool, kd, vd) -> None:
         _bsa_fwd_kernel[grid](
             q, k, v, ek, ev, out, lse, kv_idx, kv_cnt, kd, vd, out_scale, out_bias,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(ek), *_strides3(ev), *_strides3(out),
+            *strides3(q), *strides3(k), *strides3(v), *strides3(ek), *strides3(ev), *strides3(out),
             ib, ih, kv_idx.stride(2), cb, ch, *rstr,
             H, Sq, Sk, T, D, nkb, scale * LOG2E,
             BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=head_dim_pad(D),
@@ -312,13 +299,12 @@ def forward(
     key = ("fwd", q.dtype, D, block_size, BLOCK_M, BLOCK_N, Sk % block_size == 0, has_extra, tuple(sorted(cfg.items())))
     if rectify:
         key = key + ("rectify",)
-    for tma_, ws_ in hopper_fallbacks(use_tma, warp_spec, key):
-        if run_or_record(lambda: launch(tma_, ws_, k_desc if tma_ else None, v_desc if tma_ else None), key, tma_, ws_):
-            break
+    run_with_fallbacks("block_sparse forward", key, hopper_variants(
+        use_tma, warp_spec, lambda tma_, ws_: launch(tma_, ws_, k_desc if tma_ else None, v_desc if tma_ else None)))
     return out, lse
 
 
-def _tma_ok(k: torch.Tensor, v: torch.Tensor, d: int) -> bool:
+def tma_ok(k: torch.Tensor, v: torch.Tensor, d: int) -> bool:
     """TMA (tensor descriptors) needs 16-byte aligned base and strides and a unit last stride."""
     if d != head_dim_pad(d):
         return False

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .tiling import Plan
-from .triton_fwd import LOG2E, _cdiv, _intra, _pad3, _window_ok, addressing, axis_tables
+from .triton_fwd import LOG2E, cdiv, intra, pad3, window_ok, addressing, axis_tables
 
 
 @triton.jit
@@ -54,11 +54,11 @@ def _dq_box(
         qk = tl.dot(q, tl.trans(kk)) * qk_scale
         p = tl.math.exp2(qk - lse2[:, None])
         if MASKED:
-            ok = _window_ok(y0, st0, ln0)
+            ok = window_ok(y0, st0, ln0)
             if NDIM > 1:
-                ok &= _window_ok(y1, st1, ln1)
+                ok &= window_ok(y1, st1, ln1)
             if NDIM > 2:
-                ok &= _window_ok(y2, st2, ln2)
+                ok &= window_ok(y2, st2, ln2)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(vv))
         ds = p * (dp - delta[:, None])
@@ -120,8 +120,8 @@ def _na_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < head_dim
-    m0, m1, m2 = _intra(offs_m, TQ1, TQ2)
-    n0, n1, n2 = _intra(offs_n, TK1, TK2)
+    m0, m1, m2 = intra(offs_m, TQ1, TQ2)
+    n0, n1, n2 = intra(offs_n, TK1, TK2)
     x0 = qt0 * TQ0 + m0
     x1 = qt1 * TQ1 + m1
     x2 = qt2 * TQ2 + m2
@@ -263,15 +263,15 @@ def _dkv_box(
             if WINDOW:
                 st0 = tl.load(R0 + (g0 * X0 + x0) * 2)
                 ln0 = tl.load(R0 + (g0 * X0 + x0) * 2 + 1)
-                ok = _window_ok(y0, st0, ln0)
+                ok = window_ok(y0, st0, ln0)
                 if NDIM > 1:
                     st1 = tl.load(R1 + (g1 * X1 + x1) * 2)
                     ln1 = tl.load(R1 + (g1 * X1 + x1) * 2 + 1)
-                    ok &= _window_ok(y1, st1, ln1)
+                    ok &= window_ok(y1, st1, ln1)
                 if NDIM > 2:
                     st2 = tl.load(R2 + (g2 * X2 + x2) * 2)
                     ln2 = tl.load(R2 + (g2 * X2 + x2) * 2 + 1)
-                    ok &= _window_ok(y2, st2, ln2)
+                    ok &= window_ok(y2, st2, ln2)
                 p = tl.where(ok, p, 0.0)
         # padded query rows have dO = 0 and delta = 0, so they contribute nothing below
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
@@ -335,8 +335,8 @@ def _na_bwd_dkv_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < head_dim
-    m0, m1, m2 = _intra(offs_m, TQ1, TQ2)
-    n0, n1, n2 = _intra(offs_n, TK1, TK2)
+    m0, m1, m2 = intra(offs_m, TQ1, TQ2)
+    n0, n1, n2 = intra(offs_n, TK1, TK2)
     y0 = kt0 * TK0 + n0
     y1 = kt1 * TK1 + n1
     y2 = kt2 * TK2 + n2
@@ -441,7 +441,7 @@ def _na_bwd_extra_kernel(
     offs_n = pid_t * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < head_dim
-    m0, m1, m2 = _intra(offs_m, TQ1, TQ2)
+    m0, m1, m2 = intra(offs_m, TQ1, TQ2)
     cvalid = offs_n < n_extra
     b64 = b.to(tl.int64)
     Q += b64 * sq_b + h * sq_h
@@ -499,13 +499,13 @@ def na_backward(
     la = addressing(lse, "spatial", plan, plan.q_tile)
     da = addressing(dk, "spatial", plan, plan.kv_tile)
     ax = plan.axes
-    tq = _pad3(list(plan.q_tile), 1)
-    tk = _pad3(list(plan.kv_tile), 1)
-    nq = _pad3([a.n_q_tiles for a in ax], 1)
-    nk = _pad3([a.n_kv_tiles for a in ax], 1)
-    xs = _pad3([a.n_q_tiles * a.q_tile for a in ax], 1)
-    ls = _pad3([a.length for a in ax], 1)
-    dl = _pad3([a.dilation for a in ax], 1)
+    tq = pad3(list(plan.q_tile), 1)
+    tk = pad3(list(plan.kv_tile), 1)
+    nq = pad3([a.n_q_tiles for a in ax], 1)
+    nk = pad3([a.n_kv_tiles for a in ax], 1)
+    xs = pad3([a.n_q_tiles * a.q_tile for a in ax], 1)
+    ls = pad3([a.length for a in ax], 1)
+    dl = pad3([a.dilation for a in ax], 1)
     block_d = max(16, triton.next_power_of_2(d))
     tabs = axis_tables(plan, q.device)
     has_extra = ek is not None
@@ -537,7 +537,7 @@ def na_backward(
         dek = torch.empty_like(ek, memory_format=torch.contiguous_format)
         dev = torch.empty_like(ev, memory_format=torch.contiguous_format)
         block_n = 64
-        _na_bwd_extra_kernel[(_cdiv(ek.shape[1], block_n), b * h)](
+        _na_bwd_extra_kernel[(cdiv(ek.shape[1], block_n), b * h)](
             q, ek, ev, d_out, lse, delta, dek, dev,
             *qa, *oa, *la, ek.stride(0), ek.stride(2), ek.stride(1), dek.stride(0), dek.stride(2), dek.stride(1),
             ek.shape[1], h, *ls, *dl, *nq,

@@ -21,7 +21,7 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _intra(r, T1: tl.constexpr, T2: tl.constexpr):
+def intra(r, T1: tl.constexpr, T2: tl.constexpr):
     """Row index inside a tile -> per-axis intra-tile coordinates (row-major over the tile shape)."""
     i0 = r // (T1 * T2)
     i1 = (r // T2) % T1
@@ -30,7 +30,7 @@ def _intra(r, T1: tl.constexpr, T2: tl.constexpr):
 
 
 @triton.jit
-def _window_ok(y, st, ln):
+def window_ok(y, st, ln):
     """Per-element window test along one axis: st[row] <= y[col] < st[row] + ln[row]."""
     return (y[None, :] - st[:, None]).to(tl.uint32) < ln[:, None].to(tl.uint32)
 
@@ -136,11 +136,11 @@ def _fwd_box(
                 vv = tl.load(V + ptr, mask=dmask[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(kk))
         if MASKED:
-            ok = _window_ok(y0, st0, ln0)
+            ok = window_ok(y0, st0, ln0)
             if NDIM > 1:
-                ok &= _window_ok(y1, st1, ln1)
+                ok &= window_ok(y1, st1, ln1)
             if NDIM > 2:
-                ok &= _window_ok(y2, st2, ln2)
+                ok &= window_ok(y2, st2, ln2)
             qk = tl.where(ok, qk, float("-inf"))
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, qk, vv, qk_scale)
     return acc, m_i, l_i
@@ -203,8 +203,8 @@ def _na_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < head_dim
-    m0, m1, m2 = _intra(offs_m, TQ1, TQ2)
-    n0, n1, n2 = _intra(offs_n, TK1, TK2)
+    m0, m1, m2 = intra(offs_m, TQ1, TQ2)
+    n0, n1, n2 = intra(offs_n, TK1, TK2)
 
     x0 = qt0 * TQ0 + m0
     x1 = qt1 * TQ1 + m1
@@ -343,7 +343,7 @@ def addressing(t: torch.Tensor, layout: str, plan: Plan, tile: tuple[int, ...]) 
             gs[i], is_[i], ts[i] = s, dil[i] * s, tile[i] * dil[i] * s
     elif layout == "permuted":
         s_b, s_h, s_g, rs = t.stride(0), t.stride(2), t.stride(1), t.stride(3)
-        n_t = [_cdiv(_cdiv(a.length, a.dilation), tile[i]) for i, a in enumerate(plan.axes)]
+        n_t = [cdiv(cdiv(a.length, a.dilation), tile[i]) for i, a in enumerate(plan.axes)]
         per_tile = math.prod(tile)
         for i in range(nd):
             ts[i] = math.prod(n_t[i + 1:]) * per_tile * rs
@@ -354,11 +354,11 @@ def addressing(t: torch.Tensor, layout: str, plan: Plan, tile: tuple[int, ...]) 
     return [s_b, s_h, *gs, *ts, *is_]
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _pad3(vals: list, fill) -> list:
+def pad3(vals: list, fill) -> list:
     return list(vals) + [fill] * (3 - len(vals))
 
 
@@ -413,12 +413,12 @@ def na_forward(
         ea = [0, 0, 0, 0]
         ek, ev = q, q
     ax = plan.axes
-    tq = _pad3(list(plan.q_tile), 1)
-    tk = _pad3(list(plan.kv_tile), 1)
-    nq = _pad3([a.n_q_tiles for a in ax], 1)
-    xs = _pad3([a.n_q_tiles * a.q_tile for a in ax], 1)
-    ls = _pad3([a.length for a in ax], 1)
-    dl = _pad3([a.dilation for a in ax], 1)
+    tq = pad3(list(plan.q_tile), 1)
+    tk = pad3(list(plan.kv_tile), 1)
+    nq = pad3([a.n_q_tiles for a in ax], 1)
+    xs = pad3([a.n_q_tiles * a.q_tile for a in ax], 1)
+    ls = pad3([a.length for a in ax], 1)
+    dl = pad3([a.dilation for a in ax], 1)
     block_d = max(16, triton.next_power_of_2(d))
     w, s = launch_config(plan.block_m, plan.block_n, block_d)
     grid = (nq[0] * nq[1] * nq[2], b * plan.groups * h)
