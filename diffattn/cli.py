@@ -403,6 +403,8 @@ def _cmd_render_long(rest: list[str]) -> int:
             prompt=prompt, negative_prompt=opts.negative_prompt, seed=opts.seed, steps=opts.steps, height=opts.height,
             width=opts.width, frames=opts.frames, guidance=opts.guidance, max_sequence_length=opts.max_sequence_length,
             fps=opts.fps, device=opts.device, dtype=dtype))
+        if opts.out is not None:
+            check_output(opts.out, opts.overwrite)  # before minutes of loading and generating
         options = parse_method_options("radial", opts.attn_opt)
         options.update({k: getattr(opts, k) for k in flags if getattr(opts, k) is not None})
         get_method("radial").config_cls.from_options(**options)  # bad values fail before the model loads

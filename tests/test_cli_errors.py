@@ -311,8 +311,6 @@ def test_render_refuses_an_existing_output_and_bad_settings_before_loading(tmp_p
     out.write_bytes(b"precious")
     base = ["render", mode, "--model", str(tmp_path / "no-model-here"), "--prompt", "a fox", "--device", "cpu",
             "--dtype", "fp32", "--out", str(out)]
-    if mode == "--long":  # --long resolves the model first (a missing folder is its own one-line error)
-        base[base.index(str(tmp_path / "no-model-here"))] = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     assert main(base) == 2
     _one_line_error(capsys, f"{out} exists", "--overwrite")
     assert out.read_bytes() == b"precious"
