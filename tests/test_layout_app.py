@@ -131,7 +131,7 @@ def test_cli_generate_with_layout(models, tmp_path):
     out = tmp_path / "out.png"
     assert main(["generate", "--model", str(models / "unet"), "--prompt", "a red circle on a gray background",
                  "--layout", str(path), "--steps", "2", "--out", str(out)]) == 0
-    sidecar = json.loads(out.with_suffix(".json").read_text())
+    sidecar = json.loads(Path(f"{out}.json").read_text())  # the sidecar is the output's whole name + .json
     assert out.is_file() and sidecar["layout"] == layout.to_dict() and sidecar["attn"] == "ficgen"
     bad = tmp_path / "bad.json"
     bad.write_text('{"instances": [{"phrase": "x", "box": [0.5, 0, 0.2, 1]}]}')

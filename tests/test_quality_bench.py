@@ -240,9 +240,9 @@ def test_bench_end_to_end(tiny_folders, tmp_path, capsys):
     assert set(report["models"]) == {"video", "image"}
     video, image = report["models"]["video"], report["models"]["image"]
     assert video["family"] == "wan" and image["family"] == "sd3"
-    assert list(video["methods"]) == ["dense (reference)", "dense (rerun)", "radial", "gna", "freeswim", "softpag"]
+    assert list(video["methods"]) == ["dense (reference)", "dense (rerun)", "radial", "rectified", "gna", "freeswim", "softpag"]
     assert list(image["methods"]) == ["dense (reference)", "dense (rerun)", "gna", "softpag", "agent"]
-    assert set(image["skipped"]) == {"radial", "freeswim", "ficgen"}  # ficgen: UNet only
+    assert set(image["skipped"]) == {"radial", "rectified", "freeswim", "ficgen"}  # ficgen: UNet only
     for model in (video, image):
         rows = model["methods"]
         assert not [label for label, r in rows.items() if "error" in r]
