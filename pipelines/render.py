@@ -11,12 +11,13 @@ sidecar; the app or a script can call them the same way.
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..settings import call_default  # re-exported: the render workflows and the CLI read defaults the same way
 
 __all__ = ["LongPlan", "call_default", "load_highres_pipeline", "load_lora", "plan_long", "render_highres",
            "render_long"]
@@ -76,18 +77,6 @@ def load_lora(pipe, path: str) -> dict:
     except Exception as exc:  # Diffusers, peft and safetensors each raise their own types for a bad LoRA
         raise ValueError(f"--lora {path!r} could not be loaded: {exc}") from exc
     return {"kind": "diffusers"}
-
-
-def call_default(pipe, name: str):
-    """The pipeline's default for call argument `name`: its `call_defaults` mapping when it has one (pipelines whose
-    signature says None and fill the value in inside `__call__`), else the signature's default (None if neither)."""
-    defaults = getattr(pipe, "call_defaults", None)
-    if callable(defaults):
-        defaults = defaults()
-    if isinstance(defaults, dict) and defaults.get(name) is not None:
-        return defaults[name]
-    param = inspect.signature(pipe.__call__).parameters.get(name)
-    return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
 def _long_frames(pipe, frames: int | None, extend: int, lora_info: dict) -> tuple[int, int | None]:

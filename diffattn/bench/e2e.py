@@ -40,7 +40,8 @@ from typing import Any
 import torch
 
 from ..compose import CACHES, check_cache, enable_cache
-from .highres import DEFAULT_NEGATIVE, DEFAULT_PROMPT, GIB, MODEL_NAMES, StageClock, presets, build_pipeline
+from .harness import GIB, gib
+from .highres import DEFAULT_NEGATIVE, DEFAULT_PROMPT, MODEL_NAMES, StageClock, build_pipeline, presets
 
 logger = logging.getLogger("diffattn")
 
@@ -390,10 +391,6 @@ def run(settings: E2ESettings, dump=None) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------------------
 # output, CLI
 # ------------------------------------------------------------------------------------------------------------------
-def _gib(n: float | None) -> str:
-    return "—" if n is None else f"{n / GIB:.2f}"
-
-
 def render(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
@@ -408,7 +405,7 @@ def render(report: dict[str, Any]) -> str:
         sec = lambda n: f"{st[n]['seconds']:.2f}" if n in st else "—"  # noqa: E731
         lines.append(
             f"| {r['variant']} | {r['wall_s']:.2f} | {sec('text encoding')} | {sec('denoising')} | {sec('decode')} | "
-            f"{_gib(r['peak_allocated_bytes'])} | {r['speedup_measured']:.2f} | {r['psnr_db']:.2f} | "
+            f"{gib(r['peak_allocated_bytes'])} | {r['speedup_measured']:.2f} | {r['psnr_db']:.2f} | "
             f"{r['projection']['total_s']:.1f} | {r['speedup_projected']:.2f} |"
         )
     lines.append("per-step medians (s) by kind, dense steps at the target / cached share:")

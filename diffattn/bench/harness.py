@@ -18,6 +18,14 @@ import torch
 __all__ = ["device_name", "env_line", "installed", "median_ms", "versions", "write_json", "write_json_lines"]
 
 
+GIB = 2**30
+
+
+def gib(n: float | None) -> str:
+    """Bytes as GiB for report tables ('—' when not measured)."""
+    return "—" if n is None else f"{n / GIB:.2f}"
+
+
 def sync(device: torch.device | str) -> None:
     """Wait for the device's queued work (a no-op on the CPU), so wall-clock timings cover it."""
     if torch.device(device).type == "cuda" and torch.cuda.is_available():

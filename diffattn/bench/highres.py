@@ -43,11 +43,10 @@ from typing import Any
 
 import torch
 
-from .harness import installed, versions, write_json
+from .harness import GIB, gib, installed, versions, write_json
 from .models import MODELS, UMT5_XXL, count_parameters, umt5_config
 logger = logging.getLogger("diffattn")
 
-GIB = 2**30
 
 DEFAULT_PROMPT = "a red fox running through fresh snow in a quiet forest at sunrise, cinematic, detailed fur"
 DEFAULT_NEGATIVE = "blurry, low quality, static, distorted"
@@ -318,8 +317,8 @@ class StageClock:
         stage.host_peak_rss_bytes = _host_peak_rss()
         self.current = None
         logger.info("diffattn highres: %s: %.1f s, peak %s GiB allocated (%s reserved), host RSS peak %s GiB",
-                    stage.name, stage.seconds, _gib(stage.peak_allocated_bytes), _gib(stage.peak_reserved_bytes),
-                    _gib(stage.host_peak_rss_bytes))
+                    stage.name, stage.seconds, gib(stage.peak_allocated_bytes), gib(stage.peak_reserved_bytes),
+                    gib(stage.host_peak_rss_bytes))
         if self.on_close is not None:
             self.on_close()
 
@@ -744,10 +743,6 @@ def run(settings: HighresSettings, *, video: str | None = None, fps: int = 16,
 # ------------------------------------------------------------------------------------------------------------------
 # output
 # ------------------------------------------------------------------------------------------------------------------
-def _gib(n: float | None) -> str:
-    return "—" if n is None else f"{n / GIB:.2f}"
-
-
 def render(report: dict[str, Any]) -> str:
     s = report["settings"]
     cap = report.get("cap")
@@ -767,9 +762,9 @@ def render(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for st in report.get("stages", []):
-        lines.append(f"| {st['name']} | {st['seconds']:.1f} | {_gib(st['peak_allocated_bytes'])} | "
-                     f"{_gib(st['peak_reserved_bytes'])} | {_gib(st['driver_used_end_bytes'])} | "
-                     f"{_gib(st['host_peak_rss_bytes'])} |")
+        lines.append(f"| {st['name']} | {st['seconds']:.1f} | {gib(st['peak_allocated_bytes'])} | "
+                     f"{gib(st['peak_reserved_bytes'])} | {gib(st['driver_used_end_bytes'])} | "
+                     f"{gib(st['host_peak_rss_bytes'])} |")
     steps = [(title, st) for key, title in (("base_steps", "base"), ("refine_steps_detail", "refine"))
              for st in report.get(key, [])]
     if steps:
@@ -783,13 +778,13 @@ def render(report: dict[str, Any]) -> str:
     b = report.get("build", {})
     lines.append(f"build (CPU, random weights): {b.get('seconds', 0):.1f} s "
                  f"({', '.join(f'{k} {t:.1f} s' for k, t in b.get('per_model_s', {}).items())}); generation "
-                 f"{report.get('generation_s', 0):.1f} s; host RSS peak {_gib(report.get('host_peak_rss_bytes'))} GiB")
+                 f"{report.get('generation_s', 0):.1f} s; host RSS peak {gib(report.get('host_peak_rss_bytes'))} GiB")
     if "peak_allocated_bytes" in report:
-        lines.append(f"peak: {_gib(report['peak_allocated_bytes'])} GiB allocated ({report['peak_stage']}), "
-                     f"{_gib(report['peak_reserved_bytes'])} GiB reserved; within cap: {report.get('within_cap', '—')}")
+        lines.append(f"peak: {gib(report['peak_allocated_bytes'])} GiB allocated ({report['peak_stage']}), "
+                     f"{gib(report['peak_reserved_bytes'])} GiB reserved; within cap: {report.get('within_cap', '—')}")
     if report.get("outside_allocator_bytes") is not None:
         lines.append(f"GPU memory outside the allocator (CUDA context etc., not under the cap): "
-                     f"{_gib(report['outside_allocator_bytes'])} GiB; expandable segments in use: "
+                     f"{gib(report['outside_allocator_bytes'])} GiB; expandable segments in use: "
                      f"{report.get('expandable_segments_in_use')}")
     if report.get("error"):
         lines.append(f"ERROR: {report['error'][:400]}")
