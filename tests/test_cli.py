@@ -385,7 +385,7 @@ def test_render_long_extends_the_pipeline_length_with_radial(wan_folder, tmp_pat
     assert applied == [("radial", expected)]
     # without --frames: --extend times the pipeline's default length
     trained = inspect.signature(WanPipeline.__call__).parameters["num_frames"].default
-    assert main(_long(wan_folder, out, "--height", "16", "--width", "16", "--extend", "2")) == 0, capsys.readouterr().err
+    assert main(_long(wan_folder, out, "--height", "16", "--width", "16", "--extend", "2", "--overwrite")) == 0, capsys.readouterr().err
     meta = json.loads(Path(f"{out}.json").read_text())
     assert meta["default_frames"] == trained and meta["frames"] == 2 * (trained - 1) + 1
     assert iio.imread(out).shape[0] == 2 * (trained - 1) + 1
@@ -403,7 +403,7 @@ def test_render_long_reads_call_defaults_and_refuses_without_a_length(wan_folder
     assert iio.imread(out).shape[0] == 13 and json.loads(Path(f"{out}.json").read_text())["default_frames"] == 5
     monkeypatch.setattr(WanPipeline, "call_defaults", {"num_frames": None}, raising=False)
     monkeypatch.setattr(WanPipeline, "__call__", lambda self, prompt=None, num_frames=None, **kw: None)
-    assert main(_long(wan_folder, out)) == 2
+    assert main(_long(wan_folder, out, "--overwrite")) == 2
     _one_line_error(capsys, "WanPipeline has no default frame count; pass --frames")
 
 
