@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from interpreter import run_under_interpreter
 from diffattn.kernels import block_sparse_attention, merge_attention_states
 from diffattn.kernels.block_sparse import block_sparse_attention_reference, build_block_index, get_block_index
 
@@ -163,14 +161,7 @@ def test_reference_float64_and_backend_env(monkeypatch):
 def test_triton_kernels_under_interpreter():
     """Runs tests/test_block_sparse_triton.py in a fresh process with TRITON_INTERPRET=1."""
     pytest.importorskip("triton")
-    path = Path(__file__).with_name("test_block_sparse_triton.py")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(path)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and "skipped" not in r.stdout.split("\n")[-2], r.stdout[-2000:]
+    run_under_interpreter("test_block_sparse_triton.py", timeout=600)
 
 
 def test_hopper_variant_failure_is_remembered_and_falls_back():

@@ -5,13 +5,11 @@ keep the stock path on CPU, and the Triton kernel runs under TRITON_INTERPRET=1 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from interpreter import run_under_interpreter
 from diffattn.adapters.wan import apply_wan_rope
 from diffattn.kernels.prologue import fused_supported, qk_norm_rope, qk_norm_rope_reference
 
@@ -115,11 +113,4 @@ def test_cpu_and_float32_keep_the_stock_path():
 def test_prologue_kernel_under_interpreter():
     """Runs tests/test_prologue_triton.py in a fresh process with TRITON_INTERPRET=1."""
     pytest.importorskip("triton")
-    path = Path(__file__).with_name("test_prologue_triton.py")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(path)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and "skipped" not in r.stdout.split("\n")[-2], r.stdout[-2000:]
+    run_under_interpreter("test_prologue_triton.py", timeout=600)
