@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 # Modules of `diffattn.methods` holding one `SPEC` each, in the order `available_methods()` lists them.
-BUILTIN_METHODS: tuple[str, ...] = ("dense", "radial", "rectified", "gna", "freeswim", "softpag", "agent", "ficgen")
+BUILTIN_METHODS: tuple[str, ...] = ("dense", "radial", "rectified", "freeswim", "gna", "agent", "softpag", "ficgen")
 
 ALL_FAMILIES = FAMILY_NAMES  # every model family (the dense method's)
 
