@@ -125,3 +125,14 @@ def test_broadcast_mask_sparse_and_no_pingpong() -> None:
 def test_only_text_keys_and_empty_query_block() -> None:
     # rows whose block list is empty still see the text keys; Sq < one query block
     _check(1, 1, 100, 300, 128, 33, 1, 1, torch.float16, density=0.0, empty_row=False)
+
+
+@pytest.mark.gpu
+@needs_gluon
+@needs_sm90
+@pytest.mark.parametrize("pingpong", [True, False])
+def test_persistent_grid(pingpong) -> None:
+    # 5 programs stride over 2 x 2 x 8 work items of different list lengths (empty rows, text keys, tails): the
+    # ring, q and ping-pong barrier phases carry across work items
+    _check(2, 2, 1000, 900, 128, 50, 2, 2, torch.bfloat16, density=0.4,
+           cfg=dict(gluon_fwd.config(128, pingpong=pingpong), PERSISTENT=5))

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="wan14b")
     p.add_argument("--cases", default="dense,radial:0.25,radial:0.11,random:0.10")
-    p.add_argument("--variants", default="2:1,3:1,3:0", help="stages:pingpong, timed dense; the first also sparse")
+    p.add_argument("--variants", default="3:1:0,3:1:1,3:0:1", help="stages:pingpong:persistent, all timed dense")
+    p.add_argument("--sparse-variants", default="0,1", help="indices into --variants timed on the sparse cases")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=None)
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = 1 / math.sqrt(D)
     nb = math.ceil(S / bs)
     variants = [tuple(int(x) for x in s.split(":")) for s in a.variants.split(",")]
+    sparse_variants = [variants[int(i)] for i in a.sparse_variants.split(",")]
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                date=time.strftime("%Y-%m-%d"), shape=a.shape, heads=H, tokens=S, head_dim=D, dtype=a.dtype)
     print(json.dumps(env), flush=True)
@@ -72,20 +74,21 @@ def main(argv: list[str] | None = None) -> int:
             row["cudnn_ms"] = bench(cud, est)
         row["triton_ms"] = bench(tri, est)
         ref = tri()
-        for i, (st, pp) in enumerate(variants if kind == "dense" else variants[:1]):
-            cfg = dict(gluon_fwd.config(D, stages=st, pingpong=bool(pp)))
+        for st, pp, pe in variants if kind == "dense" else sparse_variants:
+            cfg = dict(gluon_fwd.config(D, stages=st, pingpong=bool(pp), persistent=bool(pe)))
+            tag = f"gluon_s{st}_pp{pp}_pe{pe}"
             fn = lambda: gluon_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, scale, None, None, cfg=cfg)  # noqa: E731
             try:
                 o, _ = fn()
                 torch.cuda.synchronize()
                 err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
-                row[f"gluon_s{st}_pp{pp}_ms"] = bench(fn, est)
-                row[f"gluon_s{st}_pp{pp}_relerr_vs_triton"] = err
+                row[f"{tag}_ms"] = bench(fn, est)
+                row[f"{tag}_relerr_vs_triton"] = err
                 if kind == "dense":
                     c = cud()
-                    row[f"gluon_s{st}_pp{pp}_relerr_vs_cudnn"] = ((o.float() - c.float()).norm() / c.float().norm()).item()
+                    row[f"{tag}_relerr_vs_cudnn"] = ((o.float() - c.float()).norm() / c.float().norm()).item()
             except Exception as e:  # report and go on to the next variant
-                row[f"gluon_s{st}_pp{pp}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                row[f"{tag}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         for key in list(row):
             if key.endswith("_ms"):
                 row[key.replace("_ms", "_tflops")] = flops / row[key] * 1e-9
