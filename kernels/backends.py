@@ -155,7 +155,7 @@ class Backend:
         elif on not in c.devices:
             return f"runs on {'/'.join(c.devices)}, not {on}"
         if req.dtype not in c.dtypes:
-            return f"dtype {req.dtype} not supported (accepts {', '.join(str(d).replace('torch.', '') for d in c.dtypes)})"
+            return f"dtype {str(req.dtype).replace('torch.', '')} not supported (accepts {', '.join(str(d).replace('torch.', '') for d in c.dtypes)})"
         lo, hi, mult = c.head_dims
         if not (lo <= req.head_dim <= hi and req.head_dim % mult == 0):
             return f"head dim {req.head_dim} not supported (accepts {lo}..{hi}" + (f", multiples of {mult})" if mult > 1 else ")")
@@ -394,6 +394,12 @@ def _fa4_block_sparse_rule(req: Request) -> str | None:
     return f"FA4 block-sparse is for sm90 here, this GPU is sm{major}x"
 
 
+def _flex_rule(req: Request) -> str | None:
+    if req.need_grad and req.device_type == "cpu":
+        return "FlexAttention has no backward on CPU (eager forward only)"
+    return None
+
+
 def _flex_missing() -> str | None:
     return module_missing("torch.nn.attention.flex_attention", "torch FlexAttention")
 
@@ -413,8 +419,7 @@ register(Backend("fa4", "block_sparse", "FlashAttention-4 CuTe-DSL block-sparse 
                  available=_fa4_missing, rule=_fa4_block_sparse_rule))
 register(Backend("flex", "block_sparse", "torch FlexAttention on the same block lists (a real mask_mod); its own backward",
                  Caps(devices=("cuda", "cpu"), dtypes=ANY, head_dims=(16, 256, 1), epilogue="unfused"),
-                 available=_flex_missing,
-                 rule=lambda r: (None if r.block_size is None or r.block_size % 16 == 0 else "block_size must be a multiple of 16")))
+                 available=_flex_missing, rule=_flex_rule))
 register(Backend("blocked", "block_sparse", "plain PyTorch, one query block at a time (the CPU path)",
                  Caps(devices=("cuda", "cpu"), dtypes=ANY), default=True))
 register(Backend("reference", "block_sparse", "plain PyTorch over the whole masked score matrix (ground truth)",
