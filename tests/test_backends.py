@@ -301,3 +301,29 @@ def test_under_interpreter():
 
     out = run_under_interpreter("test_backends.py", timeout=600, allow_skips=True)
     assert "failed" not in out.splitlines()[-1]
+
+
+def test_tune_table_orders_by_geomean_and_parses(monkeypatch):
+    """`diffattn bench kernels --tune` turns measured rows into a table the registry accepts."""
+    import argparse
+
+    from diffattn.bench import kernels as bench
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(bench, "env_line", lambda *a: "test env")
+    base = dict(shape="wan14b", heads=40, tokens=75600, flop_floor_ms=1.0, byte_floor_ms=0.1, peak_tflops=800.0,
+                bw_gbs=4000.0, refused={}, rel_err_vs_triton={})
+    rows = [dict(base, mask="dense", target=1.0, density=1.0, ms={"cudnn": 9.0, "triton": 10.0, "fa4": 8.0, "flex": 12.0}),
+            dict(base, mask="radial", target=0.1, density=0.1, ms={"triton": 1.0, "fa4": 0.9, "flex": 1.3}),
+            dict(base, mask="band", target=0.1, density=0.1, ms={"triton": 1.0, "fa4": 1.1}),
+            dict(base, mask="random", target=0.1, density=0.1, ms={"triton": 1.0, "gluon": 0.5})]
+    args = argparse.Namespace(dtype="bf16", head_dim=128, block_size=128, shapes="wan14b", masks="radial,band,random",
+                              densities="0.1")
+    table = bench.tune_table(rows, args)
+    row = table["ops"]["block_sparse"]["bf16/d128/b128"]
+    assert row["order"] == ["fa4", "triton", "flex"]  # gluon ran 1 of 4 cases: left out; cudnn is no backend
+    assert row["cases"] == 4
+    registry.parse_table(json.dumps(table))
+    md = bench.render_compare(rows, args)
+    assert "| wan14b | radial | 0.100 |" in md and "0.900 (" in md
+    assert "| 1.11 |" in md  # triton / fa4 at radial 0.1
