@@ -96,6 +96,27 @@ def test_forward_vs_fp64(backend, shape, dtype):
     assert lse_err < 1e-3, f"{backend} lse rel err {lse_err:.2e}"
 
 
+def test_fa4_steady_path_equals_its_first_call(monkeypatch):
+    """The recorded-launch fast path (fa4.py) gives bitwise the result of FA4's own path, on fresh inputs."""
+    from diffattn.kernels.block_sparse import fa4
+
+    q, k, v, ek, ev, mask = _case(1, 2, 700, 900, 128, 128, 9, 1, 1, dtype=BF)
+    req = registry.make_request("block_sparse", q, head_dim=128, block_size=128, has_extra=True)
+    _needs("fa4", req)
+    fa4.clear_cache()
+    call = lambda *t: block_sparse_attention(*t, mask, block_size=128, extra_k=ek, extra_v=ev,  # noqa: E731
+                                            return_lse=True, backend="fa4")
+    call(q, k, v)  # records
+    assert fa4._fast, "the steady path was not recorded"
+    q2, k2, v2 = (torch.randn_like(t) for t in (q, k, v))
+    fast_out, fast_lse = call(q2, k2, v2)
+    monkeypatch.setenv("DIFFATTN_FA4_FAST", "0")
+    fa4.clear_cache()
+    slow_out, slow_lse = call(q2, k2, v2)
+    assert torch.equal(fast_out, slow_out) and torch.equal(fast_lse, slow_lse)
+    fa4.clear_cache()
+
+
 def test_fa4_forward_with_triton_backward_vs_fp64():
     """fa4 runs the forward, the Triton kernels the backward (the registry says so): gradients vs fp64."""
     shape = (1, 2, 777, 1030, 128, 128, 13, 1, 1)
@@ -204,16 +225,22 @@ def test_cuda_graph_capture_of_a_tiny_wan_forward_with_radial():
     assert err <= 1e-5 and err2 <= 1e-5
 
 
-@pytest.mark.parametrize("backend", ["triton", "fa4"])
-def test_host_cost_per_call_printed(backend):
+@pytest.mark.parametrize("backend", ["triton", "fa4", "fa4-slow", "flex"])
+def test_host_cost_per_call_printed(backend, monkeypatch):
     """Host time per steady call (CPU timer around 200 calls, synchronize only at the ends), at FLUX 1024²."""
     H, S, D, bs = 24, 4608, 128, 128
     q, k, v = (_randn(1, H, S, D, dtype=BF) for _ in range(3))
     nb = S // bs
     mask = (torch.rand(1, 1, nb, nb, generator=GEN) < 0.3).cuda()
     req = registry.make_request("block_sparse", q, head_dim=D, block_size=bs)
-    _needs(backend, req)
-    call = lambda: block_sparse_attention(q, k, v, mask, block_size=bs, backend=backend)  # noqa: E731
+    name = backend.split("-")[0]
+    _needs(name, req)
+    if backend == "fa4-slow":
+        monkeypatch.setenv("DIFFATTN_FA4_FAST", "0")
+        from diffattn.kernels.block_sparse import fa4
+
+        fa4.clear_cache()
+    call = lambda: block_sparse_attention(q, k, v, mask, block_size=bs, backend=name)  # noqa: E731
     for _ in range(3):
         call()
     torch.cuda.synchronize()

@@ -17,10 +17,17 @@ How our contract maps onto FA4's (read from flash_attn/cute/interface.py and blo
   costs one small attention plus an elementwise pass, instead of copying K/V to append them.
 - Cached per index list: the `BlockSparseTensorsTorch` (and its zero partial counts), so a steady call builds
   nothing; no host synchronisation.
+- Host cost: `flash_attn_func` re-derives its config, normalises the sparse tensors and builds a ~60-entry compile
+  key in Python on every call. The steady path skips that: the first call of a signature (shapes, strides, dtype,
+  device, scale, index list) runs FA4's own path once while recording the compiled kernel and its arguments; later
+  calls of that signature call the compiled kernel directly with fresh q/k/v/out/lse. Recorded only when FA4 ran
+  one kernel straight into the out/lse it returned, on q/k/v as given (no split-KV combine, no copies), so the
+  replay is the same launch. `DIFFATTN_FA4_FAST=0` turns it off.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -55,6 +62,74 @@ def _sparse_tensors(kv_idx: torch.Tensor, kv_cnt: torch.Tensor, block_size: int)
     return t
 
 
+class _Recorder:
+    """Stands in for FA4's forward compile cache during one call and records the kernel it launches."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.calls: list[tuple] = []
+
+    def __contains__(self, key) -> bool:
+        return key in self.inner
+
+    def __setitem__(self, key, value) -> None:
+        self.inner[key] = value
+
+    def __getitem__(self, key):
+        fn = self.inner[key]
+
+        def call(*args):
+            self.calls.append((fn, args))
+            return fn(*args)
+
+        return call
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+_fast: dict[tuple, tuple] = {}
+
+
+def _signature(q, k, v, scale, sparse) -> tuple:
+    return (tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), tuple(v.shape), v.stride(), q.dtype, q.device,
+            float(scale), id(sparse))
+
+
+def _attend(q, k, v, scale, sparse):
+    """FA4 forward of `[B, S, H, D]` views: (out `[B, S, H, D]`, lse `[B, H, S]`), through the recorded launch when
+    this signature was seen before (module docstring)."""
+    from flash_attn.cute import flash_attn_func, interface
+
+    sig = _signature(q, k, v, scale, sparse)
+    hit = _fast.get(sig)
+    if hit is not None and hit[3] is sparse:  # the recorded launch holds this very index list
+        fn, args, out_shape, _ = hit
+        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+        fn(q, k, v, out, lse, *args)
+        return out, lse
+    owner = interface._flash_attn_fwd
+    rec = _Recorder(owner.compile_cache) if os.environ.get("DIFFATTN_FA4_FAST", "1") != "0" else None
+    with _lock:
+        if rec is not None:
+            owner.compile_cache = rec
+        try:
+            out, lse = flash_attn_func(q, k, v, softmax_scale=scale, block_sparse_tensors=sparse, return_lse=True)
+        finally:
+            if rec is not None:
+                owner.compile_cache = rec.inner
+    if rec is not None and len(rec.calls) == 1:
+        fn, args = rec.calls[0]
+        same = [a.data_ptr() for a in args[:5] if isinstance(a, torch.Tensor)] == [
+            t.data_ptr() for t in (q, k, v, out, lse)] and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+        if same and not torch.cuda.is_current_stream_capturing():
+            if len(_fast) >= 4 * _CACHE_SIZE:
+                _fast.pop(next(iter(_fast)))
+            _fast[sig] = (fn, tuple(args[5:]), tuple(out.shape), sparse)
+    return out, lse
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -67,16 +142,13 @@ def forward(
     extra_v: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention through FA4 (see the module docstring); returns `(out, lse)`."""
-    from flash_attn.cute import flash_attn_func
-
     sparse = _sparse_tensors(kv_idx, kv_cnt, block_size)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     with torch.no_grad():
-        out, lse = flash_attn_func(qt, kt, vt, softmax_scale=scale, block_sparse_tensors=sparse, return_lse=True)
+        out, lse = _attend(qt, kt, vt, scale, sparse)
         out = out.transpose(1, 2)
         if extra_k is not None and extra_v is not None:
-            eo, e_lse = flash_attn_func(qt, extra_k.transpose(1, 2), extra_v.transpose(1, 2), softmax_scale=scale,
-                                       return_lse=True)
+            eo, e_lse = _attend(qt, extra_k.transpose(1, 2), extra_v.transpose(1, 2), scale, None)
             out, lse = merge_attention_states(out, lse, eo.transpose(1, 2), e_lse)
     return out, lse
 
@@ -84,3 +156,4 @@ def forward(
 def clear_cache() -> None:
     with _lock:
         _cache.clear()
+        _fast.clear()
