@@ -81,8 +81,7 @@ def _last_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("diffattn::block_sparse_attn_fwd", mutates_args=())
-def _fwd_op(
+def _fwd_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -118,10 +117,36 @@ def _fwd_op(
     return out, lse
 
 
+@torch.library.custom_op("diffattn::block_sparse_attn_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    extra_k: torch.Tensor | None,
+    extra_v: torch.Tensor | None,
+    block_size: int,
+    scale: float,
+    out_scale: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
+    impl: str = "triton",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward as a custom op (autograd and torch.compile see one opaque node); see `_fwd_impl`. The output
+    layout is fixed per impl, as the fake says: FA4 writes `[B, S, H, D]` memory (a transposed view, no copy), the
+    others `[B, H, S, D]`."""
+    out, lse = _fwd_impl(q, k, v, block_mask, extra_k, extra_v, block_size, scale, out_scale, out_bias, impl)
+    if impl == "fa4":
+        return out.transpose(1, 2).contiguous().transpose(1, 2), lse  # no copy when FA4's layout already
+    return out.contiguous(), lse.contiguous()
+
+
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, block_mask, extra_k, extra_v, block_size, scale, out_scale=None, out_bias=None, impl="triton"):
     B, H, Sq, D = q.shape
-    return q.new_empty((B, H, Sq, D)), q.new_empty((B, H, Sq), dtype=torch.float32)
+    lse = q.new_empty((B, H, Sq), dtype=torch.float32)
+    if impl == "fa4":
+        return q.new_empty((B, Sq, H, D)).transpose(1, 2), lse
+    return q.new_empty((B, H, Sq, D)), lse
 
 
 @torch.library.custom_op("diffattn::block_sparse_attn_bwd", mutates_args=())
@@ -289,6 +314,9 @@ def block_sparse_attention(
         if affine:
             out = apply_epilogue(out, affine["out_scale"], affine["out_bias"], block_size)
     else:
-        out, lse = _fwd_op(q, k, v, block_mask, extra_k, extra_v, block_size, scale_f, affine.get("out_scale"),
-                           affine.get("out_bias"), name)
+        # No gradient and no tracing: call the implementation directly (the custom op's dispatch is host time
+        # for nothing there); otherwise the op, for autograd and torch.compile.
+        fwd = _fwd_impl if not req.need_grad and not torch.compiler.is_compiling() else _fwd_op
+        out, lse = fwd(q, k, v, block_mask, extra_k, extra_v, block_size, scale_f, affine.get("out_scale"),
+                       affine.get("out_bias"), name)
     return (out, lse) if return_lse else out
