@@ -187,9 +187,14 @@ def test_registry_choice_on_this_gpu(tmp_path, monkeypatch):
     registry.clear_cache()
 
 
-def test_cuda_graph_capture_of_a_tiny_wan_forward_with_radial():
-    """A whole transformer forward through a sparse method, captured once and replayed: equal to eager."""
+def test_cuda_graph_capture_of_a_tiny_wan_forward_with_radial(monkeypatch):
+    """A whole transformer forward through a sparse method, captured once and replayed: equal to eager.
+
+    The per-forward context reads the timestep on the host once per model forward (it orders the denoising steps
+    and picks dense/sparse steps), which a capture cannot do: a graph freezes host decisions, so the test gives
+    the context that value as a host number, as a graph user must (the attention calls themselves never sync)."""
     import diffattn
+    import diffattn.adapters.base as adapter_base
     import tiny
 
     model, make_inputs = tiny.tiny_wan()
@@ -205,6 +210,8 @@ def test_cuda_graph_capture_of_a_tiny_wan_forward_with_radial():
                 for _ in range(2):
                     model(**inputs, return_dict=False)
             torch.cuda.current_stream().wait_stream(s)
+            t_host = float(inputs["timestep"].max())
+            monkeypatch.setattr(adapter_base, "timestep_value", lambda t: t_host)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 captured = model(**inputs, return_dict=False)[0]

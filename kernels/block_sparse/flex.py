@@ -98,7 +98,10 @@ def forward(q, k, v, block_mask, kv_idx, kv_cnt, block_size, scale, extra_k, ext
     sq, sk = q.shape[2], k.shape[2]
     fn = _flex(q)
     bm = block_mask_for(block_mask, kv_idx, kv_cnt, sq, sk, block_size)
-    out, lse = _call(fn, q, k, v, block_mask=bm, scale=scale)
+    kw = {}
+    if q.is_cuda and block_size < 128:  # Flex's default kernel tiles (128) must divide the sparse block
+        kw["kernel_options"] = {"BLOCK_M": block_size, "BLOCK_N": block_size}
+    out, lse = _call(fn, q, k, v, block_mask=bm, scale=scale, **kw)
     if extra_k is not None and extra_v is not None:
         eo, e_lse = _call(fn, q, extra_k, extra_v, scale=scale)
         out, lse = merge_attention_states(out, lse, eo, e_lse)
