@@ -1,11 +1,11 @@
-"""What the two kernel front doors share (`block_sparse_attention`, `neighborhood_attention`): one backend
-vocabulary and choice, one device/interpreter test, the argument checks common to both, and one Hopper-fallback
-scheme. Pure torch; no Diffusers, nothing of diffattn above the kernels.
+"""What the two kernel front doors share (`block_sparse_attention`, `neighborhood_attention`): one device/interpreter
+test, the portable default backend, the argument checks common to both, and one Hopper-fallback scheme. Pure torch;
+no Diffusers, nothing of diffattn above the kernels.
 
-Backends: None = auto (Triton where it runs: CUDA, or CPU tensors under `TRITON_INTERPRET=1`; "blocked"
-elsewhere), "triton", "blocked" (plain PyTorch by tiles: the CPU path), "reference" (plain PyTorch over the whole
-masked score matrix: the ground truth). Each front door's environment variable (`DIFFATTN_BLOCK_SPARSE_BACKEND`,
-`DIFFATTN_NEIGHBORHOOD_BACKEND`) sets its default when `backend=None`.
+Which backends exist and how one is chosen is the registry's (`kernels/backends.py`): None = auto (the measured
+table of the device kind, else `default_backend`: Triton where it runs, CUDA or CPU tensors under
+`TRITON_INTERPRET=1`; "blocked" elsewhere). Each front door's environment variable
+(`DIFFATTN_BLOCK_SPARSE_BACKEND`, `DIFFATTN_NEIGHBORHOOD_BACKEND`) sets its default when `backend=None`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 
 logger = logging.getLogger("diffattn")
 
-BACKENDS: tuple[str, ...] = ("triton", "blocked", "reference")
 #: dtypes the Triton kernels run on; the PyTorch backends also take float64 (ground truth in tests).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
@@ -50,28 +49,9 @@ def triton_runs_on(device: torch.device) -> bool:
 
 
 def default_backend(device: torch.device) -> str:
-    """The backend a front door uses when none is given: "triton" where it runs, "blocked" elsewhere."""
+    """The portable default (what `backend=None` picks where the measured table is silent): "triton" where it
+    runs, "blocked" elsewhere."""
     return "triton" if triton_runs_on(device) else "blocked"
-
-
-def resolve_backend(backend: str | None, device: torch.device, env_var: str) -> str:
-    """The backend to run: `backend`, else the front door's environment variable, else `default_backend`."""
-    source = "backend"
-    if backend is None and os.environ.get(env_var):
-        backend, source = os.environ[env_var].strip(), env_var
-    if backend is None:
-        return default_backend(device)
-    if backend not in BACKENDS:
-        raise ValueError(f"{source} must be one of {', '.join(map(repr, BACKENDS))} or None (auto), got {backend!r}")
-    if backend == "triton":
-        if not triton_importable():
-            raise RuntimeError("backend='triton' needs the triton package, which is not importable here")
-        if not triton_runs_on(device):
-            raise ValueError(
-                "backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is "
-                f"imported; got tensors on {device}. Use backend='blocked' (or None) on CPU."
-            )
-    return backend
 
 
 # ---- argument checks shared by both front doors -------------------------------------------------------------------
@@ -82,7 +62,9 @@ def check_tensors(**tensors: Any) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def check_dtype(q: torch.Tensor, backend: str) -> None:
+def check_dtype(q: torch.Tensor, backend: str | None = None) -> None:
+    """q's dtype is one the named backend takes ("triton": float16/bfloat16/float32); None or another name: any
+    dtype some backend takes (float64 too). The registry refuses a dtype a chosen backend cannot run."""
     allowed = KERNEL_DTYPES if backend == "triton" else REFERENCE_DTYPES
     if q.dtype not in allowed:
         raise TypeError(f"q dtype must be one of {[str(d) for d in allowed]}, got {q.dtype}")

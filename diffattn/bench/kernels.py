@@ -3,6 +3,8 @@
     diffattn bench kernels                     # the full table (forward; backward subset)
     diffattn bench kernels --shapes wan1.3b --densities 1.0,0.1 --masks random
     diffattn bench kernels --sweep             # kernel-config sweep (tuning aid)
+    diffattn bench kernels --backends cudnn,flex,triton,gluon,fa4   # the registry's backends side by side (#18)
+    diffattn bench kernels --tune              # measure every capable backend, write kernels/tuned/<kind>.json
 
 Effective TFLOP/s = 4*Sq*Sk*D*H*density / time (forward); forward+backward counts 3.5x that (2 + 5 matmuls).
 FlexAttention's BlockMask is built from the same CSR index lists (`BlockMask.from_kv_blocks`, all blocks "full",
@@ -229,10 +231,12 @@ def overhead(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="diffattn bench kernels", description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", default="wan1.3b,wan14b,hunyuan,flux1024,flux4096", help=f"comma list of {list(SHAPES)}")
+    p.add_argument("--shapes", default=None, help=f"comma list of {list(SHAPES)} (default: all five; with "
+                   f"--backends/--tune {COMPARE_SHAPES})")
     p.add_argument("--densities", default="1.0,0.5,0.25,0.1,0.05")
     p.add_argument("--masks", default="random,band,radial")
-    p.add_argument("--backward", default="wan1.3b,flux1024", help="shapes that also time forward+backward ('all', 'none')")
+    p.add_argument("--backward", default=None, help="shapes that also time forward+backward ('all', 'none'; default "
+                   "wan1.3b,flux1024, with --backends/--tune none)")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
@@ -242,14 +246,29 @@ def main(argv: list[str] | None = None) -> int:
                    help="sweep kernel configs at the first shape instead of the table")
     p.add_argument("--overhead", action="store_true", help="diagnose per-call overhead at the first shape instead")
     p.add_argument("--out", default=None, help="write the markdown table (.md) and raw rows (.json) with this stem")
+    p.add_argument("--backends", default="", help="compare these (comma list: cudnn and the registry's names, e.g. "
+                   "cudnn,flex,triton,gluon,fa4) per case instead of the default table; shapes default to "
+                   f"{COMPARE_SHAPES}")
+    p.add_argument("--tune", action="store_true", help="measure every capable backend (or --backends) per case and "
+                   "write the registry's table (kernels/tuned/<device kind>.json, or --tune-out)")
+    p.add_argument("--tune-out", default=None, help="where --tune writes the table")
+    p.add_argument("--jsonl", default=None, help="with --backends/--tune: append each case as a JSON line here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("the benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.sweep or args.overhead:
+        args.shapes = args.shapes or "wan1.3b"
     if args.sweep:
         return sweep(args)
     if args.overhead:
         return overhead(args)
+    if args.backends or args.tune:
+        args.shapes = args.shapes or COMPARE_SHAPES
+        args.backward = args.backward or "none"
+        return compare(args)
+    args.shapes = args.shapes or "wan1.3b,wan14b,hunyuan,flux1024,flux4096"
+    args.backward = args.backward or "wan1.3b,flux1024"
 
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -400,3 +419,203 @@ def render(rows: list[dict], args: argparse.Namespace, env: str | None = None) -
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ---- backend comparison and the measured table (issue #18) ----------------------------------------------------------
+#: the comparison's shapes: Wan-14B 720p, HunyuanVideo 720p, FLUX 4096² (names of SHAPES)
+COMPARE_SHAPES = "wan14b,hunyuan,flux4096"
+
+
+def _ceilings() -> tuple[float, float]:
+    """Measured in this run: bf16 matmul TFLOP/s (8192³) and device-copy bandwidth GB/s (1 GiB), for the floors."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = _bench(lambda: a @ b, 100)
+    x = torch.empty(2**29, device="cuda", dtype=torch.int16)
+    y = torch.empty_like(x)
+    cp = _bench(lambda: y.copy_(x), 100)
+    del a, b, x, y
+    torch.cuda.empty_cache()
+    return 2 * 8192**3 / mm * 1e-9, 2 * 2**30 / cp * 1e-6
+
+
+def _emit(row: dict, jsonl: str | None) -> None:
+    import json
+
+    print("ROW", json.dumps(row), flush=True)
+    if jsonl:
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Each named backend on each case (dense and masked), same inputs, same process; optional fwd+bwd; the table."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ..kernels import backends as registry
+    from ..kernels.block_sparse.op import block_sparse_attention
+
+    names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    if args.tune and not names:
+        names = [n for n in registry.names("block_sparse") if n not in ("blocked", "reference")]
+    bad = [n for n in names if n != "cudnn" and n not in registry.names("block_sparse")]
+    if bad:
+        print(f"--backends: unknown {bad}; known: cudnn, {', '.join(registry.names('block_sparse'))}", file=sys.stderr)
+        return 2
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    D, bs = args.head_dim, args.block_size
+    gen = torch.Generator().manual_seed(0)
+    print(env_line(), flush=True)
+    peak, bw = _ceilings()
+    print(f"ceilings (this run): bf16 matmul {peak:.0f} TFLOP/s, device copy {bw:.0f} GB/s", flush=True)
+    rows: list[dict] = []
+    bwd_shapes = set() if args.backward in ("none", "") else set(args.backward.split(","))
+    densities = [float(x) for x in args.densities.split(",")]
+    for shape in args.shapes.split(","):
+        H, S, tpf = SHAPES[shape]
+        nb = math.ceil(S / bs)
+        q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=dt) for _ in range(3))
+        dense_flops = 4 * S * S * D * H
+        cases = [("dense", 1.0)] + [(kind, d) for kind in args.masks.split(",") for d in densities if d < 1.0]
+        for kind, dens in cases:
+            mask = make_mask("random" if kind == "dense" else kind, H, nb, bs, tpf, dens, gen).cuda()
+            if kind != "random" and mask.shape[1] > 1:
+                mask = mask[:, :1].contiguous()  # structured masks are one per head: broadcast them
+            real = mask.float().mean().item()
+            flops = dense_flops * real
+            row = dict(shape=shape, heads=H, tokens=S, mask=kind, target=dens, density=real,
+                       flop_floor_ms=flops / peak * 1e-9, byte_floor_ms=4 * H * S * D * q.element_size() / bw * 1e-6,
+                       peak_tflops=peak, bw_gbs=bw, ms={}, refused={}, rel_err_vs_triton={})
+            ref = None
+            for name in (["triton"] if "triton" in names else []) + [n for n in names if n != "triton"]:
+                if name == "cudnn":
+                    if kind != "dense":
+                        continue
+                    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                        fn = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+                        o = fn()
+                        ms = _bench(fn, args.rep)
+                else:
+                    req = registry.make_request("block_sparse", q, head_dim=D, block_size=bs)
+                    reason = registry.backends("block_sparse")[name].why_not(req)
+                    if reason:
+                        row["refused"][name] = reason
+                        continue
+                    fn = lambda: block_sparse_attention(q, k, v, mask, block_size=bs, backend=name)  # noqa: E731
+                    try:
+                        o = fn()
+                        ms = _bench(fn, args.rep)
+                    except Exception as e:  # noqa: BLE001 - a backend failing is a result, the others go on
+                        row["refused"][name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                        continue
+                if ref is None and name == "triton":
+                    ref = o
+                elif ref is not None:
+                    row["rel_err_vs_triton"][name] = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
+                row["ms"][name] = ms
+                del o
+            if shape in bwd_shapes and kind in ("dense", "radial"):
+                row["fb_ms"] = {}
+                qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+                g = torch.randn_like(q)
+                for name in [n for n in names if n in ("triton", "fa4", "gluon", "flex")]:
+                    if name in row["refused"]:
+                        continue
+                    fb = lambda: block_sparse_attention(qg, kg, vg, mask, block_size=bs, backend=name).backward(g)  # noqa: E731
+                    try:
+                        fb()
+                        row["fb_ms"][name] = _bench(fb, args.rep, [qg, kg, vg])
+                    except Exception as e:  # noqa: BLE001
+                        row["refused"][name + "_fwd_bwd"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                del qg, kg, vg, g
+            rows.append(row)
+            _emit(row, args.jsonl)
+            print(_fmt_compare(row), flush=True)
+            del mask, ref
+        del q, k, v
+        torch.cuda.empty_cache()
+    print(render_compare(rows, args))
+    if args.tune:
+        table = tune_table(rows, args)
+        path = args.tune_out or str(registry.tuned_dir() / f"{registry.device_kind(torch.cuda.get_device_name())}.json")
+        write_json(table, path, indent=1)
+        print(f"wrote {path}: " + ", ".join(f"{k}: {v['order']}" for k, v in table["ops"]["block_sparse"].items()))
+    return 0
+
+
+def _fmt_compare(r: dict) -> str:
+    ms = " ".join(f"{n} {t:.3f}" for n, t in r["ms"].items())
+    s = f"{r['shape']:8s} {r['mask']:6s} d={r['density']:.3f} floor {r['flop_floor_ms']:.3f} ms | {ms}"
+    if r.get("fb_ms"):
+        s += " | fwd+bwd " + " ".join(f"{n} {t:.3f}" for n, t in r["fb_ms"].items())
+    if r["refused"]:
+        s += " | refused " + "; ".join(f"{n}: {w[:60]}" for n, w in r["refused"].items())
+    return s
+
+
+def tune_table(rows: list[dict], args: argparse.Namespace) -> dict:
+    """The registry's table: backends ordered by the geometric mean of (time / fastest time) over the cases each
+    ran (a backend must have run at least half of them). One row per dtype/head dim/block size: the choice cannot
+    depend on the density without a host sync, so the order is the one that is best over the measured densities."""
+    from ..kernels import backends as registry
+
+    counts: dict[str, list[float]] = {}
+    for r in rows:
+        ours = {n: t for n, t in r["ms"].items() if n != "cudnn"}
+        if not ours:
+            continue
+        best = min(ours.values())
+        for n, t in ours.items():
+            counts.setdefault(n, []).append(math.log(t / best))
+    n_cases = sum(1 for r in rows if any(n != "cudnn" for n in r["ms"]))
+    score = {n: math.exp(sum(v) / len(v)) for n, v in counts.items() if len(v) * 2 >= n_cases}
+    order = sorted(score, key=score.get)
+    key = f"{args.dtype}/d{args.head_dim}/b{args.block_size}"
+    return {
+        "device": torch.cuda.get_device_name(),
+        "generated_by": "diffattn bench kernels --tune " + " ".join(sys.argv[1:]),
+        "env": env_line(),
+        "ops": {"block_sparse": {key: {"order": order, "geomean_time_vs_fastest": score, "cases": n_cases,
+                                       "shapes": args.shapes, "masks": args.masks, "densities": args.densities}}},
+        "note": "order = fastest first over the measured cases; portable triton stays the fallback (backends.py)",
+    }
+
+
+def render_compare(rows: list[dict], args: argparse.Namespace) -> str:
+    names: list[str] = []
+    for r in rows:
+        names += [n for n in r["ms"] if n not in names]
+    out = [f"{env_line()}; {args.dtype}, head dim {args.head_dim}, block {args.block_size}, batch 1; median of "
+           "`triton.testing.do_bench`. TF/s = effective (4·S²·D·H·density / time). FLOP floor = FLOPs / this run's "
+           f"measured bf16 matmul rate ({rows[0]['peak_tflops']:.0f} TFLOP/s); byte floor = q,k,v,o once / measured copy "
+           f"bandwidth ({rows[0]['bw_gbs']:.0f} GB/s)." if rows else "no rows", ""]
+    out.append("| shape | mask | density | FLOP floor ms | byte floor ms | " + " | ".join(f"{n} ms (TF/s)" for n in names)
+               + " | best | ours (triton) / fa4 | fa4 / (fa4 dense × d) |")
+    out.append("|---|---|---|---|---|" + "---|" * len(names) + "---|---|---|")
+    dense_fa4 = {r["shape"]: r["ms"].get("fa4") for r in rows if r["mask"] == "dense"}
+    for r in rows:
+        flops = 4 * r["tokens"] ** 2 * args.head_dim * r["heads"] * r["density"]
+        cells = [f"{r['ms'][n]:.3f} ({flops / r['ms'][n] * 1e-9:.0f})" if n in r["ms"] else "—" for n in names]
+        ours = {n: t for n, t in r["ms"].items() if n != "cudnn"}
+        best = min(ours, key=ours.get) if ours else "—"
+        ratio = f"{r['ms']['triton'] / r['ms']['fa4']:.2f}" if "triton" in r["ms"] and "fa4" in r["ms"] else "—"
+        fd = dense_fa4.get(r["shape"])
+        sc = f"{r['ms']['fa4'] / (fd * r['density']):.2f}" if fd and "fa4" in r["ms"] and r["mask"] != "dense" else "—"
+        out.append(f"| {r['shape']} | {r['mask']} | {r['density']:.3f} | {r['flop_floor_ms']:.3f} | "
+                   f"{r['byte_floor_ms']:.3f} | " + " | ".join(cells) + f" | {best} | {ratio} | {sc} |")
+    fb = [r for r in rows if r.get("fb_ms")]
+    if fb:
+        out += ["", "Forward + backward (fa4 and gluon: their forward, the Triton backward). Target: ≤ Flex.", ""]
+        fnames = [n for n in ("triton", "fa4", "gluon", "flex") if any(n in r["fb_ms"] for r in fb)]
+        out.append("| shape | mask | density | " + " | ".join(f"{n} ms" for n in fnames) + " | flex / triton |")
+        out.append("|---|---|---|" + "---|" * len(fnames) + "---|")
+        for r in fb:
+            f = r["fb_ms"]
+            ratio = f"{f['flex'] / f['triton']:.2f}" if "flex" in f and "triton" in f else "—"
+            out.append(f"| {r['shape']} | {r['mask']} | {r['density']:.3f} | "
+                       + " | ".join(f"{f[n]:.3f}" if n in f else "—" for n in fnames) + f" | {ratio} |")
+    refused = sorted({f"{n}: {w}" for r in rows for n, w in r["refused"].items()})
+    if refused:
+        out += ["", "Refused or failed: " + "; ".join(refused)]
+    return "\n".join(out) + "\n"

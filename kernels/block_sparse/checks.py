@@ -11,7 +11,6 @@ import math
 import torch
 
 from ..common import (
-    BACKENDS,
     check_dtype,
     check_extra_pair,
     check_head_dim,
@@ -38,13 +37,13 @@ def check_inputs(
     scale: float | None,
     extra_k: torch.Tensor | None,
     extra_v: torch.Tensor | None,
-    backend: str,
+    backend: str | None = None,
 ) -> None:
     """Validate all arguments; see `block_sparse_attention` for the accepted forms (the checks both front doors
-    share are `kernels.common`'s)."""
+    share are `kernels.common`'s). The dtype is checked against what any backend takes (float16/bfloat16/float32,
+    float64 on the PyTorch ones) unless `backend` names one; which backend takes which dtype is the registry's
+    business (`kernels/backends.py`)."""
     check_tensors(q=q, k=k, v=v, block_mask=block_mask)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_block_size(block_size)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:

@@ -1,26 +1,33 @@
-"""Front door: validation, backend choice, and the torch.library custom ops (forward, backward, autograd).
+"""Front door: validation, backend choice (the registry in `kernels/backends.py`), and the torch.library custom ops.
 
-Backends (`kernels.common`, the same vocabulary as `neighborhood_attention`):
-- None (default): "triton" where it runs (CUDA tensors, or CPU tensors when `TRITON_INTERPRET=1` was set before
-  triton was imported, which is how tests run the kernels without a GPU), "blocked" elsewhere.
-- "triton": the Triton kernels.
+Backends (declared with their capabilities in `kernels/backends.py`; `docs/backends.md` says how the choice is made):
+- None (default): the fastest capable backend of the device kind's measured table (`kernels/tuned/<kind>.json`),
+  else "triton" where it runs (CUDA tensors, or CPU tensors when `TRITON_INTERPRET=1` was set before triton was
+  imported, which is how tests run the kernels without a GPU), else "blocked".
+- "triton": our Triton kernels. "gluon": the Gluon (Hopper) forward when built. "fa4": FlashAttention-4's
+  CuTe-DSL block-sparse forward (optional extra `diffattn[fa4]`). Both reuse the Triton backward.
+- "flex": torch FlexAttention on the same block lists (its own backward).
 - "blocked": plain PyTorch, one query block at a time over its kept key blocks (`blocked.py`): the CPU path.
 - "reference": masked SDPA over the whole score matrix in plain PyTorch (`reference.py`): the ground truth.
 The environment variable `DIFFATTN_BLOCK_SPARSE_BACKEND` sets the backend used when `backend=None`.
 
-The Triton path is registered as `torch.ops.diffattn.block_sparse_attn_fwd/_bwd` (custom ops with fake impls and
-`register_autograd`), so `torch.compile` traces through it without a graph break, and a call does no host
-synchronisation (index lists are built on the device; kernel configs come from a table, not autotuning).
+The kernel path is registered as `torch.ops.diffattn.block_sparse_attn_fwd/_bwd` (custom ops with fake impls and
+`register_autograd`; the forward takes the implementation's name), so `torch.compile` traces through it without a
+graph break, and a call does no host synchronisation (index lists are built on the device; kernel configs come from
+a table, not autotuning).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
+import os
 
 import torch
 
-from ..common import BACKENDS, default_backend, interpreting, resolve_backend
+from .. import backends as registry
+from ..common import default_backend, interpreting
 from .blocked import block_sparse_attention_blocked
 from .checks import check_inputs, check_out_affine
 from .index import get_block_index
@@ -30,15 +37,84 @@ logger = logging.getLogger("diffattn")
 
 ENV_BACKEND = "DIFFATTN_BLOCK_SPARSE_BACKEND"
 
+OP = "block_sparse"
+#: every backend name `backend=` accepts (the registry's, in registration order)
+BACKENDS: tuple[str, ...] = registry.names(OP)
+#: backends that run inside the custom forward op (their out/lse feed the Triton backward)
+KERNEL_IMPLS = ("triton", "gluon", "fa4")
+
 __all__ = ["BACKENDS", "ENV_BACKEND", "block_sparse_attention", "default_backend"]
 
 
-def _resolve_backend(backend: str | None, q: torch.Tensor) -> str:
-    return resolve_backend(backend, q.device, ENV_BACKEND)
+def _request(q: torch.Tensor, block_size: int, return_lse: bool, has_extra: bool, has_epilogue: bool,
+             extra: tuple = ()) -> registry.Request:
+    return registry.make_request(OP, q, head_dim=q.shape[-1], block_size=block_size, need_lse=return_lse,
+                                 has_extra=has_extra, has_epilogue=has_epilogue, extra_tensors=extra)
+
+
+def _resolve_backend(backend: str | None, q: torch.Tensor, block_size: int = 128, return_lse: bool = False,
+                     has_extra: bool = False, has_epilogue: bool = False, extra: tuple = ()) -> str:
+    """The backend the registry picks for this call (forced ones raise with the reason)."""
+    return registry.choose(_request(q, block_size, return_lse, has_extra, has_epilogue, extra), backend)
+
+
+def _gluon():
+    """The Gluon forward module (written separately; imported by name so its absence is only a refusal)."""
+    return importlib.import_module(registry.GLUON_MODULE)
+
+
+def _gluon_reason(q, k, v, block_size, extra_k, need_lse) -> str | None:
+    return _gluon().unsupported_reason(q, k, v, block_size, extra_k, need_lse)
+
+
+def apply_epilogue(out: torch.Tensor, out_scale: torch.Tensor, out_bias: torch.Tensor, block_size: int) -> torch.Tensor:
+    """`out_scale[i] * out + out_bias[i]` per query block i, in plain torch (for backends without a fused one)."""
+    B, H, Sq, D = out.shape
+    nq = out_scale.shape[-1]
+    cdt = torch.float64 if out.dtype == torch.float64 else torch.float32
+    o = torch.nn.functional.pad(out.to(cdt), (0, 0, 0, nq * block_size - Sq)).view(B, H, nq, block_size, D)
+    o = o * out_scale.to(cdt)[..., None, None] + out_bias.to(cdt)[..., None, :]
+    return o.reshape(B, H, nq * block_size, D)[:, :, :Sq].to(out.dtype)
 
 
 def _last_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _fwd_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    extra_k: torch.Tensor | None,
+    extra_v: torch.Tensor | None,
+    block_size: int,
+    scale: float,
+    out_scale: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
+    impl: str = "triton",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) by `impl` ("triton", "gluon" or "fa4"); all three mean the same out and lse, so the Triton
+    backward serves each. The epilogue is fused in Triton and a torch pass after the others."""
+    index = get_block_index(block_mask)
+    ek = _last_contig(extra_k) if extra_k is not None else None
+    ev = _last_contig(extra_v) if extra_v is not None else None
+    qc, kc, vc = _last_contig(q), _last_contig(k), _last_contig(v)
+    if impl == "triton":
+        from . import triton_fwd
+
+        return triton_fwd.forward(qc, kc, vc, index.kv_idx, index.kv_cnt, block_size, scale, ek, ev,
+                                  interpret=interpreting(), out_scale=out_scale, out_bias=out_bias)
+    if impl == "fa4":
+        from . import fa4 as mod
+    elif impl == "gluon":
+        mod = _gluon()
+    else:
+        raise ValueError(f"impl must be one of {KERNEL_IMPLS}, got {impl!r}")
+    out, lse = mod.forward(qc, kc, vc, index.kv_idx, index.kv_cnt, block_size, scale, ek, ev)
+    if out_scale is not None and out_bias is not None:
+        out = apply_epilogue(out, out_scale, out_bias, block_size)
+    return out, lse
 
 
 @torch.library.custom_op("diffattn::block_sparse_attn_fwd", mutates_args=())
@@ -53,22 +129,24 @@ def _fwd_op(
     scale: float,
     out_scale: torch.Tensor | None = None,
     out_bias: torch.Tensor | None = None,
+    impl: str = "triton",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from . import triton_fwd
-
-    index = get_block_index(block_mask)
-    ek = _last_contig(extra_k) if extra_k is not None else None
-    ev = _last_contig(extra_v) if extra_v is not None else None
-    return triton_fwd.forward(
-        _last_contig(q), _last_contig(k), _last_contig(v), index.kv_idx, index.kv_cnt, block_size, scale, ek, ev,
-        interpret=interpreting(), out_scale=out_scale, out_bias=out_bias,
-    )
+    """The forward as a custom op (autograd and torch.compile see one opaque node); see `_fwd_impl`. The output
+    layout is fixed per impl, as the fake says: FA4 writes `[B, S, H, D]` memory (a transposed view, no copy), the
+    others `[B, H, S, D]`."""
+    out, lse = _fwd_impl(q, k, v, block_mask, extra_k, extra_v, block_size, scale, out_scale, out_bias, impl)
+    if impl == "fa4":
+        return out.transpose(1, 2).contiguous().transpose(1, 2), lse  # no copy when FA4's layout already
+    return out.contiguous(), lse.contiguous()
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, block_mask, extra_k, extra_v, block_size, scale, out_scale=None, out_bias=None):
+def _fwd_fake(q, k, v, block_mask, extra_k, extra_v, block_size, scale, out_scale=None, out_bias=None, impl="triton"):
     B, H, Sq, D = q.shape
-    return q.new_empty((B, H, Sq, D)), q.new_empty((B, H, Sq), dtype=torch.float32)
+    lse = q.new_empty((B, H, Sq), dtype=torch.float32)
+    if impl == "fa4":
+        return q.new_empty((B, Sq, H, D)).transpose(1, 2), lse
+    return q.new_empty((B, H, Sq, D)), lse
 
 
 @torch.library.custom_op("diffattn::block_sparse_attn_bwd", mutates_args=())
@@ -125,7 +203,7 @@ def _bwd_fake(do, dlse, q, k, v, out, lse, block_mask, extra_k, extra_v, block_s
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, block_mask, extra_k, extra_v, block_size, scale, out_scale, out_bias = inputs
+    q, k, v, block_mask, extra_k, extra_v, block_size, scale, out_scale, out_bias, _impl = inputs
     out, lse = output
     ctx.block_size = block_size
     ctx.scale = scale
@@ -146,7 +224,7 @@ def _backward(ctx, grad_out, grad_lse):
         dek = dev = None
     if out_scale is None:
         dscale = dbias = None
-    return dq, dk, dv, None, dek, dev, None, None, dscale, dbias
+    return dq, dk, dv, None, dek, dev, None, None, dscale, dbias, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -182,10 +260,11 @@ def block_sparse_attention(
             (text tokens), with no mask; fused into the same softmax.
         return_lse: also return the log-sum-exp (natural log, float32 `[B, H, Sq]`), for merging partial results
             with `merge_attention_states`. It is differentiable.
-        backend: None (default: Triton on CUDA or under TRITON_INTERPRET=1, "blocked" elsewhere; the env var
-            `DIFFATTN_BLOCK_SPARSE_BACKEND` overrides this default), "triton", "blocked" (plain PyTorch, one query
-            block at a time over its kept key blocks: the CPU path) or "reference" (plain PyTorch over the whole
-            masked score matrix: the ground truth).
+        backend: None (default: the fastest capable backend of this device kind's measured table, else Triton on
+            CUDA or under TRITON_INTERPRET=1, else "blocked"; the env var `DIFFATTN_BLOCK_SPARSE_BACKEND` overrides
+            this default), or one of "triton", "gluon", "fa4", "flex", "blocked" (plain PyTorch, one query block at
+            a time: the CPU path), "reference" (the whole masked score matrix: the ground truth). A forced backend
+            that cannot run the call raises `ValueError` with the reason (`diffattn.kernels.backends`).
         out_scale, out_bias: optional per-query-block epilogue, `[B or 1, H or 1, nq]` and `[B or 1, H or 1, nq, D]`
             (given together): query block i writes `out_scale[i] * attention + out_bias[i]`, fused into the kernel's
             output store (Rectified SpaAttn's `R * O_spa + C`). Differentiable in all inputs; lse is unchanged.
@@ -196,9 +275,20 @@ def block_sparse_attention(
     Returns:
         out `[B, H, Sq, D]` in q's dtype, or `(out, lse)` if `return_lse`.
     """
-    name = _resolve_backend(backend, q)
-    check_inputs(q, k, v, block_mask, block_size, scale, extra_k, extra_v, name)
+    check_inputs(q, k, v, block_mask, block_size, scale, extra_k, extra_v, None)
     check_out_affine(out_scale, out_bias, q, block_size)
+    if extra_k is not None and extra_k.shape[2] == 0:
+        extra_k = extra_v = None
+    has_extra, has_epi = extra_k is not None, out_scale is not None
+    req = _request(q, block_size, return_lse, has_extra, has_epi, (k, v, extra_k, extra_v, out_scale, out_bias))
+    name = registry.choose(req, backend)
+    if name == "gluon":  # its own per-call check needs the tensors (strides, lengths)
+        reason = _gluon_reason(q, k, v, block_size, extra_k, return_lse or req.need_grad)
+        if reason:
+            if backend is not None or os.environ.get(ENV_BACKEND, "").strip():
+                raise registry.BackendUnavailable(f"backend='gluon' cannot run this block_sparse call: {reason}")
+            registry.debug("block_sparse backend gluon refused: %s", reason)
+            name = registry.choose(req, None, exclude=frozenset({"gluon"}))
     affine = {}
     if out_scale is not None:
         B, H, _, D = q.shape
@@ -207,8 +297,6 @@ def block_sparse_attention(
         affine = dict(out_scale=out_scale.to(adt).expand(B, H, nq), out_bias=out_bias.to(adt).expand(B, H, nq, D))
     D = q.shape[-1]
     scale_f = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if extra_k is not None and extra_k.shape[2] == 0:
-        extra_k = extra_v = None
     if name == "reference":
         out, lse = block_sparse_attention_reference(
             q, k, v, block_mask, block_size=block_size, scale=scale_f, extra_k=extra_k, extra_v=extra_v, **affine
@@ -218,7 +306,17 @@ def block_sparse_attention(
             q, k, v, block_mask, block_size=block_size, scale=scale_f, extra_k=extra_k, extra_v=extra_v,
             need_lse=return_lse, **affine,
         )
+    elif name == "flex":
+        from . import flex
+
+        index = get_block_index(block_mask)
+        out, lse = flex.forward(q, k, v, block_mask, index.kv_idx, index.kv_cnt, block_size, scale_f, extra_k, extra_v)
+        if affine:
+            out = apply_epilogue(out, affine["out_scale"], affine["out_bias"], block_size)
     else:
-        out, lse = _fwd_op(q, k, v, block_mask, extra_k, extra_v, block_size, scale_f, affine.get("out_scale"),
-                           affine.get("out_bias"))
+        # No gradient and no tracing: call the implementation directly (the custom op's dispatch is host time
+        # for nothing there); otherwise the op, for autograd and torch.compile.
+        fwd = _fwd_impl if not req.need_grad and not torch.compiler.is_compiling() else _fwd_op
+        out, lse = fwd(q, k, v, block_mask, extra_k, extra_v, block_size, scale_f, affine.get("out_scale"),
+                       affine.get("out_bias"), name)
     return (out, lse) if return_lse else out

@@ -7,8 +7,8 @@ default off CUDA); `neighborhood_attention_reference` the ground truth;
 """
 
 from .blocked import neighborhood_attention_blocked
-from .checks import BACKENDS, NAParams, normalize_params
-from .functional import ENV_BACKEND, default_backend, get_plan, neighborhood_attention
+from .checks import NAParams, normalize_params
+from .functional import BACKENDS, ENV_BACKEND, default_backend, get_plan, neighborhood_attention
 from .raster import grid_neighborhood_attention
 from .reference import neighborhood_attention_reference, neighborhood_mask
 from .simulator import GNASimulation, StrideProposal, propose_stride, simulate

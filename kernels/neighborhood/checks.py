@@ -15,7 +15,6 @@ IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
 
 from ..common import (
-    BACKENDS,
     check_dtype,
     check_extra_pair,
     check_head_dim,
@@ -24,7 +23,7 @@ from ..common import (
     check_tensors,
 )
 
-__all__ = ["BACKENDS", "NAParams", "check_qkv", "normalize_params", "spatial_shape"]
+__all__ = ["NAParams", "check_qkv", "normalize_params", "spatial_shape"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ def check_qkv(
     extra_k: torch.Tensor | None,
     extra_v: torch.Tensor | None,
     scale: float | None,
-    backend: str = "triton",
+    backend: str | None = None,
 ) -> None:
     """Check layouts `[B, *spatial, H, D]` (1-3 spatial axes), dtypes (those of `backend`; float64 only on the
     PyTorch backends), devices, head dim and the extra keys (the checks both front doors share are

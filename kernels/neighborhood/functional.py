@@ -1,7 +1,9 @@
-"""Front door: `neighborhood_attention` validates once, picks the backend, and wires autograd.
+"""Front door: `neighborhood_attention` validates once, picks the backend through the registry
+(`kernels/backends.py`, op "neighborhood"), and wires autograd.
 
-Backends (`kernels.common`, the same vocabulary as `block_sparse_attention`): None = auto ("triton" where it runs,
-"blocked" elsewhere; `DIFFATTN_NEIGHBORHOOD_BACKEND` sets it), "triton", "blocked", "reference".
+Backends: None = auto (the device kind's measured table, else "triton" where it runs, else "blocked";
+`DIFFATTN_NEIGHBORHOOD_BACKEND` sets it), "triton", "fa4" (declared; refuses with its reason until the
+tile-permuted block-sparse route is wired up), "blocked", "reference".
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from ..common import BACKENDS, check_tensors, default_backend, resolve_backend, run_with_fallbacks
+from .. import backends as registry
+from ..common import check_tensors, default_backend, run_with_fallbacks
 from .blocked import neighborhood_attention_blocked
 from .checks import check_qkv, normalize_params, spatial_shape
 from .reference import neighborhood_attention_reference
@@ -22,6 +25,9 @@ from .tiling import Plan, make_plan, resolve_tiles
 logger = logging.getLogger("diffattn")
 
 ENV_BACKEND = "DIFFATTN_NEIGHBORHOOD_BACKEND"
+OP = "neighborhood"
+#: every backend name `backend=` accepts (the registry's)
+BACKENDS: tuple[str, ...] = registry.names(OP)
 
 __all__ = ["BACKENDS", "ENV_BACKEND", "default_backend", "get_plan", "neighborhood_attention"]
 
@@ -151,8 +157,9 @@ def neighborhood_attention(
     float32 `[B, *spatial, H]`. Differentiable (Triton backward); a torch.library custom op
     (`diffattn::neighborhood_attn_fwd`/`_bwd`), so torch.compile(fullgraph=True) traces through it.
 
-    backend: None (Triton on CUDA, or on CPU under TRITON_INTERPRET=1; otherwise "blocked"; the env var
-    `DIFFATTN_NEIGHBORHOOD_BACKEND` overrides this default), "triton", "blocked"
+    backend: None (the device kind's measured table, else Triton on CUDA or on CPU under TRITON_INTERPRET=1,
+    else "blocked"; the env var `DIFFATTN_NEIGHBORHOOD_BACKEND` overrides this default; `kernels/backends.py`),
+    "triton", "fa4" (declared, refuses until wired up), "blocked"
     (plain PyTorch, one query tile at a time over the box of keys it can see: the CPU path, differentiable by
     autograd) or "reference" (dense `[N, N]` mask, small problems only; the ground truth).
     q_tile/kv_tile: override the Triton tile shapes (powers of two, at least 16 tokens per tile; default: chosen by
@@ -164,8 +171,13 @@ def neighborhood_attention(
     ever made.
     """
     check_tensors(q=q, k=k, v=v)
-    backend = resolve_backend(backend, q.device, ENV_BACKEND)
-    check_qkv(q, k, v, extra_k, extra_v, scale, backend)
+    if backend is not None:
+        registry.check_name(OP, backend)
+    check_qkv(q, k, v, extra_k, extra_v, scale, None)
+    has_extra = extra_k is not None and extra_k.shape[1] > 0
+    req = registry.make_request(OP, q, head_dim=q.shape[-1], need_lse=return_lse, has_extra=has_extra,
+                                extra_tensors=(k, v, extra_k, extra_v))
+    backend = registry.choose(req, backend)
     shape = spatial_shape(q)
     params = normalize_params(shape, kernel_size, stride, dilation, is_causal)
     if backend == "reference":
