@@ -168,3 +168,9 @@ def test_triton_kernels_under_interpreter():
     """Runs tests/test_rectified_triton.py in a fresh process with TRITON_INTERPRET=1."""
     pytest.importorskip("triton")
     run_under_interpreter("test_rectified_triton.py", allow_skips=True)
+
+
+def test_selection_kernels_under_interpreter():
+    """Runs tests/test_rectified_select.py (Triton selection vs its PyTorch path) with TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    run_under_interpreter("test_rectified_select.py")
