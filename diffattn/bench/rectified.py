@@ -56,6 +56,7 @@ def layer_analysis(q, k, v, grid: tuple[int, int, int], settings: dict[str, Any]
     from ..kernels import block_sparse_attention
     from ..kernels.block_sparse import build_block_index
     from ..masks import reorder
+    from ..kernels.rectified_select import block_pool
     from ..methods.rectified import rectified_attention, rectified_plan, threshold_select
     from .harness import median_ms
 
@@ -106,6 +107,12 @@ def layer_analysis(q, k, v, grid: tuple[int, int, int], settings: dict[str, Any]
                 qp, kp, vp, plan.block_mask, block_size=bs, scale=scale, extra_k=ek, extra_v=ev), warmup=25, rep=100),
             "plan_ms": median_ms(lambda: rectified_plan(qp, kp, vp, **kw), warmup=25, rep=100),
             "plan_no_gapr_ms": median_ms(lambda: rectified_plan(qp, kp, vp, **{**kw, "gapr": False}), warmup=25, rep=100),
+            "plan_torch_threshold_ms": median_ms(lambda: rectified_plan(qp, kp, vp, selection="threshold", **kw),
+                                                 warmup=10, rep=50),
+            "plan_torch_sort_ms": median_ms(lambda: rectified_plan(qp, kp, vp, selection="sort", **kw),
+                                            warmup=10, rep=50),
+            "pool_ms": median_ms(lambda: [block_pool(x, bs, with_mad=m) for x, m in ((qp, True), (kp, True), (vp, False))],
+                                 warmup=10, rep=50),
             "threshold_ms": median_ms(lambda: threshold_select(plan.probs, settings["tau"] - plan.text_mass, 1),
                                       warmup=25, rep=100),
             "sort_select_ms": median_ms(sort_select, warmup=25, rep=100),
@@ -115,6 +122,11 @@ def layer_analysis(q, k, v, grid: tuple[int, int, int], settings: dict[str, Any]
                 q, k, v, rmask[None, None], block_size=bs, scale=scale, extra_k=ek, extra_v=ev), warmup=25, rep=100),
         }
         t["selection_share"] = (t["plan_ms"] + t["index_ms"]) / t["kernel_ms"]
+        with torch.no_grad():  # plans agree: Triton vs the PyTorch path on these activations
+            other = rectified_plan(qp, kp, vp, selection="threshold", **kw)
+        out["plans_equal"] = bool(torch.equal(other.block_mask, plan.block_mask))
+        out["plans_mask_diff_share"] = (other.block_mask != plan.block_mask).float().mean().item()
+        out["plans_r_maxdiff"] = (other.out_scale - plan.out_scale).abs().max().item()
         out["times"] = t
     return out
 
@@ -132,6 +144,153 @@ class _Capture:
         return self.method.attend(call)
 
 
+BLOCK_LISTS = ("blocks", "transformer_blocks", "single_transformer_blocks")
+
+
+_LAYER_KEYS = {"blocks": "num_layers", "transformer_blocks": "num_layers", "single_transformer_blocks": "num_single_layers"}
+
+
+def build_reduced(name: str, device: str, layers: tuple[int, ...] | None):
+    """`step.build_model`, or with `layers` = blocks per block list (Wan: (n,), HunyuanVideo: (dual, single)) the same
+    config with fewer blocks (random weights: every block costs the same). Returns (model, full block counts)."""
+    from . import step as step_bench
+    from .models import MODELS
+
+    spec = MODELS[name]
+    lists = ["blocks"] if spec["class"] == "WanTransformer3DModel" else ["transformer_blocks", "single_transformer_blocks"]
+    full = {n: int(spec["config"][_LAYER_KEYS[n]]) for n in lists}
+    if layers is None:
+        return step_bench.build_model(name, device), full
+    if len(layers) != len(lists):
+        raise ValueError(f"--layers needs {len(lists)} counts for {name} ({', '.join(lists)}), got {layers}")
+    cfg = dict(spec["config"])
+    for n, keep in zip(lists, layers):
+        if not 1 <= keep <= full[n]:
+            raise ValueError(f"--layers: {n} has {full[n]} blocks, cannot keep {keep}")
+        cfg[_LAYER_KEYS[n]] = keep
+    tmp = f"{name}@{','.join(map(str, layers))}"
+    MODELS[tmp] = {**spec, "config": cfg}
+    try:
+        return step_bench.build_model(tmp, device), full
+    finally:
+        del MODELS[tmp]
+
+
+class _BlockTimer:
+    """CUDA events around every transformer block (forward hooks), grouped by block list."""
+
+    def __init__(self, model) -> None:
+        self.events: list[tuple[str, Any, Any]] = []
+        self.handles = []
+        for n in BLOCK_LISTS:
+            for blk in getattr(model, n, []):
+                self.handles.append(blk.register_forward_pre_hook(self._pre(n)))
+                self.handles.append(blk.register_forward_hook(self._post()))
+        self._open: list = []
+
+    def _pre(self, n):
+        def hook(mod, args):
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self._open.append((n, e))
+        return hook
+
+    def _post(self):
+        def hook(mod, args, out):
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            n, s = self._open.pop()
+            self.events.append((n, s, e))
+        return hook
+
+    def collect(self) -> dict[str, list[float]]:
+        torch.cuda.synchronize()
+        per: dict[str, list[float]] = {}
+        for n, s, e in self.events:
+            per.setdefault(n, []).append(s.elapsed_time(e) / 1e3)
+        self.events.clear()
+        return per
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _TypedAttentionTimer:
+    """CUDA events around every self/joint attention call, keyed by the block list of the calling layer."""
+
+    def __init__(self, method, kinds: list[tuple[str, int]]) -> None:
+        self.method, self.kinds, self.name = method, kinds, getattr(method, "name", "?")
+        self.events: list[tuple[str, Any, Any]] = []
+
+    def kind(self, index: int) -> str:
+        for n, count in self.kinds:
+            if index < count:
+                return n
+            index -= count
+        return self.kinds[-1][0]
+
+    def attend(self, call):
+        if call.role not in ("self", "joint"):
+            return self.method.attend(call)
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        out = self.method.attend(call)
+        e.record()
+        self.events.append((self.kind(call.layer.index), s, e))
+        return out
+
+    def collect(self) -> dict[str, float]:
+        torch.cuda.synchronize()
+        per: dict[str, float] = {}
+        for n, s, e in self.events:
+            per[n] = per.get(n, 0.0) + s.elapsed_time(e) / 1e3
+        self.events.clear()
+        return per
+
+
+def scaled_step(model, inputs, variant: str, method: str, options: dict, full: dict[str, int],
+                repeats: int = 1) -> dict[str, Any]:
+    """One forward (after one warm-up) of a possibly reduced model, and the full model's step derived from it:
+    step_full = step - sum(block times) + sum over block lists of (mean block time x full count); self-attention
+    likewise (mean per block of each list x full count). Exact when the model is not reduced."""
+    import diffattn
+
+    from . import step as step_bench
+
+    diffattn.apply(model, "dense" if variant.startswith("dense") else method, **({} if variant.startswith("dense") else options))
+    kinds = [(n, len(getattr(model, n))) for n in BLOCK_LISTS if hasattr(model, n)]
+    timer = _TypedAttentionTimer(diffattn.api.installed(model).runtime, kinds)
+    diffattn.api.replace_runtime(model, timer)
+    blocks = _BlockTimer(model)
+    runs = []
+    try:
+        with torch.no_grad(), step_bench.sdpa_backend("cudnn"):
+            for i in range(repeats + 1):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model(**inputs, return_dict=False)
+                torch.cuda.synchronize()
+                el = time.perf_counter() - t0
+                per_block, attn = blocks.collect(), timer.collect()
+                if i:
+                    runs.append((el, per_block, attn))
+    finally:
+        blocks.remove()
+        diffattn.remove(model)
+    el, per_block, attn = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+    outside = el - sum(sum(v) for v in per_block.values())
+    step_full = outside + sum(sum(v) / len(v) * full[n] for n, v in per_block.items())
+    attn_full = sum(attn.get(n, 0.0) / len(per_block[n]) * full[n] for n in per_block)
+    return {
+        "variant": variant, "measured_step_s": el, "measured_attention_s": sum(attn.values()),
+        "blocks_timed": {n: len(v) for n, v in per_block.items()}, "blocks_full": full,
+        "mean_block_s": {n: sum(v) / len(v) for n, v in per_block.items()},
+        "attention_per_block_s": {n: attn.get(n, 0.0) / len(per_block[n]) for n in per_block},
+        "outside_blocks_s": outside, "step_s": step_full, "attention_s": attn_full,
+    }
+
+
 def step_section(args, report: dict[str, Any], device: str) -> None:
     import diffattn
     from diffattn.adapters import family_of
@@ -139,13 +298,14 @@ def step_section(args, report: dict[str, Any], device: str) -> None:
     from . import step as step_bench
     from .harness import write_json
 
-    model = step_bench.build_model(args.model, device)
+    model, full = build_reduced(args.model, device, args.layers)
     family = family_of(model).name
     inputs = step_bench.make_inputs(args.model, args.shape, device)
     runtime = diffattn.registry.build_method("rectified")
     s = runtime.settings(family, model)
-    entry: dict[str, Any] = {"model": args.model, "shape": "x".join(map(str, args.shape)), "settings": s}
-    report["step"] = entry
+    entry: dict[str, Any] = {"model": args.model, "shape": "x".join(map(str, args.shape)), "settings": s,
+                             "layers_timed": list(args.layers) if args.layers else None}
+    report.setdefault("steps", {})[args.model] = entry
     # one forward with dense attention, capturing a layer's q/k/v for the kernel-level analysis
     diffattn.apply(model, "dense")
     cap = _Capture(diffattn.api.installed(model).runtime, args.layer)
@@ -170,14 +330,14 @@ def step_section(args, report: dict[str, Any], device: str) -> None:
     del q, k, v
     torch.cuda.empty_cache()
     results = {}
-    results["dense-cudnn"] = vars(step_bench.time_step(model, inputs, "dense-cudnn", args.repeats, "rectified", {}))
+    results["dense-cudnn"] = scaled_step(model, inputs, "dense-cudnn", "rectified", {}, full, args.repeats)
     write_json(report, args.json)
-    results["rectified"] = vars(step_bench.time_step(model, inputs, "rectified", args.repeats, "rectified",
-                                                     {"dense_timesteps": 0}))
+    results["rectified"] = scaled_step(model, inputs, "rectified", "rectified", {"dense_timesteps": 0}, full,
+                                       args.repeats)
     write_json(report, args.json)
     decay = entry["layer"]["radial_decay"]
-    results["radial"] = vars(step_bench.time_step(model, inputs, "radial", args.repeats, "radial",
-                                                  {"dense_timesteps": 0, "decay_factor": decay}))
+    results["radial"] = scaled_step(model, inputs, "radial", "radial", {"dense_timesteps": 0, "decay_factor": decay},
+                                    full, args.repeats)
     entry["results"] = results
     radial_s = diffattn.registry.build_method("radial", decay_factor=decay).settings(family)
     warm = {"dense-cudnn": 0, "rectified": s["dense_timesteps"], "radial": radial_s["dense_timesteps"]}
@@ -185,6 +345,8 @@ def step_section(args, report: dict[str, Any], device: str) -> None:
     entry["projected_s"] = {k: warm[k] * d + (args.steps - warm[k]) * r["step_s"] for k, r in results.items()}
     entry["matched_density"] = density
     print(json.dumps({k: (r["step_s"], r["attention_s"]) for k, r in results.items()}), flush=True)
+    del model
+    torch.cuda.empty_cache()
 
 
 def attn_section(args, report: dict[str, Any], device: str) -> None:
@@ -214,11 +376,22 @@ def attn_section(args, report: dict[str, Any], device: str) -> None:
     print(json.dumps(report["attention"]), flush=True)
 
 
+def _parse_layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated block counts, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .step import parse_shape
 
     p = argparse.ArgumentParser(prog="diffattn bench rectified", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="wan2.1-14b", help="full-step model (diffattn.bench.models), or 'none'")
+    p.add_argument("--model", default="wan2.1-14b", help="full-step model(s) (diffattn.bench.models), comma-separated, "
+                   "or 'none'")
+    p.add_argument("--layers", type=_parse_layers, default=None,
+                   help="time only the first N blocks of each block list (Wan: N; HunyuanVideo: DUAL,SINGLE) and "
+                   "derive the full step from per-block times (see scaled_step)")
     p.add_argument("--shape", type=parse_shape, default=(720, 1280, 81))
     p.add_argument("--layer", type=int, default=10, help="layer whose q/k/v the kernel-level analysis uses")
     p.add_argument("--repeats", type=int, default=1)
@@ -246,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
             write_json(report, args.json)
             torch.cuda.empty_cache()
         if args.model != "none":
-            step_section(args, report, "cuda")
+            for name in args.model.split(","):
+                step_section(argparse.Namespace(**{**vars(args), "model": name}), report, "cuda")
+                write_json(report, args.json)
     finally:
         write_json(report, args.json)
     return 0
