@@ -7,9 +7,9 @@ Per call (q `[B, H, Sq, D]`, k/v `[B, H, Sk, D]`, block size b, nq/nk blocks, op
 1. `block_pool` (Triton, one program per (block, batch*head)): the mean of each block over its real tokens (a short
    last block is averaged over its n_j tokens) and, for GAPR, the mean absolute deviation from it (a D-vector).
    The block is read once into registers; q, k, v are read once in their own dtype (no float32 copies).
-2. Three small cuBLAS bmm's in float32 (IEEE; `allow_tf32` is switched off around them): pooled logits
-   `qm km^T`, GAPR's error terms `|dq km^T| + |qm dk^T|`, and the text scores `qm ek^T`; they are
-   `[B*H, nq, nk]`, a few MiB.
+2. Small cuBLAS bmm's in float32: pooled logits `qm km^T`, GAPR's error terms `|dq km^T| + |qm dk^T|`, and the
+   text scores `qm ek^T`, `[B*H, nq, nk]` (tens of MiB). They follow PyTorch's global TF32 setting (IEEE by
+   default); the flag is not switched here because mixing its legacy and new APIs raises in torch >= 2.9.
 3. `_select_rows` (Triton, one program per `BM` query-block rows of one (batch, head), the whole key row in
    registers): `softmax(scale * logit + ln n_j)` with the valid text keys token-level in the same softmax, the text
    mass, the kept set by an exact bisection on the float32 bit pattern of the threshold (32 row reductions in
@@ -27,7 +27,6 @@ The bisection is 32 x (compare + two row sums) over 40 x 591 x 1024 registers (~
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -124,22 +123,9 @@ def sorted_select(probs: torch.Tensor, budget: torch.Tensor, k_min: int) -> torc
     return (probs >= thr) & (n > 0)[..., None]
 
 
-@contextlib.contextmanager
-def _ieee_matmul():
-    """float32 matmuls in IEEE precision (no TF32) for the pooled map: the selection must not depend on a global
-    TF32 switch someone else flipped (TF32's 10-bit mantissa moves pooled logits by ~1e-3)."""
-    flag = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = flag
-
-
 def _pooled_scores(qm, km, extra_k, scale):
-    with _ieee_matmul():
-        logits = torch.matmul(qm, km.transpose(-1, -2))
-        st = torch.matmul(qm, extra_k.to(qm.dtype).transpose(-1, -2)) if extra_k is not None else None
+    logits = torch.matmul(qm, km.transpose(-1, -2))
+    st = torch.matmul(qm, extra_k.to(qm.dtype).transpose(-1, -2)) if extra_k is not None else None
     return logits, st
 
 
@@ -174,16 +160,14 @@ def rectified_select_torch(
         if forced_blocks is not None:
             keep = keep | forced_blocks.to(q.device, torch.bool)
         if gapr:
-            with _ieee_matmul():
-                err = torch.matmul(dq, km.transpose(-1, -2)).abs() + torch.matmul(qm, dk.transpose(-1, -2)).abs()
+            err = torch.matmul(dq, km.transpose(-1, -2)).abs() + torch.matmul(qm, dk.transpose(-1, -2)).abs()
             unsafe = (logits.abs() <= err) & ~keep
         else:
             unsafe = torch.zeros_like(keep)
         comp = ~(keep | unsafe)
     pc = probs * comp
     out_scale = 1.0 - pc.sum(-1)
-    with _ieee_matmul():
-        out_bias = torch.matmul(pc, vm)
+    out_bias = torch.matmul(pc, vm)
     return Selection(keep, unsafe, out_scale, out_bias, probs, text_mass)
 
 
@@ -348,12 +332,11 @@ def rectified_select(
     vm, _ = block_pool(v, block_size)
     nq, nk = qm.shape[2], km.shape[2]
     T = extra_k.shape[2] if extra_k is not None else 0
-    with _ieee_matmul():
-        logits = torch.matmul(qm, km.transpose(-1, -2))
-        err = None
-        if gapr:
-            err = torch.matmul(dq, km.transpose(-1, -2)).abs_().add_(torch.matmul(qm, dk.transpose(-1, -2)).abs_())
-        ts = torch.matmul(qm, extra_k.float().transpose(-1, -2)).contiguous() if T else None
+    logits = torch.matmul(qm, km.transpose(-1, -2))
+    err = None
+    if gapr:
+        err = torch.matmul(dq, km.transpose(-1, -2)).abs_().add_(torch.matmul(qm, dk.transpose(-1, -2)).abs_())
+    ts = torch.matmul(qm, extra_k.float().transpose(-1, -2)).contiguous() if T else None
     if T:
         tvalid = (extra_mask.to(dev) if extra_mask is not None else torch.ones(B, T, dtype=torch.bool, device=dev))
         tvalid = tvalid.to(torch.int8).contiguous()
@@ -384,6 +367,5 @@ def rectified_select(
             BM=bm, NKP=nkp, TP=_next_pow2(max(T, 1)), BLOCK_SIZE=block_size,
             HAS_TEXT=T > 0, HAS_FORCED=fb is not None, GAPR=gapr, num_warps=8 if nkp * bm >= 4096 else 4,
         )
-    with _ieee_matmul():
-        out_bias = torch.matmul(pc, vm)
+    out_bias = torch.matmul(pc, vm)
     return Selection(keep.view(torch.bool), unsafe.view(torch.bool), r, out_bias, probs, tmass)
