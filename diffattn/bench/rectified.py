@@ -50,7 +50,7 @@ def radial_matching(frames: int, tokens_per_frame: int, density: float, block_si
 
 
 def layer_analysis(q, k, v, grid: tuple[int, int, int], settings: dict[str, Any], *, timing: bool,
-                   ek=None, ev=None, scale=None) -> dict[str, Any]:
+                   ek=None, ev=None, scale=None, oracle_heads: int | None = 0) -> dict[str, Any]:
     """Errors vs dense (and, on CUDA, times) of rectified, plain top-p and radial at matched density for one
     layer's raster-order q/k/v `[B, H, S, D]` (video tokens) plus optional text keys."""
     from ..kernels import block_sparse_attention
@@ -91,6 +91,10 @@ def layer_analysis(q, k, v, grid: tuple[int, int, int], settings: dict[str, Any]
         "err_rectified": rel_err(rect, dense), "err_rectified_no_gapr": rel_err(nogapr, dense),
         "err_topp_plain": rel_err(plain, dense), "err_radial": rel_err(radial, dense),
     }
+    if oracle_heads != 0:
+        with torch.no_grad():
+            plain_plan = rectified_plan(qp, kp, vp, **{**kw, "gapr": False})
+        out["oracle"] = oracle_analysis(qp, kp, vp, plain_plan, bs, scale, ek, ev, heads=oracle_heads)
     if timing and q.is_cuda:
         def sort_select():
             p = plan.probs
@@ -129,6 +133,74 @@ def layer_analysis(q, k, v, grid: tuple[int, int, int], settings: dict[str, Any]
         out["plans_r_maxdiff"] = (other.out_scale - plan.out_scale).abs().max().item()
         out["times"] = t
     return out
+
+
+def oracle_analysis(qp, kp, vp, plan, bs: int, scale: float | None, ek=None, ev=None, heads: int | None = None,
+                    chunk_blocks: int = 16) -> dict[str, float]:
+    """What per-query-block rectification could reach with exact numbers, and how close the pooled estimate is.
+
+    In the selection's token order, on the kept set of `plan` (a plan with GAPR off, so R and C are the pure pooled
+    estimates): the exact token-level attention p gives, per query token, the kept mass rho and the dropped term
+    n = sum_dropped p v; dense = rho * o_topp + n exactly. The method applies one R and one C per query *block*, so
+    its best case is the block oracle `mean_block(rho) * o_topp + mean_block(n)`. Returns errors vs dense (Frobenius,
+    over the heads used) of top-p, the block oracle and the pooled rectification, and the estimates' errors:
+    dropped mass (1 - R) pooled vs exact (block means), and C pooled vs exact."""
+    B, H, S, D = qp.shape
+    heads = H if heads is None else min(H, heads)
+    sc = (1.0 / math.sqrt(D)) if scale is None else scale
+    nb = plan.block_mask.shape[2]
+    sq = {"dense": 0.0, "topp": 0.0, "oracle": 0.0, "pooled": 0.0}
+    drop_true, drop_pooled, c_err, c_norm = [], [], 0.0, 0.0
+    with torch.no_grad():
+        for b in range(B):
+            for h in range(heads):
+                kk = kp[b, h].float()
+                vv = vp[b, h].float()
+                if ek is not None:
+                    kk, vv = torch.cat([kk, ek[b, h].float()]), torch.cat([vv, ev[b, h].float()])
+                T = kk.shape[0] - S
+                for i0 in range(0, nb, chunk_blocks):
+                    i1 = min(nb, i0 + chunk_blocks)
+                    q = qp[b, h, i0 * bs:min(S, i1 * bs)].float()
+                    p = torch.softmax(q @ kk.T * sc, -1)
+                    blk = torch.arange(q.shape[0], device=q.device) // bs + i0
+                    keep = plan.block_mask[b, h, blk].repeat_interleave(bs, -1)[:, :S]
+                    if T:
+                        keep = torch.cat([keep, keep.new_ones(q.shape[0], T)], -1)
+                    pk = p * keep
+                    rho = pk.sum(-1, keepdim=True)
+                    o_topp = (pk @ vv) / rho.clamp_min(1e-30)
+                    n_drop = (p * ~keep) @ vv
+                    dense = p @ vv
+                    loc = blk - i0
+                    cnt = torch.bincount(loc, minlength=i1 - i0).clamp_min(1).float()[:, None]
+                    r_blk = torch.zeros(i1 - i0, 1, device=q.device).index_add_(0, loc, rho) / cnt
+                    c_blk = torch.zeros(i1 - i0, D, device=q.device).index_add_(0, loc, n_drop) / cnt
+                    oracle = r_blk[loc] * o_topp + c_blk[loc]
+                    r_pool = plan.out_scale[b, h, i0:i1].float()[:, None]
+                    c_pool = plan.out_bias[b, h, i0:i1].float()
+                    pooled = r_pool[loc] * o_topp + c_pool[loc]
+                    sq["dense"] += dense.pow(2).sum().item()
+                    sq["topp"] += (o_topp - dense).pow(2).sum().item()
+                    sq["oracle"] += (oracle - dense).pow(2).sum().item()
+                    sq["pooled"] += (pooled - dense).pow(2).sum().item()
+                    drop_true.append(1 - r_blk.flatten())
+                    drop_pooled.append(1 - r_pool.flatten())
+                    c_err += (c_pool - c_blk).pow(2).sum().item()
+                    c_norm += c_blk.pow(2).sum().item()
+    dt, dp = torch.cat(drop_true), torch.cat(drop_pooled)
+    base = math.sqrt(sq["dense"])
+    return {
+        "heads_used": heads,
+        "err_topp": math.sqrt(sq["topp"]) / base,
+        "err_block_oracle": math.sqrt(sq["oracle"]) / base,
+        "err_pooled_rectified_no_gapr": math.sqrt(sq["pooled"]) / base,
+        "dropped_mass_true_mean": dt.mean().item(),
+        "dropped_mass_pooled_mean": dp.mean().item(),
+        "dropped_mass_abs_err_mean": (dt - dp).abs().mean().item(),
+        "dropped_mass_corr": torch.corrcoef(torch.stack([dt, dp]))[0, 1].item() if dt.numel() > 1 else float("nan"),
+        "c_rel_err": math.sqrt(c_err / max(c_norm, 1e-30)),
+    }
 
 
 class _Capture:
@@ -323,7 +395,8 @@ def step_section(args, report: dict[str, Any], device: str) -> None:
         ek, ev = ek[:, :, valid], ev[:, :, valid]
     q, k, v = call.q[:, :, vis].contiguous(), call.k[:, :, vis].contiguous(), call.v[:, :, vis].contiguous()
     del cap, call
-    entry["layer"] = {"index": args.layer, **layer_analysis(q, k, v, grid, s, timing=True, ek=ek, ev=ev)}
+    entry["layer"] = {"index": args.layer, **layer_analysis(q, k, v, grid, s, timing=True, ek=ek, ev=ev,
+                                                            oracle_heads=args.oracle_heads)}
     print(json.dumps(entry["layer"]), flush=True)
     write_json(report, args.json)
     density = entry["layer"]["density"]
@@ -372,8 +445,73 @@ def attn_section(args, report: dict[str, Any], device: str) -> None:
     family = {"HunyuanVideoTransformer3DModel": "hunyuan_video"}.get(spec["class"], "wan")
     s = diffattn.registry.build_method("rectified").settings(family)
     report["attention"] = {"model": args.attn_model, "shape": "x".join(map(str, args.attn_shape)),
-                           **layer_analysis(q, k, v, grid, s, timing=True, ek=ek, ev=ev)}
+                           **layer_analysis(q, k, v, grid, s, timing=True, ek=ek, ev=ev,
+                                            oracle_heads=args.oracle_heads)}
     print(json.dumps(report["attention"]), flush=True)
+
+
+class _StepCapture:
+    """Keeps the q/k/v (after RoPE, raster order) of the self-attention calls of chosen layers at chosen denoising
+    steps (first CFG pass), delegating every call to the wrapped runtime."""
+
+    def __init__(self, method, steps: set[int], layers: set[int]) -> None:
+        self.method, self.steps, self.layers = method, steps, layers
+        self.name = getattr(method, "name", "?")
+        self.calls: dict[tuple[int, int], Any] = {}
+
+    def attend(self, call):
+        ctx = call.context
+        step = ctx.step_index if ctx is not None else 0
+        if (call.role == "self" and call.layer.index in self.layers and step in self.steps
+                and (ctx is None or ctx.pass_index == 0) and (step, call.layer.index) not in self.calls):
+            vis = call.visual_slice()
+            self.calls[(step, call.layer.index)] = (
+                call.q[:, :, vis].detach().clone(), call.k[:, :, vis].detach().clone(),
+                call.v[:, :, vis].detach().clone(), tuple(int(x) for x in call.grid), call.scale)
+        return self.method.attend(call)
+
+
+def demo_section(args, report: dict[str, Any], device: str) -> None:
+    """Errors vs dense on q/k/v captured from the bundled demo video model (a trained Wan, 5x32x32 tokens) during a
+    real generation: several layers and steps, each block size asked, with the block-oracle diagnosis."""
+    import diffattn
+
+    from ..demo import DEMO_PROMPTS, demo_model_path
+    from ..generate import load_pipeline
+    from .harness import write_json
+
+    pipe = load_pipeline(args.demo_model or demo_model_path("video"), dtype="fp32", device=device)
+    pipe.set_progress_bar_config(disable=True)
+    steps, layers = set(args.demo_capture_steps), set(args.demo_layers)
+    diffattn.apply(pipe, "dense")
+    cap = _StepCapture(diffattn.api.installed(pipe.transformer).runtime, steps, layers)
+    diffattn.api.replace_runtime(pipe, cap)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    try:
+        with torch.no_grad():
+            pipe(DEMO_PROMPTS["video"], num_inference_steps=args.demo_steps, generator=gen, output_type="np")
+    finally:
+        diffattn.remove(pipe)
+    rows = []
+    for bs in args.demo_block_sizes:
+        s = diffattn.registry.build_method("rectified", block_size=bs).settings("wan", pipe.transformer)
+        for (step, layer), (q, k, v, grid, scale) in sorted(cap.calls.items()):
+            r = layer_analysis(q, k, v, grid, s, timing=False, scale=scale, oracle_heads=None)
+            row = {"block_size": bs, "step": step, "steps": args.demo_steps, "layer": layer, **r}
+            rows.append(row)
+            print(json.dumps({k: row[k] for k in ("block_size", "step", "layer", "density", "err_rectified",
+                                                    "err_rectified_no_gapr", "err_topp_plain", "err_radial",
+                                                    "radial_density", "unsafe_share_of_dropped")}
+                             | {"oracle": row["oracle"]}), flush=True)
+    report["demo"] = {"prompt": DEMO_PROMPTS["video"], "steps": args.demo_steps, "rows": rows}
+    write_json(report, args.json)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
@@ -399,6 +537,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-model", default=None, help="also: kernel-level numbers at this model's attention shape")
     p.add_argument("--attn-shape", type=parse_shape, default=(720, 1280, 129))
     p.add_argument("--attn-text", type=int, default=100, help="text keys (valid ones) for --attn-model")
+    p.add_argument("--demo", action="store_true",
+                   help="errors vs dense on q/k/v captured from the demo video model's generation (CPU is fine)")
+    p.add_argument("--demo-model", default=None, help="Wan pipeline folder for --demo (default: the bundled one)")
+    p.add_argument("--demo-steps", type=int, default=16, help="denoising steps of the --demo generation")
+    p.add_argument("--demo-capture-steps", type=_int_list, default=[2, 8, 14])
+    p.add_argument("--demo-layers", type=_int_list, default=[1, 3, 5])
+    p.add_argument("--demo-block-sizes", type=_int_list, default=[64, 128])
+    p.add_argument("--oracle-heads", type=int, default=4,
+                   help="heads used for the block-oracle diagnosis at production shapes (0: skip)")
     p.add_argument("--json", default=None)
     return p
 
@@ -407,12 +554,19 @@ def main(argv: list[str] | None = None) -> int:
     from .harness import env_line, write_json
 
     args = build_parser().parse_args(argv)
-    if not torch.cuda.is_available():
-        print("diffattn bench rectified needs a CUDA GPU", file=sys.stderr)
-        return 2
     logging.basicConfig(level=logging.INFO)
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d")}
+    if args.demo:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        report["env"] = env_line() if device == "cuda" else f"cpu, torch {torch.__version__}"
+        demo_section(args, report, device)
+        if not torch.cuda.is_available() or (args.model == "none" and not args.attn_model):
+            return 0
+    if not torch.cuda.is_available():
+        print("diffattn bench rectified needs a CUDA GPU (except --demo)", file=sys.stderr)
+        return 2
     print(env_line(), flush=True)
-    report: dict[str, Any] = {"env": env_line(), "date": time.strftime("%Y-%m-%d")}
+    report["env"] = env_line()
     try:
         if args.attn_model:
             attn_section(args, report, "cuda")
