@@ -56,7 +56,7 @@ def layer_analysis(q, k, v, grid: tuple[int, int, int], settings: dict[str, Any]
     from ..kernels import block_sparse_attention
     from ..kernels.block_sparse import build_block_index
     from ..masks import reorder
-    from ..kernels.rectified_select import block_pool
+    from ..kernels.rectified_select import block_pool, block_pool_torch
     from ..methods.rectified import rectified_attention, rectified_plan, threshold_select
     from .harness import median_ms
 
@@ -83,8 +83,14 @@ def layer_analysis(q, k, v, grid: tuple[int, int, int], settings: dict[str, Any]
         rmask = rmask.to(q.device)
         radial = block_sparse_attention(q, k, v, rmask[None, None], block_size=bs, scale=scale, extra_k=ek,
                                         extra_v=ev)
+    with torch.no_grad():  # block coherence: |block mean| / mean |token| (1: identical tokens; iid: 1/sqrt(bs))
+        coh = {}
+        for name, x in (("q", qp), ("k", kp)):
+            xm, _ = block_pool_torch(x[:, :, : x.shape[2] // bs * bs], bs)
+            coh[name] = (xm.norm(dim=-1).mean() / x.float().norm(dim=-1).mean()).item()
     out: dict[str, Any] = {
         "grid": list(grid), "heads": q.shape[1], "tokens": q.shape[2], "density": density,
+        "coherence_q": coh["q"], "coherence_k": coh["k"], "coherence_iid": 1.0 / math.sqrt(bs),
         "radial_decay": decay, "radial_density": rmask.float().mean().item(),
         "mean_r": plan.out_scale.mean().item(),
         "unsafe_share_of_dropped": (plan.unsafe.sum() / (~plan.block_mask).sum().clamp_min(1)).item(),
