@@ -97,6 +97,24 @@ def layer_analysis(q, k, v, grid: tuple[int, int, int], settings: dict[str, Any]
         "err_rectified": rel_err(rect, dense), "err_rectified_no_gapr": rel_err(nogapr, dense),
         "err_topp_plain": rel_err(plain, dense), "err_radial": rel_err(radial, dense),
     }
+    rd = out["radial_density"]
+    if abs(rd - density) > 0.05:  # radial cannot reach rectified's density here: compare at radial's instead
+        with torch.no_grad():
+            lo, hi, best = 0.0, 1.0, None
+            for _ in range(14):  # density grows with tau
+                mid = (lo + hi) / 2
+                d = rectified_plan(qp, kp, vp, **{**kw, "tau": mid}).density
+                if best is None or abs(d - rd) < abs(best[1] - rd):
+                    best = (mid, d)
+                lo, hi = (mid, hi) if d < rd else (lo, mid)
+            kw2 = {**kw, "tau": best[0]}
+            out["at_radial_density"] = {
+                "tau": best[0], "density": best[1],
+                "err_rectified": rel_err(rectified_attention(qp, kp, vp, extra_v=ev, **kw2).index_select(2, inv), dense),
+                "err_topp_plain": rel_err(rectified_attention(qp, kp, vp, extra_v=ev, rectify=False, **kw2)
+                                          .index_select(2, inv), dense),
+                "err_radial": out["err_radial"],
+            }
     if oracle_heads != 0:
         with torch.no_grad():
             plain_plan = rectified_plan(qp, kp, vp, **{**kw, "gapr": False})
