@@ -35,6 +35,7 @@ import torch
 from .common import triton_runs_on
 
 __all__ = [
+    "POOL_CONFIG",
     "Selection",
     "block_pool",
     "block_pool_torch",
@@ -197,26 +198,41 @@ def _get_kernels():
     def pool_kernel(
         X, MEAN, MAD, S, nb,
         sxb, sxh, sxs, sxd, H,
-        D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, WITH_MAD: tl.constexpr,
+        D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, WITH_MAD: tl.constexpr, ROWS: tl.constexpr,
     ):
         j = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
-        rows = j * BLOCK + tl.arange(0, BLOCK)
         cols = tl.arange(0, BLOCK_D)
-        rok = rows < S
-        m2 = rok[:, None] & (cols[None, :] < D)
-        x = tl.load(X + b * sxb + h * sxh + rows[:, None] * sxs + cols[None, :] * sxd, mask=m2, other=0.0)
-        x = x.to(tl.float32)
-        n = tl.minimum(S - j * BLOCK, BLOCK).to(tl.float32)
-        mean = tl.sum(x, axis=0) / n
         dok = cols < D
-        out = MEAN + (bh * nb + j) * D + cols
-        tl.store(out, mean, mask=dok)
+        base = X + b * sxb + h * sxh + cols[None, :] * sxd
+        n = tl.minimum(S - j * BLOCK, BLOCK).to(tl.float32)
+        if ROWS == BLOCK:  # the block in registers once: mean, then deviations from the same registers
+            rows = j * BLOCK + tl.arange(0, BLOCK)
+            m2 = (rows < S)[:, None] & dok[None, :]
+            x = tl.load(base + rows[:, None] * sxs, mask=m2, other=0.0).to(tl.float32)
+            mean = tl.sum(x, axis=0) / n
+            if WITH_MAD:
+                mad = tl.sum(tl.where(m2, tl.abs(x - mean[None, :]), 0.0), axis=0) / n
+        else:  # ROWS-row chunks (fewer registers, more programs resident); deviations re-read the block (L2)
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for r0 in tl.static_range(0, BLOCK, ROWS):
+                rows = j * BLOCK + r0 + tl.arange(0, ROWS)
+                m2 = (rows < S)[:, None] & dok[None, :]
+                acc += tl.sum(tl.load(base + rows[:, None] * sxs, mask=m2, other=0.0).to(tl.float32), axis=0)
+            mean = acc / n
+            if WITH_MAD:
+                dacc = tl.zeros([BLOCK_D], dtype=tl.float32)
+                for r0 in tl.static_range(0, BLOCK, ROWS):
+                    rows = j * BLOCK + r0 + tl.arange(0, ROWS)
+                    m2 = (rows < S)[:, None] & dok[None, :]
+                    x = tl.load(base + rows[:, None] * sxs, mask=m2, other=0.0).to(tl.float32)
+                    dacc += tl.sum(tl.where(m2, tl.abs(x - mean[None, :]), 0.0), axis=0)
+                mad = dacc / n
+        tl.store(MEAN + (bh * nb + j) * D + cols, mean, mask=dok)
         if WITH_MAD:
-            dev = tl.where(m2, tl.abs(x - mean[None, :]), 0.0)
-            tl.store(MAD + (bh * nb + j) * D + cols, tl.sum(dev, axis=0) / n, mask=dok)
+            tl.store(MAD + (bh * nb + j) * D + cols, mad, mask=dok)
 
     @triton.jit
     def select_kernel(
@@ -296,8 +312,13 @@ def _get_kernels():
     return _kernels
 
 
-def block_pool(x: torch.Tensor, block_size: int, *, with_mad: bool = False):
-    """Triton `block_pool_torch` (float32 out; any strides, read once in x's dtype)."""
+POOL_CONFIG: dict[str, int] = {"rows": 0, "num_warps": 0}  # 0: the defaults below (bench override)
+
+
+def block_pool(x: torch.Tensor, block_size: int, *, with_mad: bool = False, rows: int | None = None,
+               num_warps: int | None = None):
+    """Triton `block_pool_torch` (float32 out; any strides, read once in x's dtype; the deviations re-read the
+    block from L2 when `rows` < block_size)."""
     pool_kernel, _ = _get_kernels()
     B, H, S, D = x.shape
     nb = math.ceil(S / block_size)
@@ -305,10 +326,12 @@ def block_pool(x: torch.Tensor, block_size: int, *, with_mad: bool = False):
     mad = torch.empty_like(mean) if with_mad else mean
     if nb and B * H:
         block_d = _next_pow2(D)
-        warps = 8 if block_size * block_d >= 8192 else 4
+        rows = rows or POOL_CONFIG["rows"] or block_size
+        rows = min(block_size, rows)
+        warps = num_warps or POOL_CONFIG["num_warps"] or (8 if rows * block_d >= 8192 else 4)
         pool_kernel[(nb, B * H)](
             x, mean, mad, S, nb, *x.stride(), H,
-            D=D, BLOCK=block_size, BLOCK_D=block_d, WITH_MAD=with_mad, num_warps=warps,
+            D=D, BLOCK=block_size, BLOCK_D=block_d, WITH_MAD=with_mad, ROWS=rows, num_warps=warps,
         )
     return mean, (mad if with_mad else None)
 

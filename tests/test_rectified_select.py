@@ -38,12 +38,13 @@ def test_block_pool_matches_torch(S, D, bs, dtype):
     x = (torch.randn(2, 3, S, D, generator=g) * 2 + 0.5).to(DEV, dtype)
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # [B, S, H, D] memory, as the attention processors pass it
     for inp in (x, xt):
-        m, d = block_pool(inp, bs, with_mad=True)
         mr, dr = block_pool_torch(inp, bs, with_mad=True)
-        assert m.dtype == torch.float32 and m.shape == (2, 3, math.ceil(S / bs), D)
-        assert _rel(m, mr) < 1e-6 and _rel(d, dr) < 1e-6
+        for rows in (None, 16):  # the whole block in registers, and 16-row chunks
+            m, d = block_pool(inp, bs, with_mad=True, rows=rows)
+            assert m.dtype == torch.float32 and m.shape == (2, 3, math.ceil(S / bs), D)
+            assert _rel(m, mr) < 1e-6 and _rel(d, dr) < 1e-6
     m2, none = block_pool(x, bs)
-    assert none is None and torch.equal(m2, m)
+    assert none is None and torch.equal(m2, block_pool(x, bs, with_mad=True)[0])
 
 
 CASES = [
