@@ -168,3 +168,31 @@ def test_triton_kernels_under_interpreter():
     """Runs tests/test_rectified_triton.py in a fresh process with TRITON_INTERPRET=1."""
     pytest.importorskip("triton")
     run_under_interpreter("test_rectified_triton.py", allow_skips=True)
+
+
+def test_selection_kernels_under_interpreter():
+    """Runs tests/test_rectified_select.py (Triton selection vs its PyTorch path) with TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    run_under_interpreter("test_rectified_select.py")
+
+
+def test_bench_oracle_diagnosis_is_consistent():
+    """The bench's block oracle: its pooled column equals rectified_attention (GAPR off) against dense, its top-p
+    column equals plain top-p, and on blocks of identical tokens everything but top-p is exact."""
+    from diffattn.bench.rectified import oracle_analysis
+
+    g = torch.Generator().manual_seed(7)
+    B, H, S, D, bs = 2, 2, 70, 8, 16
+    q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
+    kw = dict(block_size=bs, tau=0.3, k_min=1, gapr=False)
+    plan = rectified_plan(q, k, v, **kw)
+    o = oracle_analysis(q, k, v, plan, bs, None, chunk_blocks=2)
+    dense = F.scaled_dot_product_attention(q, k, v)
+    assert abs(o["err_pooled_rectified_no_gapr"] - _rel(rectified_attention(q, k, v, **kw), dense)) < 1e-5
+    assert abs(o["err_topp"] - _rel(rectified_attention(q, k, v, rectify=False, **kw), dense)) < 1e-5
+    nb = math.ceil(S / bs)
+    q, k, v = (torch.randn(B, H, nb, D, generator=g).repeat_interleave(bs, 2)[:, :, :S] for _ in range(3))
+    plan = rectified_plan(q, k, v, **kw)
+    o = oracle_analysis(q, k, v, plan, bs, None)
+    assert o["err_block_oracle"] < 1e-5 and o["err_pooled_rectified_no_gapr"] < 1e-5 and o["err_topp"] > 1e-2
+    assert o["dropped_mass_abs_err_mean"] < 1e-5 and o["c_rel_err"] < 1e-4

@@ -9,6 +9,10 @@ permutation `perm` (new position -> raster index) so that `x[..., perm, :]` is t
   serpentine order of tiles (consecutive tiles touch), raster inside a tile; on video frame 0 comes first on its own (8x16 tiles), so the
   first-frame blocks hold frame 0 only. Grids that are not multiples of the tile get smaller edge tiles, so some
   blocks straddle two neighbouring tiles (still compact). Any grid works.
+- ``"gilbert"``: a generalized Hilbert ("Gilbert") curve, which fills boxes of any size (not only powers of 2):
+  consecutive tokens are neighbours (steps of one cell, rarely two on odd sizes), so any run of 128 tokens is a
+  compact 3-D region; on video frame 0 is its own 2-D curve first (as with tiles), then frames 1.. as one 3-D curve.
+  Upstream Rectified SpaAttn / Jenga use such a curve.
 - ``"none"``: raster order (identity).
 
 Pure functions of the geometry, cached; tensors are on the CPU (callers move and cache them per device).
@@ -21,9 +25,9 @@ import math
 
 import torch
 
-ORDERS = ("tiles", "none")
+ORDERS = ("tiles", "gilbert", "none")
 
-__all__ = ["ORDERS", "first_frame_blocks", "inverse", "neighbor_blocks", "tile_shape", "token_order"]
+__all__ = ["ORDERS", "first_frame_blocks", "gilbert_curve", "inverse", "neighbor_blocks", "tile_shape", "token_order"]
 
 
 def tile_shape(block_size: int, frames: int) -> tuple[int, int, int]:
@@ -60,17 +64,120 @@ def _tile_key(t: int, h: int, w: int, tile: tuple[int, int, int], t0: int) -> to
     return (tile_id * (tt * th * tw) + inner).flatten()
 
 
+def _sgn(v):
+    return (v > 0) - (v < 0)
+
+
+def _vec_sgn(a):
+    return tuple(_sgn(c) for c in a)
+
+
+def _add(*vs):
+    return tuple(sum(c) for c in zip(*vs))
+
+
+def _neg(a):
+    return tuple(-c for c in a)
+
+
+def _half(a):
+    return tuple(c // 2 for c in a)
+
+
+def _length(a):
+    return abs(sum(a))
+
+
+def _curve(p, a, b, c, out):
+    """Append the cells of the box at corner `p` spanned by the axis vectors a (major), b, c, in generalized
+    Hilbert order: split the box in two (long box) or in three/five sub-boxes whose entry and exit corners touch,
+    rounding the halves to even lengths where possible so that the sub-curves connect with unit steps."""
+    w, h, d = _length(a), _length(b), _length(c)
+    da, db, dc = _vec_sgn(a), _vec_sgn(b), _vec_sgn(c)
+    if h == 1 and d == 1:
+        for i in range(w):
+            out.append(_add(p, tuple(i * x for x in da)))
+        return
+    if w == 1 and d == 1:
+        for i in range(h):
+            out.append(_add(p, tuple(i * x for x in db)))
+        return
+    if w == 1 and h == 1:
+        for i in range(d):
+            out.append(_add(p, tuple(i * x for x in dc)))
+        return
+    a2, b2, c2 = _half(a), _half(b), _half(c)
+    if _length(a2) % 2 and w > 2:
+        a2 = _add(a2, da)
+    if _length(b2) % 2 and h > 2:
+        b2 = _add(b2, db)
+    if _length(c2) % 2 and d > 2:
+        c2 = _add(c2, dc)
+    am, bm, cm = _add(a, _neg(a2)), _add(b, _neg(b2)), _add(c, _neg(c2))  # remaining halves
+    if 2 * w > 3 * h and 2 * w > 3 * d:  # long box: split the major axis only
+        _curve(p, a2, b, c, out)
+        _curve(_add(p, a2), am, b, c, out)
+    elif 3 * h > 4 * d:  # flat in c: split a and b
+        _curve(p, b2, c, a2, out)
+        _curve(_add(p, b2), a, bm, c, out)
+        _curve(_add(p, _add(a, _neg(da)), _add(b2, _neg(db))), _neg(b2), c, _neg(am), out)
+    elif 3 * d > 4 * h:  # flat in b: split a and c
+        _curve(p, c2, a2, b, out)
+        _curve(_add(p, c2), a, b, cm, out)
+        _curve(_add(p, _add(a, _neg(da)), _add(c2, _neg(dc))), _neg(c2), _neg(am), b, out)
+    else:  # split all three
+        _curve(p, b2, c2, a2, out)
+        _curve(_add(p, b2), c, a2, bm, out)
+        _curve(_add(p, _add(b2, _neg(db)), _add(c, _neg(dc))), a, _neg(b2), _neg(cm), out)
+        _curve(_add(p, _add(a, _neg(da)), b2, _add(c, _neg(dc))), _neg(c), _neg(am), bm, out)
+        _curve(_add(p, _add(a, _neg(da)), _add(b2, _neg(db))), _neg(b2), c2, _neg(am), out)
+
+
+
+def gilbert_curve(w: int, h: int, d: int) -> list[tuple[int, int, int]]:
+    """The (x, y, z) cells of a w x h x d box (x < w, y < h, z < d) in generalized Hilbert order, starting at the
+    origin along the longest axis."""
+    out: list[tuple[int, int, int]] = []
+    if w >= h and w >= d:
+        _curve((0, 0, 0), (w, 0, 0), (0, h, 0), (0, 0, d), out)
+    elif h >= w and h >= d:
+        _curve((0, 0, 0), (0, h, 0), (w, 0, 0), (0, 0, d), out)
+    else:
+        _curve((0, 0, 0), (0, 0, d), (w, 0, 0), (0, h, 0), out)
+    return out
+
+
+def _gilbert_order(t: int, h: int, w: int) -> torch.Tensor:
+    """Raster indices in Gilbert order; on video frame 0 alone first (2-D), then frames 1.. (3-D), mirrored so that
+    the 3-D curve starts at the cell of frame 1 next to where frame 0's curve ended (no jump across the frame)."""
+    def raster(c, t0):
+        return ((c[:, 2] + t0) * h + c[:, 1]) * w + c[:, 0]
+
+    first = torch.tensor(gilbert_curve(w, h, 1), dtype=torch.long).view(-1, 3)
+    if t == 1:
+        return raster(first, 0)
+    rest = torch.tensor(gilbert_curve(w, h, t - 1), dtype=torch.long).view(-1, 3)
+    ex, ey = int(first[-1, 0]), int(first[-1, 1])
+    if 2 * ex >= w:
+        rest[:, 0] = w - 1 - rest[:, 0]
+    if 2 * ey >= h:
+        rest[:, 1] = h - 1 - rest[:, 1]
+    return torch.cat([raster(first, 0), raster(rest, 1)])
+
+
 @functools.lru_cache(maxsize=64)
 def token_order(grid: tuple[int, int, int], order: str = "tiles", block_size: int = 128) -> torch.Tensor:
     """LongTensor `[T*H*W]`: position in the new order -> raster index (see the module docstring).
 
     Video ("tiles"): frame 0 alone first, in tiles of `tile_shape(block_size, 1)` (the first latent frame is the
     causal VAE's single-image frame and I2V's conditioning frame: its blocks stay frame-0 only), then the other
-    frames in slabs of `tile_shape(block_size, frames)`."""
+    frames in slabs of `tile_shape(block_size, frames)`. "gilbert" does not depend on `block_size`."""
     t, h, w = _check_grid(grid)
     n = t * h * w
     if order == "none":
         return torch.arange(n)
+    if order == "gilbert":
+        return _gilbert_order(t, h, w)
     if order != "tiles":
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if t == 1:

@@ -110,7 +110,8 @@ class RectifiedConfig(MethodConfig):
     dense_last_steps: int = option(0, low=0, help="the last N steps also run dense")
     reorder: str = option(
         "tiles", choices=_reorder.ORDERS,
-        help="token order that makes each block a compact 3-D box (tiles; none: raster order)",
+        help="token order that makes each block a compact 3-D region (tiles: serpentine boxes; gilbert: generalized "
+        "Hilbert curve; none: raster order)",
     )
     block_size: int = option(128, choices=(16, 32, 64, 128), help="pooling and kernel block size in tokens")
     neighbors: bool = option(True, help="always keep the blocks adjacent in 3-D (26-neighbourhood) to each query block")

@@ -10,8 +10,9 @@ query block from a block-pooled attention map and applied in the block-sparse ke
    and are always attended;
 3. selection per (batch, head, query block): the highest-mass key blocks until text mass plus their mass exceeds
    `tau`, at least `k_min` blocks, plus forced (geometry) blocks; found by an exact threshold search (bisection on
-   the float32 bit pattern of the threshold, 31 masked row sums) on the CPU; on CUDA one row sort
-   measured ~8x faster than the bisection's 32 PyTorch reductions, so it is used there (same set);
+   the float32 bit pattern of the threshold, 32 row reductions), no sort. Steps 1-5 run as Triton kernels on the
+   GPU (`kernels.rectified_select`: pooling reads q, k, v once; one row kernel does softmax, threshold, floor,
+   forced blocks, GAPR and R) when no gradient is needed, else in differentiable PyTorch (same formulas);
 4. GAPR: a dropped block is "unsafe" when the first-order pooling error bound `|dq_i . km_j| + |qm_i . dk_j|`
    (dq, dk: mean absolute deviation from the block mean) reaches the pooled logit `|qm_i . km_j|`; its mass is
    folded into the sparse branch instead of being compensated;
@@ -29,22 +30,29 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..kernels import block_sparse_attention
 from ..kernels.block_sparse import block_sparse_attention_reference
+from ..kernels.rectified_select import (
+    rectified_select,
+    rectified_select_torch,
+    sorted_select,
+    threshold_select,
+    triton_select_supported,
+)
 
 __all__ = [
     "RectifiedPlan",
     "rectified_attention",
     "rectified_attention_reference",
     "rectified_plan",
+    "SELECTIONS",
     "resolve_k_min",
+    "sorted_select",
     "threshold_select",
 ]
 
-_F32_INF_BITS = 0x7F800000
-
+SELECTIONS = ("auto", "triton", "threshold", "sort")
 
 @dataclass
 class RectifiedPlan:
@@ -87,62 +95,6 @@ def resolve_k_min(k_min: int | float | None, nk: int) -> int:
     raise TypeError(f"k_min must be an int, a float fraction or None, got {type(k_min).__name__}")
 
 
-def _block_counts(n: int, block_size: int, device: torch.device) -> torch.Tensor:
-    nb = math.ceil(n / block_size)
-    idx = torch.arange(nb, device=device)
-    return torch.clamp(n - idx * block_size, max=block_size).to(torch.float32)
-
-
-def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """`[B, H, S, D]` -> `[B, H, nb, block_size, D]`, zero-padded."""
-    B, H, S, D = x.shape
-    nb = math.ceil(S / block_size)
-    return F.pad(x, (0, 0, 0, nb * block_size - S)).view(B, H, nb, block_size, D)
-
-
-def _block_means(x: torch.Tensor, block_size: int, counts: torch.Tensor) -> torch.Tensor:
-    return _blocks(x, block_size).sum(3) / counts[:, None]
-
-
-def _mean_abs_dev(x: torch.Tensor, means: torch.Tensor, block_size: int, counts: torch.Tensor) -> torch.Tensor:
-    """Per block, the mean over its real tokens of |x_a - mean| (a D-vector), padding excluded."""
-    xb = _blocks(x, block_size)
-    S = x.shape[2]
-    real = (torch.arange(xb.shape[2] * block_size, device=x.device) < S).view(xb.shape[2], block_size, 1)
-    return ((xb - means[:, :, :, None]).abs() * real).sum(3) / counts[:, None]
-
-
-def threshold_select(probs: torch.Tensor, budget: torch.Tensor, k_min: int) -> torch.Tensor:
-    """Bool mask of the entries kept per row of non-negative `probs` `[..., n]` (float32), without sorting.
-
-    Entry j is kept when the mass of the entries strictly above it is <= `budget` (per row, `[...]`), or when fewer
-    than `k_min` entries are strictly above it. Both tests are monotone in the entry's value, so the kept set is
-    `probs >= t` for the smallest float32 t passing either test at t; t is found exactly by bisection over its bit
-    pattern (non-negative float32 order equals int32 order), 31 masked row sums. Tied entries are kept together.
-    """
-    bits = probs.contiguous().view(torch.int32).to(torch.int64)
-    lo = torch.full(budget.shape, -1, dtype=torch.int64, device=probs.device)  # the test fails at lo (or lo = -1)
-    hi = torch.full(budget.shape, _F32_INF_BITS + 1, dtype=torch.int64, device=probs.device)  # passes (or: keep none)
-    for _ in range(32):  # hi - lo <= 2**31 + 2 at the start: 32 halvings reach hi - lo == 1
-        mid = (lo + hi) // 2
-        above = bits > mid[..., None]
-        ok = ((probs * above).sum(-1) <= budget) | (above.sum(-1) < k_min)
-        hi = torch.where(ok, mid, hi)
-        lo = torch.where(ok, lo, mid)
-    return bits >= hi[..., None]
-
-
-def sorted_select(probs: torch.Tensor, budget: torch.Tensor, k_min: int) -> torch.Tensor:
-    """The same kept set as `threshold_select` (distinct values; ties are kept together) from one sort per row:
-    on CUDA one `torch.sort` of the rows is ~8x faster than the 32 masked sums of the bisection (H200, Wan 720p:
-    0.9 ms against 7.3 ms), so the plan uses it there."""
-    srt = probs.sort(-1, descending=True).values
-    before = srt.cumsum(-1) - srt
-    n = (before <= budget[..., None]).sum(-1).clamp(min=k_min)
-    thr = srt.gather(-1, (n - 1).clamp(min=0)[..., None])
-    return (probs >= thr) & (n > 0)[..., None]
-
-
 def rectified_plan(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -160,45 +112,27 @@ def rectified_plan(
 ) -> RectifiedPlan:
     """Pooled map, selection, GAPR and the epilogue's R and C for one call (see the module docstring).
 
-    `selection`: "threshold" (bisection, no sort), "sort", or "auto" (sort on CUDA, where it measured faster)."""
-    B, H, Sq, D = q.shape
-    Sk = k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    dev = q.device
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32  # float32 plan for half inputs
-    cq, ck = _block_counts(Sq, block_size, dev).to(cdt), _block_counts(Sk, block_size, dev).to(cdt)
-    nk = ck.numel()
-    qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
-    qm, km, vm = _block_means(qf, block_size, cq), _block_means(kf, block_size, ck), _block_means(vf, block_size, ck)
-    logits = torch.matmul(qm, km.transpose(-1, -2))  # unscaled pooled logits (GAPR's gain)
-    scores = logits * scale + torch.log(ck)
-    if extra_k is not None and extra_k.shape[2] > 0:
-        st = torch.matmul(qm, extra_k.to(cdt).transpose(-1, -2)) * scale
-        if extra_mask is not None:
-            st = st.masked_fill(~extra_mask[:, None, None, :].to(dev), float("-inf"))
-        p = torch.softmax(torch.cat([scores, st], dim=-1), dim=-1)
-        probs, text_mass = p[..., :nk], p[..., nk:].sum(-1)
+    `selection`: "triton" (the fused kernels of `kernels.rectified_select`), "threshold" (PyTorch bisection, no
+    sort), "sort" (PyTorch row sort), or "auto": Triton where it runs (CUDA, or the interpreter) and no gradient
+    is needed, else the PyTorch bisection (differentiable through R and C)."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    nk = math.ceil(k.shape[2] / block_size)
+    T = extra_k.shape[2] if extra_k is not None else 0
+    kmin = resolve_k_min(k_min, nk)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, extra_k))
+    if selection == "auto":
+        selection = "triton" if (not needs_grad and triton_select_supported(q, nk, T)) else "threshold"
+    kw = dict(block_size=block_size, tau=tau, k_min=kmin, gapr=gapr, extra_k=extra_k, extra_mask=extra_mask,
+              forced_blocks=forced_blocks, scale=scale)
+    if selection == "triton":
+        if q.dtype == torch.float64:
+            raise ValueError("selection='triton' runs float16/bfloat16/float32 inputs; use 'threshold' for float64")
+        sel = rectified_select(q, k, v, **kw)
     else:
-        probs = torch.softmax(scores, dim=-1)
-        text_mass = probs.new_zeros(probs.shape[:-1])
-    with torch.no_grad():
-        pd = probs.detach().float()
-        select = sorted_select if (selection == "sort" or (selection == "auto" and pd.is_cuda)) else threshold_select
-        keep = select(pd, float(tau) - text_mass.detach().float(), resolve_k_min(k_min, nk))
-        if forced_blocks is not None:
-            keep = keep | forced_blocks.to(dev, torch.bool)
-        if gapr:
-            dq = _mean_abs_dev(qf, qm, block_size, cq)
-            dk = _mean_abs_dev(kf, km, block_size, ck)
-            err = torch.matmul(dq, km.transpose(-1, -2)).abs() + torch.matmul(qm, dk.transpose(-1, -2)).abs()
-            unsafe = (logits.abs() <= err) & ~keep
-        else:
-            unsafe = torch.zeros_like(keep)
-        comp = ~(keep | unsafe)  # dropped blocks whose mass the pooled estimate compensates
-    pc = probs * comp
-    out_scale = 1.0 - pc.sum(-1)
-    out_bias = torch.matmul(pc, vm)
-    return RectifiedPlan(keep, unsafe, out_scale, out_bias, probs, text_mass)
+        sel = rectified_select_torch(q, k, v, selection=selection, **kw)
+    return RectifiedPlan(sel.keep, sel.unsafe, sel.out_scale, sel.out_bias, sel.probs, sel.text_mass)
 
 
 def _check(q, k, v, block_size, tau, extra_k, extra_v, extra_mask) -> None:
@@ -337,7 +271,7 @@ def rectified_attention_reference(
         )
 
     qm, km, vm = means(qd, nq), means(kd, nk), means(vd, nk)
-    n_j = torch.tensor([min(block_size, Sk - j * block_size) for j in range(nk)], dtype=torch.float64)
+    n_j = torch.tensor([min(block_size, Sk - j * block_size) for j in range(nk)], dtype=torch.float64, device=q.device)
     logit = qm @ km.transpose(-1, -2)
     s = logit * scale + n_j.log()
     T = extra_k.shape[2] if extra_k is not None else 0

@@ -1,0 +1,113 @@
+"""The Triton selection of Rectified SpaAttn (`kernels.rectified_select`) against its plain-PyTorch path.
+
+Runs on CUDA when there is a GPU; otherwise only under TRITON_INTERPRET=1 (CPU, small shapes), which
+test_rectified.py::test_selection_kernels_under_interpreter arranges in a subprocess."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(
+    not (CUDA or INTERP), reason="needs CUDA, or TRITON_INTERPRET=1 (test_rectified.py runs this file so)"
+)
+DEV = "cuda" if CUDA and not INTERP else "cpu"
+
+from diffattn.kernels.rectified_select import (  # noqa: E402
+    block_pool,
+    block_pool_torch,
+    rectified_select,
+    rectified_select_torch,
+)
+from diffattn.methods.rectified import rectified_plan  # noqa: E402
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S,D,bs", [(77, 8, 16), (64, 24, 32), (33, 16, 64)])
+def test_block_pool_matches_torch(S, D, bs, dtype):
+    g = torch.Generator().manual_seed(S)
+    x = (torch.randn(2, 3, S, D, generator=g) * 2 + 0.5).to(DEV, dtype)
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # [B, S, H, D] memory, as the attention processors pass it
+    for inp in (x, xt):
+        mr, dr = block_pool_torch(inp, bs, with_mad=True)
+        for rows in (None, 16):  # the whole block in registers, and 16-row chunks
+            m, d = block_pool(inp, bs, with_mad=True, rows=rows)
+            assert m.dtype == torch.float32 and m.shape == (2, 3, math.ceil(S / bs), D)
+            assert _rel(m, mr) < 1e-6 and _rel(d, dr) < 1e-6
+    m2, none = block_pool(x, bs)
+    assert none is None and torch.equal(m2, block_pool(x, bs, with_mad=True)[0])
+
+
+CASES = [
+    # B, H, Sq, Sk, D, bs, T, pad, tau, k_min, gapr, forced
+    (2, 3, 77, 77, 8, 16, 0, 0, 0.3, 1, True, True),
+    (1, 2, 64, 64, 16, 16, 5, 0, 0.5, 3, False, False),
+    (2, 2, 53, 53, 8, 16, 7, 3, 0.6, 2, True, True),
+    (2, 1, 40, 71, 4, 32, 4, 2, 0.2, 0, True, False),
+    (2, 2, 300, 300, 16, 16, 9, 4, 0.3, 4, True, True),  # 19 key blocks: a row over several warps
+    (1, 1, 50, 50, 8, 16, 0, 0, 1.0, 0, True, False),  # tau 1: everything kept
+]
+
+
+@pytest.mark.parametrize("B,H,Sq,Sk,D,bs,T,pad,tau,k_min,gapr,forced", CASES)
+def test_selection_matches_torch(B, H, Sq, Sk, D, bs, T, pad, tau, k_min, gapr, forced):
+    g = torch.Generator().manual_seed(Sq * 7 + T)
+    q = torch.randn(B, H, Sq, D, generator=g) * 1.5
+    k = torch.randn(B, H, Sk, D, generator=g) * 1.5 + torch.randn(1, 1, 1, D, generator=g)  # some block coherence
+    v = torch.randn(B, H, Sk, D, generator=g)
+    ek = torch.randn(B, H, T, D, generator=g) if T else None
+    em = None
+    if T and pad:
+        em = torch.ones(B, T, dtype=torch.bool)
+        em[-1, T - pad:] = False
+    nq, nk = math.ceil(Sq / bs), math.ceil(Sk / bs)
+    fb = None
+    if forced:
+        fb = torch.rand(1, H, nq, nk, generator=g) < 0.15
+    q, k, v = q.to(DEV), k.to(DEV), v.to(DEV)
+    ek = ek.to(DEV) if ek is not None else None
+    kw = dict(block_size=bs, tau=tau, k_min=k_min, gapr=gapr, extra_k=ek, extra_mask=em, forced_blocks=fb)
+    a = rectified_select(q, k, v, **kw)
+    b = rectified_select_torch(q, k, v, **kw)
+    assert torch.equal(a.keep, b.keep)
+    assert torch.equal(a.unsafe, b.unsafe)
+    assert not bool((a.unsafe & a.keep).any())  # GAPR marks dropped blocks only
+    if not gapr:
+        assert not bool(a.unsafe.any())
+    assert _rel(a.probs, b.probs) < 1e-5
+    assert (a.text_mass - b.text_mass).abs().max() < 1e-5
+    assert (a.out_scale - b.out_scale).abs().max() < 1e-5
+    assert _rel(a.out_bias, b.out_bias) < 1e-4 or b.out_bias.abs().max() == 0
+    if tau >= 1:
+        assert bool(a.keep.all())
+    else:
+        assert not bool(a.keep.all())
+    if k_min:
+        assert int(a.keep.sum(-1).min()) >= k_min
+    if fb is not None:
+        assert bool((a.keep | ~fb.to(DEV)).all())  # forced blocks are kept
+
+
+def test_plan_auto_takes_triton_without_grad_and_torch_with_grad():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 70, 8, generator=g).to(DEV) for _ in range(3))
+    kw = dict(block_size=16, tau=0.3, k_min=1, gapr=True)
+    with torch.no_grad():
+        auto = rectified_plan(q, k, v, **kw)
+    tri = rectified_plan(q, k, v, selection="triton", **kw)
+    thr = rectified_plan(q, k, v, selection="threshold", **kw)
+    assert torch.equal(auto.block_mask, tri.block_mask) and torch.equal(tri.block_mask, thr.block_mask)
+    assert torch.equal(auto.out_scale, tri.out_scale)
+    qg = q.clone().requires_grad_()
+    plan = rectified_plan(qg, k, v, **kw)  # needs a gradient: the differentiable PyTorch path
+    assert plan.out_scale.requires_grad
+    torch.autograd.grad(plan.out_bias.sum() + plan.out_scale.sum(), qg)
