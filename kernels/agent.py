@@ -23,6 +23,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .bipartite import ENV_VAR as BIPARTITE_ENV
+from .bipartite import best_match, best_match_reference
+from .common import resolve_backend, run_with_fallbacks
+
 __all__ = [
     "agent_attention", "agent_attention_reference", "bipartite_partition", "merge", "merge_assignment",
     "merge_reference", "pool_agents", "unmerge",
@@ -52,24 +56,30 @@ def bipartite_partition(height: int, width: int, sx: int, sy: int, *, generator:
     return dst.to(device), src.to(device)
 
 
-def _ranked_sources(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _ranked_sources(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
+                    backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sources ordered by their best cosine similarity to any destination (descending), and each one's best
-    destination (a position in `dst`): `(order [B, Ns], best_dst [B, Ns])`."""
-    m = metric.float()
-    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    scores = m[:, src] @ m[:, dst].transpose(1, 2)  # [B, Ns, Nd]
-    best, best_dst = scores.max(dim=-1)
+    destination (a position in `dst`): `(order [B, Ns], best_dst [B, Ns])`. The similarity is `bipartite.best_match`
+    (one fused Triton kernel where it runs; its float32 reference elsewhere)."""
+    resolved = resolve_backend(backend, metric.device, BIPARTITE_ENV)
+    if resolved == "triton":
+        best, best_dst = run_with_fallbacks("agent best_match", (metric.dtype, metric.shape[-1]), [
+            ("triton", lambda: best_match(metric, dst, src, backend="triton")),
+            ("reference", lambda: best_match_reference(metric, dst, src))])
+    else:
+        best, best_dst = best_match_reference(metric, dst, src)
     order = best.argsort(dim=-1, descending=True, stable=True)
     return order, best_dst
 
 
-def merge_assignment(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, counts: list[int]) -> list[tuple[torch.Tensor, int]]:
+def merge_assignment(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, counts: list[int], *,
+                     backend: str | None = None) -> list[tuple[torch.Tensor, int]]:
     """For each `r` in `counts`: the slot of every token `[B, N]` (long) after merging the `r` best-matching
     sources into their destinations, and the number of slots `N - r`. Slots: destinations `0..Nd-1` (in `dst`
     order), then the unmerged sources in ranking order. `metric` is `[B, N, C]`; one similarity for all counts."""
     batch, n = metric.shape[:2]
     nd, ns = dst.numel(), src.numel()
-    order, best_dst = _ranked_sources(metric, dst, src)
+    order, best_dst = _ranked_sources(metric, dst, src, backend)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(ns, device=order.device).expand(batch, ns))  # rank of each source
     out = []

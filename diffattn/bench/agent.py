@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 import torch
 
+from ..kernels.bipartite import ENV_VAR
 from .harness import env_line, median_ms, write_json
 
 
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=25, help="ms")
     parser.add_argument("--rep", type=int, default=100, help="ms")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--torch-similarity", action="store_true",
+                        help="also time the agent stages with the similarity in PyTorch float32 (no fused kernel)")
     parser.add_argument("--profile", action="store_true",
                         help="also count the kernels of one step and sum their device time (launch-bound evidence)")
     parser.add_argument("--graphs", action="store_true",
@@ -116,8 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         late = dict(early, sx=2, sy=2, agent_ratio=0.5)
         variants = {"dense": None, "agent 4x4/0.95 (steps <40%)": early, "agent 2x2/0.5 (steps >=40%)": late,
                     "tome 2x2 (agent_ratio 0)": dict(late, agent_ratio=0.0)}
+        if args.torch_similarity:
+            variants.update({f"{k}, torch similarity": v for k, v in list(variants.items())[1:3]})
         times = {}
         for label, opts in variants.items():
+            if label.endswith("torch similarity"):
+                os.environ[ENV_VAR] = "reference"
+            else:
+                os.environ.pop(ENV_VAR, None)
             diffattn.remove(unet)
             if opts is not None:
                 diffattn.apply(unet, "agent", **opts)
@@ -142,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"model": name, "size": size, "max_downsample": max_ds, "variant": "dense, CUDA graph",
                                  "ms": round(graphed, 2), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
                     print(json.dumps(rows[-1]), flush=True)
+        os.environ.pop(ENV_VAR, None)
         diffattn.remove(unet)
         switch = round(0.4 * args.steps)
         proj = {"dense": args.steps * times["dense"],

@@ -1,0 +1,122 @@
+"""Fused bipartite matching for token merging: each source token's most similar destination, in one kernel.
+
+ToMe/AgentSD's similarity step is `cosine(x[src], x[dst])` followed by a row max and argmax. Done with PyTorch it is
+~8 launches (cast, norm, clamp, divide, two row gathers, a batched matmul, max) and materialises the `[B, Ns, Nd]`
+score matrix: 0.4 GB fp32 per block at SD1.5 1024x1024, 6.4 GB at 2048x2048. `best_match` instead reads the metric
+rows through the `src`/`dst` index vectors, accumulates the dot products and both squared norms in fp32 tile by
+tile (tensor cores on fp16/bf16 metrics), and keeps a running max/argmax per source row: one launch, no score matrix.
+
+Backends (the shared vocabulary of `kernels.common`): "triton" (the fused kernel; CUDA, or CPU under
+`TRITON_INTERPRET=1`), "blocked" and "reference" (plain PyTorch in float32, `best_match_reference`). Auto picks
+Triton where it runs; `DIFFATTN_AGENT_BACKEND` sets the default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import check_tensors, resolve_backend, triton_importable
+
+__all__ = ["best_match", "best_match_reference", "ENV_VAR"]
+
+ENV_VAR = "DIFFATTN_AGENT_BACKEND"
+
+
+def best_match_reference(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition in float32: `(best [B, Ns] float32, best_dst [B, Ns] long)` where `best_dst[b, i]` is the
+    position in `dst` of the destination with the largest cosine similarity to source `src[i]`."""
+    m = metric.float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    scores = m[:, src] @ m[:, dst].transpose(1, 2)  # [B, Ns, Nd]
+    best, best_dst = scores.max(dim=-1)
+    return best, best_dst
+
+
+def best_match(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, *,
+               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each source's best destination by cosine similarity of `metric [B, N, C]` rows: `(best [B, Ns] float32,
+    best_dst [B, Ns] long)`. `dst`, `src`: long index vectors into N (shared by the batch)."""
+    check_tensors(metric=metric, dst=dst, src=src)
+    if metric.ndim != 3:
+        raise ValueError(f"metric must be [B, N, C], got shape {tuple(metric.shape)}")
+    if dst.ndim != 1 or src.ndim != 1 or dst.numel() == 0:
+        raise ValueError(f"dst and src must be 1-D index vectors (dst non-empty), got {tuple(dst.shape)}, {tuple(src.shape)}")
+    backend = resolve_backend(backend, metric.device, ENV_VAR)
+    if backend != "triton" or src.numel() == 0:
+        return best_match_reference(metric, dst, src)
+    return _best_match_triton(metric, dst, src)
+
+
+if triton_importable():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _best_match_kernel(m_ptr, dst_ptr, src_ptr, best_ptr, idx_ptr, n_src, n_dst, channels,
+                           stride_b, stride_n, stride_c,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           IEEE: tl.constexpr):
+        pid_m = tl.program_id(0)
+        b = tl.program_id(1)
+        base = m_ptr + b.to(tl.int64) * stride_b
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_src
+        src_tok = tl.load(src_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        ks = tl.arange(0, BLOCK_K)
+        # Squared norms of this program's source rows (once).
+        ss_a = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, channels, BLOCK_K):
+            k_ok = (k0 + ks) < channels
+            a = tl.load(base + src_tok[:, None] * stride_n + (k0 + ks)[None, :] * stride_c,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            ss_a += tl.sum(a * a, axis=1)
+        inv_a = 1.0 / tl.maximum(tl.sqrt(ss_a), 1e-12)
+        run_best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        run_idx = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        cols0 = tl.arange(0, BLOCK_N)
+        for n0 in range(0, n_dst, BLOCK_N):
+            cols = n0 + cols0
+            col_ok = cols < n_dst
+            dst_tok = tl.load(dst_ptr + cols, mask=col_ok, other=0).to(tl.int64)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            ss_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k0 in range(0, channels, BLOCK_K):
+                k_ok = (k0 + ks) < channels
+                a = tl.load(base + src_tok[:, None] * stride_n + (k0 + ks)[None, :] * stride_c,
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                bt = tl.load(base + dst_tok[None, :] * stride_n + (k0 + ks)[:, None] * stride_c,
+                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(a, bt, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, bt, acc)
+                bf = bt.to(tl.float32)
+                ss_b += tl.sum(bf * bf, axis=0)
+            inv_b = 1.0 / tl.maximum(tl.sqrt(ss_b), 1e-12)
+            cos = acc * inv_a[:, None] * inv_b[None, :]
+            cos = tl.where(col_ok[None, :], cos, float("-inf"))
+            tile_best = tl.max(cos, axis=1)
+            tile_idx = tl.argmax(cos, axis=1).to(tl.int32) + n0
+            better = tile_best > run_best  # strict: the earlier destination wins a tie, as torch.max's first index
+            run_best = tl.where(better, tile_best, run_best)
+            run_idx = tl.where(better, tile_idx, run_idx)
+        out = b.to(tl.int64) * n_src + rows
+        tl.store(best_ptr + out, run_best, mask=row_ok)
+        tl.store(idx_ptr + out, run_idx.to(tl.int64), mask=row_ok)
+
+
+def _best_match_triton(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, _, channels = metric.shape
+    ns, nd = src.numel(), dst.numel()
+    best = torch.empty(batch, ns, dtype=torch.float32, device=metric.device)
+    idx = torch.empty(batch, ns, dtype=torch.long, device=metric.device)
+    block_k = 64 if channels >= 64 else max(16, triton.next_power_of_2(channels))
+    block_m, block_n = (64, 64) if metric.device.type == "cuda" else (16, 16)
+    grid = (triton.cdiv(ns, block_m), batch)
+    _best_match_kernel[grid](
+        metric, dst.contiguous(), src.contiguous(), best, idx, ns, nd, channels,
+        metric.stride(0), metric.stride(1), metric.stride(2),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=metric.dtype == torch.float32,
+        num_warps=4, num_stages=2,
+    )
+    return best, idx
