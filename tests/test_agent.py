@@ -328,3 +328,26 @@ def test_dit_variant_matches_reference_on_one_joint_call():
     ref_v = agent_attention_reference(q[:, :, vis], k[:, :, vis], v[:, :, vis], agents, extra_k=k[:, :, :t], extra_v=v[:, :, :t])
     torch.testing.assert_close(out[:, :, vis].double(), ref_v, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[:, :, :t], F.scaled_dot_product_attention(q[:, :, :t], k, v))
+
+
+def test_triton_kernels_under_interpreter():
+    """Runs tests/test_agent_triton.py (the fused best-match kernel) in a fresh process with TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    from interpreter import run_under_interpreter
+
+    run_under_interpreter("test_agent_triton.py")
+
+
+def test_best_match_backends_agree_on_cpu():
+    # Outside the interpreter the CPU runs the reference; the explicit backends are validated.
+    from diffattn.kernels.bipartite import best_match, best_match_reference
+
+    g = torch.Generator().manual_seed(0)
+    metric = torch.randn(2, 30, 8, generator=g)
+    dst, src = bipartite_partition(5, 6, 2, 2, generator=g)
+    for backend in (None, "blocked", "reference"):
+        best, idx = best_match(metric, dst, src, backend=backend)
+        ref = best_match_reference(metric, dst, src)
+        assert torch.equal(best, ref[0]) and torch.equal(idx, ref[1])
+    with pytest.raises(ValueError, match="backend"):
+        best_match(metric, dst, src, backend="cuda")
