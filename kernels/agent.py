@@ -29,7 +29,7 @@ from .common import resolve_backend, run_with_fallbacks
 
 __all__ = [
     "agent_attention", "agent_attention_reference", "bipartite_partition", "merge", "merge_assignment",
-    "merge_reference", "pool_agents", "unmerge",
+    "merge_many", "merge_reference", "pool_agents", "slot_weights", "unmerge",
 ]
 
 
@@ -94,19 +94,36 @@ def merge_assignment(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
     return out
 
 
+def slot_weights(assign: torch.Tensor, slots: int) -> torch.Tensor:
+    """`1 / (tokens in each slot)` `[B, slots]` float32: computed once per assignment, shared by every merged tensor."""
+    count = torch.zeros(assign.shape[0], slots, dtype=torch.float32, device=assign.device)
+    count.scatter_add_(1, assign, torch.ones(assign.shape, dtype=torch.float32, device=assign.device))
+    return count.clamp_min_(1).reciprocal_()
+
+
+def merge_many(xs: list[torch.Tensor], assign: torch.Tensor, slots: int,
+               weights: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """`merge` of several same-shaped tensors (q, k, v) in one scatter: `[T, B, H, N, D]` stacked, summed in
+    float32 per slot, scaled by `weights` (`slot_weights`, computed here if None), cast back. ~6 launches for all
+    of them instead of ~9 each."""
+    if not xs:
+        return []
+    squeeze = xs[0].ndim == 3
+    if squeeze:
+        xs = [x.unsqueeze(1) for x in xs]
+    b, h, n, d = xs[0].shape
+    if weights is None:
+        weights = slot_weights(assign, slots)
+    stacked = torch.stack(xs).float() if len(xs) > 1 else xs[0].unsqueeze(0).float()
+    acc = torch.zeros(len(xs), b, h, slots, d, dtype=torch.float32, device=stacked.device)
+    acc.scatter_add_(3, assign.view(1, b, 1, n, 1).expand(len(xs), b, h, n, d), stacked)
+    out = (acc * weights.view(1, b, 1, slots, 1)).to(xs[0].dtype)
+    return [o.squeeze(1) if squeeze else o for o in out.unbind(0)]
+
+
 def merge(x: torch.Tensor, assign: torch.Tensor, slots: int) -> torch.Tensor:
     """Mean of the tokens of each slot: `x [B, H, N, D]` (or `[B, N, D]`), `assign [B, N]` -> `[B, (H,) slots, D]`."""
-    squeeze = x.ndim == 3
-    if squeeze:
-        x = x.unsqueeze(1)
-    b, h, n, d = x.shape
-    index = assign.view(b, 1, n, 1).expand(b, h, n, d)
-    acc = torch.zeros(b, h, slots, d, dtype=torch.float32, device=x.device)
-    acc.scatter_add_(2, index, x.float())
-    count = torch.zeros(b, 1, slots, 1, dtype=torch.float32, device=x.device)
-    count.scatter_add_(2, assign.view(b, 1, n, 1), torch.ones(b, 1, n, 1, device=x.device))
-    out = (acc / count.clamp_min(1)).to(x.dtype)
-    return out.squeeze(1) if squeeze else out
+    return merge_many([x], assign, slots)[0]
 
 
 def unmerge(y: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
@@ -165,7 +182,7 @@ def agent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: t
         keys = torch.cat([agents * s2, extra_k * s], dim=2)
         out = F.scaled_dot_product_attention(q, keys, torch.cat([agent_v, extra_v], dim=2), scale=1.0)
     if shortcut:
-        out = out + shortcut * v
+        out = torch.add(out, v, alpha=shortcut)
     return out.to(dtype)
 
 

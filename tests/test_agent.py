@@ -351,3 +351,22 @@ def test_best_match_backends_agree_on_cpu():
         assert torch.equal(best, ref[0]) and torch.equal(idx, ref[1])
     with pytest.raises(ValueError, match="backend"):
         best_match(metric, dst, src, backend="cuda")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 35, 6), (3, 35, 7)])
+def test_merge_many_matches_the_reference_per_tensor(shape):
+    from diffattn.kernels.agent import merge_many, slot_weights
+
+    g = torch.Generator().manual_seed(7)
+    batch, n = shape[0], shape[-2]
+    dst, src = bipartite_partition(5, 7, 2, 2, generator=g)
+    metric = torch.randn(batch, n, 4, generator=g)
+    (assign, slots), = merge_assignment(metric, dst, src, [9])
+    xs = [torch.randn(*shape, generator=g).to(torch.float16) for _ in range(3)]
+    weights = slot_weights(assign, slots)
+    counts = torch.stack([torch.bincount(a, minlength=slots) for a in assign]).float()
+    torch.testing.assert_close(weights, 1.0 / counts)  # every slot holds its destination or its source
+    for got, x in zip(merge_many(xs, assign, slots, weights), xs):
+        assert got.dtype == torch.float16 and got.shape == (*shape[:-2], slots, shape[-1])
+        torch.testing.assert_close(got, merge_reference(x, assign, slots), rtol=1e-3, atol=1e-3)
+    assert merge_many([], assign, slots) == []
