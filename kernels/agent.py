@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from .bipartite import ENV_VAR as BIPARTITE_ENV
-from .bipartite import best_match, best_match_reference
+from .bipartite import assign_slots, assign_slots_reference, best_match, best_match_reference
 from .common import resolve_backend, run_with_fallbacks
 
 __all__ = [
     "agent_attention", "agent_attention_reference", "bipartite_partition", "merge", "merge_assignment",
-    "merge_many", "merge_reference", "pool_agents", "slot_weights", "unmerge",
+    "merge_many", "merge_plans", "merge_reference", "pool_agents", "slot_weights", "unmerge",
 ]
 
 
@@ -72,26 +72,33 @@ def _ranked_sources(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
     return order, best_dst
 
 
-def merge_assignment(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, counts: list[int], *,
-                     backend: str | None = None) -> list[tuple[torch.Tensor, int]]:
-    """For each `r` in `counts`: the slot of every token `[B, N]` (long) after merging the `r` best-matching
-    sources into their destinations, and the number of slots `N - r`. Slots: destinations `0..Nd-1` (in `dst`
-    order), then the unmerged sources in ranking order. `metric` is `[B, N, C]`; one similarity for all counts."""
+def merge_plans(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, counts: list[int], *,
+                backend: str | None = None) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """For each `r` in `counts`: `(assign [B, N] long, slots N - r, weights [B, slots] float32)`: the slot of
+    every token after merging the `r` best-matching sources into their destinations, and 1 / tokens per slot.
+    Slots: destinations `0..Nd-1` (in `dst` order), then the unmerged sources in ranking order. `metric` is
+    `[B, N, C]`; one similarity for all counts. Fused kernels (`kernels.bipartite`) where Triton runs."""
     batch, n = metric.shape[:2]
-    nd, ns = dst.numel(), src.numel()
-    order, best_dst = _ranked_sources(metric, dst, src, backend)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(ns, device=order.device).expand(batch, ns))  # rank of each source
-    out = []
+    ns = src.numel()
     for r in counts:
         if not 0 <= r <= ns:
             raise ValueError(f"cannot merge r={r} of {ns} source tokens")
-        src_slot = torch.where(rank < r, best_dst, nd + rank - r)  # [B, Ns]
-        assign = torch.empty(batch, n, dtype=torch.long, device=metric.device)
-        assign[:, dst] = torch.arange(nd, device=metric.device)
-        assign[:, src] = src_slot
-        out.append((assign, n - r))
-    return out
+    order, best_dst = _ranked_sources(metric, dst, src, backend)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(ns, device=order.device).expand(batch, ns))  # rank of each source
+    if resolve_backend(backend, metric.device, BIPARTITE_ENV) == "triton":
+        plans = run_with_fallbacks("agent assign_slots", (len(counts),), [
+            ("triton", lambda: assign_slots(rank, best_dst, dst, src, n, counts, backend="triton")),
+            ("reference", lambda: assign_slots_reference(rank, best_dst, dst, src, n, counts))])
+    else:
+        plans = assign_slots_reference(rank, best_dst, dst, src, n, counts)
+    return [(a, n - r, w) for (a, w), r in zip(plans, counts)]
+
+
+def merge_assignment(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, counts: list[int], *,
+                     backend: str | None = None) -> list[tuple[torch.Tensor, int]]:
+    """`merge_plans` without the weights: `(assign [B, N], slots)` per count."""
+    return [(a, s) for a, s, _ in merge_plans(metric, dst, src, counts, backend=backend)]
 
 
 def slot_weights(assign: torch.Tensor, slots: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from .common import check_tensors, resolve_backend, triton_importable
 
-__all__ = ["best_match", "best_match_reference", "ENV_VAR"]
+__all__ = ["assign_slots", "assign_slots_reference", "best_match", "best_match_reference", "ENV_VAR"]
 
 ENV_VAR = "DIFFATTN_AGENT_BACKEND"
 
@@ -45,6 +45,38 @@ def best_match(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, *,
     if backend != "triton" or src.numel() == 0:
         return best_match_reference(metric, dst, src)
     return _best_match_triton(metric, dst, src)
+
+
+def assign_slots_reference(rank: torch.Tensor, best_dst: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
+                           n: int, counts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each `r` in `counts`: `(assign [B, N] long, weights [B, N - r] float32)`. Destination `j` keeps slot
+    `j`; a source of rank `< r` joins its best destination's slot, the others get slots `Nd + rank - r` (ranking
+    order). `weights` = 1 / tokens per slot (every slot holds at least one token)."""
+    batch, ns = rank.shape
+    nd = dst.numel()
+    out = []
+    for r in counts:
+        src_slot = torch.where(rank < r, best_dst, nd + rank - r)  # [B, Ns]
+        assign = torch.empty(batch, n, dtype=torch.long, device=rank.device)
+        assign[:, dst] = torch.arange(nd, device=rank.device)
+        assign[:, src] = src_slot
+        count = torch.zeros(batch, n - r, dtype=torch.float32, device=rank.device)
+        count.scatter_add_(1, assign, torch.ones(assign.shape, dtype=torch.float32, device=rank.device))
+        out.append((assign, count.clamp_min_(1).reciprocal_()))
+    return out
+
+
+def assign_slots(rank: torch.Tensor, best_dst: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, n: int,
+                 counts: list[int], *, backend: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`assign_slots_reference` in one Triton launch for up to two counts (the merge and the agents), plus one
+    zero-fill and one reciprocal per count, instead of ~12 launches each."""
+    for r in counts:
+        if not 0 <= r <= src.numel():
+            raise ValueError(f"cannot merge r={r} of {src.numel()} source tokens")
+    backend = resolve_backend(backend, rank.device, ENV_VAR)
+    if backend != "triton" or not 1 <= len(counts) <= 2 or dst.numel() + src.numel() != n:
+        return assign_slots_reference(rank, best_dst, dst, src, n, counts)
+    return _assign_slots_triton(rank, best_dst, dst, src, n, counts)
 
 
 if triton_importable():
@@ -120,3 +152,42 @@ def _best_match_triton(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tenso
         num_warps=4, num_stages=2,
     )
     return best, idx
+
+
+if triton_importable():
+
+    @triton.jit
+    def _assign_kernel(rank_ptr, best_ptr, dst_ptr, src_ptr, a0_ptr, c0_ptr, a1_ptr, c1_ptr, n_tok, n_dst, n_src,
+                       r0, r1, TWO: tl.constexpr, BLOCK: tl.constexpr):
+        b = tl.program_id(1).to(tl.int64)
+        p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        in_dst = p < n_dst
+        in_src = (p >= n_dst) & (p < n_tok)
+        i = tl.where(in_src, p - n_dst, 0)
+        tok = tl.where(in_dst, tl.load(dst_ptr + p, mask=in_dst, other=0),
+                       tl.load(src_ptr + i, mask=in_src, other=0)).to(tl.int64)
+        rk = tl.load(rank_ptr + b * n_src + i, mask=in_src, other=0)
+        bd = tl.load(best_ptr + b * n_src + i, mask=in_src, other=0)
+        valid = in_dst | in_src
+        dst_slot = p.to(tl.int64)
+        slot0 = tl.where(in_dst, dst_slot, tl.where(rk < r0, bd, n_dst + rk - r0))
+        tl.store(a0_ptr + b * n_tok + tok, slot0, mask=valid)
+        tl.atomic_add(c0_ptr + b * (n_tok - r0) + slot0, tl.full((BLOCK,), 1.0, tl.float32), mask=valid)
+        if TWO:
+            slot1 = tl.where(in_dst, dst_slot, tl.where(rk < r1, bd, n_dst + rk - r1))
+            tl.store(a1_ptr + b * n_tok + tok, slot1, mask=valid)
+            tl.atomic_add(c1_ptr + b * (n_tok - r1) + slot1, tl.full((BLOCK,), 1.0, tl.float32), mask=valid)
+
+
+def _assign_slots_triton(rank, best_dst, dst, src, n, counts):
+    batch, ns = rank.shape
+    dev = rank.device
+    assigns = [torch.empty(batch, n, dtype=torch.long, device=dev) for _ in counts]
+    tallies = [torch.zeros(batch, n - r, dtype=torch.float32, device=dev) for r in counts]
+    two = len(counts) == 2
+    block = 1024 if dev.type == "cuda" else 64
+    _assign_kernel[(triton.cdiv(n, block), batch)](
+        rank.contiguous(), best_dst.contiguous(), dst.contiguous(), src.contiguous(), assigns[0], tallies[0],
+        assigns[-1], tallies[-1], n, dst.numel(), ns, counts[0], counts[-1], TWO=two, BLOCK=block)
+    # Tallies are sums of 1.0 (exact integers): the atomics' order does not change them.
+    return [(a, t.reciprocal_()) for a, t in zip(assigns, tallies)]

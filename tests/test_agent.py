@@ -184,13 +184,13 @@ def test_metric_is_the_block_pre_norm_input(monkeypatch):
     diffattn.apply(model, "agent", sx=2, sy=2, schedule="none")
     method = diffattn.api.installed(model).runtime
     seen = {}
-    real = agent_mod.merge_assignment
+    real = agent_mod.merge_plans
 
     def capture(metric, dst, src, counts):
         seen.setdefault("metric", metric)
         return real(metric, dst, src, counts)
 
-    monkeypatch.setattr(agent_mod, "merge_assignment", capture)
+    monkeypatch.setattr(agent_mod, "merge_plans", capture)
     block = model.down_blocks[0].attentions[0].transformer_blocks[0]
     captured = {}
     handle = block.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))

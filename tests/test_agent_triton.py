@@ -19,7 +19,12 @@ pytestmark = pytest.mark.skipif(
 DEV = "cuda" if CUDA and not INTERP else "cpu"
 
 from diffattn.kernels.agent import bipartite_partition, merge_assignment  # noqa: E402
-from diffattn.kernels.bipartite import best_match, best_match_reference  # noqa: E402
+from diffattn.kernels.bipartite import (  # noqa: E402
+    assign_slots,
+    assign_slots_reference,
+    best_match,
+    best_match_reference,
+)
 
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3)] + ([(torch.bfloat16, 1e-2)] if DEV == "cuda" else [])
 
@@ -55,6 +60,24 @@ def test_best_match_ties_pick_the_first_destination_across_tiles():
     _, idx = best_match(metric, dst, src, backend="triton")
     _, ref_idx = best_match_reference(metric, dst, src)
     assert int(ref_idx[0, 5]) == 1 and int(idx[0, 5]) == 1
+
+
+@pytest.mark.parametrize("batch,h,w,sx,sy,counts", [(2, 7, 10, 2, 2, [5, 40]), (1, 9, 13, 3, 2, [0]),
+                                                     (3, 17, 16, 4, 4, [100, 255])])
+def test_assign_slots_matches_reference(batch, h, w, sx, sy, counts):
+    g = torch.Generator().manual_seed(batch + h)
+    dst, src = bipartite_partition(h, w, sx, sy, generator=g, device=DEV)
+    ns = src.numel()
+    counts = [min(c, ns) for c in counts]
+    rank = torch.stack([torch.randperm(ns, generator=g) for _ in range(batch)]).to(DEV)
+    best_dst = torch.randint(dst.numel(), (batch, ns), generator=g).to(DEV)
+    got = assign_slots(rank, best_dst, dst, src, h * w, counts, backend="triton")
+    ref = assign_slots_reference(rank, best_dst, dst, src, h * w, counts)
+    for (a, wt), (b, wr), r in zip(got, ref, counts):
+        assert torch.equal(a, b) and wt.shape == (batch, h * w - r)
+        torch.testing.assert_close(wt, wr, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cannot merge"):
+        assign_slots(rank, best_dst, dst, src, h * w, [ns + 1], backend="triton")
 
 
 def test_merge_assignment_same_with_fused_and_reference_similarity():

@@ -34,9 +34,8 @@ from ..kernels.agent import (
     agent_count,
     bipartite_partition,
     downsample_of,
-    merge,
-    merge_assignment,
     merge_many,
+    merge_plans,
     merged_count,
     pool_agents,
     unmerge,
@@ -239,12 +238,12 @@ class AgentMethod(AttentionMethod):
             log_once("agent-metric", "diffattn agent: no block input recorded for %s (processor used without "
                      "diffattn.apply?); the keys are the similarity metric", call.layer.path)
             metric = call.k.transpose(1, 2).flatten(2)
-        plans = merge_assignment(metric, dst, src, [r, n - agents_n] if use_agents else [r])
-        assign, slots = plans[0]
+        plans = merge_plans(metric, dst, src, [r, n - agents_n] if use_agents else [r])
+        assign, slots, weights = plans[0]
         fp32 = self.config.attn_precision == "fp32"
-        q, k, v = merge_many([call.q, call.k, call.v], assign, slots)
+        q, k, v = merge_many([call.q, call.k, call.v], assign, slots, weights)
         if use_agents:
-            agents = merge(call.q, *plans[1])
+            agents, = merge_many([call.q], *plans[1])
             out = agent_attention(q, k, v, agents, scale=call.scale, broadcast_power=s.k_scale2,
                                   shortcut=s.k_shortcut, fp32=fp32)
         else:
