@@ -19,12 +19,13 @@ Everything is batched `[B, H, S, D]` like `F.scaled_dot_product_attention`; the 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
 from .bipartite import ENV_VAR as BIPARTITE_ENV
-from .bipartite import assign_slots, assign_slots_reference, best_match, best_match_reference
+from .bipartite import assign_slots, assign_slots_reference, best_match
 from .common import resolve_backend, run_with_fallbacks
 
 __all__ = [
@@ -60,14 +61,13 @@ def _ranked_sources(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
                     backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sources ordered by their best cosine similarity to any destination (descending), and each one's best
     destination (a position in `dst`): `(order [B, Ns], best_dst [B, Ns])`. The similarity is `bipartite.best_match`
-    (one fused Triton kernel where it runs; its float32 reference elsewhere)."""
-    resolved = resolve_backend(backend, metric.device, BIPARTITE_ENV)
-    if resolved == "triton":
+    (matmuls in the metric's dtype by default; the fused Triton kernel with backend="triton")."""
+    if backend == "triton" or (backend is None and os.environ.get(BIPARTITE_ENV) == "triton"):
         best, best_dst = run_with_fallbacks("agent best_match", (metric.dtype, metric.shape[-1]), [
             ("triton", lambda: best_match(metric, dst, src, backend="triton")),
-            ("reference", lambda: best_match_reference(metric, dst, src))])
+            ("blocked", lambda: best_match(metric, dst, src, backend="blocked"))])
     else:
-        best, best_dst = best_match_reference(metric, dst, src)
+        best, best_dst = best_match(metric, dst, src, backend=backend)
     order = best.argsort(dim=-1, descending=True, stable=True)
     return order, best_dst
 

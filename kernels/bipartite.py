@@ -7,17 +7,22 @@ rows through the `src`/`dst` index vectors, accumulates the dot products and bot
 tile (tensor cores on fp16/bf16 metrics), and keeps a running max/argmax per source row: one launch, no score matrix.
 
 Backends (the shared vocabulary of `kernels.common`): "triton" (the fused kernel; CUDA, or CPU under
-`TRITON_INTERPRET=1`), "blocked" and "reference" (plain PyTorch in float32, `best_match_reference`). Auto picks
-Triton where it runs; `DIFFATTN_AGENT_BACKEND` sets the default.
+`TRITON_INTERPRET=1`), "blocked" (PyTorch matmuls in the metric's dtype, by chunks of sources: `best_match_blocked`)
+and "reference" (PyTorch in float32, `best_match_reference`). `best_match` defaults to "blocked" (on the H200 the
+cuBLAS matmul beat the fused kernel, see BENCHMARKS.md); `assign_slots` to Triton where it runs.
+`DIFFATTN_AGENT_BACKEND` sets both defaults.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from .common import check_tensors, resolve_backend, triton_importable
 
-__all__ = ["assign_slots", "assign_slots_reference", "best_match", "best_match_reference", "ENV_VAR"]
+__all__ = ["assign_slots", "assign_slots_reference", "best_match", "best_match_blocked", "best_match_reference",
+           "ENV_VAR"]
 
 ENV_VAR = "DIFFATTN_AGENT_BACKEND"
 
@@ -32,6 +37,24 @@ def best_match_reference(metric: torch.Tensor, dst: torch.Tensor, src: torch.Ten
     return best, best_dst
 
 
+def best_match_blocked(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, *,
+                       max_scores: int = 2**28) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch in the metric's dtype (tensor-core matmuls for fp16/bf16, as upstream ToMe), rows normalised in
+    float32 first, the `[B, Ns, Nd]` scores made by chunks of sources so that at most `max_scores` exist at once."""
+    m = metric.float()
+    m = (m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(metric.dtype)
+    a, b = m[:, src], m[:, dst].transpose(1, 2)
+    rows = max(1, max_scores // max(1, metric.shape[0] * dst.numel()))
+    bests, idxs = [], []
+    for start in range(0, src.numel(), rows):
+        best, idx = (a[:, start:start + rows] @ b).max(dim=-1)
+        bests.append(best.float())
+        idxs.append(idx)
+    if len(bests) == 1:
+        return bests[0], idxs[0]
+    return torch.cat(bests, 1), torch.cat(idxs, 1)
+
+
 def best_match(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, *,
                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each source's best destination by cosine similarity of `metric [B, N, C]` rows: `(best [B, Ns] float32,
@@ -41,9 +64,13 @@ def best_match(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, *,
         raise ValueError(f"metric must be [B, N, C], got shape {tuple(metric.shape)}")
     if dst.ndim != 1 or src.ndim != 1 or dst.numel() == 0:
         raise ValueError(f"dst and src must be 1-D index vectors (dst non-empty), got {tuple(dst.shape)}, {tuple(src.shape)}")
+    if backend is None and not os.environ.get(ENV_VAR):
+        backend = "blocked"  # measured faster than the fused kernel so far (BENCHMARKS.md, AgentSD); see docs/agent.md
     backend = resolve_backend(backend, metric.device, ENV_VAR)
-    if backend != "triton" or src.numel() == 0:
+    if backend == "reference" or src.numel() == 0:
         return best_match_reference(metric, dst, src)
+    if backend == "blocked":
+        return best_match_blocked(metric, dst, src)
     return _best_match_triton(metric, dst, src)
 
 
@@ -84,25 +111,18 @@ if triton_importable():
     import triton.language as tl
 
     @triton.jit
-    def _best_match_kernel(m_ptr, dst_ptr, src_ptr, best_ptr, idx_ptr, n_src, n_dst, channels,
+    def _best_match_kernel(m_ptr, inv_ptr, dst_ptr, src_ptr, best_ptr, idx_ptr, n_tok, n_src, n_dst, channels,
                            stride_b, stride_n, stride_c,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            IEEE: tl.constexpr):
         pid_m = tl.program_id(0)
-        b = tl.program_id(1)
-        base = m_ptr + b.to(tl.int64) * stride_b
+        b = tl.program_id(1).to(tl.int64)
+        base = m_ptr + b * stride_b
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n_src
         src_tok = tl.load(src_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        inv_a = tl.load(inv_ptr + b * n_tok + src_tok, mask=row_ok, other=0.0)
         ks = tl.arange(0, BLOCK_K)
-        # Squared norms of this program's source rows (once).
-        ss_a = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, channels, BLOCK_K):
-            k_ok = (k0 + ks) < channels
-            a = tl.load(base + src_tok[:, None] * stride_n + (k0 + ks)[None, :] * stride_c,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            ss_a += tl.sum(a * a, axis=1)
-        inv_a = 1.0 / tl.maximum(tl.sqrt(ss_a), 1e-12)
         run_best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         run_idx = tl.zeros((BLOCK_M,), dtype=tl.int32)
         cols0 = tl.arange(0, BLOCK_N)
@@ -110,21 +130,18 @@ if triton_importable():
             cols = n0 + cols0
             col_ok = cols < n_dst
             dst_tok = tl.load(dst_ptr + cols, mask=col_ok, other=0).to(tl.int64)
+            inv_b = tl.load(inv_ptr + b * n_tok + dst_tok, mask=col_ok, other=0.0)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            ss_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for k0 in range(0, channels, BLOCK_K):
                 k_ok = (k0 + ks) < channels
                 a = tl.load(base + src_tok[:, None] * stride_n + (k0 + ks)[None, :] * stride_c,
                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                bt = tl.load(base + dst_tok[None, :] * stride_n + (k0 + ks)[:, None] * stride_c,
-                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                bb = tl.load(base + dst_tok[:, None] * stride_n + (k0 + ks)[None, :] * stride_c,
+                             mask=col_ok[:, None] & k_ok[None, :], other=0.0)
                 if IEEE:
-                    acc = tl.dot(a, bt, acc, input_precision="ieee")
+                    acc = tl.dot(a, tl.trans(bb), acc, input_precision="ieee")
                 else:
-                    acc = tl.dot(a, bt, acc)
-                bf = bt.to(tl.float32)
-                ss_b += tl.sum(bf * bf, axis=0)
-            inv_b = 1.0 / tl.maximum(tl.sqrt(ss_b), 1e-12)
+                    acc = tl.dot(a, tl.trans(bb), acc)
             cos = acc * inv_a[:, None] * inv_b[None, :]
             cos = tl.where(col_ok[None, :], cos, float("-inf"))
             tile_best = tl.max(cos, axis=1)
@@ -132,7 +149,7 @@ if triton_importable():
             better = tile_best > run_best  # strict: the earlier destination wins a tie, as torch.max's first index
             run_best = tl.where(better, tile_best, run_best)
             run_idx = tl.where(better, tile_idx, run_idx)
-        out = b.to(tl.int64) * n_src + rows
+        out = b * n_src + rows
         tl.store(best_ptr + out, run_best, mask=row_ok)
         tl.store(idx_ptr + out, run_idx.to(tl.int64), mask=row_ok)
 
@@ -142,14 +159,17 @@ def _best_match_triton(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tenso
     ns, nd = src.numel(), dst.numel()
     best = torch.empty(batch, ns, dtype=torch.float32, device=metric.device)
     idx = torch.empty(batch, ns, dtype=torch.long, device=metric.device)
+    # Inverse row norms once (float32), so the kernel's inner loop is only the dot products.
+    inv = torch.linalg.vector_norm(metric.float(), dim=-1).clamp_min_(1e-12).reciprocal_()
     block_k = 64 if channels >= 64 else max(16, triton.next_power_of_2(channels))
-    block_m, block_n = (64, 64) if metric.device.type == "cuda" else (16, 16)
+    cuda = metric.device.type == "cuda"
+    block_m, block_n = (128, 64) if cuda else (16, 16)
     grid = (triton.cdiv(ns, block_m), batch)
     _best_match_kernel[grid](
-        metric, dst.contiguous(), src.contiguous(), best, idx, ns, nd, channels,
+        metric, inv, dst.contiguous(), src.contiguous(), best, idx, metric.shape[1], ns, nd, channels,
         metric.stride(0), metric.stride(1), metric.stride(2),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=metric.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        num_warps=8 if cuda else 4, num_stages=3 if cuda else 1,
     )
     return best, idx
 

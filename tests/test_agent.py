@@ -372,3 +372,18 @@ def test_merge_many_matches_the_reference_per_tensor(shape):
         assert got.dtype == torch.float16 and got.shape == (*shape[:-2], slots, shape[-1])
         torch.testing.assert_close(got, merge_reference(x, assign, slots), rtol=1e-3, atol=1e-3)
     assert merge_many([], assign, slots) == []
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_blocked_similarity_by_chunks_matches_the_reference(dtype, tol):
+    from diffattn.kernels.bipartite import best_match_blocked, best_match_reference
+
+    g = torch.Generator().manual_seed(8)
+    metric = torch.randn(2, 63, 10, generator=g).to(dtype)
+    dst, src = bipartite_partition(7, 9, 3, 2, generator=g)
+    ref_best, ref_idx = best_match_reference(metric, dst, src)
+    for limit in (2**28, 50, 1):  # one chunk, several, one source row at a time
+        best, idx = best_match_blocked(metric, dst, src, max_scores=limit)
+        torch.testing.assert_close(best, ref_best, rtol=tol, atol=tol)
+        if dtype == torch.float32:
+            assert torch.equal(idx, ref_idx)
