@@ -8,8 +8,10 @@ tile (tensor cores on fp16/bf16 metrics), and keeps a running max/argmax per sou
 
 Backends (the shared vocabulary of `kernels.common`): "triton" (the fused kernel; CUDA, or CPU under
 `TRITON_INTERPRET=1`), "blocked" (PyTorch matmuls in the metric's dtype, by chunks of sources: `best_match_blocked`)
-and "reference" (PyTorch in float32, `best_match_reference`). `best_match` defaults to "blocked" (on the H200 the
-cuBLAS matmul beat the fused kernel, see BENCHMARKS.md); `assign_slots` to Triton where it runs.
+and "reference" (PyTorch in float32, `best_match_reference`). `best_match` defaults to "blocked": on the H200 the
+first fused kernel lost even to the float32 cuBLAS matmul (BENCHMARKS.md, AgentSD); the kernel here is its
+second version (precomputed inverse norms, row-major tiles), opt-in until it is measured faster. `assign_slots`
+defaults to Triton where it runs.
 `DIFFATTN_AGENT_BACKEND` sets both defaults.
 """
 
@@ -65,7 +67,7 @@ def best_match(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, *,
     if dst.ndim != 1 or src.ndim != 1 or dst.numel() == 0:
         raise ValueError(f"dst and src must be 1-D index vectors (dst non-empty), got {tuple(dst.shape)}, {tuple(src.shape)}")
     if backend is None and not os.environ.get(ENV_VAR):
-        backend = "blocked"  # measured faster than the fused kernel so far (BENCHMARKS.md, AgentSD); see docs/agent.md
+        backend = "blocked"  # the fused kernel is opt-in until measured faster (module docstring)
     backend = resolve_backend(backend, metric.device, ENV_VAR)
     if backend == "reference" or src.numel() == 0:
         return best_match_reference(metric, dst, src)
