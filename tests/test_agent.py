@@ -184,13 +184,13 @@ def test_metric_is_the_block_pre_norm_input(monkeypatch):
     diffattn.apply(model, "agent", sx=2, sy=2, schedule="none")
     method = diffattn.api.installed(model).runtime
     seen = {}
-    real = agent_mod.merge_assignment
+    real = agent_mod.merge_plans
 
     def capture(metric, dst, src, counts):
         seen.setdefault("metric", metric)
         return real(metric, dst, src, counts)
 
-    monkeypatch.setattr(agent_mod, "merge_assignment", capture)
+    monkeypatch.setattr(agent_mod, "merge_plans", capture)
     block = model.down_blocks[0].attentions[0].transformer_blocks[0]
     captured = {}
     handle = block.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
@@ -328,3 +328,62 @@ def test_dit_variant_matches_reference_on_one_joint_call():
     ref_v = agent_attention_reference(q[:, :, vis], k[:, :, vis], v[:, :, vis], agents, extra_k=k[:, :, :t], extra_v=v[:, :, :t])
     torch.testing.assert_close(out[:, :, vis].double(), ref_v, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[:, :, :t], F.scaled_dot_product_attention(q[:, :, :t], k, v))
+
+
+def test_triton_kernels_under_interpreter():
+    """Runs tests/test_agent_triton.py (the fused best-match kernel) in a fresh process with TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    from interpreter import run_under_interpreter
+
+    run_under_interpreter("test_agent_triton.py")
+
+
+def test_best_match_backends_agree_on_cpu():
+    # Outside the interpreter the CPU runs the reference; the explicit backends are validated.
+    from diffattn.kernels.bipartite import best_match, best_match_reference
+
+    g = torch.Generator().manual_seed(0)
+    metric = torch.randn(2, 30, 8, generator=g)
+    dst, src = bipartite_partition(5, 6, 2, 2, generator=g)
+    ref = best_match_reference(metric, dst, src)
+    for backend in ("blocked", "reference"):
+        best, idx = best_match(metric, dst, src, backend=backend)
+        assert torch.equal(best, ref[0]) and torch.equal(idx, ref[1])
+    best, idx = best_match(metric, dst, src)  # auto: the reference, or the kernel under TRITON_INTERPRET=1
+    torch.testing.assert_close(best, ref[0]) and torch.equal(idx, ref[1])
+    with pytest.raises(ValueError, match="backend"):
+        best_match(metric, dst, src, backend="cuda")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 35, 6), (3, 35, 7)])
+def test_merge_many_matches_the_reference_per_tensor(shape):
+    from diffattn.kernels.agent import merge_many, slot_weights
+
+    g = torch.Generator().manual_seed(7)
+    batch, n = shape[0], shape[-2]
+    dst, src = bipartite_partition(5, 7, 2, 2, generator=g)
+    metric = torch.randn(batch, n, 4, generator=g)
+    (assign, slots), = merge_assignment(metric, dst, src, [9])
+    xs = [torch.randn(*shape, generator=g).to(torch.float16) for _ in range(3)]
+    weights = slot_weights(assign, slots)
+    counts = torch.stack([torch.bincount(a, minlength=slots) for a in assign]).float()
+    torch.testing.assert_close(weights, 1.0 / counts)  # every slot holds its destination or its source
+    for got, x in zip(merge_many(xs, assign, slots, weights), xs):
+        assert got.dtype == torch.float16 and got.shape == (*shape[:-2], slots, shape[-1])
+        torch.testing.assert_close(got, merge_reference(x, assign, slots), rtol=1e-3, atol=1e-3)
+    assert merge_many([], assign, slots) == []
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_blocked_similarity_by_chunks_matches_the_reference(dtype, tol):
+    from diffattn.kernels.bipartite import best_match_blocked, best_match_reference
+
+    g = torch.Generator().manual_seed(8)
+    metric = torch.randn(2, 63, 10, generator=g).to(dtype)
+    dst, src = bipartite_partition(7, 9, 3, 2, generator=g)
+    ref_best, ref_idx = best_match_reference(metric, dst, src)
+    for limit in (2**28, 50, 1):  # one chunk, several, one source row at a time
+        best, idx = best_match_blocked(metric, dst, src, max_scores=limit)
+        torch.testing.assert_close(best, ref_best, rtol=tol, atol=tol)
+        if dtype == torch.float32:
+            assert torch.equal(idx, ref_idx)

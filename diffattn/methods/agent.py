@@ -34,8 +34,8 @@ from ..kernels.agent import (
     agent_count,
     bipartite_partition,
     downsample_of,
-    merge,
-    merge_assignment,
+    merge_many,
+    merge_plans,
     merged_count,
     pool_agents,
     unmerge,
@@ -131,6 +131,7 @@ class AgentMethod(AttentionMethod):
         self._stages = config.stages()
         self._metrics: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
+        self._partitions: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- per forward: the pre-norm metric of each transformer block ------------------------------------------
     def prepare_forward(self, ctx: ForwardContext, arguments: dict[str, Any]) -> None:
@@ -184,10 +185,21 @@ class AgentMethod(AttentionMethod):
         if ctx is not None and key in ctx.extras:
             return ctx.extras[key]
         gen = None
-        if self.config.seed is not None:
-            step = ctx.step_index if ctx is not None else 0
+        seeded = self.config.seed is not None
+        step = ctx.step_index if ctx is not None else 0
+        if seeded:  # a pure function of (seed, step, grid, cells): kept on the device, no host copy per forward
+            cached = self._partitions.get((*key, step))
+            if cached is not None:
+                out = cached
+                if ctx is not None:
+                    ctx.extras[key] = out
+                return out
             gen = torch.Generator().manual_seed(int(self.config.seed) * 1_000_003 + step * 7919 + height * 31 + width)
         out = bipartite_partition(height, width, s.sx, s.sy, generator=gen, device=device)
+        if seeded:
+            if len(self._partitions) >= 512:
+                self._partitions.clear()
+            self._partitions[(*key, step)] = out
         if ctx is not None:
             ctx.extras[key] = out
         return out
@@ -226,12 +238,12 @@ class AgentMethod(AttentionMethod):
             log_once("agent-metric", "diffattn agent: no block input recorded for %s (processor used without "
                      "diffattn.apply?); the keys are the similarity metric", call.layer.path)
             metric = call.k.transpose(1, 2).flatten(2)
-        plans = merge_assignment(metric, dst, src, [r, n - agents_n] if use_agents else [r])
-        assign, slots = plans[0]
+        plans = merge_plans(metric, dst, src, [r, n - agents_n] if use_agents else [r])
+        assign, slots, weights = plans[0]
         fp32 = self.config.attn_precision == "fp32"
-        q, k, v = (merge(t, assign, slots) for t in (call.q, call.k, call.v))
+        q, k, v = merge_many([call.q, call.k, call.v], assign, slots, weights)
         if use_agents:
-            agents = merge(call.q, *plans[1])
+            agents, = merge_many([call.q], *plans[1])
             out = agent_attention(q, k, v, agents, scale=call.scale, broadcast_power=s.k_scale2,
                                   shortcut=s.k_shortcut, fp32=fp32)
         else:
