@@ -93,9 +93,11 @@ def _dropped(drop: float, generator: torch.Generator | None) -> bool:
 def build_inputs(pipe: Any, layouts: list[Layout], prompts: list[str] | None = None, *,
                  references: ShapesReferenceBank | None = None, drop: float = 0.0,
                  generator: torch.Generator | None = None, device: Any = None,
-                 cond_rows: slice | None = None) -> FICGenInputs:
+                 cond_rows: slice | None = None,
+                 reference_images: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> FICGenInputs:
     """`FICGenInputs` for `layouts` (one per conditional row, or one for all): phrases encoded with the pipeline's
-    `encode_prompt` in one batch, pooled features, and reference images when a bank is given."""
+    `encode_prompt` in one batch, pooled features, and reference images: drawn from a bank (`references`), or
+    given as `reference_images=(patches, exemplar)` (already drawn, as the training data workers do)."""
     phrases = [p for lay in layouts for p in lay.phrases]
     embeds = encode_phrases(pipe, phrases, device)
     per_layout, start = [], 0
@@ -103,7 +105,11 @@ def build_inputs(pipe: Any, layouts: list[Layout], prompts: list[str] | None = N
         per_layout.append(embeds[start : start + len(lay.instances)])
         start += len(lay.instances)
     patches = exemplar = None
-    if references is not None:
+    if reference_images is not None:
+        if references is not None:
+            raise ValueError("build_inputs: give references (a bank) or reference_images, not both")
+        patches, exemplar = reference_images
+    elif references is not None:
         patches, exemplar = references.references(layouts, prompts or [""] * len(layouts), drop, generator)
     inputs = FICGenInputs.from_layouts(layouts, per_layout, patches=patches, exemplar=exemplar, cond_rows=cond_rows)
     inputs.phrase_pooled = pooled(inputs.phrase_embeds)
