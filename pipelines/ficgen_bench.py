@@ -74,7 +74,8 @@ def random_layouts(n: int, seed: int = 0, mode: str = "grid") -> list[dict[str, 
                    for c, s, p in zip(cols, shapes, names)]
         prompt = f"{' and '.join(phrases)} on a {background} background"
         layout = Layout(tuple(Instance(p, box=b) for p, b in zip(phrases, boxes)))
-        items.append({"prompt": prompt, "layout": layout, "targets": list(zip(cols, shapes, boxes))})
+        items.append({"prompt": prompt, "layout": layout, "targets": list(zip(cols, shapes, boxes)),
+                      "background": f"a {background} background"})
     return items
 
 
@@ -125,10 +126,18 @@ def generate(pipe: Any, items: list[dict[str, Any]], variant: str, *, weights: A
         chunk = items[start : start + batch]
         prompts = [it["prompt"] for it in chunk]
         kwargs: dict[str, Any] = {}
+        opts = dict(options or {})
+        exemplar = opts.pop("exemplar", None)  # "composite": the exemplar K/V path with the bank's composites
+        named = opts.pop("background", None)  # the layouts name their background phrase ("a gray background")
+        layouts = [it["layout"] for it in chunk]
+        if named:
+            layouts = [Layout(lay.instances, background=it["background"]) for lay, it in zip(layouts, chunk)]
         if variant != "stock":
-            inputs = build_inputs(pipe, [it["layout"] for it in chunk], prompts,
-                                  references=references if variant == "trained" else None, device=pipe.device)
-            apply(pipe, "ficgen", **(options or {}))
+            bank = references if variant == "trained" or exemplar else None
+            if exemplar and bank is None:
+                bank = references = ShapesReferenceBank()
+            inputs = build_inputs(pipe, layouts, prompts, references=bank, device=pipe.device, exemplar=exemplar)
+            apply(pipe, "ficgen", **opts)
             if variant == "trained":
                 installed(pipe.unet).runtime.attach_modules(weights)
             kwargs["cross_attention_kwargs"] = {"ficgen": inputs}
@@ -293,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             label, _, folder = spec.rpartition("=") if "=" in spec else ("", "", spec)
             weights[label] = load_modules(folder, args.device)
         refs = ShapesReferenceBank() if weights else None
-        extra = [parse_method_options("ficgen", [p for p in spec.split(";") if p]) for spec in args.also]
+        extra = [_variant_options(spec) for spec in args.also]
         header = f"{'set/variant':<44} {'instances':>9} {'mass in box':>11} {'colour hit':>10} {'shape hit':>9}"
 
         def row(key: str, v: dict[str, Any]) -> str:
@@ -326,6 +335,20 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2, default=str)
     return 0
+
+
+def _variant_options(spec: str) -> dict[str, Any]:
+    """`"alpha=1;beta=2"` -> ficgen options. The bench's own keys: `exemplar=composite` (the exemplar K/V path fed
+    with the drawn-shapes bank's composites) and `background=1` (each layout names its background phrase)."""
+    from ..generate import parse_method_options
+
+    parts = [p for p in spec.split(";") if p]
+    own = {k.strip(): v.strip() for k, _, v in (p.partition("=") for p in parts) if k.strip() in ("exemplar", "background")}
+    if own.get("exemplar", "composite") != "composite" or own.get("background", "1") != "1":
+        raise SystemExit(f"diffattn bench layout: --also accepts exemplar=composite and background=1, got {own}")
+    options = parse_method_options("ficgen", [p for p in parts if p.partition("=")[0].strip() not in own])
+    return {**({"exemplar": "composite"} if "exemplar" in own else {}),
+            **({"background": True} if "background" in own else {}), **options}
 
 
 def _picture(images: dict[str, torch.Tensor], path: str) -> None:

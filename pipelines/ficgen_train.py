@@ -254,6 +254,19 @@ class Trainer:
         return save_modules(self.modules, folder or self.out, extra=record)
 
 
+def loss_curve(log: list[dict[str, float]], parts: int = 10) -> list[tuple[int, int, float]]:
+    """The loss curve in `parts` equal stretches of steps: (first step, last step, mean loss) each (the per-step
+    SD loss is dominated by the random timesteps, so only means over many steps show the trend)."""
+    if not log:
+        return []
+    n = len(log)
+    out = []
+    for i in range(min(parts, n)):
+        chunk = log[i * n // min(parts, n):(i + 1) * n // min(parts, n)]
+        out.append((int(chunk[0]["step"]), int(chunk[-1]["step"]), sum(e["loss"] for e in chunk) / len(chunk)))
+    return out
+
+
 def write_card(folder: str | os.PathLike, record: dict[str, Any]) -> Path:
     """A model card `README.md` for the shipped modules."""
     folder = Path(folder)
@@ -277,6 +290,13 @@ Load with `diffattn.apply(pipe, "ficgen", weights="assets/{folder.name}")` or
 - Loss (SD loss of the frozen UNet with the modules): mean of the first 50 steps {first:.4f}, of the last 50
   {last:.4f}.
 - Files: `ficgen_modules.safetensors` (fp16) and `ficgen_modules.json`, {size / 2**20:.2f} MiB in all.
+
+Loss curve (mean SD loss per tenth of the run):
+
+| steps | mean loss |
+|---|---|
+""" + "".join(f"| {a}-{b} | {m:.4f} |\n" for a, b, m in loss_curve(log)) + f"""
+
 - Limits: trained for minutes on synthetic shapes only; it knows the demo vocabulary's colours and shapes, nothing
   else. Accuracy against the training-free variant is in BENCHMARKS.md (FICGen layout accuracy).
 """

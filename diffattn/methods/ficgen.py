@@ -59,7 +59,9 @@ class FICGenInputs:
     marks the real ones); `b` is 1 (all conditional rows share the layout) or the number of conditional rows.
     `phrase_pooled` `[b, n, D]` / `global_pooled` `[b, D]`, `patches` `[b, n, 3, r, r]` and `exemplar`
     `[b, 3, r, r]` feed the trained modules only. `cond_rows` says which batch rows are conditional (None: the CFG
-    rule of the method). The exemplar K/V path (`diffattn.methods.ficgen_exemplar`) needs `exemplar_latents`
+    rule of the method). `background_embeds` `[b, L, D]`: the layouts' background phrases encoded like prompts
+    (zeros where a layout has none; `Layout.background`), attended by the background cells instead of the prompt.
+    The exemplar K/V path (`diffattn.methods.ficgen_exemplar`) needs `exemplar_latents`
     `[1 or b, C, h, w]` (the VAE's clean latents of an exemplar image laid out like the layout), `alphas_cumprod` of
     the sampler's training schedule and optionally `exemplar_noise` (else a fixed seeded noise).
     """
@@ -73,6 +75,7 @@ class FICGenInputs:
     patches: torch.Tensor | None = None
     exemplar: torch.Tensor | None = None
     cond_rows: slice | None = None
+    background_embeds: torch.Tensor | None = None
     exemplar_latents: torch.Tensor | None = None
     alphas_cumprod: torch.Tensor | None = None
     exemplar_noise: torch.Tensor | None = None
@@ -85,6 +88,9 @@ class FICGenInputs:
             raise ValueError(
                 f"phrase_embeds must be [layouts={b}, instances={n}, L, D], got {tuple(self.phrase_embeds.shape)}"
             )
+        if self.background_embeds is not None and (self.background_embeds.ndim != 3
+                                                   or self.background_embeds.shape[0] != b):
+            raise ValueError(f"background_embeds must be [layouts={b}, L, D], got {tuple(self.background_embeds.shape)}")
         if self.exemplar_latents is not None:
             e = self.exemplar_latents
             if e.ndim != 4 or e.shape[0] not in (1, b):
@@ -117,6 +123,11 @@ class FICGenInputs:
             valid[j, : emb.shape[0]] = True
             boxes[j, : emb.shape[0]] = torch.tensor(lay.boxes, device=first.device)
         return cls(list(layouts), padded, valid, boxes, **kwargs)
+
+    @property
+    def has_background(self) -> torch.Tensor:
+        """`[b]` bool: which layouts name a background phrase."""
+        return torch.tensor([lay.background is not None for lay in self.layouts])
 
     @property
     def num_instances(self) -> int:
@@ -162,12 +173,16 @@ def from_grid(x: torch.Tensor) -> torch.Tensor:
 def frequency_composite(
     global_out: torch.Tensor, phrase_out: torch.Tensor, maps: torch.Tensor, grid: tuple[int, int], *,
     rho: float = 0.35, alpha: float = 0.5, beta: float = 1.0, band: str = "square", instance_weight: float = 10.0,
+    background_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FICGen's training-free composite of attention outputs.
 
     `global_out` `[b, H, S, D]` (prompt), `phrase_out` `[b, n, H, S, D]` (per phrase), `maps` `[b, n, S]` soft
     occupancy (0 for padded instances). Returns `[b, H, S, D]`:
-    `(O_0 + sum_i w M_i Y_i) / (1 + sum_i w M_i)`, `Y_i = (1 - alpha) LP(O_0) + alpha LP(O_i) + beta HP(O_i)`.
+    `(B + sum_i w M_i Y_i) / (1 + sum_i w M_i)`, `Y_i = (1 - alpha) LP(O_0) + alpha LP(O_i) + beta HP(O_i)`, with
+    `B = O_0`, or with a background phrase's output `background_out` `[b, H, S, D]`:
+    `B = M_bg O_bg + (1 - M_bg) O_0` (`M_bg = 1 - max_i M_i`), so background cells attend the background phrase
+    instead of a prompt that names every instance.
     """
     h, w = grid
     g = to_grid(global_out.float(), h, w)
@@ -177,7 +192,12 @@ def frequency_composite(
     y = (1 - alpha) * low0.unsqueeze(1) + alpha * low_i + beta * high_i  # [b, n, H, D, h, w]
     y = from_grid(y)  # [b, n, H, S, D]
     weight = instance_weight * maps.float()[:, :, None, :, None]  # [b, n, 1, S, 1]
-    out = (global_out.float() + (weight * y).sum(1)) / (1 + weight.sum(1))
+    base = global_out.float()
+    if background_out is not None:
+        m_bg = (1.0 - maps.float().amax(dim=1)) if maps.shape[1] else maps.new_ones(maps.shape[0], maps.shape[2])
+        m_bg = m_bg[:, None, :, None]
+        base = m_bg * background_out.float() + (1 - m_bg) * base
+    out = (base + (weight * y).sum(1)) / (1 + weight.sum(1))
     return out.to(global_out.dtype)
 
 
@@ -333,6 +353,8 @@ class FICGenMethod(AttentionMethod):
             )
         embeds = encode_phrases(pipe, layout.phrases, device).to(dtype)
         extra: dict[str, Any] = {}
+        if layout.background is not None:
+            extra["background_embeds"] = encode_phrases(pipe, [layout.background], device).to(dtype)
         if self.config.exemplar_image is not None and self.config.exemplar_scale > 0:
             from .ficgen_exemplar import encode_exemplar, load_exemplar_image
 
@@ -481,10 +503,21 @@ class FICGenMethod(AttentionMethod):
             mixed = layer_module(call.hidden_states[rows].to(pd), global_out.to(pd), phrase_out.to(pd), maps.to(pd),
                                  tokens, hw)
         else:
+            background_out = None
+            if inputs.background_embeds is not None and bool(inputs.has_background.any()):
+                bk, bv = call.project_kv(inputs.background_embeds.to(device=q.device, dtype=k.dtype))
+                if b == 1 and nc > 1:
+                    bk, bv = bk.expand(nc, -1, -1, -1), bv.expand(nc, -1, -1, -1)
+                background_out = F.scaled_dot_product_attention(q[rows], bk, bv, scale=call.scale)
+                has = inputs.has_background.to(q.device)
+                if b == 1 and nc > 1:
+                    has = has.expand(nc)
+                background_out = torch.where(has[:, None, None, None], background_out, global_out)
             with torch.autocast(q.device.type, enabled=False):  # FFTs have no bf16 kernels
                 mixed = frequency_composite(
                     global_out, phrase_out, maps, hw, rho=self.config.rho, alpha=self.config.alpha,
                     beta=self.config.beta, band=self.config.band, instance_weight=self.config.instance_weight,
+                    background_out=background_out,
                 )
         out = dense.clone()
         out[rows] = mixed.to(dense.dtype)
