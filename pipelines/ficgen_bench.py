@@ -154,7 +154,7 @@ def layout_accuracy(pipe: Any, *, weights: Any = None, n: int = 64, steps: int =
                     modes: tuple[str, ...] = ("grid", "free"), options: dict[str, Any] | None = None,
                     references: ShapesReferenceBank | None = None,
                     extra_free: list[dict[str, Any]] | None = None,
-                    progress: Any = None) -> dict[str, Any]:
+                    progress: Any = None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Scores per `set/variant`; `extra_free` adds training-free variants with other options (`free[k=v,...]`);
     `weights`: trained modules, or a dict label -> modules (one trained variant each, `trained[label]`)."""
     results: dict[str, Any] = {}
@@ -166,6 +166,7 @@ def layout_accuracy(pipe: Any, *, weights: Any = None, n: int = 64, steps: int =
     trained = weights if isinstance(weights, dict) else {} if weights is None else {"": weights}
     for name, modules in trained.items():
         variants.append((f"trained[{name}]" if name else "trained", "trained", options or {}, modules))
+    variants = [v for v in variants if v[0] not in skip]
     for mode in modes:
         items = random_layouts(n, seed=seed, mode=mode)
         for label, variant, opts, modules in variants:
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds (--overhead)")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the layout accuracy (with --model)")
     parser.add_argument("--modes", default="grid,free", help="layout sets: grid, free or both (default)")
+    parser.add_argument("--skip", default="", help="variants to leave out, e.g. 'stock,free' (measured before)")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="training-free ficgen option")
     parser.add_argument("--also", action="append", default=[], metavar="K=V;K=V",
                         help="another training-free variant with these options (repeatable), e.g. 'alpha=1;beta=2'")
@@ -313,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         acc = layout_accuracy(pipe, weights=weights or None, n=args.n, steps=args.steps, seed=args.seed,
                               options=options, references=refs, extra_free=extra,
                               modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
-                              progress=lambda key, v: print(row(key, v) + f"  ({v['seconds']:.1f} s)", flush=True))
+                              progress=lambda key, v: print(row(key, v) + f"  ({v['seconds']:.1f} s)", flush=True),
+                              skip=tuple(x.strip() for x in args.skip.split(",") if x.strip()))
         if args.grid_png:
             _picture({k: v.pop("_images") for k, v in acc.items()}, args.grid_png)
         else:
