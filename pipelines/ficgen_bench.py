@@ -74,7 +74,8 @@ def random_layouts(n: int, seed: int = 0, mode: str = "grid") -> list[dict[str, 
                    for c, s, p in zip(cols, shapes, names)]
         prompt = f"{' and '.join(phrases)} on a {background} background"
         layout = Layout(tuple(Instance(p, box=b) for p, b in zip(phrases, boxes)))
-        items.append({"prompt": prompt, "layout": layout, "targets": list(zip(cols, shapes, boxes))})
+        items.append({"prompt": prompt, "layout": layout, "targets": list(zip(cols, shapes, boxes)),
+                      "background": f"a {background} background"})
     return items
 
 
@@ -125,10 +126,18 @@ def generate(pipe: Any, items: list[dict[str, Any]], variant: str, *, weights: A
         chunk = items[start : start + batch]
         prompts = [it["prompt"] for it in chunk]
         kwargs: dict[str, Any] = {}
+        opts = dict(options or {})
+        exemplar = opts.pop("exemplar", None)  # "composite": the exemplar K/V path with the bank's composites
+        named = opts.pop("background", None)  # the layouts name their background phrase ("a gray background")
+        layouts = [it["layout"] for it in chunk]
+        if named:
+            layouts = [Layout(lay.instances, background=it["background"]) for lay, it in zip(layouts, chunk)]
         if variant != "stock":
-            inputs = build_inputs(pipe, [it["layout"] for it in chunk], prompts,
-                                  references=references if variant == "trained" else None, device=pipe.device)
-            apply(pipe, "ficgen", **(options or {}))
+            bank = references if variant == "trained" or exemplar else None
+            if exemplar and bank is None:
+                bank = references = ShapesReferenceBank()
+            inputs = build_inputs(pipe, layouts, prompts, references=bank, device=pipe.device, exemplar=exemplar)
+            apply(pipe, "ficgen", **opts)
             if variant == "trained":
                 installed(pipe.unet).runtime.attach_modules(weights)
             kwargs["cross_attention_kwargs"] = {"ficgen": inputs}
@@ -144,24 +153,31 @@ def generate(pipe: Any, items: list[dict[str, Any]], variant: str, *, weights: A
 def layout_accuracy(pipe: Any, *, weights: Any = None, n: int = 64, steps: int = 20, seed: int = 0,
                     modes: tuple[str, ...] = ("grid", "free"), options: dict[str, Any] | None = None,
                     references: ShapesReferenceBank | None = None,
-                    extra_free: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Scores per `set/variant`; `extra_free` adds training-free variants with other options (`free[k=v,...]`)."""
+                    extra_free: list[dict[str, Any]] | None = None,
+                    progress: Any = None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Scores per `set/variant`; `extra_free` adds training-free variants with other options (`free[k=v,...]`);
+    `weights`: trained modules, or a dict label -> modules (one trained variant each, `trained[label]`)."""
     results: dict[str, Any] = {}
-    variants: list[tuple[str, str, dict[str, Any]]] = [("stock", "stock", {}), ("free", "free", options or {})]
+    variants: list[tuple[str, str, dict[str, Any], Any]] = [("stock", "stock", {}, None),
+                                                            ("free", "free", options or {}, None)]
     for extra in extra_free or []:
         label = "free[" + ",".join(f"{k}={v}" for k, v in extra.items()) + "]"
-        variants.append((label, "free", {**(options or {}), **extra}))
-    if weights is not None:
-        variants.append(("trained", "trained", options or {}))
+        variants.append((label, "free", {**(options or {}), **extra}, None))
+    trained = weights if isinstance(weights, dict) else {} if weights is None else {"": weights}
+    for name, modules in trained.items():
+        variants.append((f"trained[{name}]" if name else "trained", "trained", options or {}, modules))
+    variants = [v for v in variants if v[0] not in skip]
     for mode in modes:
         items = random_layouts(n, seed=seed, mode=mode)
-        for label, variant, opts in variants:
+        for label, variant, opts, modules in variants:
             start = time.perf_counter()
-            imgs = generate(pipe, items, variant, weights=weights, steps=steps, seed=seed, references=references,
+            imgs = generate(pipe, items, variant, weights=modules, steps=steps, seed=seed, references=references,
                             options=opts)
             results[f"{mode}/{label}"] = {**summarise(score(imgs, items)), "seconds": time.perf_counter() - start,
                                           "options": opts}
             results[f"{mode}/{label}"]["_images"] = imgs[:8]
+            if progress is not None:  # e.g. print each row as it is measured (a cut-off run keeps what it had)
+                progress(f"{mode}/{label}", results[f"{mode}/{label}"])
     return results
 
 
@@ -179,62 +195,92 @@ def sd15_unet(device: str, dtype: torch.dtype):
     return unet.to(dtype).eval()
 
 
-def overhead(device: str = "cuda", dtype: torch.dtype = torch.float16, instances: int = 3) -> list[dict[str, Any]]:
-    """Median time of one SD1.5 UNet forward at 512x512 (batch 2: uncond + cond), stock vs ficgen variants."""
-    import triton.testing
+def overhead(device: str = "cuda", dtype: torch.dtype = torch.float16, instances: int = 3, rounds: int = 12,
+             steps_per_round: int = 5, seed: int = 0) -> list[dict[str, Any]]:
+    """Time of one SD1.5 UNet forward at 512x512 (batch 2: uncond + cond), stock vs ficgen variants.
 
+    Interleaved: `rounds` rounds, each visiting every variant in a fresh random order (install, 2 untimed warm-up
+    forwards, then `steps_per_round` forwards each timed with its own pair of CUDA events, remove), so slow drifts
+    of the machine (clocks, other work) fall on every variant alike. Per variant: median, 10th/90th percentile and
+    the spread between them over all timed forwards, and the median of the per-round ratios to stock."""
     from ..methods.ficgen import FICGenInputs
     from ..methods.ficgen_modules import FICGenModules
 
     unet = sd15_unet(device, dtype)
-    sample = torch.randn(2, 4, 64, 64, device=device, dtype=dtype)
-    text = torch.randn(2, 77, 768, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    sample = torch.randn(2, 4, 64, 64, device=device, dtype=dtype, generator=g)
+    text = torch.randn(2, 77, 768, device=device, dtype=dtype, generator=g)
     t = torch.tensor(500, device=device)
     boxes = [(0.05, 0.1, 0.45, 0.6), (0.5, 0.05, 0.95, 0.45), (0.3, 0.55, 0.8, 0.95)][:instances]
     layout = Layout(tuple(Instance(f"thing {i}", box=b) for i, b in enumerate(boxes)))
-    inputs = FICGenInputs.from_layouts(layout, torch.randn(instances, 77, 768, device=device, dtype=dtype),
-                                       cond_rows=slice(1, 2))
-    variants = [
-        ("stock (AttnProcessor2_0)", None, {}),
-        ("ficgen training-free, mid+up1", {}, {}),
-        ("ficgen training-free, mid+up1, attn1 bias", {"self_attention_bias": 4.0}, {}),
-        ("ficgen training-free, all layers", {"layers": "all"}, {}),
-        ("ficgen trained modules (random init), mid+up1", {}, {"modules": True}),
+    inputs = FICGenInputs.from_layouts(layout, torch.randn(instances, 77, 768, device=device, dtype=dtype,
+                                                           generator=g), cond_rows=slice(1, 2))
+    modules = FICGenModules.for_unet(unet, "mid,up1").to(device).eval()
+    variants: list[tuple[str, dict[str, Any] | None, bool]] = [
+        ("stock (AttnProcessor2_0)", None, False),
+        ("ficgen training-free, mid+up1", {}, False),
+        ("ficgen training-free, mid+up1, attn1 bias", {"self_attention_bias": 4.0}, False),
+        ("ficgen training-free, all layers", {"layers": "all"}, False),
+        ("ficgen trained modules (random init), mid+up1", {}, True),
     ]
+    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    per_round: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    order_g = torch.Generator().manual_seed(seed)
+    for _ in range(rounds):
+        for j in torch.randperm(len(variants), generator=order_g).tolist():
+            name, options, trained = variants[j]
+            if options is not None:
+                apply(unet, "ficgen", **options)
+                if trained:
+                    installed(unet).runtime.attach_modules(modules)
+            kwargs = {} if options is None else {"cross_attention_kwargs": {"ficgen": inputs}}
+            try:
+                with torch.no_grad():
+                    for _ in range(2):
+                        unet(sample, t, encoder_hidden_states=text, **kwargs)
+                    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                              for _ in range(steps_per_round)]
+                    for start, end in events:
+                        start.record()
+                        unet(sample, t, encoder_hidden_states=text, **kwargs)
+                        end.record()
+                    torch.cuda.synchronize()
+            finally:
+                if options is not None:
+                    remove(unet)
+            ms = [start.elapsed_time(end) for start, end in events]
+            times[name] += ms
+            per_round[name].append(_quantile(ms, 0.5))
     rows = []
-    for name, options, extra in variants:
-        if options is not None:
-            apply(unet, "ficgen", **options)
-            if extra.get("modules"):
-                modules = FICGenModules.for_unet(unet, "mid,up1").to(device).eval()
-                installed(unet).runtime.attach_modules(modules)
-        kwargs = {} if options is None else {"cross_attention_kwargs": {"ficgen": inputs}}
-
-        def step():
-            with torch.no_grad():
-                unet(sample, t, encoder_hidden_states=text, **kwargs)
-
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        ms = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
-        rows.append({"variant": name, "ms": ms})
-        remove(unet)
-    base = rows[0]["ms"]
-    for r in rows:
-        r["vs_stock"] = r["ms"] / base
+    base = per_round[variants[0][0]]
+    for name, _, _ in variants:
+        ms = times[name]
+        p10, med, p90 = _quantile(ms, 0.1), _quantile(ms, 0.5), _quantile(ms, 0.9)
+        ratios = [a / b for a, b in zip(per_round[name], base)]
+        rows.append({"variant": name, "ms": med, "p10": p10, "p90": p90, "spread": (p90 - p10) / med,
+                     "forwards": len(ms), "vs_stock": _quantile(ratios, 0.5),
+                     "vs_stock_p10": _quantile(ratios, 0.1), "vs_stock_p90": _quantile(ratios, 0.9)})
     return rows
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffattn bench layout", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="the UNet demo model folder (layout accuracy)")
-    parser.add_argument("--weights", default=None, help="trained FICGen modules folder (adds the trained variant)")
+    parser.add_argument("--weights", action="append", default=[], metavar="[LABEL=]FOLDER",
+                        help="trained FICGen modules folder (adds a trained variant; repeatable, e.g. old=... new=...)")
     parser.add_argument("--n", type=int, default=64, help="layouts per set (default 64)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--overhead", action="store_true", help="also time the SD1.5 UNet step (GPU)")
+    parser.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds (--overhead)")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the layout accuracy (with --model)")
+    parser.add_argument("--modes", default="grid,free", help="layout sets: grid, free or both (default)")
+    parser.add_argument("--skip", default="", help="variants to leave out, e.g. 'stock,free' (measured before)")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="training-free ficgen option")
     parser.add_argument("--also", action="append", default=[], metavar="K=V;K=V",
                         help="another training-free variant with these options (repeatable), e.g. 'alpha=1;beta=2'")
@@ -247,39 +293,65 @@ def main(argv: list[str] | None = None) -> int:
     record: dict[str, Any] = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if
                               torch.cuda.is_available() else "cpu", "date": time.strftime("%Y-%m-%d"),
                               "options": options, "n": args.n, "steps": args.steps}
-    if args.model:
+    if args.model and not args.no_accuracy:
         from ..generate import load_pipeline
         from ..methods.ficgen_modules import load_modules
 
         pipe = load_pipeline(args.model, dtype="fp32", device=args.device)
         pipe.set_progress_bar_config(disable=True)
-        weights = load_modules(args.weights, args.device) if args.weights else None
-        refs = ShapesReferenceBank() if weights is not None else None
-        extra = [parse_method_options("ficgen", [p for p in spec.split(";") if p]) for spec in args.also]
-        acc = layout_accuracy(pipe, weights=weights, n=args.n, steps=args.steps, seed=args.seed, options=options,
-                              references=refs, extra_free=extra)
+        weights = {}
+        for spec in args.weights:
+            label, _, folder = spec.rpartition("=") if "=" in spec else ("", "", spec)
+            weights[label] = load_modules(folder, args.device)
+        refs = ShapesReferenceBank() if weights else None
+        extra = [_variant_options(spec) for spec in args.also]
+        header = f"{'set/variant':<44} {'instances':>9} {'mass in box':>11} {'colour hit':>10} {'shape hit':>9}"
+
+        def row(key: str, v: dict[str, Any]) -> str:
+            return (f"{key:<44} {v['instances']:>9} {v['mass_in_box']:>11.3f} {v['colour_hit']:>10.3f} "
+                    f"{v['shape_hit']:>9.3f}")
+
+        print(header, flush=True)
+        acc = layout_accuracy(pipe, weights=weights or None, n=args.n, steps=args.steps, seed=args.seed,
+                              options=options, references=refs, extra_free=extra,
+                              modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+                              progress=lambda key, v: print(row(key, v) + f"  ({v['seconds']:.1f} s)", flush=True),
+                              skip=tuple(x.strip() for x in args.skip.split(",") if x.strip()))
         if args.grid_png:
             _picture({k: v.pop("_images") for k, v in acc.items()}, args.grid_png)
         else:
             for v in acc.values():
                 v.pop("_images")
         record["layout_accuracy"] = acc
-        print(f"{'set/variant':<44} {'instances':>9} {'mass in box':>11} {'colour hit':>10} {'shape hit':>9}")
-        for key, v in acc.items():
-            print(f"{key:<44} {v['instances']:>9} {v['mass_in_box']:>11.3f} {v['colour_hit']:>10.3f} {v['shape_hit']:>9.3f}")
     if args.overhead:
         import triton
 
-        rows = overhead(args.device)
+        rows = overhead(args.device, rounds=args.rounds)
         record["overhead"] = rows
         record["triton"] = triton.__version__
-        print(f"{'SD1.5 UNet forward, 512x512, batch 2, fp16':<48} {'ms':>8} {'x stock':>8}")
+        print(f"{'SD1.5 UNet forward, 512x512, batch 2, fp16':<48} {'median ms':>9} {'p10-p90':>13} {'x stock':>6}"
+              f" {'(p10-p90)':>11}")
         for r in rows:
-            print(f"{r['variant']:<48} {r['ms']:>8.2f} {r['vs_stock']:>8.2f}")
+            print(f"{r['variant']:<48} {r['ms']:>9.2f} {r['p10']:>6.2f}-{r['p90']:<6.2f} {r['vs_stock']:>6.3f}"
+                  f" {r['vs_stock_p10']:>5.3f}-{r['vs_stock_p90']:<5.3f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2, default=str)
     return 0
+
+
+def _variant_options(spec: str) -> dict[str, Any]:
+    """`"alpha=1;beta=2"` -> ficgen options. The bench's own keys: `exemplar=composite` (the exemplar K/V path fed
+    with the drawn-shapes bank's composites) and `background=1` (each layout names its background phrase)."""
+    from ..generate import parse_method_options
+
+    parts = [p for p in spec.split(";") if p]
+    own = {k.strip(): v.strip() for k, _, v in (p.partition("=") for p in parts) if k.strip() in ("exemplar", "background")}
+    if own.get("exemplar", "composite") != "composite" or own.get("background", "1") != "1":
+        raise SystemExit(f"diffattn bench layout: --also accepts exemplar=composite and background=1, got {own}")
+    options = parse_method_options("ficgen", [p for p in parts if p.partition("=")[0].strip() not in own])
+    return {**({"exemplar": "composite"} if "exemplar" in own else {}),
+            **({"background": True} if "background" in own else {}), **options}
 
 
 def _picture(images: dict[str, torch.Tensor], path: str) -> None:

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..api import apply, installed, remove
-from ..layout import Instance, Layout
+from ..layout import Instance, Layout, occupancy
 from ..methods.ficgen_modules import FICGenModules, save_modules
 from .layout import ShapesReferenceBank, build_inputs
 
@@ -50,8 +50,11 @@ class TrainConfig:
     size: int = 128
     minutes: float | None = None
     bf16: bool = True
+    workers: int = 0  # data worker processes (0: in the training process); the batches are the same either way
 
     def __post_init__(self) -> None:
+        if int(self.workers) < 0:
+            raise ValueError(f"TrainConfig.workers must be >= 0, got {self.workers!r}")
         for name in ("steps", "batch", "checkpoint_every", "size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -71,6 +74,55 @@ def scene_data(size: int) -> Data:
         return pixels, prompts, layouts
 
     return data
+
+
+@dataclass
+class StepBatch:
+    """Everything random about one training step, drawn on the CPU from the generator seeded by (seed, step)."""
+
+    pixels: torch.Tensor
+    prompts: list[str]
+    layouts: list[Layout]
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    patches: torch.Tensor | None
+    exemplar: torch.Tensor | None
+    maps: dict[tuple[int, int], torch.Tensor]
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """`dataset[step]` -> the `StepBatch` of that step. A pure function of (seed, step), so data-loader workers
+    (`TrainConfig.workers`) prefetch the same batches the training process would draw itself, in any order, and a
+    resumed run continues exactly."""
+
+    def __init__(self, cfg: TrainConfig, data: Data, references: ShapesReferenceBank | None, num_train_timesteps: int,
+                 latent_shape: tuple[int, ...], grids: list[tuple[int, int]]) -> None:
+        self.cfg, self.data, self.references = cfg, data, references
+        self.num_train_timesteps, self.latent_shape, self.grids = num_train_timesteps, latent_shape, grids
+
+    def __len__(self) -> int:
+        return self.cfg.steps
+
+    def __getitem__(self, step: int) -> StepBatch:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + int(step))
+        pixels, prompts, layouts = self.data(self.cfg.batch, g, torch.device("cpu"))
+        t = torch.randint(0, self.num_train_timesteps, (pixels.shape[0],), generator=g)
+        noise = torch.randn((pixels.shape[0], *self.latent_shape), generator=g)
+        patches = exemplar = None
+        if self.references is not None:
+            patches, exemplar = self.references.references(layouts, prompts, self.cfg.reference_drop, g)
+        n = max(len(lay.instances) for lay in layouts)
+        maps = {}
+        for h, w in self.grids:  # the occupancy rasters of every level, off the training process
+            out = torch.zeros(len(layouts), n, h, w)
+            for j, lay in enumerate(layouts):
+                out[j, : len(lay.instances)] = occupancy(lay, h, w)
+            maps[(h, w)] = out
+        return StepBatch(pixels.cpu(), list(prompts), list(layouts), t, noise, patches, exemplar, maps)
+
+
+def _no_collate(batch: StepBatch) -> StepBatch:
+    return batch
 
 
 class Trainer:
@@ -97,6 +149,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.modules.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.step = 0
         self.log: list[dict[str, float]] = []
+        with torch.no_grad():  # the latent shape of one image, for the noise drawn with each batch
+            probe = torch.zeros(1, 3, self.cfg.size, self.cfg.size, device=self.device, dtype=pipe.vae.dtype)
+            latent_shape = tuple(pipe.vae.encode(probe).latent_dist.mode().shape[1:])
+        grids = [(max(1, latent_shape[-2] >> k), max(1, latent_shape[-1] >> k)) for k in range(4)]
+        self.batches = StepBatches(self.cfg, self.data, self.references, self.scheduler.config.num_train_timesteps,
+                                   latent_shape, grids)
         self._resume()
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
@@ -121,49 +179,55 @@ class Trainer:
         logger.info("ficgen_train: resumed from %s at step %d", path, self.step)
 
     # ---- one step -----------------------------------------------------------------------------------------------
-    def _batch(self, step: int):
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        pixels, prompts, layouts = self.data(self.cfg.batch, g, self.device)
-        pixels = pixels.to(self.device)
-        vae = self.pipe.vae
+    def loss_at(self, step: int | StepBatch) -> torch.Tensor:
+        """The training loss of one step (its batch drawn here, or prefetched by a data worker)."""
+        batch = self.batches[step] if isinstance(step, int) else step
+        pipe, device = self.pipe, self.device
+        vae = pipe.vae
         with torch.no_grad():
-            dist = vae.encode(pixels.to(vae.dtype)).latent_dist
-            latents = dist.mode() * vae.config.scaling_factor
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (pixels.shape[0],), generator=g)
-        noise = torch.randn(latents.shape, generator=g).to(self.device, latents.dtype)
-        return g, prompts, layouts, latents, t.to(self.device), noise
-
-    def loss_at(self, step: int) -> torch.Tensor:
-        g, prompts, layouts, x0, t, noise = self._batch(step)
-        pipe = self.pipe
-        with torch.no_grad():
-            text = pipe.encode_prompt(prompt=prompts, device=self.device, num_images_per_prompt=1,
+            pixels = batch.pixels.to(device, vae.dtype)
+            x0 = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+            text = pipe.encode_prompt(prompt=batch.prompts, device=device, num_images_per_prompt=1,
                                       do_classifier_free_guidance=False)[0]
-            inputs = build_inputs(pipe, layouts, prompts, references=self.references, drop=self.cfg.reference_drop,
-                                  generator=g, device=self.device, cond_rows=slice(0, len(prompts)))
+            inputs = build_inputs(pipe, batch.layouts, batch.prompts, reference_images=(batch.patches, batch.exemplar),
+                                  device=device, cond_rows=slice(0, len(batch.prompts)))
+            inputs._maps.update(batch.maps)
+        t = batch.timesteps.to(device)
+        noise = batch.noise.to(device, x0.dtype)
         xt = self.scheduler.add_noise(x0, noise, t)
         kind = self.scheduler.config.prediction_type
         target = noise if kind == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
-        autocast = self.device.type == "cuda" and self.cfg.bf16
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+        autocast = device.type == "cuda" and self.cfg.bf16
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             pred = pipe.unet(xt, t, encoder_hidden_states=text, cross_attention_kwargs={"ficgen": inputs},
                              return_dict=False)[0]
         return torch.nn.functional.mse_loss(pred.float(), target.float())
 
-    def run(self) -> dict[str, Any]:
-        """Train from the current step; checkpoints every `checkpoint_every` steps and at the end."""
+    def _stream(self):
+        """The batches from the current step on: drawn in this process, or prefetched in order by data workers."""
+        if self.cfg.workers == 0:
+            return (self.batches[step] for step in range(self.step, self.cfg.steps))
+        return iter(torch.utils.data.DataLoader(
+            self.batches, batch_size=None, sampler=range(self.step, self.cfg.steps), num_workers=self.cfg.workers,
+            collate_fn=_no_collate, prefetch_factor=4, persistent_workers=False,
+        ))
+
+    def run(self, on_checkpoint: Callable[[Trainer], None] | None = None) -> dict[str, Any]:
+        """Train from the current step; checkpoints every `checkpoint_every` steps and at the end (`on_checkpoint`
+        is called after each, e.g. to export the weights so far)."""
         cfg = self.cfg
         apply(self.pipe.unet, "ficgen", layers=cfg.layers, cfg=False)
         installed(self.pipe.unet).runtime.attach_modules(self.modules)
         self.modules.train()
         start = time.monotonic()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="ficgen train", disable=None)
+        stream = self._stream()
         try:
             while self.step < cfg.steps:
                 if cfg.minutes is not None and time.monotonic() - start > cfg.minutes * 60:
                     logger.info("ficgen_train: time budget of %.1f min reached at step %d", cfg.minutes, self.step)
                     break
-                loss = self.loss_at(self.step)
+                loss = self.loss_at(next(stream))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.modules.parameters(), cfg.grad_clip)
@@ -174,8 +238,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{self.log[-1]['loss']:.4f}")
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
+                    if on_checkpoint is not None:
+                        on_checkpoint(self)
         finally:
             bar.close()
+            del stream  # stops the data workers
             remove(self.pipe.unet)
         self.save_checkpoint()
         self.modules.eval()
@@ -185,6 +252,19 @@ class Trainer:
         """The shipped weights: fp16 safetensors + config (no optimizer state)."""
         record = {"training": asdict(self.cfg), "steps": self.step, **(extra or {})}
         return save_modules(self.modules, folder or self.out, extra=record)
+
+
+def loss_curve(log: list[dict[str, float]], parts: int = 10) -> list[tuple[int, int, float]]:
+    """The loss curve in `parts` equal stretches of steps: (first step, last step, mean loss) each (the per-step
+    SD loss is dominated by the random timesteps, so only means over many steps show the trend)."""
+    if not log:
+        return []
+    n = len(log)
+    out = []
+    for i in range(min(parts, n)):
+        chunk = log[i * n // min(parts, n):(i + 1) * n // min(parts, n)]
+        out.append((int(chunk[0]["step"]), int(chunk[-1]["step"]), sum(e["loss"] for e in chunk) / len(chunk)))
+    return out
 
 
 def write_card(folder: str | os.PathLike, record: dict[str, Any]) -> Path:
@@ -210,6 +290,13 @@ Load with `diffattn.apply(pipe, "ficgen", weights="assets/{folder.name}")` or
 - Loss (SD loss of the frozen UNet with the modules): mean of the first 50 steps {first:.4f}, of the last 50
   {last:.4f}.
 - Files: `ficgen_modules.safetensors` (fp16) and `ficgen_modules.json`, {size / 2**20:.2f} MiB in all.
+
+Loss curve (mean SD loss per tenth of the run):
+
+| steps | mean loss |
+|---|---|
+""" + "".join(f"| {a}-{b} | {m:.4f} |\n" for a, b, m in loss_curve(log)) + f"""
+
 - Limits: trained for minutes on synthetic shapes only; it knows the demo vocabulary's colours and shapes, nothing
   else. Accuracy against the training-free variant is in BENCHMARKS.md (FICGen layout accuracy).
 """
@@ -230,19 +317,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--export", default=None, help="folder for the shipped weights + card (default: --out)")
+    parser.add_argument("--workers", type=int, default=0, help="data worker processes (default 0: none)")
+    parser.add_argument("--checkpoint-every", type=int, default=200)
     args = parser.parse_args(argv)
     from ..generate import load_pipeline
 
     pipe = load_pipeline(args.model, dtype="fp32", device="cpu")  # diffattn's class for the demo models
     cfg = TrainConfig(layers=args.layers, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                      minutes=args.minutes)
+                      minutes=args.minutes, workers=args.workers, checkpoint_every=args.checkpoint_every)
     trainer = Trainer(pipe, args.out, cfg, device=args.device)
-    record = trainer.run()
-    record["device"] = torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu"
+    device_name = torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu"
     folder = args.export or args.out
-    trainer.export(folder, {"seconds": record["seconds"], "device": record["device"]})
-    with open(os.path.join(folder, "training_log.json"), "w", encoding="utf-8") as f:
-        json.dump(record["log"], f)
+    started = time.monotonic()
+
+    def export(t: Trainer, seconds: float | None = None) -> None:  # the weights so far: a cut-off run still has some
+        t.export(folder, {"seconds": time.monotonic() - started if seconds is None else seconds, "device": device_name})
+        with open(os.path.join(folder, "training_log.json"), "w", encoding="utf-8") as f:
+            json.dump(t.log, f)
+
+    record = trainer.run(on_checkpoint=export)
+    record["device"] = device_name
+    export(trainer, record["seconds"])
     write_card(folder, {**record, "training": asdict(cfg)})
     print(json.dumps({"steps": record["steps"], "seconds": round(record["seconds"], 1),
                       "loss_first": record["log"][0]["loss"] if record["log"] else None,

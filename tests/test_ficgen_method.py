@@ -125,6 +125,41 @@ def test_frequency_composite_matches_loop(band):
     torch.testing.assert_close(frequency_composite(g, p, maps0, hw), g)
 
 
+def test_background_phrase_in_the_composite(pipe):
+    torch.manual_seed(2)
+    hw = (6, 10)
+    g, p, bg = torch.randn(2, 3, 60, 4), torch.randn(2, 2, 3, 60, 4), torch.randn(2, 3, 60, 4)
+    maps = torch.rand(2, 2, 60) * (torch.rand(2, 2, 60) > 0.5)
+    got = frequency_composite(g, p, maps, hw, rho=0.3, alpha=0.4, beta=1.7, background_out=bg)
+    m_bg = (1 - maps.amax(1))[:, None, :, None]
+    # the loop with the base B = M_bg O_bg + (1 - M_bg) O_0 in place of O_0 (the LP(O_0) share keeps the prompt)
+    num = m_bg * bg + (1 - m_bg) * g
+    ref = frequency_composite(g, p, maps, hw, rho=0.3, alpha=0.4, beta=1.7) * (1 + 10 * maps.sum(1)[:, None, :, None])
+    ref = (ref - g + num) / (1 + 10 * maps.sum(1)[:, None, :, None])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    empty = torch.zeros(2, 2, 60)  # no instance anywhere: the background phrase's output everywhere
+    torch.testing.assert_close(frequency_composite(g, p, empty, hw, background_out=bg), bg)
+    # a full-image instance leaves no background, so a background phrase changes nothing there
+    stock = run_tiny_sd(pipe, output_type="latent", steps=2)
+    diffattn.apply(pipe, "ficgen", layout={**FULL, "background": "a green field"}, alpha=1.0, beta=1.0, layers="all")
+    try:
+        torch.testing.assert_close(run_tiny_sd(pipe, output_type="latent", steps=2), stock, atol=2e-5, rtol=1e-5)
+    finally:
+        diffattn.remove(pipe)
+    # ... while with background cells it does
+    diffattn.apply(pipe, "ficgen", layout=TWO, layers="all")
+    try:
+        plain = run_tiny_sd(pipe, output_type="latent", steps=2)
+    finally:
+        diffattn.remove(pipe)
+    diffattn.apply(pipe, "ficgen", layout={**TWO, "background": "a green field"}, layers="all")
+    try:
+        named = run_tiny_sd(pipe, output_type="latent", steps=2)
+    finally:
+        diffattn.remove(pipe)
+    assert (named - plain).abs().max() > 1e-5
+
+
 def test_region_bias():
     maps = torch.zeros(1, 2, 4)
     maps[0, 0, :2] = 1  # instance 0 on tokens 0, 1; instance 1 on token 2; token 3 background

@@ -59,7 +59,11 @@ class FICGenInputs:
     marks the real ones); `b` is 1 (all conditional rows share the layout) or the number of conditional rows.
     `phrase_pooled` `[b, n, D]` / `global_pooled` `[b, D]`, `patches` `[b, n, 3, r, r]` and `exemplar`
     `[b, 3, r, r]` feed the trained modules only. `cond_rows` says which batch rows are conditional (None: the CFG
-    rule of the method).
+    rule of the method). `background_embeds` `[b, L, D]`: the layouts' background phrases encoded like prompts
+    (zeros where a layout has none; `Layout.background`), attended by the background cells instead of the prompt.
+    The exemplar K/V path (`diffattn.methods.ficgen_exemplar`) needs `exemplar_latents`
+    `[1 or b, C, h, w]` (the VAE's clean latents of an exemplar image laid out like the layout), `alphas_cumprod` of
+    the sampler's training schedule and optionally `exemplar_noise` (else a fixed seeded noise).
     """
 
     layouts: list[Layout]
@@ -71,6 +75,10 @@ class FICGenInputs:
     patches: torch.Tensor | None = None
     exemplar: torch.Tensor | None = None
     cond_rows: slice | None = None
+    background_embeds: torch.Tensor | None = None
+    exemplar_latents: torch.Tensor | None = None
+    alphas_cumprod: torch.Tensor | None = None
+    exemplar_noise: torch.Tensor | None = None
     _maps: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
     cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # per-inputs results (trained modules' tokens)
 
@@ -80,6 +88,18 @@ class FICGenInputs:
             raise ValueError(
                 f"phrase_embeds must be [layouts={b}, instances={n}, L, D], got {tuple(self.phrase_embeds.shape)}"
             )
+        if self.background_embeds is not None and (self.background_embeds.ndim != 3
+                                                   or self.background_embeds.shape[0] != b):
+            raise ValueError(f"background_embeds must be [layouts={b}, L, D], got {tuple(self.background_embeds.shape)}")
+        if self.exemplar_latents is not None:
+            e = self.exemplar_latents
+            if e.ndim != 4 or e.shape[0] not in (1, b):
+                raise ValueError(f"exemplar_latents must be [1 or layouts={b}, C, h, w], got {tuple(e.shape)}")
+            if self.alphas_cumprod is None:
+                raise ValueError("exemplar_latents need alphas_cumprod (the sampler's schedule) to be noised per step")
+            if self.exemplar_noise is not None and self.exemplar_noise.shape != e.shape:
+                raise ValueError(f"exemplar_noise must have the shape of exemplar_latents {tuple(e.shape)}, got "
+                                 f"{tuple(self.exemplar_noise.shape)}")
 
     @classmethod
     def from_layouts(cls, layouts: list[Layout] | Layout, phrase_embeds: list[torch.Tensor] | torch.Tensor,
@@ -103,6 +123,11 @@ class FICGenInputs:
             valid[j, : emb.shape[0]] = True
             boxes[j, : emb.shape[0]] = torch.tensor(lay.boxes, device=first.device)
         return cls(list(layouts), padded, valid, boxes, **kwargs)
+
+    @property
+    def has_background(self) -> torch.Tensor:
+        """`[b]` bool: which layouts name a background phrase."""
+        return torch.tensor([lay.background is not None for lay in self.layouts])
 
     @property
     def num_instances(self) -> int:
@@ -148,12 +173,16 @@ def from_grid(x: torch.Tensor) -> torch.Tensor:
 def frequency_composite(
     global_out: torch.Tensor, phrase_out: torch.Tensor, maps: torch.Tensor, grid: tuple[int, int], *,
     rho: float = 0.35, alpha: float = 0.5, beta: float = 1.0, band: str = "square", instance_weight: float = 10.0,
+    background_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FICGen's training-free composite of attention outputs.
 
     `global_out` `[b, H, S, D]` (prompt), `phrase_out` `[b, n, H, S, D]` (per phrase), `maps` `[b, n, S]` soft
     occupancy (0 for padded instances). Returns `[b, H, S, D]`:
-    `(O_0 + sum_i w M_i Y_i) / (1 + sum_i w M_i)`, `Y_i = (1 - alpha) LP(O_0) + alpha LP(O_i) + beta HP(O_i)`.
+    `(B + sum_i w M_i Y_i) / (1 + sum_i w M_i)`, `Y_i = (1 - alpha) LP(O_0) + alpha LP(O_i) + beta HP(O_i)`, with
+    `B = O_0`, or with a background phrase's output `background_out` `[b, H, S, D]`:
+    `B = M_bg O_bg + (1 - M_bg) O_0` (`M_bg = 1 - max_i M_i`), so background cells attend the background phrase
+    instead of a prompt that names every instance.
     """
     h, w = grid
     g = to_grid(global_out.float(), h, w)
@@ -163,7 +192,12 @@ def frequency_composite(
     y = (1 - alpha) * low0.unsqueeze(1) + alpha * low_i + beta * high_i  # [b, n, H, D, h, w]
     y = from_grid(y)  # [b, n, H, S, D]
     weight = instance_weight * maps.float()[:, :, None, :, None]  # [b, n, 1, S, 1]
-    out = (global_out.float() + (weight * y).sum(1)) / (1 + weight.sum(1))
+    base = global_out.float()
+    if background_out is not None:
+        m_bg = (1.0 - maps.float().amax(dim=1)) if maps.shape[1] else maps.new_ones(maps.shape[0], maps.shape[2])
+        m_bg = m_bg[:, None, :, None]
+        base = m_bg * background_out.float() + (1 - m_bg) * base
+    out = (base + (weight * y).sum(1)) / (1 + weight.sum(1))
     return out.to(global_out.dtype)
 
 
@@ -188,6 +222,14 @@ class FICGenConfig(MethodConfig):
     start_step: int | float = option(0, low=0.0, help="first active step: an int step index or a float fraction")
     end_step: int | float = option(1.0, low=0.0, help="end (excluded) of the active steps: int index or float fraction")
     weights: str | None = option(None, help="folder of trained FICGen modules (diffattn.methods.ficgen_modules)")
+    exemplar_image: Any = option(
+        None, help="exemplar K/V path: an image (path, PIL, tensor [3, H, W] in [0, 1]) laid out like the layout, "
+        "encoded with the pipeline's VAE (with layout=); per call: FICGenInputs.exemplar_latents"
+    )
+    exemplar_scale: float = option(
+        1.0, low=0.0, help="weight of the exemplar's keys at the chosen attn1 layers (low band for background, high "
+        "band for instance queries); 0 turns the exemplar path off"
+    )
     cfg: bool | None = option(
         None, help="whether the UNet batch holds [uncond; cond] halves (None: ask the pipeline, else equal latent halves)"
     )
@@ -204,6 +246,17 @@ class FICGenConfig(MethodConfig):
             )
         if self.layout is not None:
             self.layout = Layout.coerce(self.layout)
+        image = self.exemplar_image
+        if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+            import os
+
+            if not os.path.isfile(image):
+                raise ValueError(f"option 'exemplar_image' of method 'ficgen': no image file at {image!r}")
+        elif image is not None and not (isinstance(image, torch.Tensor) or hasattr(image, "convert")):
+            raise ValueError(
+                f"option 'exemplar_image' of method 'ficgen' got {type(image).__name__}; expected an image path, a PIL "
+                "image or a tensor [3, H, W] in [0, 1]"
+            )
         for name in ("start_step", "end_step"):
             value = getattr(self, name)
             if isinstance(value, float) and value > 1.0:
@@ -225,6 +278,8 @@ class _ForwardState:
     rows: slice
     active: bool
     text_pooled: torch.Tensor | None = None  # pooled prompt of the conditional rows (trained modules)
+    batch: int = 0  # the forward's own batch; rows from `batch` on are the exemplar's (exemplar K/V path)
+    exemplar_rows: slice | None = None
 
 
 class FICGenMethod(AttentionMethod):
@@ -297,7 +352,18 @@ class FICGenMethod(AttentionMethod):
                 "on a bare UNet pass cross_attention_kwargs={'ficgen': FICGenInputs(...)} instead"
             )
         embeds = encode_phrases(pipe, layout.phrases, device).to(dtype)
-        inputs = FICGenInputs.from_layouts(layout, embeds, phrase_pooled=pooled(embeds)[None])
+        extra: dict[str, Any] = {}
+        if layout.background is not None:
+            extra["background_embeds"] = encode_phrases(pipe, [layout.background], device).to(dtype)
+        if self.config.exemplar_image is not None and self.config.exemplar_scale > 0:
+            from .ficgen_exemplar import encode_exemplar, load_exemplar_image
+
+            unet = pipe.unet
+            size = unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
+            pixels = load_exemplar_image(self.config.exemplar_image, size, size)
+            extra["exemplar_latents"] = encode_exemplar(pipe, pixels, device).to(dtype)
+            extra["alphas_cumprod"] = pipe.scheduler.alphas_cumprod
+        inputs = FICGenInputs.from_layouts(layout, embeds, phrase_pooled=pooled(embeds)[None], **extra)
         self._encoded = ((layout, device, dtype), inputs)
         return inputs
 
@@ -321,8 +387,50 @@ class FICGenMethod(AttentionMethod):
                 text_pooled = inputs.global_pooled
             else:
                 text_pooled = pooled(args["encoder_hidden_states"][rows])
-        ctx.extras[_STATE_KEY] = _ForwardState(inputs, rows, self._active(ctx), text_pooled)
+        state = _ForwardState(inputs, rows, self._active(ctx), text_pooled, batch=ctx.batch_size)
+        ctx.extras[_STATE_KEY] = state
+        if (state.active and inputs is not None and inputs.exemplar_latents is not None
+                and self.config.exemplar_scale > 0 and rows.stop > rows.start):
+            changed = {**(changed or {}), **self._exemplar_rows(ctx, args, state)}
         return changed
+
+    def _exemplar_rows(self, ctx: ForwardContext, args: dict[str, Any], state: _ForwardState) -> dict[str, Any]:
+        """The forward's arguments with the exemplar's rows appended: its latents noised to this timestep, every other
+        batched argument (text, SDXL's added conditions) copied from the first conditional rows."""
+        from .ficgen_exemplar import noised_exemplar
+        from .toolkit import append_rows
+
+        inputs, rows, b = state.inputs, state.rows, ctx.batch_size
+        sample = args["sample"]
+        latents = inputs.exemplar_latents.to(sample.device, sample.dtype)
+        e = latents.shape[0]
+        if e > rows.stop - rows.start:
+            raise ValueError(f"ficgen: {e} exemplars for {rows.stop - rows.start} conditional rows")
+        if latents.shape[-2:] != sample.shape[-2:]:
+            latents = F.interpolate(latents.float(), size=sample.shape[-2:], mode="bilinear", align_corners=False,
+                                    antialias=True).to(sample.dtype)
+        noise = inputs.exemplar_noise
+        key = ("exemplar_noise", tuple(latents.shape), sample.device)
+        if noise is None or noise.shape != latents.shape:
+            if key not in inputs.cache:  # one fixed noise per inputs (a generation), as an inversion would give
+                g = torch.Generator().manual_seed(0)
+                inputs.cache[key] = torch.randn(latents.shape, generator=g).to(sample.device)
+            noise = inputs.cache[key]
+        x = noised_exemplar(latents, noise.to(sample.device, sample.dtype), inputs.alphas_cumprod, ctx.timestep)
+        template = slice(rows.start, rows.start + e)
+        grown = {k: append_rows(v, b, template, k) for k, v in args.items() if k not in ("sample", "cross_attention_kwargs")}
+        out = {k: v for k, v in grown.items() if v is not args[k]}
+        out["sample"] = torch.cat([sample, x.to(sample.dtype)], dim=0)
+        state.exemplar_rows = slice(b, b + e)
+        return out
+
+    def finish_forward(self, ctx: ForwardContext | None, output: Any) -> Any:
+        state = None if ctx is None else ctx.extras.get(_STATE_KEY)
+        if state is None or state.exemplar_rows is None:
+            return output
+        from .toolkit import keep_rows
+
+        return keep_rows(output, state.batch)
 
     # ---- attention ----------------------------------------------------------------------------------------------
     def attend(self, call: AttentionCall) -> torch.Tensor:
@@ -346,13 +454,27 @@ class FICGenMethod(AttentionMethod):
             maps = maps.expand(nc, -1, -1)
         if call.role == "self":
             strength = self.config.self_attention_bias
-            if strength is None or strength == 0:
+            ex = state.exemplar_rows
+            if (strength is None or strength == 0) and ex is None:
                 return dense
-            bias = region_bias(maps, float(strength)).to(q.dtype)
+            bias = None
+            if strength is not None and strength != 0:
+                bias = region_bias(maps, float(strength)).to(q.dtype)
             if call.attn_mask is not None:
-                bias = bias + _as_additive(call.attn_mask, q.dtype)[rows]
+                mask = _as_additive(call.attn_mask, q.dtype)[rows]
+                bias = mask if bias is None else bias + mask
             out = dense.clone()
-            out[rows] = F.scaled_dot_product_attention(q[rows], k[rows], v[rows], attn_mask=bias, scale=call.scale)
+            if ex is None:
+                out[rows] = F.scaled_dot_product_attention(q[rows], k[rows], v[rows], attn_mask=bias, scale=call.scale)
+                return out
+            from .ficgen_exemplar import exemplar_attention
+
+            ek, ev = k[ex], v[ex]
+            if ek.shape[0] not in (1, nc):
+                raise ValueError(f"ficgen: {ek.shape[0]} exemplar rows for {nc} conditional rows")
+            out[rows] = exemplar_attention(q[rows], k[rows], v[rows], ek, ev, maps, hw, rho=self.config.rho,
+                                           band=self.config.band, scale=float(self.config.exemplar_scale),
+                                           attn_scale=call.scale, self_bias=bias)
             return out
         if call.project_kv is None:
             raise RuntimeError(f"ficgen: layer {call.layer.path} gave no key/value projector (not a UNet cross-attention)")
@@ -381,10 +503,21 @@ class FICGenMethod(AttentionMethod):
             mixed = layer_module(call.hidden_states[rows].to(pd), global_out.to(pd), phrase_out.to(pd), maps.to(pd),
                                  tokens, hw)
         else:
+            background_out = None
+            if inputs.background_embeds is not None and bool(inputs.has_background.any()):
+                bk, bv = call.project_kv(inputs.background_embeds.to(device=q.device, dtype=k.dtype))
+                if b == 1 and nc > 1:
+                    bk, bv = bk.expand(nc, -1, -1, -1), bv.expand(nc, -1, -1, -1)
+                background_out = F.scaled_dot_product_attention(q[rows], bk, bv, scale=call.scale)
+                has = inputs.has_background.to(q.device)
+                if b == 1 and nc > 1:
+                    has = has.expand(nc)
+                background_out = torch.where(has[:, None, None, None], background_out, global_out)
             with torch.autocast(q.device.type, enabled=False):  # FFTs have no bf16 kernels
                 mixed = frequency_composite(
                     global_out, phrase_out, maps, hw, rho=self.config.rho, alpha=self.config.alpha,
                     beta=self.config.beta, band=self.config.band, instance_weight=self.config.instance_weight,
+                    background_out=background_out,
                 )
         out = dense.clone()
         out[rows] = mixed.to(dense.dtype)

@@ -68,7 +68,7 @@ def region_bias(maps: torch.Tensor, strength: float) -> torch.Tensor:
     """Additive self-attention bias `[b, 1, S, S]` from instance maps `[b, n, S]`: `-strength * (1 - A)`,
     `A = clip(sum_m m m^T, 0, 1)` over the instances and the background `1 - max_i M_i`; `strength=inf` gives
     -inf only where A == 0 (query and key share no region)."""
-    bg = background_map(maps.unsqueeze(-1)).squeeze(-1) if maps.shape[1] else torch.ones_like(maps[:, 0])
+    bg = background_map(maps.unsqueeze(-1)).squeeze(-1) if maps.shape[1] else maps.new_ones(maps.shape[0], maps.shape[2])
     regions = torch.cat([maps, bg.unsqueeze(1)], dim=1).float()  # [b, n + 1, S]
     share = torch.einsum("bms,bmt->bst", regions, regions).clamp(0, 1)
     if math.isinf(strength):
