@@ -308,7 +308,7 @@ class E2ESettings:
     negative_prompt: str = DEFAULT_NEGATIVE
     run_dense_timesteps: int | None = None  # the short runs' dense_timesteps (None: scaled, or as given)
     warmup_size: tuple[int, int, int] | None = None  # HxWxF of the untimed warm-ups (None: the run's size)
-    decode: str = "all"  # "first": only the first variant decodes; the others reuse its decode time
+    decode: str = "all"  # "first": only the first variant decodes, the others reuse its time; "none"
     assume_cached_share: float | None = None  # the projection's cached share instead of the measured one
     borrow_dense: str | None = None  # a variant whose dense full-step median stands in where a row has none
     build_device: str | None = None  # where the random weights are filled (None: `device`)
@@ -321,8 +321,8 @@ class E2ESettings:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not self.variants:
             raise ValueError("variants must name at least one variant")
-        if self.decode not in ("all", "first"):
-            raise ValueError(f"decode must be 'all' or 'first', got {self.decode!r}")
+        if self.decode not in ("all", "first", "none"):
+            raise ValueError(f"decode must be 'all', 'first' or 'none', got {self.decode!r}")
         if self.run_dense_timesteps is not None and self.run_dense_timesteps < 0:
             raise ValueError(f"run_dense_timesteps must be >= 0, got {self.run_dense_timesteps}")
         if self.assume_cached_share is not None and not 0.0 <= self.assume_cached_share <= 1.0:
@@ -566,7 +566,7 @@ def run(settings: E2ESettings, dump=None) -> dict[str, Any]:
     warmed: set = set()
     for i, variant in enumerate(variants):
         logger.info("diffattn e2e: %s ...", variant.label)
-        decode = settings.decode == "all" or i == 0
+        decode = settings.decode == "all" or (settings.decode == "first" and i == 0)
         try:
             row, frames, latents = run_variant(pipe, settings, variant, cuda, decode=decode, warmed=warmed)
         except Exception as exc:  # one variant's failure (a method's error, out of memory) is a result
@@ -677,9 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="untimed: a stock generation of this many steps first, and per method a run without "
                         "decode (0: none)")
     p.add_argument("--warmup-size", default=None, metavar="HxWxF", help="geometry of the warm-ups (default: the run's)")
-    p.add_argument("--decode", default="all", choices=("all", "first"),
+    p.add_argument("--decode", default="all", choices=("all", "first", "none"),
                    help="first: only the first variant decodes, the others reuse its decode time (same VAE, same "
-                        "size) and are compared by latent PSNR")
+                        "size) and are compared by latent PSNR; none: no decode (the projections leave it out)")
     p.add_argument("--assume-cached-share", type=float, default=None,
                    help="project cache rows with this share of cached steps instead of the measured one")
     p.add_argument("--borrow-dense", default=None, metavar="VARIANT",
