@@ -165,6 +165,7 @@ def test_settings_validation_and_presets():
     assert e2e_bench.e2e_preset("wan2.1-14b").transformer == MODELS["wan2.1-14b"]["config"]
     s = E2ESettings(model="wan2.1-14b", device="cpu", variants=("stock",))
     assert (s.height, s.width, s.frames) == (720, 1280, 81)
+    assert E2ESettings(model="tiny", device="cpu", variants=("stock",), decode="none").decode == "none"
     for bad, word in [({"decode": "some"}, "decode"), ({"assume_cached_share": 1.5}, "assume_cached_share"),
                       ({"borrow_dense": "dense"}, "borrow_dense"), ({"warmup_size": "1x2"}, "HxWxF"),
                       ({"run_dense_timesteps": -1}, "run_dense_timesteps")]:
