@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from diffattn.bench import e2e as e2e_bench
 from diffattn.bench.e2e import E2ESettings, parse_variant, project
@@ -84,3 +85,100 @@ def test_bench_help_reaches_the_new_benchmarks(capsys, name, option):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert f"usage: diffattn bench {name}" in out and option in out
+
+
+def test_cache_rows_record_firstblockcache_decisions(report):
+    row = next(r for r in report["rows"] if r["variant"] == RADIAL + "+fbc:threshold=10.0")
+    diffs = [st["fbc_diffs"] for st in row["steps"]]
+    # one decision per forward (cond, uncond); the first of each cache context has nothing to compare with
+    assert all(len(d) == 2 for d in diffs) and diffs[0] == [None, None]
+    assert all(isinstance(x, float) and x >= 0 for d in diffs[1:] for x in d)
+    assert row["skipped_forwards"] == sum(f["forwards"] - f["last_block"] for f in row["steps"]) > 0
+    assert row["cached_steps"] == sum(s["cached"] for s in row["steps"])
+    # a cache row is also projected without its cache, from its full steps
+    assert "projection_without_cache" in row
+    assert row["projection_without_cache"]["cached_share"] == 0.0
+    plain = next(r for r in report["rows"] if r["variant"] == RADIAL)
+    assert all(d == [] for d in (s["fbc_diffs"] for s in plain["steps"])) and plain["skipped_forwards"] == 0
+
+
+def test_projection_formula_adds_up(report):
+    for row in report["rows"]:
+        p = row["projection"]
+        assert p["total_s"] == pytest.approx(p["text_s"] + p["decode_s"] + sum(t["count"] * t["median_s"]
+                                                                            for t in p["terms"]))
+        assert sum(t["count"] for t in p["terms"]) == 50
+        assert e2e_bench.formula(p).endswith(f"= {p['total_s']:.1f} s")
+
+
+def test_projection_borrowed_and_assumed_share():
+    steps = [{"seconds": 1.0, "dense": False, "cached": False}, {"seconds": 0.1, "dense": False, "cached": True}]
+    # no dense step measured: the lender's dense median, not this row's sparse one
+    p = project(steps, dense_at_target={0, 1}, target=4, borrowed={"dense/full": 3.0, "dense/cached": None})
+    assert p["substituted"]["dense/full"] == "borrowed"
+    assert p["denoise_s"] == pytest.approx(2 * 3.0 * 0.5 + 2 * 0.1 * 0.5 + 1 * 1.0 + 1 * 0.1 + 1 * 0.1 - 0.1)
+    q = project(steps, dense_at_target=set(), target=10, cached_share=0.2)
+    assert q["cached_share_assumed"] and q["measured_cached_share"] == 0.5
+    assert q["denoise_s"] == pytest.approx(2 * 0.1 + 8 * 1.0)
+
+
+def test_variant_syntax_steps_and_bracketed_options():
+    v = parse_variant("gna:kernel_size=(-1,3,5),stride=(1,2,2)+fbc:threshold=0.5@3")
+    assert v.methods == ["gna"] and v.options["gna"] == {"kernel_size": (-1, 3, 5), "stride": (1, 2, 2)}
+    assert v.cache == "fbc" and v.cache_options == {"threshold": 0.5} and v.steps == 3
+    assert parse_variant("stock").steps is None
+    with pytest.raises(ValueError, match="step count"):
+        parse_variant("stock@0")
+    with pytest.raises(ValueError, match="step count"):
+        parse_variant("stock@x")
+
+
+def test_decode_first_borrow_and_failures_are_rows(monkeypatch):
+    install = e2e_bench._install
+
+    def failing(pipe, variant, options):  # a method that fails on the device (e.g. out of memory) at its run
+        if "gna" in variant.methods:
+            raise RuntimeError("gna: simulated failure")
+        return install(pipe, variant, options)
+
+    monkeypatch.setattr(e2e_bench, "_install", failing)
+    settings = E2ESettings(model="tiny", device="cpu", steps=2, target_steps=50, height=64, width=96, frames=5,
+                           decode="first", run_dense_timesteps=0, borrow_dense="stock@1", warmup_size="32x48x5",
+                           variants=("stock@1", RADIAL + "@2", "gna:kernel_size=(1,3,3)"))
+    report = e2e_bench.run(settings)
+    stock, radial, bad = report["rows"]
+    assert stock["decoded"] and not radial["decoded"] and radial["decode_from"] == "stock@1"
+    assert stock["steps_run"] == 1 and radial["steps_run"] == 2
+    assert radial["options"]["radial"]["dense_timesteps"] == 0 and not any(s["dense"] for s in radial["steps"])
+    p = radial["projection"]
+    assert p["decode_s"] == stock["decode_s"] and p["dense_steps"] == 12
+    assert p["substituted"]["dense/full"] == "borrowed"
+    assert radial["psnr_db"] is None and math.isfinite(radial["latent_psnr_db"])
+    assert radial["speedup_measured"] is None, "different step counts: no measured ratio"
+    assert bad["error"] == "RuntimeError: gna: simulated failure"
+    assert "failed" in e2e_bench.render(report)
+
+
+def test_settings_validation_and_presets():
+    from diffattn.bench.models import MODELS
+
+    assert e2e_bench.e2e_preset("wan2.1-14b").transformer == MODELS["wan2.1-14b"]["config"]
+    s = E2ESettings(model="wan2.1-14b", device="cpu", variants=("stock",))
+    assert (s.height, s.width, s.frames) == (720, 1280, 81)
+    assert E2ESettings(model="tiny", device="cpu", variants=("stock",), decode="none").decode == "none"
+    for bad, word in [({"decode": "some"}, "decode"), ({"assume_cached_share": 1.5}, "assume_cached_share"),
+                      ({"borrow_dense": "dense"}, "borrow_dense"), ({"warmup_size": "1x2"}, "HxWxF"),
+                      ({"run_dense_timesteps": -1}, "run_dense_timesteps")]:
+        with pytest.raises(ValueError, match=word):
+            E2ESettings(model="tiny", device="cpu", variants=("stock",), **bad)
+
+
+def test_random_filler_fills_on_the_given_device():
+    from diffattn.bench.highres import RandomFiller
+
+    a, b = torch.empty(300, 7), torch.empty(300, 7)
+    RandomFiller(3, pool_size=1000, dtype=torch.float32).fill(a, 0.5)
+    filler = RandomFiller(3, pool_size=1000, dtype=torch.float32, device="cpu")
+    assert filler.pool.device.type == "cpu"
+    filler.fill(b, 0.5)
+    assert torch.equal(a, b) and a.std() > 0.3

@@ -31,6 +31,7 @@ import argparse
 import ast
 import json
 import logging
+import math
 import statistics
 import sys
 import time
@@ -41,7 +42,8 @@ import torch
 
 from ..compose import CACHES, check_cache, enable_cache
 from .harness import GIB, gib
-from .highres import DEFAULT_NEGATIVE, DEFAULT_PROMPT, MODEL_NAMES, StageClock, build_pipeline, presets
+from .highres import DEFAULT_NEGATIVE, DEFAULT_PROMPT, MODEL_NAMES, ModelPreset, StageClock, build_pipeline, presets
+from .models import MODELS
 
 logger = logging.getLogger("diffattn")
 
@@ -58,6 +60,7 @@ class Variant:
     options: dict[str, Any] = field(default_factory=dict)  # per method name
     cache: str | None = None
     cache_options: dict[str, Any] = field(default_factory=dict)
+    steps: int | None = None  # `@N`: this variant's step count (None: the run's --steps)
 
 
 def _literal(text: str) -> Any:
@@ -67,15 +70,45 @@ def _literal(text: str) -> Any:
         return text
 
 
+def _structured(value: Any, text: str) -> Any:
+    """A free-typed option (gna's `kernel_size`) parsed as a string: a tuple/list/dict literal becomes that value."""
+    if isinstance(value, str):
+        lit = _literal(text)
+        if isinstance(lit, (tuple, list, dict)):
+            return lit
+    return value
+
+
+def _split(text: str, sep: str) -> list[str]:
+    """`text` split at `sep` outside brackets: `kernel_size=(-1,12,24),stride=(1,4,8)` is two options."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
 def parse_variant(text: str) -> Variant:
-    """`stock`, `radial`, `radial:decay_factor=0.5+fbc:threshold=0.08`, `radial+softpag:heads=L3` -> Variant."""
+    """`stock`, `radial`, `radial:decay_factor=0.5+fbc:threshold=0.08`, `radial+softpag:heads=L3`,
+    `gna:kernel_size=(-1,12,24)`, with an optional `@N` (run this variant with N steps) -> Variant."""
     import diffattn
 
     variant = Variant(label=text)
-    for part in text.split("+"):
+    body, at, count = text.rpartition("@") if "@" in text else (text, "", "")
+    if at:
+        if not count.strip().isdigit() or int(count) < 1:
+            raise ValueError(f"variant {text!r}: '@' is followed by a step count >= 1, got {count!r}")
+        variant.steps = int(count)
+    for part in _split(body, "+"):
         name, _, opts = part.partition(":")
         name = name.strip()
-        pairs = [p for p in opts.split(",") if p.strip()]
+        pairs = [p for p in _split(opts, ",") if p.strip()]
         if any("=" not in p for p in pairs):
             raise ValueError(f"variant {text!r}: options are key=value separated by commas, got {opts!r}")
         if name in CACHES:
@@ -89,9 +122,9 @@ def parse_variant(text: str) -> Variant:
         else:
             cfg = diffattn.registry.get_method(name).config_cls
             variant.methods.append(name)
-            variant.options[name] = {k.strip(): cfg.parse_option(k.strip(), v.strip())
+            variant.options[name] = {k.strip(): _structured(cfg.parse_option(k.strip(), v.strip()), v.strip())
                                      for k, v in (p.split("=", 1) for p in pairs)}
-    if "stock" in [p.partition(":")[0].strip() for p in text.split("+")] and variant.methods:
+    if "stock" in [p.partition(":")[0].strip() for p in _split(body, "+")] and variant.methods:
         raise ValueError(f"variant {text!r}: 'stock' cannot be combined with a method")
     if variant.cache is not None and variant.methods:
         check_cache(variant.methods)
@@ -113,9 +146,10 @@ def dense_steps(runtime: Any, total: int) -> set[int]:
     return {i for i in range(total) if i < first or i >= total - last}
 
 
-def _scaled_options(variant: Variant, steps: int, target: int) -> tuple[dict[str, Any], int | None]:
-    """The short run's per-method options with `dense_timesteps` scaled from the target schedule, and the target's
-    `dense_timesteps` (None when the variant has no warm-up schedule to scale)."""
+def _scaled_options(variant: Variant, steps: int, target: int,
+                    run_dense: int | None = None) -> tuple[dict[str, Any], int | None]:
+    """The short run's per-method options with `dense_timesteps` scaled from the target schedule (or set to
+    `run_dense`), and the target's `dense_timesteps` (None when the variant has no warm-up schedule to scale)."""
     from ..registry import build_method
 
     options = {n: dict(o) for n, o in variant.options.items()}
@@ -126,7 +160,10 @@ def _scaled_options(variant: Variant, steps: int, target: int) -> tuple[dict[str
     if not hasattr(runtime.config, "dense_timesteps"):
         return options, None
     first = int((runtime.settings("wan") if hasattr(runtime, "settings") else vars(runtime.config))["dense_timesteps"] or 0)
-    options[name]["dense_timesteps"] = 0 if first == 0 else max(1, round(first * steps / target))
+    if run_dense is not None:
+        options[name]["dense_timesteps"] = run_dense
+    else:
+        options[name]["dense_timesteps"] = 0 if first == 0 else max(1, round(first * steps / target))
     return options, first
 
 
@@ -135,7 +172,8 @@ def _scaled_options(variant: Variant, steps: int, target: int) -> tuple[dict[str
 # ------------------------------------------------------------------------------------------------------------------
 class Probe:
     """Stage boundaries from the pipeline's own seams (text encoder and transformer forward pre-hooks, a wrapper of
-    `vae.decode`), per-step wall times from `callback_on_step_end`, and which forwards reached the last block."""
+    `vae.decode`), per-step wall times from `callback_on_step_end`, which forwards reached the last block, the
+    final latents, and (FirstBlockCache) the relative first-block residual change it decided on, per forward."""
 
     def __init__(self, pipe: Any, clock: StageClock) -> None:
         self.pipe, self.clock = pipe, clock
@@ -143,8 +181,11 @@ class Probe:
         self.first_forward: float | None = None
         self.last_block_calls: list[int] = []  # per step: forwards that reached the last block
         self.forwards: list[int] = []  # per step: transformer forwards
+        self.fbc_diffs: list[list[float | None]] = []  # per step, per forward (None: nothing to compare with yet)
+        self.latents: torch.Tensor | None = None
         self._last = 0
         self._fwd = 0
+        self._diffs: list[float | None] = []
         tr = pipe.transformer
         self._handles = [
             pipe.text_encoder.register_forward_pre_hook(lambda m, a: clock.enter("text encoding")),
@@ -153,6 +194,7 @@ class Probe:
             # pre-hook on the block fires even when the cache skips it
             tr.blocks[-1].ffn.register_forward_pre_hook(self._last_block),
         ]
+        self._fbc = self._watch_fbc(tr)
         decode = pipe.vae.decode
 
         def wrapped(*args, **kwargs):
@@ -160,6 +202,31 @@ class Probe:
             return decode(*args, **kwargs)
 
         pipe.vae.decode = wrapped
+
+    def _watch_fbc(self, model: torch.nn.Module) -> list[Any]:
+        """Wrap FirstBlockCache's decision (instance attribute) to record the value it compares with `threshold`:
+        mean |r - r_prev| / mean |r_prev| of the first block's residual (Diffusers' formula, recomputed)."""
+        try:
+            from diffusers.hooks.first_block_cache import FBCHeadBlockHook
+        except ImportError:
+            return []
+        hooks = []
+        for module in model.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            for hook in (getattr(registry, "hooks", None) or {}).values():
+                if isinstance(hook, FBCHeadBlockHook):
+                    hooks.append(hook)
+        for hook in hooks:
+            decide = hook._should_compute_remaining_blocks
+
+            def recorded(residual, hook=hook, decide=decide):
+                prev = hook.state_manager.get_state().head_block_residual
+                self._diffs.append(None if prev is None else
+                                   ((residual - prev).abs().mean() / prev.abs().mean()).item())
+                return decide(residual)
+
+            hook._should_compute_remaining_blocks = recorded
+        return hooks
 
     def _transformer_pre(self, module, args) -> None:
         self.clock.enter("denoising")
@@ -174,7 +241,11 @@ class Probe:
         self.step_ends.append(self.clock.now())
         self.last_block_calls.append(self._last)
         self.forwards.append(self._fwd)
+        self.fbc_diffs.append(self._diffs)
+        if "latents" in kwargs:
+            self.latents = kwargs["latents"].detach().float().cpu()
         self._last = self._fwd = 0
+        self._diffs = []
         return kwargs
 
     def step_seconds(self) -> list[float]:
@@ -184,12 +255,41 @@ class Probe:
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
+        for hook in self._fbc:
+            hook.__dict__.pop("_should_compute_remaining_blocks", None)
         self.pipe.vae.__dict__.pop("decode", None)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # run
 # ------------------------------------------------------------------------------------------------------------------
+MODEL_CHOICES = (*MODEL_NAMES[:1], "wan2.1-14b", *MODEL_NAMES[1:])
+
+
+def e2e_preset(model: str) -> ModelPreset:
+    """The highres presets plus Wan2.1-T2V-14B (its real transformer config, the same VAE and UMT5-XXL; native
+    720x1280x81)."""
+    import dataclasses
+
+    known = presets()
+    if model == "wan2.1-14b":
+        return dataclasses.replace(known["wan2.1-1.3b"], transformer=dict(MODELS["wan2.1-14b"]["config"]),
+                                   height=720, width=1280, base_height=720, base_width=1280)
+    if model not in known:
+        raise ValueError(f"model must be one of {', '.join(MODEL_CHOICES)}, got {model!r}")
+    return known[model]
+
+
+def _size(text: str | tuple | None) -> tuple[int, int, int] | None:
+    if text is None or isinstance(text, tuple):
+        return text
+    try:
+        h, w, f = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a size is HxWxF (e.g. 480x832x21), got {text!r}") from None
+    return h, w, f
+
+
 @dataclass
 class E2ESettings:
     model: str = "wan2.1-1.3b"
@@ -206,18 +306,31 @@ class E2ESettings:
     warmup_steps: int = 1
     prompt: str = DEFAULT_PROMPT
     negative_prompt: str = DEFAULT_NEGATIVE
+    run_dense_timesteps: int | None = None  # the short runs' dense_timesteps (None: scaled, or as given)
+    warmup_size: tuple[int, int, int] | None = None  # HxWxF of the untimed warm-ups (None: the run's size)
+    decode: str = "all"  # "first": only the first variant decodes, the others reuse its time; "none"
+    assume_cached_share: float | None = None  # the projection's cached share instead of the measured one
+    borrow_dense: str | None = None  # a variant whose dense full-step median stands in where a row has none
+    build_device: str | None = None  # where the random weights are filled (None: `device`)
 
     def __post_init__(self) -> None:
-        if self.model not in MODEL_NAMES:
-            raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
+        preset = e2e_preset(self.model)
         if self.steps < 1 or self.target_steps < 1:
             raise ValueError(f"steps and target_steps must be >= 1, got {self.steps}, {self.target_steps}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not self.variants:
             raise ValueError("variants must name at least one variant")
-        preset = presets()[self.model]
-        # the e2e default geometry is the model's native size (480x832x81 for Wan2.1-1.3B)
+        if self.decode not in ("all", "first", "none"):
+            raise ValueError(f"decode must be 'all', 'first' or 'none', got {self.decode!r}")
+        if self.run_dense_timesteps is not None and self.run_dense_timesteps < 0:
+            raise ValueError(f"run_dense_timesteps must be >= 0, got {self.run_dense_timesteps}")
+        if self.assume_cached_share is not None and not 0.0 <= self.assume_cached_share <= 1.0:
+            raise ValueError(f"assume_cached_share must be in [0, 1], got {self.assume_cached_share}")
+        if self.borrow_dense is not None and self.borrow_dense not in self.variants:
+            raise ValueError(f"borrow_dense must be one of the variants {list(self.variants)}, got {self.borrow_dense!r}")
+        self.warmup_size = _size(self.warmup_size)
+        # the e2e default geometry is the model's native size (480x832x81 for Wan2.1-1.3B, 720x1280x81 for 14B)
         self.height = self.height or preset.base_height
         self.width = self.width or preset.base_width
         self.frames = self.frames or preset.frames
@@ -231,11 +344,13 @@ def _sdpa_context(cuda: bool):
     return sdpa_backend("cudnn") if cuda else nullcontext()
 
 
-def _generate(pipe, settings: E2ESettings, steps: int, callback=None, output_type: str = "pt"):
+def _generate(pipe, settings: E2ESettings, steps: int, callback=None, output_type: str = "pt",
+              size: tuple[int, int, int] | None = None):
+    h, w, f = size or (settings.height, settings.width, settings.frames)
     return pipe(
-        settings.prompt, negative_prompt=settings.negative_prompt, height=settings.height, width=settings.width,
-        num_frames=settings.frames, num_inference_steps=steps, guidance_scale=settings.guidance,
-        max_sequence_length=presets()[settings.model].max_sequence_length,
+        settings.prompt, negative_prompt=settings.negative_prompt, height=h, width=w,
+        num_frames=f, num_inference_steps=steps, guidance_scale=settings.guidance,
+        max_sequence_length=e2e_preset(settings.model).max_sequence_length,
         generator=torch.Generator(device="cpu").manual_seed(settings.seed), output_type=output_type,
         callback_on_step_end=callback,
     ).frames
@@ -254,39 +369,78 @@ def _install(pipe, variant: Variant, options: dict[str, Any]) -> Any:
     return diffattn.api.installed(pipe.transformer).runtime
 
 
-def project(steps: list[dict[str, Any]], dense_at_target: set[int], target: int) -> dict[str, Any]:
-    """The denoising time of a `target`-step generation from the measured steps (module docstring)."""
+def _kind(dense: bool, cached: bool) -> str:
+    return f"{'dense' if dense else 'sparse'}/{'cached' if cached else 'full'}"
+
+
+def project(steps: list[dict[str, Any]], dense_at_target: set[int], target: int, *,
+            cached_share: float | None = None, borrowed: dict[str, float] | None = None) -> dict[str, Any]:
+    """The denoising time of a `target`-step generation from the measured steps (module docstring).
+
+    `cached_share` replaces the measured share of cached steps (an assumption the report states); `borrowed`
+    gives per-kind medians of another variant, used where this row did not measure a kind (before substituting
+    one of its own kinds)."""
     def med(rows):
         return statistics.median(r["seconds"] for r in rows) if rows else None
 
     kinds = {(d, c): [s for s in steps if s["dense"] == d and s["cached"] == c] for d in (True, False) for c in (True, False)}
-    cached_share = sum(s["cached"] for s in steps) / len(steps)
+    measured_share = sum(s["cached"] for s in steps) / len(steps)
+    share = measured_share if cached_share is None else cached_share
     n_dense = len(dense_at_target)
-    total, used = 0.0, {}
+    total, used, terms = 0.0, {}, []
     for dense, n in ((True, n_dense), (False, target - n_dense)):
-        n_cached = round(cached_share * n)
+        n_cached = round(share * n)
         for cached, count in ((True, n_cached), (False, n - n_cached)):
             if not count:
                 continue
+            kind = _kind(dense, cached)
             t = med(kinds[(dense, cached)])
+            if t is None and borrowed and borrowed.get(kind) is not None:
+                t = borrowed[kind]
+                used[kind] = "borrowed"
             if t is None:  # kind not measured: the same cache state with the other attention kind, else any step
                 t = med(kinds[(not dense, cached)]) or med(steps)
-                used[f"{'dense' if dense else 'sparse'}/{'cached' if cached else 'full'}"] = "substituted"
+                used[kind] = "substituted"
             total += count * t
-    return {"denoise_s": total, "dense_steps": n_dense, "cached_share": cached_share, "substituted": used,
-            "median_s": {f"{'dense' if d else 'sparse'}/{'cached' if c else 'full'}": med(v) for (d, c), v in kinds.items()}}
+            terms.append({"kind": kind, "count": count, "median_s": t})
+    return {"denoise_s": total, "dense_steps": n_dense, "cached_share": share, "measured_cached_share": measured_share,
+            "cached_share_assumed": cached_share is not None, "substituted": used, "terms": terms,
+            "median_s": {_kind(d, c): med(v) for (d, c), v in kinds.items()}}
 
 
-def run_variant(pipe, settings: E2ESettings, variant: Variant, cuda: bool) -> tuple[dict[str, Any], torch.Tensor]:
-    options, target_dense_first = (_scaled_options(variant, settings.steps, settings.target_steps)
-                                   if settings.scale_schedule else (dict(variant.options), None))
-    if settings.warmup_steps and variant.methods:
+def formula(p: dict[str, Any]) -> str:
+    """`text + n x median (kind) + ... + decode = total`, as printed beside each row."""
+    terms = " + ".join(f"{t['count']} x {t['median_s']:.3f} ({t['kind']}"
+                       + (f", {p['substituted'][t['kind']]}" if t["kind"] in p["substituted"] else "") + ")"
+                       for t in p["terms"])
+    return f"{p['text_s']:.2f} + {terms} + {p['decode_s']:.2f} = {p['total_s']:.1f} s"
+
+
+def _latent_psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR of final latents against the reference's, with the reference's value range as the peak."""
+    mse = torch.mean((x.float() - ref.float()) ** 2).item()
+    if mse == 0.0:
+        return math.inf
+    rng = (ref.max() - ref.min()).item()
+    return 10.0 * math.log10(rng * rng / mse)
+
+
+def run_variant(pipe, settings: E2ESettings, variant: Variant, cuda: bool, *, decode: bool = True,
+                warmed: set | None = None) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
+    n_steps = variant.steps or settings.steps
+    options, target_dense_first = (_scaled_options(variant, n_steps, settings.target_steps, settings.run_dense_timesteps)
+                                   if settings.scale_schedule or settings.run_dense_timesteps is not None
+                                   else (dict(variant.options), None))
+    key = repr((variant.methods, options))
+    if settings.warmup_steps and variant.methods and (warmed is None or key not in warmed):
         # untimed: compiles the method's kernels (its sparse path: no dense warm-up) and plans; no VAE decode
-        warm = {n: {**o, **({"dense_timesteps": 0} if n == "radial" or "dense_timesteps" in o else {})}
+        warm = {n: {**o, **({"dense_timesteps": 0} if n in ("radial", "rectified") or "dense_timesteps" in o else {})}
                 for n, o in options.items()}
         _install(pipe, variant, warm)
         with _sdpa_context(cuda):
-            _generate(pipe, settings, settings.warmup_steps, output_type="latent")
+            _generate(pipe, settings, settings.warmup_steps, output_type="latent", size=settings.warmup_size)
+        if warmed is not None:
+            warmed.add(key)
     runtime = _install(pipe, variant, options)
     if variant.cache is not None:
         enable_cache(pipe, variant.cache, method=variant.methods or None, **variant.cache_options)
@@ -298,18 +452,20 @@ def run_variant(pipe, settings: E2ESettings, variant: Variant, cuda: bool) -> tu
         t0 = clock.now()
         clock.enter("text encoding")
         with _sdpa_context(cuda):
-            frames = _generate(pipe, settings, settings.steps, probe.on_step_end)
+            frames = _generate(pipe, settings, n_steps, probe.on_step_end,
+                               output_type="pt" if decode else "latent")
         clock.close()
         wall = time.perf_counter() - t0
     finally:
         probe.detach()
         if variant.cache is not None:
             pipe.transformer.disable_cache()
-    run_dense = dense_steps(runtime, settings.steps)
+    run_dense = dense_steps(runtime, n_steps)
     seconds = probe.step_seconds()
     steps = [{"step": i, "seconds": s, "dense": i in run_dense,
               "cached": probe.last_block_calls[i] < probe.forwards[i], "forwards": probe.forwards[i],
-              "last_block": probe.last_block_calls[i]} for i, s in enumerate(seconds)]
+              "last_block": probe.last_block_calls[i], "fbc_diffs": probe.fbc_diffs[i]}
+             for i, s in enumerate(seconds)]
     stages = {st.name: st for st in clock.stages}
     text_s = stages["text encoding"].seconds if "text encoding" in stages else 0.0
     decode_s = stages["decode"].seconds if "decode" in stages else 0.0
@@ -318,17 +474,56 @@ def run_variant(pipe, settings: E2ESettings, variant: Variant, cuda: bool) -> tu
         from ..registry import build_method
 
         target_runtime = build_method(variant.methods[0], **variant.options[variant.methods[0]])
-    proj = project(steps, dense_steps(target_runtime, settings.target_steps), settings.target_steps)
     row = {
         "variant": variant.label, "methods": variant.methods, "options": options, "cache": variant.cache,
-        "cache_options": variant.cache_options, "wall_s": wall,
+        "cache_options": variant.cache_options, "steps_run": n_steps, "wall_s": wall, "decoded": decode,
         "stages": {n: {"seconds": st.seconds, "peak_allocated_bytes": st.peak_allocated_bytes,
                        "peak_reserved_bytes": st.peak_reserved_bytes} for n, st in stages.items()},
         "peak_allocated_bytes": max((st.peak_allocated_bytes or 0) for st in clock.stages) if cuda else None,
-        "steps": steps, "projection": {**proj, "text_s": text_s, "decode_s": decode_s,
-                                       "total_s": text_s + proj["denoise_s"] + decode_s},
+        "steps": steps, "text_s": text_s, "decode_s": decode_s,
+        "forwards": sum(probe.forwards), "skipped_forwards": sum(f - b for f, b in zip(probe.forwards,
+                                                                                     probe.last_block_calls)),
+        "cached_steps": sum(s["cached"] for s in steps),
+        "_dense_at_target": sorted(dense_steps(target_runtime, settings.target_steps)),
     }
-    return row, frames
+    return row, (frames if decode else None), probe.latents
+
+
+def _finish_projections(report: dict[str, Any], settings: E2ESettings) -> None:
+    """Per row: the projection to the target step count (and, for a cache row, the same medians without the
+    cache), decode time from the first decoded row where the row did not decode."""
+    rows = [r for r in report["rows"] if "error" not in r]
+    decoded = next((r for r in rows if r["decoded"]), None)
+    borrowed = None
+    if settings.borrow_dense is not None:
+        lender = next((r for r in rows if r["variant"] == settings.borrow_dense), None)
+        if lender is not None:
+            meds = project(lender["steps"], set(lender["_dense_at_target"]), settings.target_steps)["median_s"]
+            borrowed = {"dense/full": meds["dense/full"], "dense/cached": meds["dense/cached"]}
+    for r in rows:
+        decode_s = r["decode_s"] if r["decoded"] else (decoded["decode_s"] if decoded else 0.0)
+        r["decode_from"] = r["variant"] if r["decoded"] else (decoded["variant"] if decoded else None)
+        dense_at = set(r["_dense_at_target"])
+        share = settings.assume_cached_share if r["cache"] is not None else None
+        lend = borrowed if r["variant"] != settings.borrow_dense else None
+        p = project(r["steps"], dense_at, settings.target_steps, cached_share=share, borrowed=lend)
+        p.update(text_s=r["text_s"], decode_s=decode_s, total_s=r["text_s"] + p["denoise_s"] + decode_s)
+        p["formula"] = formula(p)
+        r["projection"] = p
+        r["wall_with_decode_s"] = r["wall_s"] + (0.0 if r["decoded"] else decode_s)
+        if r["cache"] is not None and any(not s["cached"] for s in r["steps"]):
+            q = project(r["steps"], dense_at, settings.target_steps, cached_share=0.0, borrowed=lend)
+            q.update(text_s=r["text_s"], decode_s=decode_s, total_s=r["text_s"] + q["denoise_s"] + decode_s)
+            q["formula"] = formula(q)
+            r["projection_without_cache"] = q
+    if rows:
+        base = rows[0]
+        for r in rows:
+            r["speedup_measured"] = (base["wall_with_decode_s"] / r["wall_with_decode_s"]
+                                     if r["steps_run"] == base["steps_run"] else None)
+            r["speedup_projected"] = base["projection"]["total_s"] / r["projection"]["total_s"]
+            if "projection_without_cache" in r:
+                r["speedup_projected_without_cache"] = base["projection"]["total_s"] / r["projection_without_cache"]["total_s"]
 
 
 def run(settings: E2ESettings, dump=None) -> dict[str, Any]:
@@ -350,7 +545,8 @@ def run(settings: E2ESettings, dump=None) -> dict[str, Any]:
     except ImportError:
         pass
     t = time.perf_counter()
-    built = build_pipeline(settings.model, seed=settings.seed)
+    built = build_pipeline(settings.model, seed=settings.seed, preset=e2e_preset(settings.model),
+                           device=settings.build_device or settings.device)
     from diffusers import WanPipeline
 
     src = built.pipe
@@ -359,31 +555,53 @@ def run(settings: E2ESettings, dump=None) -> dict[str, Any]:
     pipe.set_progress_bar_config(disable=True)
     pipe.to(settings.device)
     report["build_s"] = time.perf_counter() - t
+    report["parameters"] = built.parameters
     if settings.warmup_steps:
         t = time.perf_counter()
         with _sdpa_context(cuda):
-            _generate(pipe, settings, settings.warmup_steps)  # stock, with the VAE decode
+            _generate(pipe, settings, settings.warmup_steps, size=settings.warmup_size)  # stock, with the decode
         report["warmup_s"] = time.perf_counter() - t
     dump(report)
-    baseline = None
-    for variant in variants:
+    baseline = None  # (label, frames or None, latents)
+    warmed: set = set()
+    for i, variant in enumerate(variants):
         logger.info("diffattn e2e: %s ...", variant.label)
-        row, frames = run_variant(pipe, settings, variant, cuda)
-        frames = frames[0].float().cpu().permute(0, 2, 3, 1)  # [F, H, W, C] in [0, 1]
+        decode = settings.decode == "all" or (settings.decode == "first" and i == 0)
+        try:
+            row, frames, latents = run_variant(pipe, settings, variant, cuda, decode=decode, warmed=warmed)
+        except Exception as exc:  # one variant's failure (a method's error, out of memory) is a result
+            logger.exception("diffattn e2e: %s failed", variant.label)
+            report["rows"].append({"variant": variant.label, "error": f"{type(exc).__name__}: {exc}"})
+            import diffattn
+
+            diffattn.remove(pipe)
+            if variant.cache is not None:
+                try:
+                    pipe.transformer.disable_cache()
+                except Exception:  # noqa: BLE001 - the cache may not have been enabled
+                    pass
+            if cuda:
+                torch.cuda.empty_cache()
+            dump(report)
+            continue
+        if frames is not None:
+            frames = frames[0].float().cpu().permute(0, 2, 3, 1)  # [F, H, W, C] in [0, 1]
+            row["finite"] = bool(torch.isfinite(frames).all())
+        else:
+            row["finite"] = bool(latents is not None and torch.isfinite(latents).all())
         if baseline is None:
-            baseline = (variant.label, frames)
+            baseline = (variant.label, frames, latents)
         row["psnr_vs"] = baseline[0]
-        row["psnr_db"] = psnr(frames, baseline[1])
-        row["finite"] = bool(torch.isfinite(frames).all())
+        row["psnr_db"] = psnr(frames, baseline[1]) if frames is not None and baseline[1] is not None else None
+        row["latent_psnr_db"] = (_latent_psnr(latents, baseline[2])
+                                 if latents is not None and baseline[2] is not None else None)
         report["rows"].append(row)
+        _finish_projections(report, settings)
         dump(report)
     import diffattn
 
     diffattn.remove(pipe)
-    base = report["rows"][0]
-    for row in report["rows"]:
-        row["speedup_measured"] = base["wall_s"] / row["wall_s"]
-        row["speedup_projected"] = base["projection"]["total_s"] / row["projection"]["total_s"]
+    _finish_projections(report, settings)
     dump(report)
     return report
 
@@ -391,49 +609,81 @@ def run(settings: E2ESettings, dump=None) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------------------
 # output, CLI
 # ------------------------------------------------------------------------------------------------------------------
+def _db(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
 def render(report: dict[str, Any]) -> str:
     s = report["settings"]
+    rows = [r for r in report["rows"] if "error" not in r]
+    first = rows[0]["variant"] if rows else "-"
     lines = [
         f"e2e: {s['model']} {s['height']}x{s['width']}x{s['frames']}, {s['steps']} steps run "
         f"(projected to {s['target_steps']}), CFG {s['guidance']}, {report['device']}, {report['date']}",
-        "| variant | wall (s) | text (s) | denoise (s) | decode (s) | peak GiB | x vs first | "
-        f"PSNR vs {report['rows'][0]['variant'] if report['rows'] else '-'} (dB) | {s['target_steps']}-step projected (s) | x projected |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | steps | wall (s) | text (s) | denoise (s) | decode (s) | peak GiB | skipped fwd | x vs first | "
+        f"PSNR vs {first} (dB) | latent PSNR (dB) | {s['target_steps']}-step projected (s) | x projected |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error'][:160]} |")
+            continue
         st = r["stages"]
         sec = lambda n: f"{st[n]['seconds']:.2f}" if n in st else "—"  # noqa: E731
+        x = "—" if r.get("speedup_measured") is None else f"{r['speedup_measured']:.2f}"
         lines.append(
-            f"| {r['variant']} | {r['wall_s']:.2f} | {sec('text encoding')} | {sec('denoising')} | {sec('decode')} | "
-            f"{gib(r['peak_allocated_bytes'])} | {r['speedup_measured']:.2f} | {r['psnr_db']:.2f} | "
+            f"| {r['variant']} | {r['steps_run']} | {r['wall_s']:.2f} | {sec('text encoding')} | {sec('denoising')} | "
+            f"{sec('decode') if r['decoded'] else 'from ' + str(r['decode_from'])} | {gib(r['peak_allocated_bytes'])} | "
+            f"{r['skipped_forwards']}/{r['forwards']} | {x} | {_db(r['psnr_db'])} | {_db(r['latent_psnr_db'])} | "
             f"{r['projection']['total_s']:.1f} | {r['speedup_projected']:.2f} |"
         )
-    lines.append("per-step medians (s) by kind, dense steps at the target / cached share:")
-    for r in report["rows"]:
+    lines.append("projection per row (text + n x median step of each kind + decode), dense steps at the target, "
+                 "cached share:")
+    for r in rows:
         p = r["projection"]
-        meds = ", ".join(f"{k} {v:.3f}" for k, v in p["median_s"].items() if v is not None)
-        lines.append(f"  {r['variant']}: {meds}; {p['dense_steps']} dense of {s['target_steps']}, cached share "
-                     f"{p['cached_share']:.2f}{'; substituted ' + str(p['substituted']) if p['substituted'] else ''}")
+        share = f"{p['cached_share']:.2f}" + (" (assumed)" if p["cached_share_assumed"] else "")
+        lines.append(f"  {r['variant']}: {p['formula']}; {p['dense_steps']} dense of {s['target_steps']}, cached "
+                     f"share {share}")
+        if "projection_without_cache" in r:
+            q = r["projection_without_cache"]
+            lines.append(f"    without the cache: {q['formula']} ({r['speedup_projected_without_cache']:.2f}x)")
+        diffs = [d for st in r["steps"] for d in st.get("fbc_diffs") or [] if d is not None]
+        if diffs:
+            lines.append(f"    FirstBlockCache residual change per forward: min {min(diffs):.3f}, median "
+                         f"{statistics.median(diffs):.3f}, max {max(diffs):.3f} (threshold "
+                         f"{r['cache_options'].get('threshold', 'default')}); cached steps {r['cached_steps']}")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffattn bench e2e", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="wan2.1-1.3b", choices=MODEL_NAMES)
-    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native 480)")
-    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native 832)")
+    p.add_argument("--model", default="wan2.1-1.3b", choices=MODEL_CHOICES)
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native 480, 14B 720)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the model's native 832, 14B 1280)")
     p.add_argument("--frames", type=int, default=None, help="default 81")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps actually run per variant")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps actually run per variant (VARIANT@N overrides)")
     p.add_argument("--target-steps", type=int, default=50, help="step count the projection is for")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--build-device", default=None, help="where random weights are filled (default: --device)")
     p.add_argument("--variants", nargs="+", default=list(E2ESettings.variants),
-                   help="stock | METHOD[:k=v,...][+METHOD2][+CACHE[:k=v,...]]; caches: " + ", ".join(CACHES))
+                   help="stock | METHOD[:k=v,...][+METHOD2][+CACHE[:k=v,...]][@STEPS]; caches: " + ", ".join(CACHES))
     p.add_argument("--no-scale-schedule", action="store_true", help="run the methods' warm-up schedules unscaled")
+    p.add_argument("--run-dense-timesteps", type=int, default=None,
+                   help="the short runs' dense_timesteps for methods with a warm-up schedule (the projection keeps "
+                        "the method's own schedule at --target-steps)")
     p.add_argument("--warmup-steps", type=int, default=1,
-                   help="untimed: a stock generation of this many steps first, and per method variant a run without "
+                   help="untimed: a stock generation of this many steps first, and per method a run without "
                         "decode (0: none)")
+    p.add_argument("--warmup-size", default=None, metavar="HxWxF", help="geometry of the warm-ups (default: the run's)")
+    p.add_argument("--decode", default="all", choices=("all", "first", "none"),
+                   help="first: only the first variant decodes, the others reuse its decode time (same VAE, same "
+                        "size) and are compared by latent PSNR; none: no decode (the projections leave it out)")
+    p.add_argument("--assume-cached-share", type=float, default=None,
+                   help="project cache rows with this share of cached steps instead of the measured one")
+    p.add_argument("--borrow-dense", default=None, metavar="VARIANT",
+                   help="a variant whose dense step medians stand in where a row ran no dense step")
     p.add_argument("--json", default=None, help="write the report here (rewritten as each variant ends)")
     return p
 
@@ -446,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model, height=args.height, width=args.width, frames=args.frames, steps=args.steps,
             target_steps=args.target_steps, guidance=args.guidance, seed=args.seed, device=args.device,
             variants=tuple(args.variants), scale_schedule=not args.no_scale_schedule, warmup_steps=args.warmup_steps,
+            run_dense_timesteps=args.run_dense_timesteps, warmup_size=args.warmup_size, decode=args.decode,
+            assume_cached_share=args.assume_cached_share, borrow_dense=args.borrow_dense,
+            build_device=args.build_device,
         )
         for v in settings.variants:
             parse_variant(v)
@@ -460,4 +713,4 @@ def main(argv: list[str] | None = None) -> int:
 
     report = run(settings, dump)
     print(render(report))
-    return 0
+    return 0 if all("error" not in r for r in report["rows"]) else 1

@@ -116,11 +116,14 @@ class RandomFiller:
     seconds, not minutes. Norm weights are 1 and biases 0 (as trained models start); other weights get
     std 1/sqrt(fan_in) (embeddings 1), which keeps activations finite through 24-40 random layers."""
 
-    def __init__(self, seed: int = 0, pool_size: int = 1 << 24, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, seed: int = 0, pool_size: int = 1 << 24, dtype: torch.dtype = torch.bfloat16,
+                 device: str | torch.device = "cpu") -> None:
         if pool_size < 1:
             raise ValueError(f"pool_size must be >= 1, got {pool_size}")
         self.generator = torch.Generator().manual_seed(seed)
-        self.pool = torch.randn(pool_size, generator=self.generator).to(dtype)
+        self.device = torch.device(device)
+        # the pool is drawn on the CPU (same values on every device), then filled from on `device`
+        self.pool = torch.randn(pool_size, generator=self.generator).to(dtype).to(self.device)
         self.dtype = dtype
 
     def fill(self, tensor: torch.Tensor, std: float) -> None:
@@ -147,8 +150,8 @@ class RandomFiller:
         return "normal", 1.0 / math.sqrt(max(1, math.prod(shape[1:])))
 
     def materialize(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Replace every meta parameter by a filled CPU tensor of `self.dtype`; tied parameters stay tied. Buffers
-        (built for real, e.g. RoPE tables in float32) are left as they are."""
+        """Replace every meta parameter by a filled tensor of `self.dtype` on `self.device`; tied parameters stay
+        tied. Buffers (built for real, e.g. RoPE tables in float32) are left as they are."""
         new: dict[int, torch.nn.Parameter] = {}
         for module in model.modules():
             for name, param in list(module._parameters.items()):
@@ -157,7 +160,7 @@ class RandomFiller:
                 if id(param) not in new:
                     if param.device.type != "meta":
                         raise ValueError(f"materialize: {type(module).__name__}.{name} is not on the meta device")
-                    data = torch.empty(param.shape, dtype=self.dtype)
+                    data = torch.empty(param.shape, dtype=self.dtype, device=self.device)
                     kind, std = self.rule(module, name, param.shape)
                     if kind == "ones":
                         data.fill_(1.0)
@@ -198,9 +201,12 @@ class BuiltPipeline:
 
 
 def build_pipeline(model: str, *, seed: int = 0, flow_shift: float = 3.0, vae_dtype: torch.dtype = torch.bfloat16,
-                   text_layers: int | None = None) -> BuiltPipeline:
-    """The FreeSwim pipeline for preset `model` with random weights on the CPU (transformer and text encoder bf16).
-    `text_layers` overrides the text encoder's depth (to time its init on a small machine)."""
+                   text_layers: int | None = None, preset: ModelPreset | None = None,
+                   device: str | torch.device = "cpu") -> BuiltPipeline:
+    """The FreeSwim pipeline for preset `model` (or the given `preset`) with random weights (transformer and text
+    encoder bf16), filled on `device` (default the CPU; a GPU fills billions of parameters in a second; buffers stay
+    on the CPU until the pipeline is moved). `text_layers` overrides the text encoder's depth (to time its init on a
+    small machine)."""
     from diffusers import (
         AutoencoderKLWan,
         UniPCMultistepScheduler,
@@ -212,10 +218,11 @@ def build_pipeline(model: str, *, seed: int = 0, flow_shift: float = 3.0, vae_dt
     from ..pipelines.demo import word_tokenizer
 
     known = presets()
-    if model not in known:
-        raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}, got {model!r}")
-    preset = known[model]
-    filler = RandomFiller(seed)
+    if preset is None:
+        if model not in known:
+            raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}, got {model!r}")
+        preset = known[model]
+    filler = RandomFiller(seed, device=device)
     times: dict[str, float] = {}
 
     def timed(name: str, make: Callable[[], torch.nn.Module], real_buffers: bool = True) -> torch.nn.Module:
