@@ -55,6 +55,29 @@ def default_backend(device: torch.device) -> str:
 
 
 # ---- argument checks shared by both front doors -------------------------------------------------------------------
+#: the vocabulary of the small kernels that have no backend registry (the agent merge's bipartite ops)
+SIMPLE_BACKENDS: tuple[str, ...] = ("triton", "blocked", "reference")
+
+
+def resolve_backend(backend: str | None, device: torch.device, env_var: str) -> str:
+    """For the small kernels outside the registry (`kernels.backends` chooses for the two attention front
+    doors): `backend`, else the environment variable `env_var`, else `default_backend`."""
+    source = "backend"
+    if backend is None and os.environ.get(env_var):
+        backend, source = os.environ[env_var].strip(), env_var
+    if backend is None:
+        return default_backend(device)
+    if backend not in SIMPLE_BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(map(repr, SIMPLE_BACKENDS))} or None (auto), "
+                         f"got {backend!r}")
+    if backend == "triton" and not triton_runs_on(device):
+        raise ValueError(
+            "backend='triton' needs the triton package and CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
+            f"before triton is imported; got tensors on {device}. Use backend='blocked' (or None) on CPU."
+        )
+    return backend
+
+
 def check_tensors(**tensors: Any) -> None:
     """Each named argument is a tensor (`TypeError` naming it otherwise)."""
     for name, t in tensors.items():

@@ -1,6 +1,6 @@
 """Time the Gluon forward against cuDNN SDPA and our Triton kernel at one shape, in one process (GPU job script).
 
-    python -m diffattn.kernels.block_sparse.gluon_bench --out bench.json [--variants 2:1,3:1,3:0]
+    python -m diffattn.bench.gluon_forward --out bench.json [--variants 2:1,3:1,3:0]
 
 Masks are the bench's (`diffattn bench kernels`): dense, radial-like at the asked densities, random. Prints one
 line per case; effective TFLOP/s = 4*S^2*D*H*density / time. A correctness line compares the Gluon output with
