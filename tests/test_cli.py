@@ -183,7 +183,7 @@ def test_mask_freeswim_window_from_base_size(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args,words",
     [
-        (["softpag", "--geometry", "demo-video"], ["no mask picture for method 'softpag'", "radial, rectified, gna, freeswim"]),
+        (["softpag", "--geometry", "demo-video"], ["no mask picture for method 'softpag'", "radial, rectified, freeswim, gna"]),
         (["radial", "--geometry", "wan-9000"], ["unknown geometry 'wan-9000'", "wan-14b-720p"]),
         (["radial", "--grid", "2,x,3"], ["--grid must be comma-separated ints"]),
         (["radial"], ["give --geometry NAME or --grid"]),
@@ -206,7 +206,7 @@ def test_mask_errors_are_one_line(tmp_path, capsys, args, words):
 def test_mask_help_without_a_method_lists_the_methods():
     res = _run("mask", "--help")
     assert res.returncode == 0, res.stderr
-    assert "methods: radial, rectified, gna, freeswim" in res.stdout
+    assert "methods: radial, rectified, freeswim, gna" in res.stdout
     assert re.search(r"^  demo-video +5x32x32 ", res.stdout, re.MULTILINE)
     res = _run("mask")
     assert res.returncode == 2 and "usage: diffattn mask METHOD" in res.stdout

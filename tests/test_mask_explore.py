@@ -159,7 +159,7 @@ def test_save_writes_a_png(tmp_path):
 @pytest.mark.parametrize(
     "call,message",
     [
-        (lambda: explore_mask("softpag", "demo-video"), "accepted methods: radial, rectified, gna, freeswim"),
+        (lambda: explore_mask("softpag", "demo-video"), "accepted methods: radial, rectified, freeswim, gna"),
         (lambda: explore_mask("radial", "wan-9000"), "unknown geometry 'wan-9000'; accepted: wan-1.3b-480p"),
         (lambda: explore_mask("radial", (2, 0, 3)), "geometry must be a name"),
         (lambda: explore_mask("radial", "flux-1024"), "radial needs a video geometry"),
