@@ -240,8 +240,8 @@ def test_bench_end_to_end(tiny_folders, tmp_path, capsys):
     assert set(report["models"]) == {"video", "image"}
     video, image = report["models"]["video"], report["models"]["image"]
     assert video["family"] == "wan" and image["family"] == "sd3"
-    assert list(video["methods"]) == ["dense (reference)", "dense (rerun)", "radial", "rectified", "gna", "freeswim", "softpag"]
-    assert list(image["methods"]) == ["dense (reference)", "dense (rerun)", "gna", "softpag", "agent"]
+    assert list(video["methods"]) == ["dense (reference)", "dense (rerun)", "radial", "rectified", "freeswim", "gna", "softpag"]
+    assert list(image["methods"]) == ["dense (reference)", "dense (rerun)", "gna", "agent", "softpag"]
     assert set(image["skipped"]) == {"radial", "rectified", "freeswim", "ficgen"}  # ficgen: UNet only
     for model in (video, image):
         rows = model["methods"]
