@@ -23,3 +23,18 @@ def run_under_interpreter(test_file: str, *, timeout: int = 900, allow_skips: bo
     if not allow_skips:
         assert "skipped" not in r.stdout.strip().split("\n")[-1], r.stdout[-2000:]
     return r.stdout
+
+
+# ---- the header every Triton test file shares -------------------------------------------------------------------
+INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_device_and_mark(runner: str):
+    """(device, pytest mark) for a Triton test file: CUDA when there is a GPU, else CPU under TRITON_INTERPRET=1
+    (`runner` names the test file that re-runs this one in a subprocess); skipped otherwise."""
+    import pytest
+    import torch
+
+    cuda = torch.cuda.is_available()
+    mark = pytest.mark.skipif(not (cuda or INTERP), reason=f"needs CUDA, or TRITON_INTERPRET=1 ({runner} runs this file so)")
+    return ("cuda" if cuda and not INTERP else "cpu"), mark

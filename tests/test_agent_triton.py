@@ -6,17 +6,13 @@ bf16 dot is not faithful.)"""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(
-    not (CUDA or INTERP), reason="needs CUDA, or TRITON_INTERPRET=1 (test_agent.py runs this file so)"
-)
-DEV = "cuda" if CUDA and not INTERP else "cpu"
+from interpreter import triton_device_and_mark  # noqa: E402
+
+DEV, pytestmark = triton_device_and_mark("test_agent.py")
 
 from diffattn.kernels.agent import bipartite_partition, merge_assignment  # noqa: E402
 from diffattn.kernels.bipartite import (  # noqa: E402
