@@ -153,10 +153,11 @@ def test_pipeline_finds_transformer_transformer2_and_unet():
     assert [n for n, _ in _models_of(FakeSD())] == ["unet"]
 
 
-def test_folders_are_mapped_into_the_diffattn_namespace(tmp_path):
-    """`kernels/` and `pipelines/` are importable only as diffattn.kernels / diffattn.pipelines (the top-level
-    name `kernels` belongs to Hugging Face's kernel hub, which Diffusers imports). Checked in a fresh interpreter
-    outside the repository, as an installed user sees it."""
+def test_no_folder_of_the_checkout_shadows_an_installed_distribution(tmp_path):
+    """Every source folder lives under diffattn/: `diffattn.kernels`, `diffattn.pipelines`, `diffattn.app`. A
+    top-level `kernels/` would shadow Hugging Face's kernel-hub package (which transformers >= 5.25 and Diffusers
+    import) whenever the checkout is on sys.path, as under `python -m pytest` from the root. Checked in fresh
+    interpreters both outside the repository (an installed user) and at its root (a developer)."""
     import os
     import subprocess
     import sys
@@ -165,17 +166,20 @@ def test_folders_are_mapped_into_the_diffattn_namespace(tmp_path):
     code = (
         "import importlib.util, diffattn.kernels, diffattn.pipelines, diffattn.app\n"
         "print(diffattn.kernels.__name__)\n"
-        "for top in ('kernels', 'pipelines', 'app'):\n"
+        "for top in ('kernels', 'pipelines', 'app', 'bench', 'methods'):\n"
         "    spec = importlib.util.find_spec(top)\n"
         "    print(top, None if spec is None else spec.origin)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    assert lines[0] == "diffattn.kernels"
-    for line in lines[1:]:
-        assert root not in line, f"a top-level name resolves into diffattn: {line}"
+    for cwd in (tmp_path, root):
+        res = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, env=env,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.splitlines()
+        assert lines[0] == "diffattn.kernels"
+        for line in lines[1:]:
+            top, origin = line.split(" ", 1)
+            assert not origin.startswith(os.path.join(root, top)), f"cwd {cwd}: {top} resolves into the checkout: {origin}"
 
 
 def test_context_parallel_without_support_is_refused_clearly():

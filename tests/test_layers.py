@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# source folder -> the package it is installed as (pyproject's package-dir)
-FOLDERS = {"diffattn": "diffattn", "kernels": "diffattn.kernels", "pipelines": "diffattn.pipelines", "app": "diffattn.app"}
+# source folder -> the package it is installed as (every folder lives under diffattn/)
+FOLDERS = {"diffattn": "diffattn"}
 
 # Layer of each module, by longest matching prefix (lower number = lower layer).
 LAYERS: dict[str, int] = {

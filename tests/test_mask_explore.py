@@ -193,7 +193,7 @@ def test_parse_mask_options():
 
 
 def test_demo_geometries_come_from_the_models_configs():
-    """The demo models' grids are what their transformers see at their training size (pipelines/demo.py)."""
+    """The demo models' grids are what their transformers see at their training size (diffattn/pipelines/demo.py)."""
     from diffattn.pipelines.demo import DemoImageConfig, DemoVideoConfig
 
     v, i = DemoVideoConfig(), DemoImageConfig()

@@ -188,7 +188,7 @@ def test_demo_options_fit_the_demo_grids():
     fs = demo_options("freeswim", video)
     assert FreeSwimMethod(FreeSwimConfig.from_options(**fs)).window(video.grid) == (17, 9, 9)
     assert demo_options("softpag", video) == {"heads": "L3"}
-    demo = Geometry("wan", TokenGrid(5, 32, 32), steps=12, num_layers=6)  # pipelines/demo.py's video model
+    demo = Geometry("wan", TokenGrid(5, 32, 32), steps=12, num_layers=6)  # diffattn/pipelines/demo.py's video model
     assert demo_options("radial", demo) == {"block_size": 128, "dense_timesteps": 3}
     assert demo_options("gna", demo) == {"kernel_size": (3, 17, 17)}
     fs = demo_options("freeswim", demo)

@@ -4,7 +4,7 @@
     diffattn bench kernels --shapes wan1.3b --densities 1.0,0.1 --masks random
     diffattn bench kernels --sweep             # kernel-config sweep (tuning aid)
     diffattn bench kernels --backends cudnn,flex,triton,gluon,fa4   # the registry's backends side by side (#18)
-    diffattn bench kernels --tune              # measure every capable backend, write kernels/tuned/<kind>.json
+    diffattn bench kernels --tune              # measure every capable backend, write diffattn/kernels/tuned/<kind>.json
 
 Effective TFLOP/s = 4*Sq*Sk*D*H*density / time (forward); forward+backward counts 3.5x that (2 + 5 matmuls).
 FlexAttention's BlockMask is built from the same CSR index lists (`BlockMask.from_kv_blocks`, all blocks "full",
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                    "cudnn,flex,triton,gluon,fa4) per case instead of the default table; shapes default to "
                    f"{COMPARE_SHAPES}")
     p.add_argument("--tune", action="store_true", help="measure every capable backend (or --backends) per case and "
-                   "write the registry's table (kernels/tuned/<device kind>.json, or --tune-out)")
+                   "write the registry's table (diffattn/kernels/tuned/<device kind>.json, or --tune-out)")
     p.add_argument("--tune-out", default=None, help="where --tune writes the table")
     p.add_argument("--jsonl", default=None, help="with --backends/--tune: append each case as a JSON line here")
     args = p.parse_args(argv)

@@ -1,10 +1,10 @@
 """Multi-pass generation built on diffattn: high-res, guidance, layout, long video, presets.
 
-- `FreeSwimPipeline` (pipelines/freeswim.py): training-free high-resolution Wan video.
-- `radial_lora` (pipelines/radial_lora.py): LoRA length-extension training with the Radial mask.
-- `DemoVideoPipeline`, `DemoImagePipeline`, `PixelSpaceVAE` (pipelines/demo.py): the bundled demo models' classes;
+- `FreeSwimPipeline` (diffattn/pipelines/freeswim.py): training-free high-resolution Wan video.
+- `radial_lora` (diffattn/pipelines/radial_lora.py): LoRA length-extension training with the Radial mask.
+- `DemoVideoPipeline`, `DemoImagePipeline`, `PixelSpaceVAE` (diffattn/pipelines/demo.py): the bundled demo models' classes;
   `demo_train` trains them on `demo_data`'s procedural shapes.
-- `DemoUNetPipeline`, `SpaceToDepthVAE` (pipelines/demo_unet.py): the UNet demo model (SD1.5 layout).
+- `DemoUNetPipeline`, `SpaceToDepthVAE` (diffattn/pipelines/demo_unet.py): the UNet demo model (SD1.5 layout).
 
 Imported lazily, so `import diffattn.pipelines` stays cheap.
 """

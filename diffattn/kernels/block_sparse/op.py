@@ -1,7 +1,7 @@
-"""Front door: validation, backend choice (the registry in `kernels/backends.py`), and the torch.library custom ops.
+"""Front door: validation, backend choice (the registry in `diffattn/kernels/backends.py`), and the torch.library custom ops.
 
-Backends (declared with their capabilities in `kernels/backends.py`; `docs/backends.md` says how the choice is made):
-- None (default): the fastest capable backend of the device kind's measured table (`kernels/tuned/<kind>.json`),
+Backends (declared with their capabilities in `diffattn/kernels/backends.py`; `docs/backends.md` says how the choice is made):
+- None (default): the fastest capable backend of the device kind's measured table (`diffattn/kernels/tuned/<kind>.json`),
   else "triton" where it runs (CUDA tensors, or CPU tensors when `TRITON_INTERPRET=1` was set before triton was
   imported, which is how tests run the kernels without a GPU), else "blocked".
 - "triton": our Triton kernels. "gluon": the Gluon (Hopper) forward when built. "fa4": FlashAttention-4's

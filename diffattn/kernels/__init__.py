@@ -1,9 +1,9 @@
 """Attention kernels (Triton) and their plain-PyTorch references. No Diffusers import here.
 
 Front doors (validated in one place, backend chosen per device):
-- `block_sparse_attention` (kernels/block_sparse)
-- `neighborhood_attention` (kernels/neighborhood)
-- `qk_norm_rope` (kernels/prologue): the fused pre-attention q/k norm + RoPE + layout
+- `block_sparse_attention` (diffattn/kernels/block_sparse)
+- `neighborhood_attention` (diffattn/kernels/neighborhood)
+- `qk_norm_rope` (diffattn/kernels/prologue): the fused pre-attention q/k norm + RoPE + layout
 """
 
 from .merge import merge_attention_states

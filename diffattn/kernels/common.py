@@ -2,7 +2,7 @@
 test, the portable default backend, the argument checks common to both, and one Hopper-fallback scheme. Pure torch;
 no Diffusers, nothing of diffattn above the kernels.
 
-Which backends exist and how one is chosen is the registry's (`kernels/backends.py`): None = auto (the measured
+Which backends exist and how one is chosen is the registry's (`diffattn/kernels/backends.py`): None = auto (the measured
 table of the device kind, else `default_backend`: Triton where it runs, CUDA or CPU tensors under
 `TRITON_INTERPRET=1`; "blocked" elsewhere). Each front door's environment variable
 (`DIFFATTN_BLOCK_SPARSE_BACKEND`, `DIFFATTN_NEIGHBORHOOD_BACKEND`) sets its default when `backend=None`.

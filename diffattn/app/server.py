@@ -57,7 +57,7 @@ def build_app(video_model: str | None = None, image_model: str | None = None, de
                 compare_tab(runner, video_model, image_model, demo)
             with gr.Tab("Mask explorer", elem_id="tab-mask"):
                 mask_tab(demo, limits)
-            layout_tab(runner, demo)  # app/layout_tab.py (FICGen)
+            layout_tab(runner, demo)  # diffattn/app/layout_tab.py (FICGen)
     demo.diffattn_out_dir = str(out)  # the launcher allows Gradio to serve files from here
     demo.diffattn_limits = limits
     return demo

@@ -1,5 +1,5 @@
 """Front door: `neighborhood_attention` validates once, picks the backend through the registry
-(`kernels/backends.py`, op "neighborhood"), and wires autograd.
+(`diffattn/kernels/backends.py`, op "neighborhood"), and wires autograd.
 
 Backends: None = auto (the device kind's measured table, else "triton" where it runs, else "blocked";
 `DIFFATTN_NEIGHBORHOOD_BACKEND` sets it), "triton", "fa4" (declared; refuses with its reason until the
@@ -158,7 +158,7 @@ def neighborhood_attention(
     (`diffattn::neighborhood_attn_fwd`/`_bwd`), so torch.compile(fullgraph=True) traces through it.
 
     backend: None (the device kind's measured table, else Triton on CUDA or on CPU under TRITON_INTERPRET=1,
-    else "blocked"; the env var `DIFFATTN_NEIGHBORHOOD_BACKEND` overrides this default; `kernels/backends.py`),
+    else "blocked"; the env var `DIFFATTN_NEIGHBORHOOD_BACKEND` overrides this default; `diffattn/kernels/backends.py`),
     "triton", "fa4" (declared, refuses until wired up), "blocked"
     (plain PyTorch, one query tile at a time over the box of keys it can see: the CPU path, differentiable by
     autograd) or "reference" (dense `[N, N]` mask, small problems only; the ground truth).

@@ -42,7 +42,7 @@ def check_inputs(
     """Validate all arguments; see `block_sparse_attention` for the accepted forms (the checks both front doors
     share are `kernels.common`'s). The dtype is checked against what any backend takes (float16/bfloat16/float32,
     float64 on the PyTorch ones) unless `backend` names one; which backend takes which dtype is the registry's
-    business (`kernels/backends.py`)."""
+    business (`diffattn/kernels/backends.py`)."""
     check_tensors(q=q, k=k, v=v, block_mask=block_mask)
     check_block_size(block_size)
     for name, t in (("q", q), ("k", k), ("v", v)):

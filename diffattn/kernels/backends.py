@@ -7,7 +7,7 @@ package such as FlashAttention-4, a module another change adds) and an extra rul
 
 Choosing (`choose`): an explicit `backend=` (or the operation's environment variable, when `backend` is None) is
 forced and fails with the backend's reason; otherwise the order is the device kind's measured table
-(`kernels/tuned/<kind>.json`, written by `diffattn bench kernels --tune`), then the portable default ("triton"
+(`diffattn/kernels/tuned/<kind>.json`, written by `diffattn bench kernels --tune`), then the portable default ("triton"
 where Triton runs, "blocked" elsewhere). The first capable backend wins; every refusal on the way is logged at
 debug level on `logging.getLogger("diffattn")`. Choices are cached per request key, so the steady path costs one
 dict lookup.
@@ -371,8 +371,8 @@ def _gluon_missing() -> str | None:
     except ImportError:
         spec = None
     if spec is None:
-        return "not built (kernels/block_sparse/gluon_fwd.py is absent)"
-    return module_missing(GLUON_MODULE, "the Gluon forward (kernels/block_sparse/gluon_fwd.py)")
+        return "not built (diffattn/kernels/block_sparse/gluon_fwd.py is absent)"
+    return module_missing(GLUON_MODULE, "the Gluon forward (diffattn/kernels/block_sparse/gluon_fwd.py)")
 
 
 def _gluon_rule(req: Request) -> str | None:
