@@ -98,6 +98,44 @@ def test_reorder_round_trip_is_exact(grid, bs, order):
         assert set(rows.tolist()) == frame0
 
 
+@pytest.mark.parametrize("order", ["tiles", "gilbert"])
+def test_to_order_gathers_token_rows_and_undoes_exactly(order):
+    """`to_order` equals index_select on the token axis for both input layouts the adapters pass ([B, H, S, D]
+    memory from the fused prologue, [B, S, H, D] views), lands in [B, S, H, D] memory, and the inverse is exact."""
+    grid = (5, 7, 3)
+    perm, inv = reorder.token_order(grid, order, 16), reorder.inverse((grid, order, 16))
+    x = torch.randn(2, 3, 105, 8)
+    for inp in (x, x.transpose(1, 2).contiguous().transpose(1, 2)):
+        y = rect.to_order(inp, perm)
+        assert torch.equal(y, x.index_select(2, perm))
+        assert y.transpose(1, 2).is_contiguous()  # the adapter's flatten to [B, S, H * D] is a view
+        assert torch.equal(rect.to_order(y, inv), x)
+
+
+@pytest.mark.parametrize("order", ["tiles", "gilbert"])
+def test_token_order_is_built_once_per_forward(order, monkeypatch):
+    """Every layer of a forward reuses the forward's permutation (one geometry lookup per forward, not per layer);
+    the output with a compact order and tau = 1 equals dense (RoPE saw the original positions, the undo is exact)."""
+    model, make_inputs = tiny.BUILDERS["wan"]()
+    inputs = make_inputs(batch=1, **GRIDS["wan"])
+    dense = tiny.output_of(model, inputs)
+    diffattn.apply(model, "rectified", **{**OPTIONS, "reorder": order, "tau": 1.0})
+    try:
+        method = diffattn.api.installed(model).runtime
+        method.record_stats = True
+        lookups = []
+        real = method.geometry
+        monkeypatch.setattr(method, "geometry", lambda *a: lookups.append(a) or real(*a))
+        out = tiny.output_of(model, inputs)
+        again = tiny.output_of(model, inputs)
+    finally:
+        diffattn.remove(model)
+    layers = len(method.stats) // 2
+    assert layers >= 2, "the tiny model must have several sparse layers"
+    assert len(lookups) == 2  # one per forward
+    assert (out - dense).abs().max().item() <= 2e-5 and torch.equal(out, again)
+
+
 @pytest.mark.parametrize("grid", [(21, 45, 80), (1, 64, 64), (5, 32, 32), (13, 30, 52)])
 @pytest.mark.parametrize("order", ["tiles", "gilbert"])
 def test_orders_make_blocks_compact(grid, order):

@@ -14,6 +14,7 @@ from interpreter import triton_device_and_mark  # noqa: E402
 
 DEV, pytestmark = triton_device_and_mark("test_rectified.py")
 
+from diffattn.kernels.block_sparse import build_block_index  # noqa: E402
 from diffattn.kernels.rectified_select import (  # noqa: E402
     block_pool,
     block_pool_torch,
@@ -76,6 +77,14 @@ def test_selection_matches_torch(B, H, Sq, Sk, D, bs, T, pad, tau, k_min, gapr, 
     b = rectified_select_torch(q, k, v, **kw)
     assert torch.equal(a.keep, b.keep)
     assert torch.equal(a.unsafe, b.unsafe)
+    # the row kernel's index lists are exactly the front door's (stable sort of the mask: kept columns ascending,
+    # then the dropped ones ascending)
+    ref = build_block_index(a.keep)
+    assert a.kv_idx.dtype == torch.int32 and a.kv_cnt.dtype == torch.int32
+    assert torch.equal(a.kv_cnt, ref.kv_cnt) and torch.equal(a.kv_idx, ref.kv_idx)
+    assert b.kv_idx is None and b.kv_cnt is None
+    bare = rectified_select(q, k, v, emit_index=False, **kw)
+    assert bare.kv_idx is None and torch.equal(bare.keep, a.keep)
     assert not bool((a.unsafe & a.keep).any())  # GAPR marks dropped blocks only
     if not gapr:
         assert not bool(a.unsafe.any())

@@ -149,7 +149,52 @@ def layer_analysis(q, k, v, grid: tuple[int, int, int], settings: dict[str, Any]
             "radial_kernel_ms": median_ms(lambda: block_sparse_attention(
                 q, k, v, rmask[None, None], block_size=bs, scale=scale, extra_k=ek, extra_v=ev), warmup=25, rep=100),
         }
-        t["selection_share"] = (t["plan_ms"] + t["index_ms"]) / t["kernel_ms"]
+        # the selection without its index-list output, and the kernel fed the selection's own lists directly (what
+        # a front-door entry taking ready lists would run; checked against the front door's output)
+        from ..kernels.block_sparse import triton_fwd
+        from ..kernels.rectified_select import rectified_select
+        from ..methods.rectified import to_order
+        from ..methods.rectified_core import resolve_k_min
+
+        nk = plan.block_mask.shape[-1]
+        sel_kw = dict(block_size=bs, tau=settings["tau"], k_min=resolve_k_min(kw["k_min"], nk), gapr=settings["gapr"],
+                      extra_k=ek, forced_blocks=forced, scale=scale)
+        t["plan_no_index_ms"] = median_ms(lambda: rectified_select(qp, kp, vp, emit_index=False, **sel_kw),
+                                          warmup=25, rep=100)
+        scale_f = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        ready = lambda: triton_fwd.forward(qp, kp, vp, plan.kv_idx, plan.kv_cnt, bs, scale_f, ek, ev,
+                                           out_scale=plan.out_scale, out_bias=plan.out_bias)[0]
+        t["kernel_triton_ready_lists_ms"] = median_ms(ready, warmup=10, rep=50)
+        front = block_sparse_attention(qp, kp, vp, plan.block_mask, block_size=bs, scale=scale, extra_k=ek,
+                                       extra_v=ev, out_scale=plan.out_scale, out_bias=plan.out_bias)
+        out["ready_lists_vs_front_door_max_abs"] = (ready().float() - front.float()).abs().max().item()
+        from ..kernels import backends as _reg
+        out["front_door_backend"] = _reg.choose(_reg.make_request(
+            "block_sparse", qp, head_dim=qp.shape[-1], block_size=bs, has_extra=ek is not None, has_epilogue=True))
+        # token order: per layer, q, k, v are gathered into the compact order and the output back. Before: four
+        # index_select(2) (contiguous [B, H, S, D] results) and then the adapter's copy to [B, S, H * D]; now
+        # (`to_order`): whole-token-row gathers, the output's landing in [B, S, H, D] memory (the adapter's flatten
+        # is then a view). q, k as the fused prologue writes them ([B, H, S, D]), v as the adapters pass it.
+        v_view = v.transpose(1, 2).contiguous().transpose(1, 2)
+        out_c = torch.empty_like(q)
+        t["adapter_copy_ms"] = median_ms(lambda: out_c.transpose(1, 2).flatten(2, 3), warmup=25, rep=100)
+        t["permute_old_ms"] = median_ms(lambda: (
+            q.index_select(2, perm), k.index_select(2, perm), v_view.index_select(2, perm),
+            out_c.index_select(2, inv).transpose(1, 2).flatten(2, 3)), warmup=25, rep=100)
+        t["permute_rows_ms"] = median_ms(lambda: (
+            to_order(q, perm), to_order(k, perm), to_order(v_view, perm),
+            to_order(out_c, inv).transpose(1, 2).flatten(2, 3)), warmup=25, rep=100)
+        qr, kr, vr = to_order(q, perm), to_order(k, perm), to_order(v_view, perm)
+        t["kernel_rows_layout_ms"] = median_ms(lambda: block_sparse_attention(
+            qr, kr, vr, plan.block_mask, block_size=bs, scale=scale, extra_k=ek, extra_v=ev,
+            out_scale=plan.out_scale, out_bias=plan.out_bias), warmup=25, rep=100)
+        del qr, kr, vr, out_c, v_view
+        # the permutation's own cost per layer: what the method pays over raster order (whose output the adapter
+        # copies anyway)
+        t["permute_extra_old_ms"] = t["permute_old_ms"] - t["adapter_copy_ms"]
+        t["permute_extra_rows_ms"] = t["permute_rows_ms"] - t["adapter_copy_ms"]
+        t["selection_share"] = (t["plan_ms"] + t["index_ms"]) / t["kernel_ms"]  # as the method runs today
+        t["selection_share_ready_lists"] = t["plan_ms"] / t["kernel_ms"]  # with a front door taking the lists
         with torch.no_grad():  # plans agree: Triton vs the PyTorch path on these activations
             other = rectified_plan(qp, kp, vp, selection="threshold", **kw)
         out["plans_equal"] = bool(torch.equal(other.block_mask, plan.block_mask))

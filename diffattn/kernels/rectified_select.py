@@ -14,8 +14,9 @@ Per call (q `[B, H, Sq, D]`, k/v `[B, H, Sk, D]`, block size b, nq/nk blocks, op
    registers): `softmax(scale * logit + ln n_j)` with the valid text keys token-level in the same softmax, the text
    mass, the kept set by an exact bisection on the float32 bit pattern of the threshold (32 row reductions in
    registers, no sort; kept = `p >= t` for the smallest t whose mass strictly above is <= tau - text mass, or that
-   has fewer than k_min entries above), forced blocks, GAPR's unsafe test, `R = 1 - sum_{compensated} p`, and the
-   compensated probabilities `pc`.
+   has fewer than k_min entries above), forced blocks, GAPR's unsafe test, `R = 1 - sum_{compensated} p`, the
+   compensated probabilities `pc`, and (one prefix sum of the kept row) the block-sparse forward's index lists of
+   the kept set, so that the kernel's front door need not sort the mask again.
 4. `C = pc @ vm` (one more bmm).
 
 Floors at Wan2.1-14B 720p (40 heads, 75,600 tokens, D 128, bf16, 591 blocks; H200 4.8 TB/s, ~67 TFLOP/s fp32):
@@ -56,7 +57,10 @@ class Selection:
     """One call's selection: kernel mask, GAPR's unsafe blocks, the epilogue's R and C, and the pooled map.
 
     keep, unsafe: bool `[B, H, nq, nk]`; out_scale (R) float `[B, H, nq]`; out_bias (C) float `[B, H, nq, D]`;
-    probs: the pooled map over video key blocks `[B, H, nq, nk]`; text_mass `[B, H, nq]`."""
+    probs: the pooled map over video key blocks `[B, H, nq, nk]`; text_mass `[B, H, nq]`.
+    kv_idx int32 `[B, H, nq, nk]`, kv_cnt int32 `[B, H, nq]`: the forward's index lists of `keep`, exactly as
+    `kernels.block_sparse.build_block_index(keep)` makes them (emitted by the Triton row kernel; None from the
+    PyTorch path)."""
 
     keep: torch.Tensor
     unsafe: torch.Tensor
@@ -64,6 +68,8 @@ class Selection:
     out_bias: torch.Tensor
     probs: torch.Tensor
     text_mass: torch.Tensor
+    kv_idx: torch.Tensor | None = None
+    kv_cnt: torch.Tensor | None = None
 
 
 # ---- plain PyTorch ------------------------------------------------------------------------------------------------
@@ -236,11 +242,11 @@ def _get_kernels():
 
     @triton.jit
     def select_kernel(
-        LOGIT, ERR, TS, TVALID, FORCED, KEEP, UNSAFE, P, PC, R, TMASS,
+        LOGIT, ERR, TS, TVALID, FORCED, KEEP, UNSAFE, P, PC, R, TMASS, KVIDX, KVCNT,
         nq, nk, T, Sk, H, scale, tau, k_min,
         sfb, sfh, sfq, sfk,
         BM: tl.constexpr, NKP: tl.constexpr, TP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        HAS_TEXT: tl.constexpr, HAS_FORCED: tl.constexpr, GAPR: tl.constexpr,
+        HAS_TEXT: tl.constexpr, HAS_FORCED: tl.constexpr, GAPR: tl.constexpr, EMIT_INDEX: tl.constexpr,
     ):
         pid = tl.program_id(0)
         bh = tl.program_id(1)
@@ -307,6 +313,16 @@ def _get_kernels():
         tl.store(PC + off, pc, mask=m2)
         tl.store(R + bh * nq + rows, 1.0 - tl.sum(pc, axis=1), mask=rok)
         tl.store(TMASS + bh * nq + rows, tmass, mask=rok)
+        if EMIT_INDEX:
+            # the block-sparse kernels' padded CSR row (`kernels.block_sparse.index`): kept columns ascending, then
+            # the others ascending, i.e. the stable sort of ~keep, from one prefix sum of the row in registers
+            ki = keep.to(tl.int32)
+            csum = tl.cumsum(ki, axis=1)
+            cnt = tl.sum(ki, axis=1)
+            pos = tl.where(keep, csum - 1, cnt[:, None] + cols[None, :] - csum)
+            colv = tl.zeros([BM, NKP], dtype=tl.int32) + cols[None, :]
+            tl.store(KVIDX + (bh * nq + rows[:, None]) * nk + pos, colv, mask=m2)
+            tl.store(KVCNT + bh * nq + rows, cnt, mask=rok)
 
     _kernels = (pool_kernel, select_kernel)
     return _kernels
@@ -342,9 +358,12 @@ def _rows_per_program(nkp: int) -> int:
 
 def rectified_select(
     q, k, v, *, block_size, tau, k_min, gapr, extra_k=None, extra_mask=None, forced_blocks=None, scale=None,
+    emit_index: bool = True,
 ) -> Selection:
     """The selection with the Triton kernels (see the module docstring); same outputs as `rectified_select_torch`
-    (R and C float32), not differentiable. Needs `triton_select_supported`."""
+    (R and C float32), not differentiable. Needs `triton_select_supported`. With `emit_index` the row kernel also
+    writes the forward's index lists of the kept set (`Selection.kv_idx`, `kv_cnt`), which would otherwise take
+    a sort of the whole mask."""
     _, select_kernel = _get_kernels()
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
@@ -379,6 +398,11 @@ def rectified_select(
     pc = torch.empty_like(probs)
     r = torch.empty((B, H, nq), dtype=torch.float32, device=dev)
     tmass = torch.empty_like(r)
+    kv_idx = torch.empty((B, H, nq, nk), dtype=torch.int32, device=dev) if emit_index else None
+    kv_cnt = torch.empty((B, H, nq), dtype=torch.int32, device=dev) if emit_index else None
+    if emit_index and not (nq and nk and B * H):
+        kv_idx.zero_()
+        kv_cnt.zero_()
     if nq and nk and B * H:
         nkp = _next_pow2(nk)
         bm = _rows_per_program(nkp)
@@ -386,9 +410,11 @@ def rectified_select(
             logits, err if err is not None else logits, ts if ts is not None else logits,
             tvalid if tvalid is not None else keep, fb if fb is not None else keep,
             keep, unsafe, probs, pc, r, tmass,
+            kv_idx if emit_index else r, kv_cnt if emit_index else r,
             nq, nk, T, Sk, H, scale, float(tau), int(k_min), *fstr,
             BM=bm, NKP=nkp, TP=_next_pow2(max(T, 1)), BLOCK_SIZE=block_size,
-            HAS_TEXT=T > 0, HAS_FORCED=fb is not None, GAPR=gapr, num_warps=8 if nkp * bm >= 4096 else 4,
+            HAS_TEXT=T > 0, HAS_FORCED=fb is not None, GAPR=gapr, EMIT_INDEX=emit_index,
+            num_warps=8 if nkp * bm >= 4096 else 4,
         )
     out_bias = torch.matmul(pc, vm)
-    return Selection(keep.view(torch.bool), unsafe.view(torch.bool), r, out_bias, probs, tmass)
+    return Selection(keep.view(torch.bool), unsafe.view(torch.bool), r, out_bias, probs, tmass, kv_idx, kv_cnt)

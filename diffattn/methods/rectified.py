@@ -1,7 +1,7 @@
 """`rectified`: Rectified SpaAttn (Liu et al., arXiv 2511.19835) on video/image DiT self- and joint attention.
 
-Each call: video tokens are put in a compact 3-D order (`diffattn.masks.reorder`, after RoPE, with a permutation
-cached per grid), each query block keeps the key blocks that hold `tau` of its pooled attention mass (at least
+Each call: video tokens are put in a compact 3-D order (`diffattn.masks.reorder`, after RoPE, so RoPE sees the
+original positions; the permutation is built once per grid and looked up once per forward), each query block keeps the key blocks that hold `tau` of its pooled attention mass (at least
 `int((1 - sa_drop_rate) * blocks)`, plus its 3-D neighbours and, on Wan, the frame-0 square), and the dropped mass
 is put back from the pooled map (`R * O_spa + C`, fused into the block-sparse kernel's epilogue). Text keys are
 token-level in the pooled map and always attended (IPAR); text queries run dense. The attention function itself
@@ -25,7 +25,7 @@ from ..config import MethodConfig, option
 from ..masks import reorder as _reorder
 from .base import AttentionMethod
 from .spec import DemoGeometry, MaskPreview, MethodSpec
-from .toolkit import DenseWarmup, can_split, dense_attention, log_once, require_grid, visual_with_text
+from .toolkit import DenseWarmup, can_split, dense_attention, log_once, per_forward, require_grid, visual_with_text
 from .rectified_core import (
     RectifiedPlan,
     rectified_attention,
@@ -46,6 +46,7 @@ __all__ = [
     "rectified_plan",
     "resolve_k_min",
     "threshold_select",
+    "to_order",
 ]
 
 logger = logging.getLogger("diffattn")
@@ -181,7 +182,7 @@ class RectifiedMethod(AttentionMethod):
         ctx = call.context
         family = ctx.family if ctx is not None else "wan"
         model = ctx.extras.get("module") if ctx is not None else None
-        s = self.settings(family, model)
+        s = per_forward(call, "rectified:settings", lambda: self.settings(family, model))
         if DenseWarmup(s["dense_layers"], s["dense_timesteps"], s["dense_last_steps"]).runs_dense(call, self.name):
             return dense_attention(call)
         grid = require_grid(call, self.name)
@@ -190,12 +191,15 @@ class RectifiedMethod(AttentionMethod):
             log_once(f"rectified:tokens:{call.layer.path}", "diffattn rectified: layer %s has %d visual tokens for a "
                      "%s grid; it runs dense", call.layer.path, call.num_visual, g3)
             return dense_attention(call)
-        perm, inv, forced = self.geometry(g3, s, call.q.device)
+        # the permutation, its inverse and the forced blocks: looked up once per forward (built once per grid,
+        # order and device); the per-layer work left is the gather of q, k, v and of the output
+        perm, inv, forced = per_forward(call, ("rectified:geometry", g3, str(call.q.device)),
+                                        lambda: self.geometry(g3, s, call.q.device))
         k_min = 1.0 - s["sa_drop_rate"]
 
         def visual(batch_index, q, k, v, extra_k, extra_v):
             if perm is not None:
-                q, k, v = q.index_select(2, perm), k.index_select(2, perm), v.index_select(2, perm)
+                q, k, v = to_order(q, perm), to_order(k, perm), to_order(v, perm)
             result = rectified_attention(
                 q, k, v, block_size=s["block_size"], tau=s["tau"], k_min=k_min, gapr=s["gapr"], extra_k=extra_k,
                 extra_v=extra_v, forced_blocks=forced, scale=call.scale, return_stats=self.record_stats,
@@ -203,9 +207,19 @@ class RectifiedMethod(AttentionMethod):
             if self.record_stats:
                 result, st = result
                 self.stats.append({**st, "layer": call.layer.index})
-            return result if inv is None else result.index_select(2, inv)
+            return result if inv is None else to_order(result, inv)
 
         return visual_with_text(call, visual)
+
+
+def to_order(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`x[:, :, index]` of a `[B, H, S, D]` tensor, gathered as whole token rows of `H * D` values.
+
+    The result is a `[B, H, S, D]` view of `[B, S, H, D]` memory: the adapters flatten it to `[B, S, H * D]` with no
+    copy (so the inverse gather of the output takes the place of the copy they would make anyway), the pooling
+    kernel takes any strides and the block-sparse kernels need only a unit last stride. When `x` is such a view
+    already (v, and q/k off the fused prologue), the gather reads contiguous rows (`H * D * 2` bytes in bf16)."""
+    return x.transpose(1, 2).index_select(1, index).transpose(1, 2)
 
 
 # ---- what other tools read: the quality bench's demo options ------------------------------------------------------
@@ -232,7 +246,7 @@ def preview_selection(
     s = method.settings("wan", model)
     g3 = (int(grid[0]), int(grid[1]), int(grid[2]))
     perm, _, forced = method.geometry(g3, s, call.q.device)
-    q, k, v = (x if perm is None else x.index_select(2, perm) for x in (call.q, call.k, call.v))
+    q, k, v = (x if perm is None else to_order(x, perm) for x in (call.q, call.k, call.v))
     plan = rectified_plan(q, k, v, block_size=s["block_size"], tau=s["tau"], k_min=1.0 - s["sa_drop_rate"],
                           gapr=s["gapr"], forced_blocks=forced, scale=call.scale)
     return plan, s

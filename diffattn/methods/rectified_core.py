@@ -62,6 +62,9 @@ class RectifiedPlan:
     unsafe: bool `[B, H, nq, nk]`, dropped blocks GAPR refused to compensate (all False without GAPR).
     out_scale: float32 `[B, H, nq]` (R); out_bias: float32 `[B, H, nq, D]` (C).
     probs: float32 `[B, H, nq, nk]`, the pooled map over video key blocks; text_mass: `[B, H, nq]`.
+    kv_idx, kv_cnt: the block-sparse forward's index lists of `block_mask` (int32, as
+    `kernels.block_sparse.build_block_index` makes them), written by the Triton selection; None from the PyTorch
+    path. The front door does not take ready lists yet, so `rectified_attention` does not pass them (docs).
     """
 
     block_mask: torch.Tensor
@@ -70,6 +73,8 @@ class RectifiedPlan:
     out_bias: torch.Tensor
     probs: torch.Tensor
     text_mass: torch.Tensor
+    kv_idx: torch.Tensor | None = None
+    kv_cnt: torch.Tensor | None = None
 
     @property
     def density(self) -> float:
@@ -132,7 +137,8 @@ def rectified_plan(
         sel = rectified_select(q, k, v, **kw)
     else:
         sel = rectified_select_torch(q, k, v, selection=selection, **kw)
-    return RectifiedPlan(sel.keep, sel.unsafe, sel.out_scale, sel.out_bias, sel.probs, sel.text_mass)
+    return RectifiedPlan(sel.keep, sel.unsafe, sel.out_scale, sel.out_bias, sel.probs, sel.text_mass, sel.kv_idx,
+                         sel.kv_cnt)
 
 
 def _check(q, k, v, block_size, tau, extra_k, extra_v, extra_mask) -> None:

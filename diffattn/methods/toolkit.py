@@ -8,13 +8,16 @@
   SoftPAG's perturbed pass) appends rows to the forward's arguments in `prepare_forward` and takes them back out
   of the output in `finish_forward` (`append_rows`, `take_rows`, `output_sample`, `with_output_sample`,
   `keep_rows`).
+- `per_forward`: a value built once per model forward (kept in the forward context), e.g. a method's settings and
+  token permutation, so that every layer's call reuses it.
 - `log_once` (defined in `diffattn.log`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -25,8 +28,21 @@ from .text_split import can_split, text_key_groups, visual_with_text
 
 __all__ = [
     "DenseWarmup", "append_rows", "can_split", "dense_attention", "keep_rows", "log_once", "output_sample",
-    "require_grid", "take_rows", "text_key_groups", "visual_with_text", "with_output_sample",
+    "per_forward", "require_grid", "take_rows", "text_key_groups", "visual_with_text", "with_output_sample",
 ]
+
+_T = TypeVar("_T")
+
+
+def per_forward(call: AttentionCall, key: Hashable, build: Callable[[], _T]) -> _T:
+    """`build()` once per model forward: the result is kept in the forward context's `extras` under `key` and
+    returned to every later call of the same forward (a call without a context builds it each time)."""
+    ctx = call.context
+    if ctx is None:
+        return build()
+    if key not in ctx.extras:
+        ctx.extras[key] = build()
+    return ctx.extras[key]
 
 
 # ---- dense warm-up ------------------------------------------------------------------------------------------------
