@@ -184,6 +184,11 @@ def layer_analysis(q, k, v, grid: tuple[int, int, int], settings: dict[str, Any]
         t["permute_rows_ms"] = median_ms(lambda: (
             to_order(q, perm), to_order(k, perm), to_order(v_view, perm),
             to_order(out_c, inv).transpose(1, 2).flatten(2, 3)), warmup=25, rep=100)
+        # the alternative: permuting the hidden states once at the transformer's entry (and back at its exit):
+        # one gather of [B, S, H * D] each way per forward, instead of the per-layer gathers above
+        hid = v_view.transpose(1, 2).flatten(2, 3)
+        t["permute_hidden_once_ms"] = median_ms(lambda: hid.index_select(1, perm), warmup=25, rep=100)
+        del hid
         qr, kr, vr = to_order(q, perm), to_order(k, perm), to_order(v_view, perm)
         t["kernel_rows_layout_ms"] = median_ms(lambda: block_sparse_attention(
             qr, kr, vr, plan.block_mask, block_size=bs, scale=scale, extra_k=ek, extra_v=ev,
