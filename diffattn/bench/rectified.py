@@ -167,6 +167,10 @@ def layer_analysis(q, k, v, grid: tuple[int, int, int], settings: dict[str, Any]
         t["kernel_triton_ready_lists_ms"] = median_ms(ready, warmup=10, rep=50)
         front = block_sparse_attention(qp, kp, vp, plan.block_mask, block_size=bs, scale=scale, extra_k=ek,
                                        extra_v=ev, out_scale=plan.out_scale, out_bias=plan.out_bias)
+        ref_index = build_block_index(plan.block_mask)
+        out["emitted_lists_equal_front_door_lists"] = bool(torch.equal(plan.kv_idx, ref_index.kv_idx)
+                                                           and torch.equal(plan.kv_cnt, ref_index.kv_cnt))
+        del ref_index
         out["ready_lists_vs_front_door_max_abs"] = (ready().float() - front.float()).abs().max().item()
         from ..kernels import backends as _reg
         out["front_door_backend"] = _reg.choose(_reg.make_request(
@@ -189,6 +193,12 @@ def layer_analysis(q, k, v, grid: tuple[int, int, int], settings: dict[str, Any]
         hid = v_view.transpose(1, 2).flatten(2, 3)
         t["permute_hidden_once_ms"] = median_ms(lambda: hid.index_select(1, perm), warmup=25, rep=100)
         del hid
+        # what the method does since: inputs gathered into contiguous [B, H, S, D] (the kernels' faster layout),
+        # the output into [B, S, H, D] memory (the adapter's flatten is then a view)
+        t["permute_mixed_ms"] = median_ms(lambda: (
+            q.index_select(2, perm), k.index_select(2, perm), v_view.index_select(2, perm),
+            to_order(out_c, inv).transpose(1, 2).flatten(2, 3)), warmup=25, rep=100)
+        t["permute_extra_mixed_ms"] = t["permute_mixed_ms"] - t["adapter_copy_ms"]
         qr, kr, vr = to_order(q, perm), to_order(k, perm), to_order(v_view, perm)
         t["kernel_rows_layout_ms"] = median_ms(lambda: block_sparse_attention(
             qr, kr, vr, plan.block_mask, block_size=bs, scale=scale, extra_k=ek, extra_v=ev,

@@ -192,14 +192,16 @@ class RectifiedMethod(AttentionMethod):
                      "%s grid; it runs dense", call.layer.path, call.num_visual, g3)
             return dense_attention(call)
         # the permutation, its inverse and the forced blocks: looked up once per forward (built once per grid,
-        # order and device); the per-layer work left is the gather of q, k, v and of the output
+        # order and device); the per-layer work left is the gather of q, k, v (into contiguous [B, H, S, D], the
+        # layout the sparse kernels run fastest on: measured, BENCHMARKS.md) and of the output (into [B, S, H, D]
+        # memory, which replaces the adapter's own copy to [B, S, H * D])
         perm, inv, forced = per_forward(call, ("rectified:geometry", g3, str(call.q.device)),
                                         lambda: self.geometry(g3, s, call.q.device))
         k_min = 1.0 - s["sa_drop_rate"]
 
         def visual(batch_index, q, k, v, extra_k, extra_v):
             if perm is not None:
-                q, k, v = to_order(q, perm), to_order(k, perm), to_order(v, perm)
+                q, k, v = q.index_select(2, perm), k.index_select(2, perm), v.index_select(2, perm)
             result = rectified_attention(
                 q, k, v, block_size=s["block_size"], tau=s["tau"], k_min=k_min, gapr=s["gapr"], extra_k=extra_k,
                 extra_v=extra_v, forced_blocks=forced, scale=call.scale, return_stats=self.record_stats,
@@ -215,10 +217,10 @@ class RectifiedMethod(AttentionMethod):
 def to_order(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`x[:, :, index]` of a `[B, H, S, D]` tensor, gathered as whole token rows of `H * D` values.
 
-    The result is a `[B, H, S, D]` view of `[B, S, H, D]` memory: the adapters flatten it to `[B, S, H * D]` with no
-    copy (so the inverse gather of the output takes the place of the copy they would make anyway), the pooling
-    kernel takes any strides and the block-sparse kernels need only a unit last stride. When `x` is such a view
-    already (v, and q/k off the fused prologue), the gather reads contiguous rows (`H * D * 2` bytes in bf16)."""
+    The result is a `[B, H, S, D]` view of `[B, S, H, D]` memory, so that the adapters flatten it to `[B, S, H * D]`
+    with no copy: used for the inverse gather of the attention output, which thereby takes the place of the copy the
+    adapter would make anyway. (Not used for q, k, v: the sparse kernels run slower on that layout at HunyuanVideo
+    720p, 104.5 vs 97.3 ms, BENCHMARKS.md.)"""
     return x.transpose(1, 2).index_select(1, index).transpose(1, 2)
 
 
