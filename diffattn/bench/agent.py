@@ -185,9 +185,6 @@ def project(times: dict[str, float], steps: int, suffix: str = "") -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    import diffattn
-    from diffusers import UNet2DConditionModel
-
     parser = argparse.ArgumentParser(prog="diffattn bench agent", description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="sd15:512,sd15:1024,sdxl:1024",
                         help="model:size[:max_downsample] list (sdxl has no top-level attention: default 2)")
@@ -205,9 +202,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graphs", action="store_true",
                         help="also time each variant's step replayed as a CUDA graph (the launch floor removed)")
     parser.add_argument("--graph-max-size", type=int, default=1024, help="CUDA graphs only up to this size")
+    parser.add_argument("--sdpa", choices=sorted(SDPA_BACKENDS), default="default",
+                        help="pin every SDPA call (stock and agent) to one backend; math = the materialised softmax of "
+                             "upstream's CompVis code without xformers (default: PyTorch's choice, flash here)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    with _sdpa_backend(args.sdpa):
+        return _run(args)
+
+
+SDPA_BACKENDS = {"default": None, "math": "MATH", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "cudnn": "CUDNN_ATTENTION"}
+
+
+def _sdpa_backend(name: str):
+    """`torch.nn.attention.sdpa_kernel` pinned to `name` (a key of `SDPA_BACKENDS`); a no-op context for "default"."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    member = SDPA_BACKENDS[name]
+    return nullcontext() if member is None else sdpa_kernel(getattr(SDPBackend, member))
+
+
+def _run(args: argparse.Namespace) -> int:
+    import diffattn
+    from diffusers import UNet2DConditionModel
+
     print(env_line(), flush=True)
     dev = "cuda"
     rows: list[dict[str, Any]] = []
@@ -233,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             for backend in args.similarity.split(","):
                 variants.update({f"{k}, similarity={backend}": v for k, v in list(variants.items())[1:3]})
         times: dict[str, float] = {}
-        base = {"model": name, "size": size, "max_downsample": max_ds}
+        base = {"model": name, "size": size, "max_downsample": max_ds, "sdpa": args.sdpa}
         for label, opts in variants.items():
             if ", similarity=" in label:
                 os.environ[ENV_VAR] = label.rsplit("=", 1)[1]
