@@ -205,11 +205,109 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sdpa", choices=sorted(SDPA_BACKENDS), default="default",
                         help="pin every SDPA call (stock and agent) to one backend; math = the materialised softmax of "
                              "upstream's CompVis code without xformers (default: PyTorch's choice, flash here)")
+    parser.add_argument("--quality", default=None, metavar="MODELS",
+                        help="instead of timing: PSNR/SSIM against dense on the demo models (comma list of unet, "
+                             "image), one row per (prompt, seed) as it is made; see quality()")
+    parser.add_argument("--seeds", default="0,1,2,3", help="--quality: comma-separated seeds")
+    parser.add_argument("--prompts", nargs="+", default=None, help="--quality: prompts (default: QUALITY_PROMPTS, 3 per model)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="--quality: pipeline dtype")
+    parser.add_argument("--device", default=None, help="--quality: default cuda when available, else cpu")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="--quality: seconds per model; pairs not started by then are skipped (and reported)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.quality is not None:
+        kinds = [k.strip() for k in args.quality.split(",") if k.strip()]
+        if not kinds or any(k not in QUALITY_VARIANTS for k in kinds):
+            parser.error(f"--quality takes a comma list among {', '.join(QUALITY_VARIANTS)}, got {args.quality!r}")
+        try:
+            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            parser.error(f"--seeds must be comma-separated ints, got {args.seeds!r}")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        report = quality(kinds, seeds, args.prompts, args.dtype, device, args.time_limit, args.json)
+        return 0 if all(r.get("pairs") for r in report["models"].values()) else 1
     with _sdpa_backend(args.sdpa):
         return _run(args)
+
+
+# The variants the quality mode compares with dense, per demo model (`seed=0`: the same destinations every run).
+QUALITY_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "unet": {"agent (upstream schedule)": {"seed": 0},
+             "tome 2x2 (agent_ratio 0, no schedule)": {"seed": 0, "agent_ratio": 0.0, "sx": 2, "sy": 2,
+                                                        "schedule": "none"}},
+    "image": {"agent (64 pooled agents)": {}, "agent (256 pooled agents)": {"agent_num": 256},
+              "agent (64, paper scale d^-0.5, no V shortcut)": {"k_scale2": 1.0, "k_shortcut": 0.0}},
+}
+# Default prompts: what each model was trained on (the UNet model: 1-3 shapes per image; the image model: one).
+QUALITY_PROMPTS = {
+    "unet": ["a red circle on the left and a yellow square at the top right on a blue background",
+             "a green circle at the top and a red square at the bottom left and a yellow triangle on the right on a "
+             "gray background",
+             "a white triangle in the center and an orange square on the left on a purple background"],
+    "image": ["a yellow square on the left on a green background", "a red circle on the right on a blue background",
+              "a white triangle at the top on a purple background"],
+}
+
+
+def quality(kinds: list[str], seeds: list[int], prompts: list[str] | None, dtype: str, device: str,
+            time_limit: float | None = None, json_path: str | None = None) -> dict[str, Any]:
+    """PSNR/SSIM of each `QUALITY_VARIANTS` entry against dense on the demo models, at each pipeline's own defaults
+    (steps, size, guidance). What `diffattn bench quality --methods agent` computes, without its energy probe and
+    warm-ups, and streamed: each (prompt, seed) prints its row when made and the JSON is rewritten, so a run stopped
+    by a time limit keeps every finished pair; `time_limit` (seconds per model) skips the pairs not started in time."""
+    import statistics
+    import time
+
+    import numpy as np
+
+    from ..demo import demo_model_path
+    from ..generate import load_pipeline, run_generation
+    from .metrics import psnr, ssim
+
+    report: dict[str, Any] = {"env": env_line(device) if device.startswith("cuda") else f"device: {device}",
+                              "dtype": dtype, "seeds": seeds, "models": {}}
+    for kind in kinds:
+        start = time.perf_counter()
+        pipe = load_pipeline(demo_model_path(kind), dtype=dtype, device=device)
+        pipe.set_progress_bar_config(disable=True)
+        entry: dict[str, Any] = {"prompts": prompts or QUALITY_PROMPTS[kind], "pairs": [], "skipped": 0}
+        report["models"][kind] = entry
+
+        def image(method, options, prompt, seed, pipe=pipe):
+            result, seconds = run_generation(pipe, prompt, method=method, options=options, seed=seed, output_type="np")
+            return np.clip(np.asarray(result.images[0], dtype=np.float32), 0.0, 1.0), seconds
+
+        for prompt in entry["prompts"]:
+            for seed in seeds:
+                if time_limit is not None and time.perf_counter() - start > time_limit:
+                    entry["skipped"] += 1
+                    continue
+                ref, ref_s = image(None, {}, prompt, seed)
+                pair = {"prompt": prompt, "seed": seed, "dense_s": round(ref_s, 3)}
+                for label, options in QUALITY_VARIANTS[kind].items():
+                    out, sec = image("agent", options, prompt, seed)
+                    pair[label] = {"psnr": float(psnr(out, ref)), "ssim": float(ssim(out, ref)), "s": round(sec, 3)}
+                pair["elapsed_s"] = round(time.perf_counter() - start, 1)
+                entry["pairs"].append(pair)
+                print(json.dumps({"model": kind, **pair}), flush=True)
+                write_json(report, json_path)
+        entry["steps"] = getattr(pipe, "_num_timesteps", None)
+        entry["summary"] = {}
+        for label in QUALITY_VARIANTS[kind]:
+            vals = [p[label] for p in entry["pairs"]]
+            if vals:
+                entry["summary"][label] = {
+                    "psnr_mean": statistics.fmean(v["psnr"] for v in vals), "psnr_min": min(v["psnr"] for v in vals),
+                    "ssim_mean": statistics.fmean(v["ssim"] for v in vals), "ssim_min": min(v["ssim"] for v in vals),
+                    "n": len(vals)}
+        print(f"{kind}: {len(entry['pairs'])} pairs ({entry['skipped']} skipped), {entry['steps']} steps, {dtype}")
+        for label, m in entry["summary"].items():
+            print(f"  {label:40} PSNR {m['psnr_mean']:.2f} / {m['psnr_min']:.2f} dB  SSIM {m['ssim_mean']:.4f} / "
+                  f"{m['ssim_min']:.4f}  (mean / min, n={m['n']})", flush=True)
+        write_json(report, json_path)
+    return report
 
 
 SDPA_BACKENDS = {"default": None, "math": "MATH", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
