@@ -387,3 +387,20 @@ def test_blocked_similarity_by_chunks_matches_the_reference(dtype, tol):
         torch.testing.assert_close(best, ref_best, rtol=tol, atol=tol)
         if dtype == torch.float32:
             assert torch.equal(idx, ref_idx)
+
+
+def test_bench_agent_projection_and_kernel_buckets():
+    from diffattn.bench.agent import EARLY, LATE, TOME, kernel_category, project
+
+    times = {"dense": 10.0, EARLY: 4.0, LATE: 7.0, TOME: 7.5, "dense, CUDA graph": 5.0}
+    # 50 steps: round(0.4 * 50) = 20 early + 30 late; 7 steps: round(2.8) = 3 early + 4 late
+    assert project(times, 50) == {"dense": 500.0, "agent (schedule)": 20 * 4.0 + 30 * 7.0, "tome": 375.0}
+    assert project(times, 7)["agent (schedule)"] == 3 * 4.0 + 4 * 7.0
+    assert project(times, 50, ", CUDA graph") == {"dense": 250.0}  # agent graph rows missing: no agent total
+    assert kernel_category("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
+    assert kernel_category("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert kernel_category("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert kernel_category("_assign_slots_kernel") == "merge/similarity"
+    assert kernel_category("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel") == "normalization"
+    assert kernel_category("softmax_warp_forward") == "elementwise"  # not a merge kernel for its "max"
+    assert kernel_category("nchwToNhwcKernel") == "other"

@@ -49,3 +49,26 @@ def test_app_runner_compare_with_agent_on_the_unet_demo_model(tmp_path):
     assert diff.image.ndim == 3
     sidecar = json.loads(Path(agent.sidecar).read_text())
     assert sidecar["attn"] == "agent" and sidecar["attn_effective_options"]["seed"] == 0
+
+
+def test_quality_bench_runs_agent_on_the_unet_demo_model(tmp_path, capsys):
+    from diffattn.bench.quality import main as quality
+
+    out = tmp_path / "q.json"
+    args = ["--models", "unet", "--methods", "agent", "--method-opt", "agent:seed=0", "--method-opt", "agent:sx=2",
+            "--method-opt", "agent:sy=2", "--seeds", "0", "--steps", "2", "--unet-size", "64x64", "--warmup", "0",
+            "--device", "cpu", "--plot", "none", "--no-progress", "--prompts", PROMPT, "--json", str(out)]
+    assert quality(args) == 0, capsys.readouterr().err
+    unet = json.loads(out.read_text())["models"]["unet"]
+    assert unet["family"] == "unet" and unet["size"] == [64, 64] and unet["grid"] == [1, 32, 32]
+    row = unet["methods"]["agent"]
+    assert row["options"] == {"seed": 0, "sx": 2, "sy": 2} and len(row["psnr"]) == 1
+    assert 0 < row["ssim"][0] < 1  # the merge changes the picture, and only a little: not a copy, not noise
+    assert unet["methods"]["dense (rerun)"]["psnr"] == ["inf"]  # the JSON spells inf as a string
+
+
+def test_quality_bench_rejects_an_unknown_model_kind(capsys):
+    from diffattn.bench.quality import main as quality
+
+    assert quality(["--models", "unet,dit", "--device", "cpu"]) == 2
+    assert "video, image, unet" in capsys.readouterr().err

@@ -158,6 +158,12 @@ def test_train_image_and_card(tmp_path):
     assert rec["kind"] == "image" and (tmp_path / "loss.png").stat().st_size > 1000
     pipe = load_pipeline(str(tmp_path))
     assert isinstance(pipe, DemoImagePipeline)
+    from safetensors import safe_open
+
+    for name in ("text_encoder", "text_encoder_2"):  # written in fp16, loaded as float32
+        with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        assert getattr(pipe, name).dtype == torch.float32
     image = pipe("a red circle on the left on a blue background", height=16, width=16, num_inference_steps=2,
                  output_type="np").images
     assert image.shape == (1, 16, 16, 3)
@@ -189,6 +195,14 @@ def test_shipped_demo_model_folder(kind):
     trained = {k: v for k, v in record["config"].items() if k not in sampling}
     assert trained == {k: v for k, v in defaults.__dict__.items() if k not in sampling}
     assert record["log"][-1]["eval_loss_ema"] < 0.5 * record["log"][0]["eval_loss_ema"]
+    from safetensors import safe_open
+
+    encoders = sorted(folder.glob("text_encoder*/model.safetensors"))
+    assert len(encoders) == (1 if kind == "video" else 2)
+    for path in encoders:  # stored in fp16 (the tree's size budget); the config says float32, so they load as float32
+        with safe_open(str(path), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        assert json.loads((path.parent / "config.json").read_text())["dtype"] == "float32"
 
 
 def _mean_rgb(pixels: np.ndarray) -> np.ndarray:

@@ -88,6 +88,13 @@ def test_space_to_depth_vae_is_lossless_and_checks_its_config():
 TINY = DemoUNetConfig(size=16, channels=(32, 64), layers_per_block=1, head_dim=16, text_dim=16, text_layers=1)
 
 
+def _stored_dtypes(folder: Path) -> set:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {f.get_tensor(k).dtype for k in f.keys()}
+
+
 def test_train_unet_saves_a_folder_that_stock_sd_pipeline_loads(tmp_path):
     from diffattn.generate import load_pipeline, pipeline_class
     from diffattn.pipelines.demo_train import train_demo_unet, write_card
@@ -103,6 +110,8 @@ def test_train_unet_saves_a_folder_that_stock_sd_pipeline_loads(tmp_path):
 
     stock = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
     assert isinstance(stock.unet, UNet2DConditionModel) and stock.vae_scale_factor == 2
+    assert _stored_dtypes(folder / "text_encoder") == {torch.float16}  # half the bytes on disk ...
+    assert stock.text_encoder.dtype == torch.float32  # ... loaded as float32 (the config's dtype)
     assert [type(b).__name__ for b in stock.unet.down_blocks] == ["CrossAttnDownBlock2D", "DownBlock2D"]
     stock.set_progress_bar_config(disable=True)
     out = stock("a red circle on the left on a blue background", height=16, width=16, num_inference_steps=2, guidance_scale=5.0,
@@ -143,6 +152,7 @@ def test_shipped_unet_demo_model_folder_and_agent_generation(tmp_path):
     assert record["log"][-1]["eval_loss_ema"] < 0.5 * record["log"][0]["eval_loss_ema"]
     assert pipeline_class(str(folder)) is DemoUNetPipeline
     pipe = load_pipeline(str(folder))
+    assert _stored_dtypes(folder / "text_encoder") == {torch.float16} and pipe.text_encoder.dtype == torch.float32
     pipe.set_progress_bar_config(disable=True)
     prompt = "a red circle on the left on a blue background"
     kw = {"num_inference_steps": 4, "height": 64, "width": 64, "output_type": "np"}

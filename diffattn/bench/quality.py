@@ -1,6 +1,7 @@
 """`diffattn bench quality`: every applicable method against `dense` on the bundled demo models.
 
-For each model (the video model, Wan architecture, and the image model, SD3 architecture) and each method the model's
+For each model (the video model, Wan architecture; the image model, SD3 architecture; and, with `--models unet`,
+the UNet demo model, SD1.5 layout) and each method the model's
 family supports, the same prompts and seeds are generated with `dense` (the reference) and with the method, and the
 method's output is compared with the dense output: PSNR and SSIM (`diffattn.metrics`), mean and min over the
 (prompt, seed) pairs, plus the seconds per generation and the speed-up against dense. `dense` itself is run twice:
@@ -38,7 +39,7 @@ from ..registry import get_method
 
 logger = logging.getLogger("diffattn")
 
-KINDS = ("video", "image")
+KINDS = ("video", "image", "unet")  # unet: the UNet demo model (SD1.5 layout)
 DEFAULT_PLOT = "docs/img/energy_decay.png"
 
 
@@ -70,7 +71,7 @@ def parse_method_opts(pairs: list[str]) -> dict[str, dict[str, Any]]:
 
 @dataclass
 class BenchConfig:
-    """Settings of one bench run. `models`: kind ("video"/"image") -> pipeline folder or hub id.
+    """Settings of one bench run. `models`: kind ("video"/"image"/"unet") -> pipeline folder or hub id.
 
     `steps`, `sizes` (kind -> (frames, height, width) or (height, width) in pixels), `guidance` and
     `max_sequence_length` left at None use the pipeline's own defaults (the demo pipelines default to their training
@@ -109,7 +110,7 @@ class BenchConfig:
         for kind, size in self.sizes.items():
             if kind not in KINDS or len(size) != (3 if kind == "video" else 2) or min(size) < 1:
                 raise ValueError(f"sizes[{kind!r}] must be (frames, height, width) for video, (height, width) for "
-                                 f"image, positive; got {size!r}")
+                                 f"image and unet, positive; got {size!r}")
         if self.methods is not None:
             for m in self.methods:
                 get_method(m)  # unknown or planned -> ValueError naming the available ones
@@ -408,7 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffattn bench quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--video-model", default=None, help="Wan pipeline folder (default: the bundled demo video model)")
     p.add_argument("--image-model", default=None, help="SD3 pipeline folder (default: the bundled demo image model)")
-    p.add_argument("--models", default="video,image", help="which models to run: video, image or video,image")
+    p.add_argument("--unet-model", default=None,
+                   help="SD1.5-layout UNet pipeline folder (default: the bundled demo UNet model)")
+    p.add_argument("--models", default="video,image",
+                   help="which models to run, comma-separated among video, image, unet (default video,image)")
     p.add_argument("--methods", default=None, help="comma-separated methods (default: every one the family supports)")
     p.add_argument("--method-opt", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="override a demo option, repeatable (e.g. radial:block_size=32)")
@@ -419,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FRAMESxHEIGHTxWIDTH in pixels (default: the pipeline's; the demo model's is its training size)")
     p.add_argument("--image-size", type=lambda s: _parse_size(s, 2), default=None,
                    help="HEIGHTxWIDTH in pixels (default: the pipeline's)")
+    p.add_argument("--unet-size", type=lambda s: _parse_size(s, 2), default=None,
+                   help="HEIGHTxWIDTH in pixels for the UNet model (default: the pipeline's)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
     p.add_argument("--max-sequence-length", type=int, default=None)
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -437,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
-        print(f"diffattn bench quality: --models takes video, image or video,image; got {args.models!r}", file=sys.stderr)
+        print(f"diffattn bench quality: --models takes a comma list among {', '.join(KINDS)}; got {args.models!r}",
+              file=sys.stderr)
         return 2
     device = args.device
     if device is None:
@@ -447,12 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         models = {}
         for kind in kinds:
-            given = args.video_model if kind == "video" else args.image_model
+            given = {"video": args.video_model, "image": args.image_model, "unet": args.unet_model}[kind]
             models[kind] = given or demo_model_path(kind)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
         cfg = BenchConfig(
             models=models, methods=methods, seeds=args.seeds, prompts=args.prompts, steps=args.steps,
-            sizes={k: v for k, v in (("video", args.video_size), ("image", args.image_size)) if v is not None},
+            sizes={k: v for k, v in (("video", args.video_size), ("image", args.image_size), ("unet", args.unet_size))
+                   if v is not None},
             guidance=args.guidance,
             max_sequence_length=args.max_sequence_length, dtype=args.dtype, device=device, warmup=args.warmup,
             queries=args.queries, method_opts=parse_method_opts(args.method_opt), progress=not args.no_progress,

@@ -21,11 +21,13 @@ queries attend every key; image queries attend the agents and the text keys in o
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ..call import AttentionCall, ForwardContext
 from ..config import MethodConfig, option
@@ -121,6 +123,14 @@ def _agent_grid(height: int, width: int, agent_num: int) -> tuple[int, int]:
     gh = max(1, min(height, round(math.sqrt(agent_num * height / width))))
     gw = max(1, min(width, round(agent_num / gh)))
     return gh, gw
+
+
+def _range(name: str):
+    """A named profiler range around one phase of the UNet path (`diffattn bench agent --profile` sums the device
+    time of the kernels under each); a no-op context when no profiler runs, so the eager step pays nothing for it."""
+    if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):
+        return record_function(name)
+    return nullcontext()
 
 
 class AgentMethod(AttentionMethod):
@@ -238,20 +248,25 @@ class AgentMethod(AttentionMethod):
             log_once("agent-metric", "diffattn agent: no block input recorded for %s (processor used without "
                      "diffattn.apply?); the keys are the similarity metric", call.layer.path)
             metric = call.k.transpose(1, 2).flatten(2)
-        plans = merge_plans(metric, dst, src, [r, n - agents_n] if use_agents else [r])
+        with _range("agent::similarity"):
+            plans = merge_plans(metric, dst, src, [r, n - agents_n] if use_agents else [r])
         assign, slots, weights = plans[0]
         fp32 = self.config.attn_precision == "fp32"
-        q, k, v = merge_many([call.q, call.k, call.v], assign, slots, weights)
-        if use_agents:
-            agents, = merge_many([call.q], *plans[1])
-            out = agent_attention(q, k, v, agents, scale=call.scale, broadcast_power=s.k_scale2,
-                                  shortcut=s.k_shortcut, fp32=fp32)
-        else:
-            dtype = q.dtype
-            if fp32:
-                q, k, v = q.float(), k.float(), v.float()
-            out = F.scaled_dot_product_attention(q, k, v, scale=call.scale).to(dtype)
-        return unmerge(out, assign)
+        with _range("agent::merge"):
+            q, k, v = merge_many([call.q, call.k, call.v], assign, slots, weights)
+            if use_agents:
+                agents, = merge_many([call.q], *plans[1])
+        with _range("agent::attention"):
+            if use_agents:
+                out = agent_attention(q, k, v, agents, scale=call.scale, broadcast_power=s.k_scale2,
+                                      shortcut=s.k_shortcut, fp32=fp32)
+            else:
+                dtype = q.dtype
+                if fp32:
+                    q, k, v = q.float(), k.float(), v.float()
+                out = F.scaled_dot_product_attention(q, k, v, scale=call.scale).to(dtype)
+        with _range("agent::unmerge"):
+            return unmerge(out, assign)
 
     def _dit(self, call: AttentionCall) -> torch.Tensor:
         grid = require_grid(call, "agent")

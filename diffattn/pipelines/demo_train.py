@@ -99,6 +99,26 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             e.lerp_(p, 1 - decay)
 
 
+def _save_with_fp16_text_encoders(pipe: Any, out: Path) -> None:
+    """`save_pretrained`, then the text encoders' weights rewritten in fp16 (half the bytes; the tracked tree has a
+    size budget). Their configs keep `dtype: float32`, so `from_pretrained` still loads them as float32; the
+    in-memory weights are rounded to fp16 first, so what the run renders afterwards is what the folder holds."""
+    from safetensors.torch import load_file, save_file
+
+    names = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
+    with torch.no_grad():
+        for name in names:
+            for param in getattr(pipe, name).parameters():
+                param.copy_(param.to(torch.float16).to(param.dtype))
+    pipe.save_pretrained(out, safe_serialization=True)
+    for name in names:
+        path = Path(out) / name / "model.safetensors"
+        if path.is_file():
+            weights = load_file(path)
+            save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()}, path,
+                      metadata={"format": "pt"})
+
+
 def train_demo(
     kind: str,
     out: str | Path,
@@ -219,7 +239,7 @@ def train_demo(
     pipe.to("cpu")
     # fp16 on disk keeps each model under 50 MB; `from_pretrained` loads it back as float32 unless told otherwise.
     transformer.to(torch.float16)
-    pipe.save_pretrained(out, safe_serialization=True)
+    _save_with_fp16_text_encoders(pipe, out)
     record = {
         "kind": kind, "config": asdict(cfg), "steps": step, "seconds": round(seconds, 1), "batch": batch, "lr": lr,
         "total_steps": offset + step, "total_seconds": round(sum(x["seconds"] for x in stages) + seconds, 1),
@@ -365,7 +385,7 @@ def train_demo_unet(
     pipe.to("cpu")
     pipe.unet.to(torch.float16)  # fp16 on disk (small); `from_pretrained` loads it as float32 unless told otherwise
     out = Path(out)
-    pipe.save_pretrained(out, safe_serialization=True)
+    _save_with_fp16_text_encoders(pipe, out)
     record = {
         "kind": "unet", "config": asdict(cfg), "steps": step, "seconds": round(seconds, 1), "batch": batch, "lr": lr,
         "total_steps": step, "total_seconds": round(seconds, 1),
@@ -482,7 +502,7 @@ def write_card(folder: str | Path) -> Path:
         "and sometimes misshapen; colours, backgrounds, places and directions follow the prompt most of the time."),
         "",
         (f"- **Model**: {what} {rec['parameters'] / 1e6:.1f} M transformer parameters; {weights:.1f} MB of safetensors "
-        "(transformer stored in fp16, loaded as float32 unless a dtype is given)."),
+        "(transformer and text encoders stored in fp16, loaded as float32 unless a dtype is given)."),
         (f"- **Data**: procedurally drawn on the fly (`diffattn.pipelines.demo_data`): {data}; prompts say what and "
         f"where, e.g. \"{CARD_PROMPTS[kind][0]}\". {rec['samples_seen']:,} samples seen in the last stage."),
         (f"- **Training** (`python -m diffattn.pipelines.demo_train --kind {kind}`): rectified flow (Wan/SD3 loss), "
@@ -531,7 +551,7 @@ def _write_unet_card(folder: Path, rec: dict[str, Any]) -> Path:
          f"lossless), {cfg['size'] // 2}x{cfg['size'] // 2}x12, so the top level has {top:,} tokens (SD1.5 at 512x512: "
          f"4,096). Text: a tiny `CLIPTextModel` ({cfg['text_layers']} layers, width {cfg['text_dim']}) over the "
          f"word-level demo vocabulary, trained with the UNet. {rec['parameters'] / 1e6:.2f} M UNet parameters, "
-         f"{rec['text_encoder_parameters'] / 1e6:.2f} M text encoder; {weights:.1f} MB of safetensors (UNet in fp16)."),
+         f"{rec['text_encoder_parameters'] / 1e6:.2f} M text encoder; {weights:.1f} MB of safetensors (UNet and text encoder in fp16)."),
         (f"- **Data**: procedurally drawn on the fly (`diffattn.pipelines.demo_data.sample_scenes`): 1 to "
          f"{rec['max_shapes']} shapes (circle, square, triangle) in distinct colours (6), each in its own cell of a 3x3 "
          "grid, over one of 5 backgrounds; the prompt names every shape, colour and place, e.g. "
