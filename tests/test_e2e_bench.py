@@ -182,3 +182,56 @@ def test_random_filler_fills_on_the_given_device():
     assert filler.pool.device.type == "cpu"
     filler.fill(b, 0.5)
     assert torch.equal(a, b) and a.std() > 0.3
+
+
+def test_cache_schedule_follows_taylorseer_rule():
+    from types import SimpleNamespace
+
+    from diffusers.hooks.taylorseer_cache import TaylorSeerCacheHook, TaylorSeerState
+
+    # the reference is Diffusers' own decision function, stepped through `total` steps of one cache context
+    for before, interval, after, total in [(3, 5, None, 50), (1, 2, None, 7), (2, 3, 9, 12), (0, 4, None, 10)]:
+        state = TaylorSeerState()
+        hook = TaylorSeerCacheHook(interval, before, torch.float32, SimpleNamespace(get_state=lambda s=state: s), after)
+        computed = [hook._measure_should_compute()[0] for _ in range(total)]
+        expected = {i for i, c in enumerate(computed) if not c}
+        opts = {"cache_interval": interval, "disable_cache_before_step": before, "disable_cache_after_step": after}
+        assert e2e_bench.cache_schedule("taylorseer", opts, total) == expected, (before, interval, after)
+    assert e2e_bench.cache_schedule("fbc", {"threshold": 0.1}, 50) is None
+    assert len(e2e_bench.cache_schedule("taylorseer", {}, 50)) == 37  # Diffusers' defaults: 13 full of 50
+
+
+def test_projection_with_a_fixed_cache_schedule():
+    steps = [{"seconds": 2.0, "dense": True, "cached": False}, {"seconds": 1.0, "dense": False, "cached": False},
+             {"seconds": 0.1, "dense": False, "cached": True}]
+    # target 6: dense steps {0, 1}; the cache skips {1, 3, 4}: 1 dense cached (substituted by the sparse cached
+    # median: a cached step runs no attention), 1 dense full, 2 sparse cached, 2 sparse full
+    p = project(steps, dense_at_target={0, 1}, target=6, cached_at_target={1, 3, 4})
+    assert p["cached_from_schedule"] and not p["cached_share_assumed"] and p["cached_share"] == 0.5
+    assert {t["kind"]: t["count"] for t in p["terms"]} == {"dense/cached": 1, "dense/full": 1, "sparse/cached": 2,
+                                                          "sparse/full": 2}
+    assert p["denoise_s"] == pytest.approx(0.1 + 2.0 + 2 * 0.1 + 2 * 1.0)
+    assert p["substituted"] == {"dense/cached": "substituted"}
+
+
+def test_taylorseer_rows_and_attention_times():
+    ts = "taylorseer:use_lite_mode=True,cache_interval=2,disable_cache_before_step=1"
+    settings = E2ESettings(model="tiny", device="cpu", steps=5, target_steps=20, height=64, width=96, frames=5,
+                           decode="none", attention_times=True, warmup_steps=0,
+                           variants=("stock+" + ts, RADIAL + "+" + ts))
+    report = e2e_bench.run(settings)
+    for row in report["rows"]:
+        ran = [s["step"] for s in row["steps"] if s["cached"]]
+        assert ran == row["cache_schedule_run"] == [1, 3], "the measured cached steps follow the hook's rule"
+        assert row["projection"]["cached_from_schedule"]
+        assert sum(t["count"] for t in row["projection"]["terms"] if "cached" in t["kind"]) == len(
+            e2e_bench.cache_schedule("taylorseer", row["cache_options"], 20))
+    stock, radial = report["rows"]
+    assert all(s["attention_s"] is None for s in stock["steps"]), "stock runs Diffusers' processors: not timed"
+    for s in radial["steps"]:
+        a = s["attention_s"]
+        if s["cached"]:
+            assert a["self"] == 0.0 and a["cross"] == 0.0, "a cached step runs no attention"
+        else:
+            assert 0.0 < a["self_layer0"] < a["self"] < s["seconds"] and a["cross"] > 0.0
+    assert "attention per step" in e2e_bench.render(report) and "MISMATCH" not in e2e_bench.render(report)

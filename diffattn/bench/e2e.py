@@ -146,6 +146,24 @@ def dense_steps(runtime: Any, total: int) -> set[int]:
     return {i for i in range(total) if i < first or i >= total - last}
 
 
+def cache_schedule(cache: str | None, options: dict[str, Any], total: int) -> set[int] | None:
+    """The steps (of `total`) a cache skips when its decision does not depend on the content, else None.
+
+    TaylorSeer decides from the step index only (Diffusers' rule: full compute while `step <
+    disable_cache_before_step`, at `step == disable_cache_before_step + 1 + k * cache_interval`, and from
+    `disable_cache_after_step` on; predicted otherwise), so its schedule at the target step count is exact, and the
+    same on trained and random weights. FirstBlockCache and MagCache decide from the residuals (MagCache from a
+    calibrated ratio table): None, the projection then uses the measured share."""
+    if cache != "taylorseer":
+        return None
+    before = int(options.get("disable_cache_before_step", 3))
+    interval = int(options.get("cache_interval", 5))
+    after = options.get("disable_cache_after_step")
+    full = {i for i in range(total) if i < before or (i - before - 1) % interval == 0
+            or (after is not None and i >= int(after))}
+    return set(range(total)) - full
+
+
 def _scaled_options(variant: Variant, steps: int, target: int,
                     run_dense: int | None = None) -> tuple[dict[str, Any], int | None]:
     """The short run's per-method options with `dense_timesteps` scaled from the target schedule (or set to
@@ -170,6 +188,37 @@ def _scaled_options(variant: Variant, steps: int, target: int,
 # ------------------------------------------------------------------------------------------------------------------
 # probe
 # ------------------------------------------------------------------------------------------------------------------
+class LayerTimer:
+    """A method's `attend` between CUDA events (the host clock on the CPU), summed per step into self-attention,
+    layer 0's self-attention (Radial's dense layer) and cross-attention: what separates a step's attention time
+    from the rest of it (`--attention-times`). Built on `diffattn.bench.step.AttentionTimer`."""
+
+    def __init__(self, method: Any, cuda: bool) -> None:
+        from .step import AttentionTimer
+
+        self.timer = AttentionTimer(method, cuda=cuda)
+        self.name = self.timer.name
+        self.layers: list[bool] = []
+
+    def attend(self, call):
+        self.layers.append(call.layer.index == 0)
+        return self.timer.attend(call)
+
+    def collect(self) -> dict[str, float]:
+        if self.timer.cuda:
+            torch.cuda.synchronize()
+        out = {"self": 0.0, "self_layer0": 0.0, "cross": 0.0}
+        for (role, start, end), first in zip(self.timer.events, self.layers):
+            seconds = start.elapsed_time(end) / 1e3 if self.timer.cuda else end - start
+            key = "self" if role in ("self", "joint") else "cross"
+            out[key] += seconds
+            if first and key == "self":
+                out["self_layer0"] += seconds
+        self.timer.events.clear()
+        self.layers.clear()
+        return out
+
+
 class Probe:
     """Stage boundaries from the pipeline's own seams (text encoder and transformer forward pre-hooks, a wrapper of
     `vae.decode`), per-step wall times from `callback_on_step_end`, which forwards reached the last block, the
@@ -183,6 +232,8 @@ class Probe:
         self.forwards: list[int] = []  # per step: transformer forwards
         self.fbc_diffs: list[list[float | None]] = []  # per step, per forward (None: nothing to compare with yet)
         self.latents: torch.Tensor | None = None
+        self.timer: LayerTimer | None = None  # set by run_variant with --attention-times
+        self.attention: list[dict[str, float] | None] = []
         self._last = 0
         self._fwd = 0
         self._diffs: list[float | None] = []
@@ -242,6 +293,7 @@ class Probe:
         self.last_block_calls.append(self._last)
         self.forwards.append(self._fwd)
         self.fbc_diffs.append(self._diffs)
+        self.attention.append(self.timer.collect() if self.timer is not None else None)
         if "latents" in kwargs:
             self.latents = kwargs["latents"].detach().float().cpu()
         self._last = self._fwd = 0
@@ -312,6 +364,7 @@ class E2ESettings:
     assume_cached_share: float | None = None  # the projection's cached share instead of the measured one
     borrow_dense: str | None = None  # a variant whose dense full-step median stands in where a row has none
     build_device: str | None = None  # where the random weights are filled (None: `device`)
+    attention_times: bool = False  # CUDA events around every attention call of a method's rows, per step
 
     def __post_init__(self) -> None:
         preset = e2e_preset(self.model)
@@ -374,12 +427,14 @@ def _kind(dense: bool, cached: bool) -> str:
 
 
 def project(steps: list[dict[str, Any]], dense_at_target: set[int], target: int, *,
-            cached_share: float | None = None, borrowed: dict[str, float] | None = None) -> dict[str, Any]:
+            cached_share: float | None = None, borrowed: dict[str, float] | None = None,
+            cached_at_target: set[int] | None = None) -> dict[str, Any]:
     """The denoising time of a `target`-step generation from the measured steps (module docstring).
 
     `cached_share` replaces the measured share of cached steps (an assumption the report states); `borrowed`
     gives per-kind medians of another variant, used where this row did not measure a kind (before substituting
-    one of its own kinds)."""
+    one of its own kinds). `cached_at_target`: the steps a content-independent cache skips at the target
+    (`cache_schedule`); the kind counts are then exact instead of a share."""
     def med(rows):
         return statistics.median(r["seconds"] for r in rows) if rows else None
 
@@ -388,8 +443,11 @@ def project(steps: list[dict[str, Any]], dense_at_target: set[int], target: int,
     share = measured_share if cached_share is None else cached_share
     n_dense = len(dense_at_target)
     total, used, terms = 0.0, {}, []
+    if cached_at_target is not None:
+        share = len(cached_at_target) / target
     for dense, n in ((True, n_dense), (False, target - n_dense)):
-        n_cached = round(share * n)
+        phase = {i for i in range(target) if (i in dense_at_target) == dense}
+        n_cached = len(phase & cached_at_target) if cached_at_target is not None else round(share * n)
         for cached, count in ((True, n_cached), (False, n - n_cached)):
             if not count:
                 continue
@@ -404,7 +462,8 @@ def project(steps: list[dict[str, Any]], dense_at_target: set[int], target: int,
             total += count * t
             terms.append({"kind": kind, "count": count, "median_s": t})
     return {"denoise_s": total, "dense_steps": n_dense, "cached_share": share, "measured_cached_share": measured_share,
-            "cached_share_assumed": cached_share is not None, "substituted": used, "terms": terms,
+            "cached_share_assumed": cached_share is not None and cached_at_target is None,
+            "cached_from_schedule": cached_at_target is not None, "substituted": used, "terms": terms,
             "median_s": {_kind(d, c): med(v) for (d, c), v in kinds.items()}}
 
 
@@ -446,6 +505,11 @@ def run_variant(pipe, settings: E2ESettings, variant: Variant, cuda: bool, *, de
         enable_cache(pipe, variant.cache, method=variant.methods or None, **variant.cache_options)
     clock = StageClock(cuda)
     probe = Probe(pipe, clock)
+    if settings.attention_times and runtime is not None:
+        import diffattn
+
+        probe.timer = LayerTimer(runtime, cuda)
+        diffattn.api.replace_runtime(pipe, probe.timer)
     try:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -464,7 +528,8 @@ def run_variant(pipe, settings: E2ESettings, variant: Variant, cuda: bool, *, de
     seconds = probe.step_seconds()
     steps = [{"step": i, "seconds": s, "dense": i in run_dense,
               "cached": probe.last_block_calls[i] < probe.forwards[i], "forwards": probe.forwards[i],
-              "last_block": probe.last_block_calls[i], "fbc_diffs": probe.fbc_diffs[i]}
+              "last_block": probe.last_block_calls[i], "fbc_diffs": probe.fbc_diffs[i],
+              "attention_s": probe.attention[i]}
              for i, s in enumerate(seconds)]
     stages = {st.name: st for st in clock.stages}
     text_s = stages["text encoding"].seconds if "text encoding" in stages else 0.0
@@ -484,6 +549,8 @@ def run_variant(pipe, settings: E2ESettings, variant: Variant, cuda: bool, *, de
         "forwards": sum(probe.forwards), "skipped_forwards": sum(f - b for f, b in zip(probe.forwards,
                                                                                      probe.last_block_calls)),
         "cached_steps": sum(s["cached"] for s in steps),
+        "cache_schedule_run": (None if (sched := cache_schedule(variant.cache, variant.cache_options, n_steps)) is None
+                               else sorted(sched)),
         "_dense_at_target": sorted(dense_steps(target_runtime, settings.target_steps)),
     }
     return row, (frames if decode else None), probe.latents
@@ -506,7 +573,9 @@ def _finish_projections(report: dict[str, Any], settings: E2ESettings) -> None:
         dense_at = set(r["_dense_at_target"])
         share = settings.assume_cached_share if r["cache"] is not None else None
         lend = borrowed if r["variant"] != settings.borrow_dense else None
-        p = project(r["steps"], dense_at, settings.target_steps, cached_share=share, borrowed=lend)
+        schedule = None if share is not None else cache_schedule(r["cache"], r["cache_options"], settings.target_steps)
+        p = project(r["steps"], dense_at, settings.target_steps, cached_share=share, borrowed=lend,
+                    cached_at_target=schedule)
         p.update(text_s=r["text_s"], decode_s=decode_s, total_s=r["text_s"] + p["denoise_s"] + decode_s)
         p["formula"] = formula(p)
         r["projection"] = p
@@ -641,7 +710,8 @@ def render(report: dict[str, Any]) -> str:
                  "cached share:")
     for r in rows:
         p = r["projection"]
-        share = f"{p['cached_share']:.2f}" + (" (assumed)" if p["cached_share_assumed"] else "")
+        share = f"{p['cached_share']:.2f}" + (" (assumed)" if p["cached_share_assumed"] else "") + (
+            " (the cache's fixed schedule at the target)" if p.get("cached_from_schedule") else "")
         lines.append(f"  {r['variant']}: {p['formula']}; {p['dense_steps']} dense of {s['target_steps']}, cached "
                      f"share {share}")
         if "projection_without_cache" in r:
@@ -652,6 +722,16 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"    FirstBlockCache residual change per forward: min {min(diffs):.3f}, median "
                          f"{statistics.median(diffs):.3f}, max {max(diffs):.3f} (threshold "
                          f"{r['cache_options'].get('threshold', 'default')}); cached steps {r['cached_steps']}")
+        if r.get("cache_schedule_run") is not None:
+            ran = [st["step"] for st in r["steps"] if st["cached"]]
+            lines.append(f"    cached steps run {ran}, the cache's schedule says {r['cache_schedule_run']}"
+                         + ("" if ran == r["cache_schedule_run"] else "  (MISMATCH)"))
+        if any(st.get("attention_s") for st in r["steps"]):
+            lines.append("    attention per step (s): " + "; ".join(
+                f"{st['step']}: self {st['attention_s'].get('self', 0.0):.2f} (layer 0 "
+                f"{st['attention_s'].get('self_layer0', 0.0):.2f}), cross {st['attention_s'].get('cross', 0.0):.2f}, "
+                f"rest {st['seconds'] - sum(v for k, v in st['attention_s'].items() if k != 'self_layer0'):.2f}"
+                for st in r["steps"] if st.get("attention_s")))
     return "\n".join(lines)
 
 
@@ -684,6 +764,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="project cache rows with this share of cached steps instead of the measured one")
     p.add_argument("--borrow-dense", default=None, metavar="VARIANT",
                    help="a variant whose dense step medians stand in where a row ran no dense step")
+    p.add_argument("--attention-times", action="store_true",
+                   help="time every attention call of the method rows (CUDA events), per step: self-attention, "
+                        "its layer 0, cross-attention, and the rest of the step")
     p.add_argument("--json", default=None, help="write the report here (rewritten as each variant ends)")
     return p
 
@@ -698,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
             variants=tuple(args.variants), scale_schedule=not args.no_scale_schedule, warmup_steps=args.warmup_steps,
             run_dense_timesteps=args.run_dense_timesteps, warmup_size=args.warmup_size, decode=args.decode,
             assume_cached_share=args.assume_cached_share, borrow_dense=args.borrow_dense,
-            build_device=args.build_device,
+            build_device=args.build_device, attention_times=args.attention_times,
         )
         for v in settings.variants:
             parse_variant(v)
