@@ -171,8 +171,27 @@ def sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def host_us(fn, n: int = 200) -> float:
+    """Host (CPU) time per call with an empty-queue-proof method: a long sleep kernel is queued first, so no call
+    ever waits for the GPU; the CPU wall time of `n` calls is then pure host work. Synchronises at the ends only."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time at ~2 GHz: longer than n calls of host work
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    us = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
 def overhead(args: argparse.Namespace) -> int:
-    """Diagnose small-shape cost: device time vs host time per call, through the op and the bare launcher."""
+    """Small-shape cost: host time per call (GPU kept busy), do_bench time and CUDA-graph replay time, for the
+    steady path (cached plan + recorded launch), the same with `DIFFATTN_TRITON_FAST=0` (Triton's own launch) and
+    the bare Triton launch of an uncached config; then forward+backward against FlexAttention, with profiles."""
+    import os
+
+    from ..kernels import backends as registry
     from ..kernels.block_sparse import triton_fwd
     from ..kernels.block_sparse.index import get_block_index
     from ..kernels.block_sparse.op import block_sparse_attention
@@ -182,50 +201,62 @@ def overhead(args: argparse.Namespace) -> int:
     nb = math.ceil(S / bs)
     q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     gen = torch.Generator().manual_seed(0)
+    print(env_line(), flush=True)
+    rows = []
+    req = registry.make_request("block_sparse", q, head_dim=D, block_size=bs)
+    names = [n for n in (args.backends or "triton,gluon").split(",") if n and
+             registry.backends("block_sparse")[n].why_not(req) is None]
+    flex = None if args.no_flex else _Flex()
     for dens in [float(x) for x in args.densities.split(",")]:
-        mask = make_mask("random", H, nb, bs, tpf, dens, gen).cuda()
+        mask = make_mask("random", 1, nb, bs, tpf, dens, gen).cuda()
         idx = get_block_index(mask)
-        fns = {
-            "op": lambda: block_sparse_attention(q, k, v, mask, block_size=bs),
-            "launcher": lambda: triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None),
-            "launcher_no_tma": lambda: triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None,
-                                                          config=dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)),
-        }
-        for name, fn in fns.items():
-            fn()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(200):
-                fn()
-            host_us = (time.perf_counter() - t0) / 200 * 1e6
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            graph_ms = _bench(g.replay, args.rep)
-            print(f"d={dens} {name:16s} do_bench {_bench(fn, args.rep) * 1e3:8.1f} us | host {host_us:7.1f} us/call | "
-                  f"CUDA-graph replay {graph_ms * 1e3:8.1f} us", flush=True)
+        fns = {}
+        for name in names:
+            fns[name] = (lambda n=name: block_sparse_attention(q, k, v, mask, block_size=bs, backend=n), "1")
+            fns[name + " TRITON_FAST=0"] = (lambda n=name: block_sparse_attention(q, k, v, mask, block_size=bs, backend=n), "0")
+        cfg = triton_fwd.fwd_config(D, bs, q.dtype, False)
+        fns["triton bare launch (Triton's path)"] = (
+            lambda: triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None, config=cfg), "1")
+        if flex is not None:
+            bm = flex.block_mask(idx.kv_idx, idx.kv_cnt, S, bs)
+            fns["flex (compiled)"] = (lambda: flex.fn(q, k, v, block_mask=bm), "1")
+        for label, (fn, fast) in fns.items():
+            os.environ["DIFFATTN_TRITON_FAST"] = fast
+            with torch.no_grad():
+                h = host_us(fn)
+                ms = _bench(fn, args.rep)
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    fn()
+                graph_ms = _bench(g.replay, args.rep)
+            row = dict(shape=args.shapes.split(",")[0], density=dens, path=label, host_us=h, do_bench_us=ms * 1e3,
+                       graph_us=graph_ms * 1e3, ratio_to_graph=ms / graph_ms)
+            rows.append(row)
+            print("ROW", row, flush=True)
+        os.environ["DIFFATTN_TRITON_FAST"] = "1"
         qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
         g = torch.randn_like(q)
-
-        def fb():
-            block_sparse_attention(qg, kg, vg, mask, block_size=bs).backward(g)
-
-        fb()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(50):
-            fb()
-        host_us = (time.perf_counter() - t0) / 50 * 1e6
-        torch.cuda.synchronize()
-        print(f"d={dens} fwd+bwd do_bench {_bench(fb, args.rep) * 1e3:8.1f} us | host {host_us:7.1f} us/call", flush=True)
-        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=acts) as prof:
-            for _ in range(10):
-                fb()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=50), flush=True)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=50), flush=True)
+        fbs = {"triton fwd+bwd": lambda: block_sparse_attention(qg, kg, vg, mask, block_size=bs, backend="triton").backward(g)}
+        if flex is not None:
+            fbs["flex fwd+bwd"] = lambda: flex.fn(qg, kg, vg, block_mask=bm).backward(g)
+        for label, fb in fbs.items():
+            h = host_us(fb, 50)
+            ms = _bench(fb, args.rep, [qg, kg, vg])
+            row = dict(shape=args.shapes.split(",")[0], density=dens, path=label, host_us=h, do_bench_us=ms * 1e3)
+            rows.append(row)
+            print("ROW", row, flush=True)
+        if args.profile:
+            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=acts) as prof:
+                for _ in range(10):
+                    fbs["triton fwd+bwd"]()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=16, max_name_column_width=60), flush=True)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60), flush=True)
+        del qg, kg, vg
+    if args.out:
+        write_json(dict(env=env_line(), argv=sys.argv, rows=rows), args.out + ".json", indent=1)
     return 0
 
 
@@ -252,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", action="store_true", help="measure every capable backend (or --backends) per case and "
                    "write the registry's table (diffattn/kernels/tuned/<device kind>.json, or --tune-out)")
     p.add_argument("--tune-out", default=None, help="where --tune writes the table")
+    p.add_argument("--profile", action="store_true", help="with --overhead: print torch.profiler tables of fwd+bwd")
     p.add_argument("--jsonl", default=None, help="with --backends/--tune: append each case as a JSON line here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import run_with_fallbacks
+from ..common import LaunchCache, run_with_fallbacks
 from .triton_fwd import (
     LOG2E, dot, dot0, is_hopper_or_newer, pow2_divisor, strides3, tma_ok, head_dim_pad, hopper_variants,
 )
@@ -214,6 +214,52 @@ def _bsa_bwd_dq_kernel(
              mask=m_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _bwd_delta_kernel(O, DO, LSE, DLSE, DELTA,
+                      stride_ob, stride_oh, stride_os, stride_dob, stride_doh, stride_dos,
+                      stride_lb, stride_lh, stride_ls,
+                      H, Sq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta = rowsum(O * dO) in float32, minus dLSE where the row's lse is finite: one pass over O and dO (the
+    torch expression it replaces was four or more kernels and two float32 copies)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Sq
+    ld = m_ok[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :], mask=ld, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :], mask=ld,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        lse = tl.load(LSE + pid_bh * Sq + offs_m, mask=m_ok, other=0.0)
+        dl = tl.load(DLSE + b * stride_lb + h * stride_lh + offs_m * stride_ls, mask=m_ok, other=0.0).to(tl.float32)
+        delta = delta - tl.where(tl.abs(lse) < float("inf"), dl, 0.0)
+    tl.store(DELTA + pid_bh * Sq + offs_m, delta, mask=m_ok)
+
+
+_DELTA = LaunchCache(_bwd_delta_kernel)
+_DKDV = LaunchCache(_bsa_bwd_dkdv_kernel)
+_DQ = LaunchCache(_bsa_bwd_dq_kernel)
+
+
+def bwd_delta(out: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None,
+              interpret: bool = False) -> torch.Tensor:
+    """`rowsum(out * do) - dlse` (dlse only where lse is finite), float32 `[B, H, Sq]` contiguous, in one kernel."""
+    B, H, Sq, D = out.shape
+    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=out.device)
+    if Sq == 0:
+        return delta
+    bm = 64 if not interpret else 16
+    grid = (triton.cdiv(Sq, bm), B * H)
+    dl = dlse if dlse is not None else lse
+    _DELTA(grid, (out, do, lse, dl, delta, *strides3(out), *strides3(do), *strides3(dl), H, Sq, D),
+           dict(BLOCK_M=bm, BLOCK_D=head_dim_pad(D), HAS_DLSE=dlse is not None, num_warps=4))
+    return delta
+
+
 def rectified_delta(do: torch.Tensor, out: torch.Tensor, out_bias: torch.Tensor, block_size: int) -> torch.Tensor:
     """`rowsum(dO * (out - bias of the row's query block))`, float32 `[B, H, Sq]`, without materialising the bias
     per token: rowsum(dO * out) - rowsum over D of (dO summed per row) * bias, done block-wise."""
@@ -315,15 +361,14 @@ def backward(
         return dq, dk, dv, dek, dev
     do = do if do.stride(-1) == 1 else do.contiguous()
     rectify = out_scale is not None
-    if delta is not None:
-        pass
-    elif rectify:
-        delta = rectified_delta(do, out, out_bias, block_size)
+    if delta is None and not rectify:
+        delta = bwd_delta(out, do, lse, dlse, interpret)  # dlse fused
     else:
-        delta = (out.float() * do.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(dlse, dtype=torch.float32))
-    delta = delta.contiguous()
+        if delta is None:
+            delta = rectified_delta(do, out, out_bias, block_size)
+        if dlse is not None:
+            delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(dlse, dtype=torch.float32))
+        delta = delta.contiguous()
     cfgs = config if config else bwd_config(D, block_size, q.dtype, interpret)
     ek = extra_k if has_extra else q
     ev = extra_v if has_extra else q
@@ -351,14 +396,13 @@ def backward(
     grid1 = (nkt + triton.cdiv(T, bn1), B * H)
 
     def launch1(tma_: bool, ws_: bool) -> None:
-        _bsa_bwd_dkdv_kernel[grid1](
+        _DKDV(grid1, (
             q, k, v, ek, ev, do, lse, delta, dk, dv, dek, dev, q_idx, q_cnt,
             desc(q, bm1) if tma_ else None, desc(do, bm1) if tma_ else None, out_scale,
             *common, *bstr(q_idx), q_idx.stride(2), *bstr(q_cnt), *rstr,
             H, Sq, Sk, T, D, nkt, scale * LOG2E, scale,
-            BLOCK_SIZE=block_size, BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_D=bd, IEEE=ieee, USE_TMA=tma_, WARP_SPEC=ws_,
-            RECTIFY=rectify, **c1,
-        )
+        ), dict(BLOCK_SIZE=block_size, BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_D=bd, IEEE=ieee, USE_TMA=tma_, WARP_SPEC=ws_,
+                RECTIFY=rectify, **c1))
 
     if grid1[0] > 0:
         _launch_with_fallback(launch1, tma1, ws1, ("dkdv", q.dtype, D, block_size, bm1, bn1, has_extra, rectify, tuple(sorted(c1.items()))))
@@ -369,15 +413,14 @@ def backward(
     grid2 = (triton.cdiv(Sq, bm2), B * H)
 
     def launch2(tma_: bool, ws_: bool) -> None:
-        _bsa_bwd_dq_kernel[grid2](
+        _DQ(grid2, (
             q, k, v, ek, ev, do, lse, delta, dq, kv_idx, kv_cnt,
             desc(k, bn2) if tma_ else None, desc(v, bn2) if tma_ else None, out_scale,
             *common, *bstr(kv_idx), kv_idx.stride(2), *bstr(kv_cnt), *rstr,
             H, Sq, Sk, T, D, math.ceil(Sk / block_size), scale * LOG2E, scale,
-            BLOCK_SIZE=block_size, BLOCK_M=bm2, BLOCK_N=bn2, BLOCK_D=bd,
-            EVEN_K=(Sk % block_size == 0), HAS_EXTRA=has_extra, IEEE=ieee, USE_TMA=tma_, WARP_SPEC=ws_,
-            RECTIFY=rectify, **c2,
-        )
+        ), dict(BLOCK_SIZE=block_size, BLOCK_M=bm2, BLOCK_N=bn2, BLOCK_D=bd,
+                EVEN_K=(Sk % block_size == 0), HAS_EXTRA=has_extra, IEEE=ieee, USE_TMA=tma_, WARP_SPEC=ws_,
+                RECTIFY=rectify, **c2))
 
     _launch_with_fallback(launch2, tma2, ws2, ("dq", q.dtype, D, block_size, bm2, bn2, Sk % block_size == 0, has_extra, rectify, tuple(sorted(c2.items()))))
     return dq, dk, dv, dek, dev
