@@ -241,7 +241,16 @@ def overhead(args: argparse.Namespace) -> int:
         os.environ["DIFFATTN_TRITON_FAST"] = "1"
         qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
         g = torch.randn_like(q)
-        fbs = {"triton fwd+bwd": lambda: block_sparse_attention(qg, kg, vg, mask, block_size=bs, backend="triton").backward(g)}
+        tri = lambda: block_sparse_attention(qg, kg, vg, mask, block_size=bs, backend="triton").backward(g)  # noqa: E731
+
+        def tri_fused():
+            os.environ["DIFFATTN_BSA_BWD"] = "fused"
+            try:
+                tri()
+            finally:
+                os.environ.pop("DIFFATTN_BSA_BWD", None)
+
+        fbs = {"triton fwd+bwd": tri, "triton fwd+bwd (fused bwd)": tri_fused}
         if flex is not None:
             fbs["flex fwd+bwd"] = lambda: flex.fn(qg, kg, vg, block_mask=bm).backward(g)
         for label, fb in fbs.items():
@@ -556,15 +565,24 @@ def compare(args: argparse.Namespace) -> int:
                 row["fb_ms"] = {}
                 qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
                 g = torch.randn_like(q)
-                for name in [n for n in names if n in ("triton", "fa4", "gluon", "flex")]:
+                import os
+
+                fb_names = [n for n in names if n in ("triton", "fa4", "gluon", "flex")]
+                if "triton" in fb_names:
+                    fb_names.insert(fb_names.index("triton") + 1, "triton_fused")  # both passes in one launch
+                for label in fb_names:
+                    name = label.split("_")[0]
                     if name in row["refused"]:
                         continue
+                    os.environ["DIFFATTN_BSA_BWD"] = "fused" if label.endswith("_fused") else "split"
                     fb = lambda: block_sparse_attention(qg, kg, vg, mask, block_size=bs, backend=name).backward(g)  # noqa: E731
                     try:
                         fb()
-                        row["fb_ms"][name] = _bench(fb, args.rep, [qg, kg, vg])
+                        row["fb_ms"][label] = _bench(fb, args.rep, [qg, kg, vg])
                     except Exception as e:  # noqa: BLE001
-                        row["refused"][name + "_fwd_bwd"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                        row["refused"][label + "_fwd_bwd"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                    finally:
+                        os.environ.pop("DIFFATTN_BSA_BWD", None)
                 del qg, kg, vg, g
             rows.append(row)
             _emit(row, args.jsonl)
@@ -644,12 +662,13 @@ def render_compare(rows: list[dict], args: argparse.Namespace) -> str:
     fb = [r for r in rows if r.get("fb_ms")]
     if fb:
         out += ["", "Forward + backward (fa4 and gluon: their forward, the Triton backward). Target: ≤ Flex.", ""]
-        fnames = [n for n in ("triton", "fa4", "gluon", "flex") if any(n in r["fb_ms"] for r in fb)]
-        out.append("| shape | mask | density | " + " | ".join(f"{n} ms" for n in fnames) + " | flex / triton |")
+        fnames = [n for n in ("triton", "triton_fused", "fa4", "gluon", "flex") if any(n in r["fb_ms"] for r in fb)]
+        out.append("| shape | mask | density | " + " | ".join(f"{n} ms" for n in fnames) + " | flex / best triton |")
         out.append("|---|---|---|" + "---|" * len(fnames) + "---|")
         for r in fb:
             f = r["fb_ms"]
-            ratio = f"{f['flex'] / f['triton']:.2f}" if "flex" in f and "triton" in f else "—"
+            best = min((f[n] for n in ("triton", "triton_fused") if n in f), default=None)
+            ratio = f"{f['flex'] / best:.2f}" if "flex" in f and best else "—"
             out.append(f"| {r['shape']} | {r['mask']} | {r['density']:.3f} | "
                        + " | ".join(f"{f[n]:.3f}" if n in f else "—" for n in fnames) + f" | {ratio} |")
     refused = sorted({f"{n}: {w}" for r in rows for n, w in r["refused"].items()})

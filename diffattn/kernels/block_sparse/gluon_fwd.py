@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from ..common import RecordedLaunch, replay_allowed
+
 LOG2E = 1.4426950408889634
 # Key-tile rows (one key block per tile), rows per consumer warpgroup, and the query rows of one CTA.
 BLOCK_N = 128
@@ -410,8 +412,6 @@ class GluonLaunch:
     SLOTS = ("q_desc", "k_desc", "v_desc", "ek_desc", "ev_desc", "O", "LSE", "KV_IDX", "KV_CNT")
 
     def __init__(self, q, k, v, kv_idx, kv_cnt, block_size, scale, extra_k, extra_v):
-        from ..common import RecordedLaunch  # noqa: F401 - imported here to keep this module's import light
-
         B, H, Sq, D = q.shape
         Sk = k.shape[2]
         self.out_shape, self.lse_shape, self.dtype, self.device = (B, H, Sq, D), (B, H, Sq), q.dtype, q.device
@@ -436,8 +436,6 @@ class GluonLaunch:
         return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]], rows_layout)
 
     def __call__(self, q, k, v, kv_idx, kv_cnt, extra_k, extra_v):
-        from ..common import RecordedLaunch, replay_allowed
-
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
         if self.empty:
