@@ -196,81 +196,96 @@ def overhead(args: argparse.Namespace) -> int:
     from ..kernels.block_sparse.index import get_block_index
     from ..kernels.block_sparse.op import block_sparse_attention
 
-    H, S, tpf = SHAPES[args.shapes.split(",")[0]]
-    D, bs = args.head_dim, args.block_size
-    nb = math.ceil(S / bs)
-    q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    gen = torch.Generator().manual_seed(0)
     print(env_line(), flush=True)
     rows = []
-    req = registry.make_request("block_sparse", q, head_dim=D, block_size=bs)
-    names = [n for n in (args.backends or "triton,gluon").split(",") if n and
-             registry.backends("block_sparse")[n].why_not(req) is None]
     flex = None if args.no_flex else _Flex()
-    for dens in [float(x) for x in args.densities.split(",")]:
-        mask = make_mask("random", 1, nb, bs, tpf, dens, gen).cuda()
-        idx = get_block_index(mask)
-        fns = {}
-        for name in names:
-            fns[name] = (lambda n=name: block_sparse_attention(q, k, v, mask, block_size=bs, backend=n), "1")
-            fns[name + " TRITON_FAST=0"] = (lambda n=name: block_sparse_attention(q, k, v, mask, block_size=bs, backend=n), "0")
-        cfg = triton_fwd.fwd_config(D, bs, q.dtype, False)
-        fns["triton bare launch (Triton's path)"] = (
-            lambda: triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None, config=cfg), "1")
-        if flex is not None:
-            bm = flex.block_mask(idx.kv_idx, idx.kv_cnt, S, bs)
-            fns["flex (compiled)"] = (lambda: flex.fn(q, k, v, block_mask=bm), "1")
-        for label, (fn, fast) in fns.items():
-            os.environ["DIFFATTN_TRITON_FAST"] = fast
-            row = dict(shape=args.shapes.split(",")[0], density=float(mask.float().mean()), path=label)
-            try:
-                with torch.no_grad():
-                    row["host_us"] = host_us(fn)
-                    ms = _bench(fn, args.rep)
-                    row["do_bench_us"] = ms * 1e3
-                    torch.cuda.synchronize()
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g):
+    for shape in args.shapes.split(","):
+        H, S, tpf = SHAPES[shape]
+        D, bs = args.head_dim, args.block_size
+        nb = math.ceil(S / bs)
+        q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        gen = torch.Generator().manual_seed(0)
+        req = registry.make_request("block_sparse", q, head_dim=D, block_size=bs)
+        names = [n for n in (args.backends or "triton,gluon").split(",") if n and
+                 registry.backends("block_sparse")[n].why_not(req) is None]
+        for dens in [float(x) for x in args.densities.split(",")]:
+            mask = make_mask("random", 1, nb, bs, tpf, dens, gen).cuda()
+            idx = get_block_index(mask)
+            fns = {}
+            for name in names:
+                fns[name] = (lambda n=name: block_sparse_attention(q, k, v, mask, block_size=bs, backend=n), "1")
+                fns[name + " TRITON_FAST=0"] = (lambda n=name: block_sparse_attention(q, k, v, mask, block_size=bs, backend=n), "0")
+            cfg = triton_fwd.fwd_config(D, bs, q.dtype, False)
+            fns["triton bare launch (Triton's path)"] = (
+                lambda: triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None, config=cfg), "1")
+            if flex is not None:
+                bm = flex.block_mask(idx.kv_idx, idx.kv_cnt, S, bs)
+                fns["flex (compiled)"] = (lambda: flex.fn(q, k, v, block_mask=bm), "1")
+            for label, (fn, fast) in fns.items():
+                os.environ["DIFFATTN_TRITON_FAST"] = fast
+                row = dict(shape=shape, density=float(mask.float().mean()), path=label)
+                try:
+                    with torch.no_grad():
                         fn()
-                    graph_ms = _bench(g.replay, args.rep)
-                    row.update(graph_us=graph_ms * 1e3, ratio_to_graph=ms / graph_ms)
-            except Exception as e:  # noqa: BLE001 - one path failing is a result; the others go on
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            rows.append(row)
-            print("ROW", row, flush=True)
-        os.environ["DIFFATTN_TRITON_FAST"] = "1"
-        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        g = torch.randn_like(q)
-        tri = lambda: block_sparse_attention(qg, kg, vg, mask, block_size=bs, backend="triton").backward(g)  # noqa: E731
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        fn()
+                        torch.cuda.synchronize()
+                        big = time.perf_counter() - t0 > 2e-3  # device-bound shape: host time only, few calls
+                        row["host_us"] = host_us(fn, 10 if big else 200)
+                        if big:
+                            rows.append(row)
+                            print("ROW", row, flush=True)
+                            continue
+                        ms = _bench(fn, args.rep)
+                        row["do_bench_us"] = ms * 1e3
+                        torch.cuda.synchronize()
+                        g = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(g):
+                            fn()
+                        graph_ms = _bench(g.replay, args.rep)
+                        row.update(graph_us=graph_ms * 1e3, ratio_to_graph=ms / graph_ms)
+                except Exception as e:  # noqa: BLE001 - one path failing is a result; the others go on
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                rows.append(row)
+                print("ROW", row, flush=True)
+            os.environ["DIFFATTN_TRITON_FAST"] = "1"
+            if args.no_backward:
+                continue
+            qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+            g = torch.randn_like(q)
+            tri = lambda: block_sparse_attention(qg, kg, vg, mask, block_size=bs, backend="triton").backward(g)  # noqa: E731
 
-        def tri_fused():
-            os.environ["DIFFATTN_BSA_BWD"] = "fused"
-            try:
-                tri()
-            finally:
-                os.environ.pop("DIFFATTN_BSA_BWD", None)
+            def tri_fused():
+                os.environ["DIFFATTN_BSA_BWD"] = "fused"
+                try:
+                    tri()
+                finally:
+                    os.environ.pop("DIFFATTN_BSA_BWD", None)
 
-        fbs = {"triton fwd+bwd": tri, "triton fwd+bwd (fused bwd)": tri_fused}
-        if flex is not None:
-            fbs["flex fwd+bwd"] = lambda: flex.fn(qg, kg, vg, block_mask=bm).backward(g)
-        for label, fb in fbs.items():
-            row = dict(shape=args.shapes.split(",")[0], density=float(mask.float().mean()), path=label)
-            try:
-                row["host_us"] = host_us(fb, 50)
-                row["do_bench_us"] = _bench(fb, args.rep, [qg, kg, vg]) * 1e3
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            rows.append(row)
-            print("ROW", row, flush=True)
-        if args.profile:
-            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-            with torch.profiler.profile(activities=acts) as prof:
-                for _ in range(10):
-                    fbs["triton fwd+bwd"]()
-                torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=16, max_name_column_width=60), flush=True)
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60), flush=True)
-        del qg, kg, vg
+            fbs = {"triton fwd+bwd": tri, "triton fwd+bwd (fused bwd)": tri_fused}
+            if flex is not None:
+                fbs["flex fwd+bwd"] = lambda: flex.fn(qg, kg, vg, block_mask=bm).backward(g)
+            for label, fb in fbs.items():
+                row = dict(shape=shape, density=float(mask.float().mean()), path=label)
+                try:
+                    row["host_us"] = host_us(fb, 50)
+                    row["do_bench_us"] = _bench(fb, args.rep, [qg, kg, vg]) * 1e3
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                rows.append(row)
+                print("ROW", row, flush=True)
+            if args.profile:
+                acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                with torch.profiler.profile(activities=acts) as prof:
+                    for _ in range(10):
+                        fbs["triton fwd+bwd"]()
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=16, max_name_column_width=60), flush=True)
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60), flush=True)
+            del qg, kg, vg
+        del q, k, v
+        torch.cuda.empty_cache()
     if args.out:
         write_json(dict(env=env_line(), argv=sys.argv, rows=rows), args.out + ".json", indent=1)
     return 0
@@ -299,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", action="store_true", help="measure every capable backend (or --backends) per case and "
                    "write the registry's table (diffattn/kernels/tuned/<device kind>.json, or --tune-out)")
     p.add_argument("--tune-out", default=None, help="where --tune writes the table")
+    p.add_argument("--no-backward", action="store_true", help="with --overhead: forward only")
     p.add_argument("--profile", action="store_true", help="with --overhead: print torch.profiler tables of fwd+bwd")
     p.add_argument("--jsonl", default=None, help="with --backends/--tune: append each case as a JSON line here")
     args = p.parse_args(argv)
