@@ -185,6 +185,49 @@ def host_us(fn, n: int = 200) -> float:
     return us
 
 
+def _diagnose_backward(q, k, v, mask, g, bs, rows, shape) -> None:
+    """Where a fwd+bwd's host time goes: host syncs (CUDA sync-debug warnings), the backward implementation
+    called directly on the main thread (plain loop and GPU-busy timing), and a cProfile of it."""
+    import cProfile
+    import io
+    import pstats
+    import warnings
+
+    from ..kernels.block_sparse import op
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            op.block_sparse_attention(q, k, v, mask, block_size=bs, backend="triton").backward(g)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message).lower()]
+    with torch.no_grad():
+        out, lse = op._fwd_impl(q, k, v, mask, None, None, bs, q.shape[-1] ** -0.5, None, None, "triton")
+    bwd = lambda: op._bwd_impl(g, None, q, k, v, out, lse, mask, None, None, bs, q.shape[-1] ** -0.5)  # noqa: E731
+    bwd()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        bwd()
+    plain = (time.perf_counter() - t0) / 50 * 1e6
+    torch.cuda.synchronize()
+    row = dict(shape=shape, path="diagnose backward", syncs_in_fwd_bwd=syncs, bwd_impl_host_us=host_us(bwd, 50),
+               bwd_impl_plain_loop_us=plain)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(20):
+        bwd()
+    pr.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(14)
+    print(buf.getvalue()[-5000:], flush=True)
+    rows.append(row)
+    print("ROW", row, flush=True)
+
+
 def overhead(args: argparse.Namespace) -> int:
     """Small-shape cost: host time per call (GPU kept busy), do_bench time and CUDA-graph replay time, for the
     steady path (cached plan + recorded launch), the same with `DIFFATTN_TRITON_FAST=0` (Triton's own launch) and
@@ -276,6 +319,7 @@ def overhead(args: argparse.Namespace) -> int:
                 rows.append(row)
                 print("ROW", row, flush=True)
             if args.profile:
+                _diagnose_backward(qg, kg, vg, mask, g, bs, rows, shape)
                 acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
                 with torch.profiler.profile(activities=acts) as prof:
                     for _ in range(10):
