@@ -194,6 +194,9 @@ class RecordedLaunch:
     __slots__ = ("compiled", "template", "slots", "grid", "device", "run", "function", "packed")
 
     def __init__(self, compiled, template: list, slots: tuple[int, ...], grid: tuple[int, int, int], device: int):
+        template = list(template)
+        for i in slots:  # the first call's tensors must not be kept alive (they may be gigabytes)
+            template[i] = None
         self.compiled, self.template, self.slots, self.grid, self.device = compiled, template, slots, grid, device
         self.run = compiled.run  # initialises the module handles
         self.function = compiled.function
@@ -302,3 +305,23 @@ class LaunchCache:
         if len(self._recs) >= self.size:
             self._recs.pop(next(iter(self._recs)))
         self._recs[key] = rec
+
+
+class DescriptorCopier:
+    """Host TMA descriptors for tensors of one fixed shape/stride/dtype (a plan's inputs), built by copying a
+    template that was constructed (and validated) normally once, with only `base` replaced: the dataclass's
+    checks ran for that signature already, and they cost microseconds per call."""
+
+    __slots__ = ("template",)
+
+    def __init__(self, template):
+        t = object.__new__(type(template))
+        t.__dict__.update(template.__dict__)
+        t.base = None  # keep no tensor alive
+        self.template = t
+
+    def __call__(self, base: torch.Tensor):
+        d = object.__new__(type(self.template))
+        d.__dict__.update(self.template.__dict__)
+        d.base = base
+        return d

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from ..common import RecordedLaunch, replay_allowed
+from ..common import DescriptorCopier, RecordedLaunch, replay_allowed
 
 LOG2E = 1.4426950408889634
 # Key-tile rows (one key block per tile), rows per consumer warpgroup, and the query rows of one CTA.
@@ -431,9 +431,16 @@ class GluonLaunch:
         self.empty = Sq == 0
         self.recorded = None
         self.record = True
+        self._copy: dict = {}
 
     def _d(self, t, rows_layout, rows):
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]], rows_layout)
+        key = (id(rows_layout), rows, t.shape, t.stride())  # q and k/v (and the extra keys) differ in shape
+        cp = self._copy.get(key)
+        if cp is None:  # built and validated once per shape; later calls copy it with a new base
+            d = TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]], rows_layout)
+            self._copy[key] = DescriptorCopier(d)
+            return d
+        return cp(t)
 
     def __call__(self, q, k, v, kv_idx, kv_cnt, extra_k, extra_v):
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)

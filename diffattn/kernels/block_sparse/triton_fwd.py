@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import RecordedLaunch, replay_allowed, run_with_fallbacks
+from ..common import DescriptorCopier, RecordedLaunch, replay_allowed, run_with_fallbacks
 
 LOG2E = 1.4426950408889634
 logger = logging.getLogger("diffattn")
@@ -299,14 +299,19 @@ class FwdLaunch:
         self.record = record and q.is_cuda and not interpret
         self.recorded: RecordedLaunch | None = None
         self.rec_tma = False
+        self._copy = None  # DescriptorCopier pair, once built
 
     def _descs(self, k, v, tma: bool):
         if not tma:
             return None, None
-        from triton.tools.tensor_descriptor import TensorDescriptor
+        if self._copy is None:  # the first call builds (and validates) them; later ones copy with a new base
+            from triton.tools.tensor_descriptor import TensorDescriptor
 
-        return (TensorDescriptor(k, list(k.shape), list(k.stride()), self.block),
-                TensorDescriptor(v, list(v.shape), list(v.stride()), self.block))
+            kd = TensorDescriptor(k, list(k.shape), list(k.stride()), self.block)
+            vd = TensorDescriptor(v, list(v.shape), list(v.stride()), self.block)
+            self._copy = (DescriptorCopier(kd), DescriptorCopier(vd))
+            return kd, vd
+        return self._copy[0](k), self._copy[1](v)
 
     def __call__(self, q, k, v, kv_idx, kv_cnt, extra_k, extra_v, out_scale=None, out_bias=None):
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
