@@ -12,6 +12,7 @@ outputs differentiable, which LSE merging in training needs). A row that saw no 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ import triton.language as tl
 
 from ..common import LaunchCache, run_with_fallbacks
 from .triton_fwd import (
-    LOG2E, dot, dot0, is_hopper_or_newer, pow2_divisor, strides3, tma_ok, head_dim_pad, hopper_variants,
+    LOG2E, cdiv, dot, dot0, is_hopper_or_newer, pow2_divisor, strides3, tma_ok, head_dim_pad, hopper_variants,
 )
 
 logger = logging.getLogger("diffattn")
@@ -327,7 +328,7 @@ def bwd_delta(out: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, dlse: torc
     if Sq == 0:
         return delta
     bm = 64 if not interpret else 16
-    grid = (triton.cdiv(Sq, bm), B * H)
+    grid = (cdiv(Sq, bm), B * H)
     dl = dlse if dlse is not None else lse
     _DELTA(grid, (out, do, lse, dl, delta, *strides3(out), *strides3(do), *strides3(dl), H, Sq, D),
            dict(BLOCK_M=bm, BLOCK_D=head_dim_pad(D), HAS_DLSE=dlse is not None, num_warps=4))
@@ -379,8 +380,9 @@ def fused_default() -> bool:
     return v == "fused"
 
 
+@functools.lru_cache(maxsize=None)
 def bwd_config(d: int, block_size: int, dtype: torch.dtype, interpret: bool) -> dict:
-    """Tiles for the two backward kernels: dkdv (BLOCK_M queries x BLOCK_N keys), dq (BLOCK_M queries x BLOCK_N keys).
+    """(Cached: callers copy the parts they change.) Tiles for the two backward kernels: dkdv (BLOCK_M queries x BLOCK_N keys), dq (BLOCK_M queries x BLOCK_N keys).
 
     Tuned on an H100 (bf16, D=128): dkdv 64x128 with 8 warps, 3 stages; dq 128x64 with 8 warps, 2 stages; q/dO and
     k/v through TMA descriptors (319 TFLOP/s dense at Wan-1.3B; 308 without TMA; warp specialization: no gain). fp32 inputs get small tiles (correctness path, not tuned).
@@ -482,8 +484,8 @@ def backward(
     bm1, bn1 = c1.pop("BLOCK_M"), c1.pop("BLOCK_N")
     tma1 = bool(c1.pop("tma", False)) and allow and tma_ok(q, do, D)
     ws1 = bool(c1.pop("warp_specialize", False)) and allow
-    nkt = triton.cdiv(Sk, bn1)
-    grid1 = (nkt + triton.cdiv(T, bn1), B * H)
+    nkt = cdiv(Sk, bn1)
+    grid1 = (nkt + cdiv(T, bn1), B * H)
 
     def launch1(tma_: bool, ws_: bool) -> None:
         _DKDV(grid1, (
@@ -499,7 +501,7 @@ def backward(
         bm2, bn2 = c2.pop("BLOCK_M"), c2.pop("BLOCK_N")
         tma2 = bool(c2.pop("tma", False)) and allow and tma_ok(k, v, D)
         n_dkdv = grid1[0]
-        gridf = (n_dkdv + triton.cdiv(Sq, bm2), B * H)
+        gridf = (n_dkdv + cdiv(Sq, bm2), B * H)
         opts = {n: c1[n] for n in ("num_warps", "num_stages") if n in c1}  # one launch: the dK/dV pass's options
 
         def launchf(tma_: bool, ws_: bool) -> None:
@@ -524,7 +526,7 @@ def backward(
     bm2, bn2 = c2.pop("BLOCK_M"), c2.pop("BLOCK_N")
     tma2 = bool(c2.pop("tma", False)) and allow and tma_ok(k, v, D)
     ws2 = bool(c2.pop("warp_specialize", False)) and allow
-    grid2 = (triton.cdiv(Sq, bm2), B * H)
+    grid2 = (cdiv(Sq, bm2), B * H)
 
     def launch2(tma_: bool, ws_: bool) -> None:
         _DQ(grid2, (

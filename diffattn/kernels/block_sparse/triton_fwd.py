@@ -177,8 +177,14 @@ def pow2_divisor(n: int, cap: int) -> int:
     return d
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (plain Python: `triton.cdiv` is a JIT function in newer Triton, slow to call)."""
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
 def head_dim_pad(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, 1 << (d - 1).bit_length())
 
 
 def fwd_config(d: int, block_size: int, dtype: torch.dtype, interpret: bool) -> dict:
@@ -283,7 +289,7 @@ class FwdLaunch:
         ih = kv_idx.stride(1) if kv_idx.shape[1] > 1 else 0
         cb = kv_cnt.stride(0) if kv_cnt.shape[0] > 1 else 0
         ch = kv_cnt.stride(1) if kv_cnt.shape[1] > 1 else 0
-        self.grid = (triton.cdiv(Sq, BLOCK_M), B * H)
+        self.grid = (cdiv(Sq, BLOCK_M), B * H)
         rectify = out_scale is not None
         out_strides = (H * Sq * D, Sq * D, D)  # out is allocated contiguous
         self.ints = (*strides3(q), *strides3(k), *strides3(v), *strides3(ek), *strides3(ev), *out_strides,
