@@ -38,3 +38,21 @@ def triton_device_and_mark(runner: str):
     cuda = torch.cuda.is_available()
     mark = pytest.mark.skipif(not (cuda or INTERP), reason=f"needs CUDA, or TRITON_INTERPRET=1 ({runner} runs this file so)")
     return ("cuda" if cuda and not INTERP else "cpu"), mark
+
+
+def worker_device_and_env(interp_env: dict | None = None) -> tuple[str, dict]:
+    """(device, environment) for a subprocess worker that runs Triton kernels: compiled on CUDA where there is a
+    GPU (the interpreter would test nothing the GPU run does not, and Triton 3.6's interpreter failed on the GPU
+    machine with a numpy TypeError, see tests/test_neighborhood_triton.py), else the CPU interpreter.
+
+    On CUDA `TRITON_F32_DEFAULT=ieee` makes float32 `tl.dot` exact fp32 (not TF32), so the fp32 tolerances of
+    interpreter tests hold unchanged; `DIFFATTN_TEST_INTERPRET=1` forces the interpreter even with a GPU."""
+    import torch
+
+    env = dict(os.environ, **(interp_env or {}))
+    if torch.cuda.is_available() and os.environ.get("DIFFATTN_TEST_INTERPRET", "0") in ("", "0"):
+        env.pop("TRITON_INTERPRET", None)
+        env["TRITON_F32_DEFAULT"] = "ieee"
+        return "cuda", env
+    env["TRITON_INTERPRET"] = "1"
+    return "cpu", env

@@ -223,3 +223,56 @@ def test_auto_backend_on_cpu_is_blocked(monkeypatch):
     assert op._resolve_backend(None, q) == "blocked"
     monkeypatch.setenv("DIFFATTN_BLOCK_SPARSE_BACKEND", "reference")
     assert op._resolve_backend(None, q) == "reference"
+
+
+def test_plan_is_cached_per_signature_and_mask_version(monkeypatch):
+    """The steady path: one plan per call signature and mask (validation and the backend choice once); new
+    tensors of the same signature reuse it; an in-place change of the mask, another mask, grad mode or the backend
+    env var make a new plan; results always equal the reference."""
+    from diffattn.kernels.block_sparse import op
+
+    op.clear_plans()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 45, 8, generator=g) for _ in range(3))
+    mask = torch.rand(1, 2, 3, 3, generator=g) < 0.6
+    mask[..., -1, -1] = True
+    calls = []
+    real = op._choose
+    monkeypatch.setattr(op, "_choose", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for i in range(3):
+        qi = q + i
+        out = block_sparse_attention(qi, k, v, mask, block_size=16)
+        ref = block_sparse_attention_reference(qi.double(), k.double(), v.double(), mask, block_size=16)[0]
+        assert _rel(out, ref) < 1e-6
+    assert len(calls) == 1, "validation / choice ran more than once for one signature"
+    mask[..., 0, :] = ~mask[..., 0, :]  # in place: the version changes
+    out = block_sparse_attention(q, k, v, mask, block_size=16)
+    assert len(calls) == 2
+    assert _rel(out, block_sparse_attention_reference(q.double(), k.double(), v.double(), mask, block_size=16)[0]) < 1e-6
+    block_sparse_attention(q, k, v, mask.clone(), block_size=16)
+    assert len(calls) == 3
+    qg = q.clone().requires_grad_()
+    block_sparse_attention(qg, k, v, mask, block_size=16).sum().backward()
+    assert len(calls) == 4 and qg.grad is not None
+    monkeypatch.setenv("DIFFATTN_BLOCK_SPARSE_BACKEND", "reference")
+    block_sparse_attention(q, k, v, mask, block_size=16)
+    assert len(calls) == 5
+    # bad arguments are never cached as good: the same error every time
+    for _ in range(2):
+        with pytest.raises(ValueError, match="block_mask shape"):
+            block_sparse_attention(q, k, v, mask[..., :2], block_size=16)
+    op.clear_plans()
+
+
+def test_launch_key_sees_alignment_and_scalars():
+    """`LaunchCache`'s key: a tensor enters by dtype and 16-byte alignment only (data and pointer value do not
+    matter), a scalar by type and value (it is frozen into the recorded arguments)."""
+    from diffattn.kernels.common import _arg_key
+
+    x = torch.zeros(64, dtype=torch.bfloat16)
+    assert _arg_key(x) == _arg_key(torch.ones(64, dtype=torch.bfloat16))
+    assert _arg_key(x[1:]) != _arg_key(x)  # 2-byte offset: not 16-byte aligned
+    assert _arg_key(x.float()) != _arg_key(x)
+    assert _arg_key(3) != _arg_key(4) and _arg_key(1) != _arg_key(True) and _arg_key(0.5) != _arg_key(0.25)
+    with pytest.raises(TypeError):
+        _arg_key(object())

@@ -152,3 +152,12 @@ def test_torch_compile_fullgraph():
     assert torch.allclose(loss, f(q, k, v, mask))
     for g, t in zip(grads, (q, k, v)):
         assert torch.equal(g, t.grad)
+
+
+@pytest.mark.parametrize("case", [0, 1, -1])
+def test_fused_backward_vs_fp64(case, monkeypatch):
+    """Both backward passes in one launch (`DIFFATTN_BSA_BWD=fused`): the same gradients as the reference, with
+    extra keys, broadcast masks, partial tail blocks and an empty query block."""
+    monkeypatch.setenv("DIFFATTN_BSA_BWD", "fused")
+    shape, dtype = CASES[case]
+    _check(*shape, dtype)

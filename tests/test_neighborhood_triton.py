@@ -1,8 +1,12 @@
-"""The Triton neighborhood kernels (forward and backward) against the reference, on CPU under TRITON_INTERPRET=1.
+"""The Triton neighborhood kernels (forward and backward) against the reference: compiled on the GPU where there
+is one, else on CPU under TRITON_INTERPRET=1 (`interpreter.worker_device_and_env`).
 
 TRITON_INTERPRET must be set before triton is first imported, and the rest of the suite may already have imported
 it, so the kernels run in one subprocess that checks every configuration and prints one JSON line each; the tests
-below read those lines (the subprocess runs once per session through a module-scoped fixture).
+below read those lines (the subprocess runs once per session through a module-scoped fixture). On the GPU machine
+this file used to run that subprocess under the interpreter too, where Triton 3.6's interpreter failed every case
+with a numpy TypeError: an interpreter limitation, not a kernel result; on CUDA the worker now compiles the
+kernels (float32 dots as exact fp32 via TRITON_F32_DEFAULT=ieee), and a worker error carries its traceback tail.
 """
 
 from __future__ import annotations
@@ -27,9 +31,13 @@ CONFIGS = [
 ]
 
 _WORKER = r"""
-import json, os, sys
-os.environ["TRITON_INTERPRET"] = "1"
+import json, os, sys, traceback
+DEV = sys.argv[2]
+if DEV == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 import torch
+def rnd(*shape, dtype=torch.float32, requires_grad=False):
+    return torch.randn(*shape, dtype=dtype, device=DEV).requires_grad_(requires_grad)
 from diffattn.kernels.neighborhood import neighborhood_attention, neighborhood_attention_reference, get_plan
 from diffattn.kernels.neighborhood.tiling import permute_tokens, unpermute_tokens
 from diffattn.kernels.neighborhood.triton_fwd import na_forward
@@ -41,9 +49,9 @@ for i, (name, shape, ks, st, dl, ca, T, qt, kt) in enumerate(configs):
     ks, st, dl, ca = conv(ks), conv(st), conv(dl), conv(ca)
     torch.manual_seed(1000 + i)
     B, H, D = 2, 2, 24  # D not a power of two: exercises the head-dim mask
-    mk = lambda *s: torch.randn(*s, dtype=torch.float64).float().requires_grad_()
+    mk = lambda *s: rnd(*s, dtype=torch.float64).float().requires_grad_()
     # q/k/v as non-contiguous views of one packed tensor, like a fused projection
-    qkv = torch.randn(B, *shape, 3, H, D)
+    qkv = rnd(B, *shape, 3, H, D)
     q, k, v = (t.requires_grad_() for t in qkv.clone().unbind(-3))
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     ins = [q, k, v]
@@ -51,8 +59,8 @@ for i, (name, shape, ks, st, dl, ca, T, qt, kt) in enumerate(configs):
     if T:
         ek, ev = mk(B, T, H, D), mk(B, T, H, D)
         ins += [ek, ev]
-    go = torch.randn(B, *shape, H, D)
-    gl = torch.randn(B, *shape, H)
+    go = rnd(B, *shape, H, D)
+    gl = rnd(B, *shape, H)
     res = {"name": name}
     try:
         o, lse = neighborhood_attention(q, k, v, ks, st, dl, ca, scale=0.3, extra_k=ek, extra_v=ev, return_lse=True,
@@ -78,7 +86,7 @@ for i, (name, shape, ks, st, dl, ca, T, qt, kt) in enumerate(configs):
         res["permuted_out"] = rel(unpermute_tokens(op, shape, plan.q_tile, dil), ro.detach())
         res["permuted_lse"] = rel(unpermute_tokens(lp, shape, plan.q_tile, dil), rl.detach())
     except Exception as e:
-        res["error"] = f"{type(e).__name__}: {e}"
+        res["error"] = f"{type(e).__name__}: {e} | " + traceback.format_exc()[-1200:]
     print("RESULT " + json.dumps(res), flush=True)
 
 # the TMA mode (Hopper: tiles as TMA boxes read in place), called directly: the front door only takes it on CUDA
@@ -95,10 +103,10 @@ for name, shape, ks, st, ca, qt, kt, B, T in [
     ("tma-3d-straddle-extra", (5, 6, 10), (3, 3, 5), (1, 2, 1), False, (2, 4, 4), (4, 2, 4), 3, 4),
 ]:
     torch.manual_seed(7)
-    q, k, v = (torch.randn(B, *shape, 2, 16) for _ in range(3))
+    q, k, v = (rnd(B, *shape, 2, 16) for _ in range(3))
     ek = ev = None
     if T:
-        ek, ev = torch.randn(B, T, 2, 16), torch.randn(B, T, 2, 16)
+        ek, ev = rnd(B, T, 2, 16), rnd(B, T, 2, 16)
     plan = get_plan(shape, ks, st, 1, ca, qt, kt)
     res = {"name": name, "masked": plan.counts()["masked"]}
     try:
@@ -108,13 +116,13 @@ for name, shape, ks, st, ca, qt, kt, B, T in [
         res["out"] = float((o - ro).norm() / ro.norm())
         res["lse"] = float((l - rl).norm() / rl.norm())
     except Exception as e:
-        res["error"] = f"{type(e).__name__}: {e}"
+        res["error"] = f"{type(e).__name__}: {e} | " + traceback.format_exc()[-1200:]
     print("RESULT " + json.dumps(res), flush=True)
 
 # torch.compile(fullgraph=True) traces through the custom ops (forward and backward), no graph break
 res = {"name": "compile-fullgraph"}
 try:
-    q, k, v = (torch.randn(1, 6, 10, 2, 16, requires_grad=True) for _ in range(3))
+    q, k, v = (rnd(1, 6, 10, 2, 16, requires_grad=True) for _ in range(3))
     def f(q, k, v):
         return neighborhood_attention(q, k, v, (3, 4), (1, 2), backend="triton").square().sum()
     cf = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -122,23 +130,31 @@ try:
     g2 = torch.autograd.grad(f(q, k, v), (q, k, v))
     res["grads"] = max(float((a - b).abs().max()) for a, b in zip(g1, g2))
 except Exception as e:
-    res["error"] = f"{type(e).__name__}: {e}"
+    res["error"] = f"{type(e).__name__}: {e} | " + traceback.format_exc()[-1200:]
 print("RESULT " + json.dumps(res), flush=True)
 """
 
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, dict]:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(CONFIGS)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    from interpreter import worker_device_and_env
+
+    dev, env = worker_device_and_env()
+    limit = float(os.environ.get("DIFFATTN_TEST_WORKER_TIMEOUT", "600"))  # a GPU job's share of device time
+    try:
+        proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(CONFIGS), dev], capture_output=True,
+                              text=True, env=env, timeout=limit)
+        stdout, stderr = proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:  # the worker is killed; the configs it finished still count
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        stderr = f"worker timed out after {limit:.0f} s"
     out = {}
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("RESULT "):
             r = json.loads(line[7:])
             out[r["name"]] = r
     if not out:
-        pytest.fail(f"interpreter worker produced no results:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        pytest.fail(f"the {dev} worker produced no results:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     return out
 
 

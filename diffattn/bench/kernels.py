@@ -171,61 +171,167 @@ def sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def host_us(fn, n: int = 200) -> float:
+    """Host (CPU) time per call with an empty-queue-proof method: a long sleep kernel is queued first, so no call
+    ever waits for the GPU; the CPU wall time of `n` calls is then pure host work. Synchronises at the ends only."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time at ~2 GHz: longer than n calls of host work
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    us = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
+def _diagnose_backward(q, k, v, mask, g, bs, rows, shape) -> None:
+    """Where a fwd+bwd's host time goes: host syncs (CUDA sync-debug warnings), the backward implementation
+    called directly on the main thread (plain loop and GPU-busy timing), and a cProfile of it."""
+    import cProfile
+    import io
+    import pstats
+    import warnings
+
+    from ..kernels.block_sparse import op
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            op.block_sparse_attention(q, k, v, mask, block_size=bs, backend="triton").backward(g)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message).lower()]
+    with torch.no_grad():
+        out, lse = op._fwd_impl(q, k, v, mask, None, None, bs, q.shape[-1] ** -0.5, None, None, "triton")
+    bwd = lambda: op._bwd_impl(g, None, q, k, v, out, lse, mask, None, None, bs, q.shape[-1] ** -0.5)  # noqa: E731
+    bwd()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        bwd()
+    plain = (time.perf_counter() - t0) / 50 * 1e6
+    torch.cuda.synchronize()
+    row = dict(shape=shape, path="diagnose backward", syncs_in_fwd_bwd=syncs, bwd_impl_host_us=host_us(bwd, 50),
+               bwd_impl_plain_loop_us=plain)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(20):
+        bwd()
+    pr.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(14)
+    print(buf.getvalue()[-5000:], flush=True)
+    rows.append(row)
+    print("ROW", row, flush=True)
+
+
 def overhead(args: argparse.Namespace) -> int:
-    """Diagnose small-shape cost: device time vs host time per call, through the op and the bare launcher."""
+    """Small-shape cost: host time per call (GPU kept busy), do_bench time and CUDA-graph replay time, for the
+    steady path (cached plan + recorded launch), the same with `DIFFATTN_TRITON_FAST=0` (Triton's own launch) and
+    the bare Triton launch of an uncached config; then forward+backward against FlexAttention, with profiles."""
+    import os
+
+    from ..kernels import backends as registry
     from ..kernels.block_sparse import triton_fwd
     from ..kernels.block_sparse.index import get_block_index
     from ..kernels.block_sparse.op import block_sparse_attention
 
-    H, S, tpf = SHAPES[args.shapes.split(",")[0]]
-    D, bs = args.head_dim, args.block_size
-    nb = math.ceil(S / bs)
-    q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    gen = torch.Generator().manual_seed(0)
-    for dens in [float(x) for x in args.densities.split(",")]:
-        mask = make_mask("random", H, nb, bs, tpf, dens, gen).cuda()
-        idx = get_block_index(mask)
-        fns = {
-            "op": lambda: block_sparse_attention(q, k, v, mask, block_size=bs),
-            "launcher": lambda: triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None),
-            "launcher_no_tma": lambda: triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None,
-                                                          config=dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)),
-        }
-        for name, fn in fns.items():
-            fn()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(200):
-                fn()
-            host_us = (time.perf_counter() - t0) / 200 * 1e6
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            graph_ms = _bench(g.replay, args.rep)
-            print(f"d={dens} {name:16s} do_bench {_bench(fn, args.rep) * 1e3:8.1f} us | host {host_us:7.1f} us/call | "
-                  f"CUDA-graph replay {graph_ms * 1e3:8.1f} us", flush=True)
-        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        g = torch.randn_like(q)
+    print(env_line(), flush=True)
+    rows = []
+    flex = None if args.no_flex else _Flex()
+    for shape in args.shapes.split(","):
+        H, S, tpf = SHAPES[shape]
+        D, bs = args.head_dim, args.block_size
+        nb = math.ceil(S / bs)
+        q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        gen = torch.Generator().manual_seed(0)
+        req = registry.make_request("block_sparse", q, head_dim=D, block_size=bs)
+        names = [n for n in (args.backends or "triton,gluon").split(",") if n and
+                 registry.backends("block_sparse")[n].why_not(req) is None]
+        for dens in [float(x) for x in args.densities.split(",")]:
+            mask = make_mask("random", 1, nb, bs, tpf, dens, gen).cuda()
+            idx = get_block_index(mask)
+            fns = {}
+            for name in names:
+                fns[name] = (lambda n=name: block_sparse_attention(q, k, v, mask, block_size=bs, backend=n), "1")
+                fns[name + " TRITON_FAST=0"] = (lambda n=name: block_sparse_attention(q, k, v, mask, block_size=bs, backend=n), "0")
+            cfg = triton_fwd.fwd_config(D, bs, q.dtype, False)
+            fns["triton bare launch (Triton's path)"] = (
+                lambda: triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None, config=cfg), "1")
+            if flex is not None:
+                bm = flex.block_mask(idx.kv_idx, idx.kv_cnt, S, bs)
+                fns["flex (compiled)"] = (lambda: flex.fn(q, k, v, block_mask=bm), "1")
+            for label, (fn, fast) in fns.items():
+                os.environ["DIFFATTN_TRITON_FAST"] = fast
+                row = dict(shape=shape, density=float(mask.float().mean()), path=label)
+                try:
+                    with torch.no_grad():
+                        fn()
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        fn()
+                        torch.cuda.synchronize()
+                        big = time.perf_counter() - t0 > 2e-3  # device-bound shape: host time only, few calls
+                        row["host_us"] = host_us(fn, 10 if big else 200)
+                        if big:
+                            rows.append(row)
+                            print("ROW", row, flush=True)
+                            continue
+                        ms = _bench(fn, args.rep)
+                        row["do_bench_us"] = ms * 1e3
+                        torch.cuda.synchronize()
+                        g = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(g):
+                            fn()
+                        graph_ms = _bench(g.replay, args.rep)
+                        row.update(graph_us=graph_ms * 1e3, ratio_to_graph=ms / graph_ms)
+                except Exception as e:  # noqa: BLE001 - one path failing is a result; the others go on
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                rows.append(row)
+                print("ROW", row, flush=True)
+            os.environ["DIFFATTN_TRITON_FAST"] = "1"
+            if args.no_backward:
+                continue
+            qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+            g = torch.randn_like(q)
+            tri = lambda: block_sparse_attention(qg, kg, vg, mask, block_size=bs, backend="triton").backward(g)  # noqa: E731
 
-        def fb():
-            block_sparse_attention(qg, kg, vg, mask, block_size=bs).backward(g)
+            def tri_fused():
+                os.environ["DIFFATTN_BSA_BWD"] = "fused"
+                try:
+                    tri()
+                finally:
+                    os.environ.pop("DIFFATTN_BSA_BWD", None)
 
-        fb()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(50):
-            fb()
-        host_us = (time.perf_counter() - t0) / 50 * 1e6
-        torch.cuda.synchronize()
-        print(f"d={dens} fwd+bwd do_bench {_bench(fb, args.rep) * 1e3:8.1f} us | host {host_us:7.1f} us/call", flush=True)
-        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=acts) as prof:
-            for _ in range(10):
-                fb()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=50), flush=True)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=50), flush=True)
+            fbs = {"triton fwd+bwd": tri, "triton fwd+bwd (fused bwd)": tri_fused}
+            if flex is not None:
+                fbs["flex fwd+bwd"] = lambda: flex.fn(qg, kg, vg, block_mask=bm).backward(g)
+            for label, fb in fbs.items():
+                row = dict(shape=shape, density=float(mask.float().mean()), path=label)
+                try:
+                    row["host_us"] = host_us(fb, 50)
+                    row["do_bench_us"] = _bench(fb, args.rep, [qg, kg, vg]) * 1e3
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                rows.append(row)
+                print("ROW", row, flush=True)
+            if args.profile:
+                _diagnose_backward(qg, kg, vg, mask, g, bs, rows, shape)
+                acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                with torch.profiler.profile(activities=acts) as prof:
+                    for _ in range(10):
+                        fbs["triton fwd+bwd"]()
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=16, max_name_column_width=60), flush=True)
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60), flush=True)
+            del qg, kg, vg
+        del q, k, v
+        torch.cuda.empty_cache()
+    if args.out:
+        write_json(dict(env=env_line(), argv=sys.argv, rows=rows), args.out + ".json", indent=1)
     return 0
 
 
@@ -252,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", action="store_true", help="measure every capable backend (or --backends) per case and "
                    "write the registry's table (diffattn/kernels/tuned/<device kind>.json, or --tune-out)")
     p.add_argument("--tune-out", default=None, help="where --tune writes the table")
+    p.add_argument("--no-backward", action="store_true", help="with --overhead: forward only")
+    p.add_argument("--profile", action="store_true", help="with --overhead: print torch.profiler tables of fwd+bwd")
     p.add_argument("--jsonl", default=None, help="with --backends/--tune: append each case as a JSON line here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -417,8 +525,6 @@ def render(rows: list[dict], args: argparse.Namespace, env: str | None = None) -
     return "\n".join(out) + "\n"
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 # ---- backend comparison and the measured table (issue #18) ----------------------------------------------------------
@@ -519,15 +625,24 @@ def compare(args: argparse.Namespace) -> int:
                 row["fb_ms"] = {}
                 qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
                 g = torch.randn_like(q)
-                for name in [n for n in names if n in ("triton", "fa4", "gluon", "flex")]:
+                import os
+
+                fb_names = [n for n in names if n in ("triton", "fa4", "gluon", "flex")]
+                if "triton" in fb_names:
+                    fb_names.insert(fb_names.index("triton") + 1, "triton_fused")  # both passes in one launch
+                for label in fb_names:
+                    name = label.split("_")[0]
                     if name in row["refused"]:
                         continue
+                    os.environ["DIFFATTN_BSA_BWD"] = "fused" if label.endswith("_fused") else "split"
                     fb = lambda: block_sparse_attention(qg, kg, vg, mask, block_size=bs, backend=name).backward(g)  # noqa: E731
                     try:
                         fb()
-                        row["fb_ms"][name] = _bench(fb, args.rep, [qg, kg, vg])
+                        row["fb_ms"][label] = _bench(fb, args.rep, [qg, kg, vg])
                     except Exception as e:  # noqa: BLE001
-                        row["refused"][name + "_fwd_bwd"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                        row["refused"][label + "_fwd_bwd"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                    finally:
+                        os.environ.pop("DIFFATTN_BSA_BWD", None)
                 del qg, kg, vg, g
             rows.append(row)
             _emit(row, args.jsonl)
@@ -607,15 +722,20 @@ def render_compare(rows: list[dict], args: argparse.Namespace) -> str:
     fb = [r for r in rows if r.get("fb_ms")]
     if fb:
         out += ["", "Forward + backward (fa4 and gluon: their forward, the Triton backward). Target: ≤ Flex.", ""]
-        fnames = [n for n in ("triton", "fa4", "gluon", "flex") if any(n in r["fb_ms"] for r in fb)]
-        out.append("| shape | mask | density | " + " | ".join(f"{n} ms" for n in fnames) + " | flex / triton |")
+        fnames = [n for n in ("triton", "triton_fused", "fa4", "gluon", "flex") if any(n in r["fb_ms"] for r in fb)]
+        out.append("| shape | mask | density | " + " | ".join(f"{n} ms" for n in fnames) + " | flex / best triton |")
         out.append("|---|---|---|" + "---|" * len(fnames) + "---|")
         for r in fb:
             f = r["fb_ms"]
-            ratio = f"{f['flex'] / f['triton']:.2f}" if "flex" in f and "triton" in f else "—"
+            best = min((f[n] for n in ("triton", "triton_fused") if n in f), default=None)
+            ratio = f"{f['flex'] / best:.2f}" if "flex" in f and best else "—"
             out.append(f"| {r['shape']} | {r['mask']} | {r['density']:.3f} | "
                        + " | ".join(f"{f[n]:.3f}" if n in f else "—" for n in fnames) + f" | {ratio} |")
     refused = sorted({f"{n}: {w}" for r in rows for n, w in r["refused"].items()})
     if refused:
         out += ["", "Refused or failed: " + "; ".join(refused)]
     return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

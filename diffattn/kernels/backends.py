@@ -193,6 +193,8 @@ def register(backend: Backend) -> Backend:
         raise ValueError(f"op must be one of {OPS}, got {backend.op!r}")
     _REGISTRY[backend.op][backend.name] = backend
     _choice_cache.clear()
+    for fn in _on_clear:
+        fn()
     return backend
 
 
@@ -263,10 +265,20 @@ def explain(req: Request) -> dict[str, str | None]:
     return {name: b.why_not(req) for name, b in _REGISTRY[req.op].items()}
 
 
+_on_clear: list[Callable[[], None]] = []
+
+
+def on_clear(fn: Callable[[], None]) -> None:
+    """Call `fn` whenever cached choices are dropped (front doors that cache per-call plans built on a choice)."""
+    _on_clear.append(fn)
+
+
 def clear_cache() -> None:
     """Forget cached choices (after changing the table directory, an env var or installing a package)."""
     _choice_cache.clear()
     _table.cache_clear()
+    for fn in _on_clear:
+        fn()
 
 
 # ---- the measured table ----------------------------------------------------------------------------------------------

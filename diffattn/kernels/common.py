@@ -147,3 +147,181 @@ def run_with_fallbacks(kernel: str, key: tuple, variants: list[tuple[str, Callab
             logger.warning("%s: Triton could not run the %s variant for %s (%s: %s); falling back", kernel, name,
                            key, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
     raise AssertionError("unreachable: no variants given")
+
+
+# ---- steady-path launches ------------------------------------------------------------------------------------------
+#: `DIFFATTN_TRITON_FAST=0` turns the recorded launches off (every call goes through Triton's own `kernel[grid](...)`).
+ENV_FAST = "DIFFATTN_TRITON_FAST"
+
+
+def fast_launch_enabled() -> bool:
+    return os.environ.get(ENV_FAST, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@functools.cache
+def _knobs():
+    from triton import knobs
+
+    return knobs
+
+
+def _hooks_active() -> bool:
+    """Whether a Triton launch hook is installed (a profiler): then calls go through Triton's own path."""
+    try:
+        knobs = _knobs()
+    except Exception:  # pragma: no cover - very old triton
+        return True
+    for name in ("launch_enter_hook", "launch_exit_hook"):
+        hook = getattr(knobs.runtime, name, None)
+        if hook is not None and (not hasattr(hook, "calls") or hook.calls):
+            return True
+    return False
+
+
+class RecordedLaunch:
+    """One Triton kernel specialization, launched directly on the steady path.
+
+    `kernel[grid](*args, **kwargs)` costs tens of microseconds of Python per call (binding ~60 arguments, computing
+    their specialization key, building launch metadata). When the caller knows that nothing Triton specializes on
+    has changed since a first call (same shapes, strides, dtypes, constexprs and config, every pointer 16-byte
+    aligned as it was then), the compiled kernel that first call returned can be launched directly with only the
+    tensors replaced: `record()` makes the first call through Triton and keeps its `CompiledKernel` and the full
+    argument list; `__call__` swaps in the per-call values at `slots` and calls the compiled kernel's launcher, as
+    `JITFunction.run` itself does at its end (Triton 3.6-3.9: `CompiledKernel.run(grid..., stream, function,
+    packed_metadata, launch_metadata, enter_hook, exit_hook, *args)`). Tests compare both paths bit for bit.
+    """
+
+    __slots__ = ("compiled", "template", "slots", "grid", "device", "run", "function", "packed")
+
+    def __init__(self, compiled, template: list, slots: tuple[int, ...], grid: tuple[int, int, int], device: int):
+        template = list(template)
+        for i in slots:  # the first call's tensors must not be kept alive (they may be gigabytes)
+            template[i] = None
+        self.compiled, self.template, self.slots, self.grid, self.device = compiled, template, slots, grid, device
+        self.run = compiled.run  # initialises the module handles
+        self.function = compiled.function
+        self.packed = compiled.packed_metadata
+
+    @staticmethod
+    def record(jit_fn, grid: tuple, args: tuple, kwargs: dict, slot_names: tuple[str, ...],
+               device: int) -> "tuple[Any, RecordedLaunch | None]":
+        """Launch `jit_fn[grid](*args, **kwargs)` once through Triton; return (its result, the recording or None
+        when this Triton does not expose what a replay needs). `slot_names`: the parameters replaced per call."""
+        compiled = jit_fn[grid](*args, **kwargs)
+        try:
+            names = list(jit_fn.arg_names)
+            import inspect
+
+            sig = inspect.signature(jit_fn.fn)
+            template = []
+            for i, name in enumerate(names):
+                if i < len(args):
+                    template.append(args[i])
+                elif name in kwargs:
+                    template.append(kwargs[name])
+                else:
+                    default = sig.parameters[name].default
+                    if default is inspect.Parameter.empty:
+                        return compiled, None
+                    template.append(default)
+            slots = tuple(names.index(n) for n in slot_names)
+            g = tuple(grid) + (1,) * (3 - len(grid))
+            if not hasattr(compiled, "run") or not hasattr(compiled, "packed_metadata"):
+                return compiled, None
+            return compiled, RecordedLaunch(compiled, template, slots, g, device)
+        except Exception as e:  # noqa: BLE001 - a Triton without these internals just keeps the slow path
+            logger.debug("no recorded launch for %s: %s", getattr(jit_fn, "__name__", jit_fn), e)
+            return compiled, None
+
+    def __call__(self, values: tuple) -> None:
+        args = self.template.copy()
+        for i, x in zip(self.slots, values):
+            args[i] = x
+        knobs = _knobs()
+        g0, g1, g2 = self.grid
+        self.run(g0, g1, g2, torch._C._cuda_getCurrentRawStream(self.device), self.function, self.packed, None,
+                 knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *args)
+
+
+def replay_allowed(device_index: int) -> bool:
+    """A recorded launch may replace Triton's own path now: enabled, no launch hooks, and the launch would go to
+    the device it was recorded on (Triton launches on the current device)."""
+    return fast_launch_enabled() and not _hooks_active() and torch.cuda.current_device() == device_index
+
+
+def _arg_key(a: Any):
+    """What Triton specializes on for one argument: a tensor's dtype and 16-byte alignment (never its data), a
+    descriptor's type, dtype, shape, strides and block, a scalar's type and value (scalars are frozen into the
+    recorded argument list, so their value is part of the key)."""
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return (type(a), a)
+    base = getattr(a, "base", None)
+    if isinstance(base, torch.Tensor) and hasattr(a, "block_shape"):
+        return (type(a), base.dtype, base.data_ptr() % 16 == 0, tuple(a.shape), tuple(a.strides),
+                tuple(a.block_shape), getattr(a, "padding", None), repr(getattr(a, "layout", None)))
+    raise TypeError(f"no launch key for {type(a).__name__}")
+
+
+class LaunchCache:
+    """Recorded launches of one Triton kernel, keyed on everything Triton specializes on (computed from the
+    arguments themselves: `_arg_key`), so any call may use it: the first call of a key goes through Triton and is
+    recorded, later ones replay it with only the tensors (and descriptors) swapped. A bit more host work per call
+    than a caller-built key (one pass over the arguments), and no way to get the key wrong."""
+
+    def __init__(self, jit_fn, size: int = 64):
+        self.jit_fn, self.size = jit_fn, size
+        self._recs: dict[tuple, RecordedLaunch | None] = {}
+        self._slots: tuple[int, ...] | None = None
+
+    def __call__(self, grid: tuple, args: tuple, kwargs: dict) -> None:
+        first = args[0] if args else None
+        if not fast_launch_enabled() or (isinstance(first, torch.Tensor) and not first.is_cuda):
+            self.jit_fn[grid](*args, **kwargs)
+            return
+        try:
+            key = (tuple(grid), tuple(_arg_key(a) for a in args), tuple(kwargs.items()))
+            hash(key)
+        except TypeError:
+            self.jit_fn[grid](*args, **kwargs)
+            return
+        rec = self._recs.get(key, False)
+        if rec and replay_allowed(rec.device):
+            rec(tuple(args[i] for i in rec.slots))
+            return
+        if rec is not False:  # not recordable here (None), or hooks / another device: Triton's path
+            self.jit_fn[grid](*args, **kwargs)
+            return
+        aligned = all(k[1] for k in key[1] if len(k) == 2 and isinstance(k[0], torch.dtype))
+        if not aligned:
+            self.jit_fn[grid](*args, **kwargs)
+            return
+        names = list(self.jit_fn.arg_names)
+        slot_names = tuple(names[i] for i, a in enumerate(args)
+                           if isinstance(a, torch.Tensor) or hasattr(a, "block_shape"))
+        dev = torch.cuda.current_device()
+        _, rec = RecordedLaunch.record(self.jit_fn, grid, args, kwargs, slot_names, dev)
+        if len(self._recs) >= self.size:
+            self._recs.pop(next(iter(self._recs)))
+        self._recs[key] = rec
+
+
+class DescriptorCopier:
+    """Host TMA descriptors for tensors of one fixed shape/stride/dtype (a plan's inputs), built by copying a
+    template that was constructed (and validated) normally once, with only `base` replaced: the dataclass's
+    checks ran for that signature already, and they cost microseconds per call."""
+
+    __slots__ = ("template",)
+
+    def __init__(self, template):
+        t = object.__new__(type(template))
+        t.__dict__.update(template.__dict__)
+        t.base = None  # keep no tensor alive
+        self.template = t
+
+    def __call__(self, base: torch.Tensor):
+        d = object.__new__(type(self.template))
+        d.__dict__.update(self.template.__dict__)
+        d.base = base
+        return d

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from ..common import DescriptorCopier, RecordedLaunch, replay_allowed
+
 LOG2E = 1.4426950408889634
 # Key-tile rows (one key block per tile), rows per consumer warpgroup, and the query rows of one CTA.
 BLOCK_N = 128
@@ -394,3 +396,78 @@ def compile_for_sm90(dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, *
     signature = {n: signature.get(n, "constexpr") for n in names}
     src = GluonASTSource(_bsa_fwd_gluon, signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
+@functools.lru_cache(maxsize=None)
+def _layout(rows: int, d: int, half: bool):
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, d], gl.float16 if half else gl.bfloat16)
+
+
+class GluonLaunch:
+    """The per-specialization part of a Gluon forward, built once per call signature by `prepare` (the front door
+    keeps it in its plan): config, grid, strides, the shared layouts and, after the first call, the recorded
+    compiled kernel (`kernels.common.RecordedLaunch`); a steady call allocates out/lse, builds the descriptors and
+    launches. Only for inputs `unsupported_reason` accepts (the plan key includes the 16-byte alignment)."""
+
+    SLOTS = ("q_desc", "k_desc", "v_desc", "ek_desc", "ev_desc", "O", "LSE", "KV_IDX", "KV_CNT")
+
+    def __init__(self, q, k, v, kv_idx, kv_cnt, block_size, scale, extra_k, extra_v):
+        B, H, Sq, D = q.shape
+        Sk = k.shape[2]
+        self.out_shape, self.lse_shape, self.dtype, self.device = (B, H, Sq, D), (B, H, Sq), q.dtype, q.device
+        self.has_extra = extra_k is not None and extra_k.shape[2] > 0
+        T = extra_k.shape[2] if self.has_extra else 0
+        half = q.dtype == torch.float16
+        self.q_layout, self.kv_layout = _layout(BM, D, half), _layout(BLOCK_N, D, half)
+        c = dict(config(D))
+        persistent = c.pop("PERSISTENT", False)
+        n_m = math.ceil(Sq / (2 * BM))
+        num_tiles = n_m * B * H
+        self.grid = (min(num_tiles, _num_sms(q.device) if persistent is True else int(persistent or num_tiles)),)
+        self.ints = (H * Sq * D, Sq * D, D, *_row_strides(kv_idx), kv_idx.stride(2), *_row_strides(kv_cnt),
+                     H, Sq, Sk, T, scale * LOG2E, n_m, num_tiles)
+        self.constexprs = dict(BLOCK_SIZE=block_size, BM=BM, BLOCK_N=BLOCK_N, HEAD_D=D, EVEN_K=(Sk % block_size == 0),
+                               HAS_EXTRA=self.has_extra, num_warps=4, **c)
+        self.empty = Sq == 0
+        self.recorded = None
+        self.record = True
+        self._copy: dict = {}
+
+    def _d(self, t, rows_layout, rows):
+        key = (id(rows_layout), rows, t.shape, t.stride())  # q and k/v (and the extra keys) differ in shape
+        cp = self._copy.get(key)
+        if cp is None:  # built and validated once per shape; later calls copy it with a new base
+            d = TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]], rows_layout)
+            self._copy[key] = DescriptorCopier(d)
+            return d
+        return cp(t)
+
+    def __call__(self, q, k, v, kv_idx, kv_cnt, extra_k, extra_v):
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+        if self.empty:
+            return out, lse
+        kl = self.kv_layout
+        kd, vd = self._d(k, kl, BLOCK_N), self._d(v, kl, BLOCK_N)
+        ekd, evd = (self._d(extra_k, kl, BLOCK_N), self._d(extra_v, kl, BLOCK_N)) if self.has_extra else (kd, vd)
+        vals = (self._d(q, self.q_layout, BM), kd, vd, ekd, evd, out, lse, kv_idx, kv_cnt)
+        rec = self.recorded
+        if rec is not None and replay_allowed(rec.device):
+            rec(vals)
+            return out, lse
+        args = (*vals, *self.ints)
+        if self.record:
+            dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+            _, rec = RecordedLaunch.record(_bsa_fwd_gluon, self.grid, args, self.constexprs, self.SLOTS, dev)
+            self.recorded, self.record = rec, rec is not None
+        else:
+            _bsa_fwd_gluon[self.grid](*args, **self.constexprs)
+        return out, lse
+
+
+def prepare(q, k, v, kv_idx, kv_cnt, block_size, scale, extra_k, extra_v) -> GluonLaunch:
+    """The prepared launch for these inputs' signature (the caller caches it; see `GluonLaunch`)."""
+    reason = unsupported_reason(q, k, v, block_size, extra_k)
+    if reason is not None:
+        raise ValueError(f"gluon block-sparse forward: {reason}")
+    return GluonLaunch(q, k, v, kv_idx, kv_cnt, block_size, scale, extra_k, extra_v)

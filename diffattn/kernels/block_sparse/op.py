@@ -149,8 +149,7 @@ def _fwd_fake(q, k, v, block_mask, extra_k, extra_v, block_size, scale, out_scal
     return q.new_empty((B, H, Sq, D)), lse
 
 
-@torch.library.custom_op("diffattn::block_sparse_attn_bwd", mutates_args=())
-def _bwd_op(
+def _bwd_impl(
     do: torch.Tensor,
     dlse: torch.Tensor | None,
     q: torch.Tensor,
@@ -183,6 +182,28 @@ def _bwd_op(
     if out_scale is None:
         return (*grads, q.new_empty((0,), dtype=torch.float32), q.new_empty((0,), dtype=torch.float32))
     return (*grads, *triton_bwd.rectify_grads(do, delta, out_scale, block_size))
+
+
+@torch.library.custom_op("diffattn::block_sparse_attn_bwd", mutates_args=())
+def _bwd_op(
+    do: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    block_mask: torch.Tensor,
+    extra_k: torch.Tensor | None,
+    extra_v: torch.Tensor | None,
+    block_size: int,
+    scale: float,
+    out_scale: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward as a custom op (for torch.compile); see `_bwd_impl`."""
+    return _bwd_impl(do, dlse, q, k, v, out, lse, block_mask, extra_k, extra_v, block_size, scale, out_scale,
+                     out_bias)
 
 
 @_bwd_op.register_fake
@@ -230,6 +251,34 @@ def _backward(ctx, grad_out, grad_lse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerFn(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager autograd: a custom op's dispatch (schema
+    checks, the autograd wrapper, the fake-tensor machinery's bookkeeping) costs host time per call that eager
+    training does not need. Traced calls (torch.compile) keep the ops."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_mask, extra_k, extra_v, block_size, scale, out_scale, out_bias, impl):
+        out, lse = _fwd_impl(q, k, v, block_mask, extra_k, extra_v, block_size, scale, out_scale, out_bias, impl)
+        _setup_context(ctx, (q, k, v, block_mask, extra_k, extra_v, block_size, scale, out_scale, out_bias, impl),
+                       (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, block_mask, extra_k, extra_v, out_scale, out_bias = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv, dek, dev, dscale, dbias = _bwd_impl(
+            grad_out, grad_lse, q, k, v, out, lse, block_mask, extra_k, extra_v, ctx.block_size, ctx.scale,
+            out_scale, out_bias,
+        )
+        if not ctx.has_extra:
+            dek = dev = None
+        if out_scale is None:
+            dscale = dbias = None
+        return dq, dk, dv, None, dek, dev, None, None, dscale, dbias, None
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -275,6 +324,98 @@ def block_sparse_attention(
     Returns:
         out `[B, H, Sq, D]` in q's dtype, or `(out, lse)` if `return_lse`.
     """
+    if torch.compiler.is_compiling():  # traced: no caches (Dynamo sees the plain path once)
+        name, scale_f, need_grad, index = _choose(q, k, v, block_mask, block_size, scale, extra_k, extra_v, return_lse,
+                                                  backend, out_scale, out_bias, with_index=False)
+        return _run(name, block_mask, block_size, scale_f, return_lse, need_grad, index, q, k, v, extra_k, extra_v,
+                    out_scale, out_bias)
+    key = _plan_key(q, k, v, block_mask, block_size, scale, extra_k, extra_v, return_lse, backend, out_scale, out_bias)
+    plan = _plans.get(key) if key is not None else None
+    if plan is not None:
+        return plan(q, k, v, extra_k, extra_v, out_scale, out_bias)
+    plan = _make_plan(q, k, v, block_mask, block_size, scale, extra_k, extra_v, return_lse, backend, out_scale,
+                      out_bias, cacheable=key is not None)
+    if key is not None:
+        if len(_plans) >= PLAN_CACHE_SIZE:
+            _plans.pop(next(iter(_plans)))
+        _plans[key] = plan
+    return plan(q, k, v, extra_k, extra_v, out_scale, out_bias)
+
+
+# ---- per-call plans --------------------------------------------------------------------------------------------------
+#: plans kept (one per distinct call signature and mask; a transformer has a handful)
+PLAN_CACHE_SIZE = 64
+_plans: dict[tuple, "_Plan"] = {}
+
+
+def clear_plans() -> None:
+    """Forget every cached plan (and the masks and index lists they keep alive)."""
+    _plans.clear()
+
+
+registry.on_clear(clear_plans)
+
+
+def _meta(t: torch.Tensor | None):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _plan_key(q, k, v, block_mask, block_size, scale, extra_k, extra_v, return_lse, backend, out_scale, out_bias):
+    """What validation, the backend choice and the launch depend on, from metadata only (never a host sync), or
+    None for arguments that are not plain (those take the uncached path, which raises the right error).
+
+    The mask enters by identity and in-place version: the plan keeps a reference to it, so its id cannot be
+    reused by another tensor while the plan is cached, and an in-place change bumps `_version` (a new plan)."""
+    T = torch.Tensor
+    if not (isinstance(q, T) and isinstance(k, T) and isinstance(v, T) and isinstance(block_mask, T)):
+        return None
+    if type(block_size) is not int or not (scale is None or type(scale) in (float, int)):
+        return None
+    if not (backend is None or type(backend) is str):
+        return None
+    ex = aff = None
+    if extra_k is not None or extra_v is not None:
+        if not (isinstance(extra_k, T) and isinstance(extra_v, T)):
+            return None
+        ex = (_meta(extra_k), _meta(extra_v))
+    if out_scale is not None or out_bias is not None:
+        if not (isinstance(out_scale, T) and isinstance(out_bias, T)):
+            return None
+        aff = (_meta(out_scale), _meta(out_bias))
+    need_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad
+        or (ex is not None and (extra_k.requires_grad or extra_v.requires_grad))
+        or (aff is not None and (out_scale.requires_grad or out_bias.requires_grad)))
+    p = q.data_ptr() | k.data_ptr() | v.data_ptr()
+    if ex is not None:
+        p |= extra_k.data_ptr() | extra_v.data_ptr()
+    return (_meta(q), _meta(k), _meta(v), id(block_mask), block_mask._version, block_mask.shape, block_size, scale,
+            bool(return_lse), backend, os.environ.get(ENV_BACKEND), need_grad, ex, aff, p % 16 == 0)
+
+
+class _Plan:
+    """What one call signature needs, worked out once: validated arguments, the backend, the mask's index lists
+    and (for the kernels without gradient) the prepared launch. Calling it runs the attention."""
+
+    __slots__ = ("name", "mask", "block_size", "scale", "return_lse", "need_grad", "index", "fast")
+
+    def __init__(self, name, mask, block_size, scale, return_lse, need_grad, index, fast):
+        self.name, self.mask, self.block_size, self.scale = name, mask, block_size, scale
+        self.return_lse, self.need_grad, self.index, self.fast = return_lse, need_grad, index, fast
+
+    def __call__(self, q, k, v, extra_k, extra_v, out_scale, out_bias):
+        if self.fast is not None:  # triton/gluon, no gradient, no epilogue, last dims contiguous
+            if extra_k is not None and extra_k.shape[2] == 0:
+                extra_k = extra_v = None
+            out, lse = self.fast(q, k, v, self.index.kv_idx, self.index.kv_cnt, extra_k, extra_v)
+            return (out, lse) if self.return_lse else out
+        return _run(self.name, self.mask, self.block_size, self.scale, self.return_lse, self.need_grad, self.index,
+                    q, k, v, extra_k, extra_v, out_scale, out_bias)
+
+
+def _choose(q, k, v, block_mask, block_size, scale, extra_k, extra_v, return_lse, backend, out_scale, out_bias,
+            with_index: bool = True):
+    """Validate, choose the backend: (name, float scale, need_grad, index lists or None)."""
     check_inputs(q, k, v, block_mask, block_size, scale, extra_k, extra_v, None)
     check_out_affine(out_scale, out_bias, q, block_size)
     if extra_k is not None and extra_k.shape[2] == 0:
@@ -282,21 +423,55 @@ def block_sparse_attention(
     has_extra, has_epi = extra_k is not None, out_scale is not None
     req = _request(q, block_size, return_lse, has_extra, has_epi, (k, v, extra_k, extra_v, out_scale, out_bias))
     name = registry.choose(req, backend)
-    if name == "gluon":  # its own per-call check needs the tensors (strides, lengths)
+    if name == "gluon":  # its own check needs the tensors (strides, lengths, alignment: all in the plan key)
         reason = _gluon_reason(q, k, v, block_size, extra_k, return_lse or req.need_grad)
         if reason:
             if backend is not None or os.environ.get(ENV_BACKEND, "").strip():
                 raise registry.BackendUnavailable(f"backend='gluon' cannot run this block_sparse call: {reason}")
             registry.debug("block_sparse backend gluon refused: %s", reason)
             name = registry.choose(req, None, exclude=frozenset({"gluon"}))
+    D = q.shape[-1]
+    scale_f = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    index = get_block_index(block_mask) if name == "flex" or (with_index and name in KERNEL_IMPLS) else None
+    return name, scale_f, req.need_grad, index
+
+
+def _make_plan(q, k, v, block_mask, block_size, scale, extra_k, extra_v, return_lse, backend, out_scale, out_bias,
+               cacheable: bool) -> _Plan:
+    name, scale_f, need_grad, index = _choose(q, k, v, block_mask, block_size, scale, extra_k, extra_v, return_lse,
+                                              backend, out_scale, out_bias)
+    if extra_k is not None and extra_k.shape[2] == 0:
+        extra_k = extra_v = None
+    has_epi = out_scale is not None
+    fast = None
+    contiguous = all(t is None or t.stride(-1) == 1 for t in (q, k, v, extra_k, extra_v))
+    if cacheable and not need_grad and not has_epi and contiguous and name in ("triton", "gluon"):
+        fast = _fast_forward(name, q, k, v, index, block_size, scale_f, extra_k, extra_v)
+    return _Plan(name, block_mask, block_size, scale_f, bool(return_lse), need_grad, index, fast)
+
+
+def _fast_forward(name, q, k, v, index, block_size, scale, extra_k, extra_v):
+    """The prepared forward of a plan: (q, k, v, kv_idx, kv_cnt, extra_k, extra_v) -> (out, lse), or None."""
+    if name == "triton":
+        from . import triton_fwd
+
+        return triton_fwd.prepare(q, k, v, index.kv_idx, index.kv_cnt, block_size, scale, extra_k, extra_v,
+                                  interpret=interpreting())
+    prep = getattr(_gluon(), "prepare", None)
+    return None if prep is None else prep(q, k, v, index.kv_idx, index.kv_cnt, block_size, scale, extra_k, extra_v)
+
+
+def _run(name, block_mask, block_size, scale_f, return_lse, need_grad, index, q, k, v, extra_k, extra_v, out_scale,
+         out_bias):
+    """The general execution (gradients, the epilogue, the PyTorch and Flex backends, traced calls)."""
+    if extra_k is not None and extra_k.shape[2] == 0:
+        extra_k = extra_v = None
     affine = {}
     if out_scale is not None:
         B, H, _, D = q.shape
         nq = out_bias.shape[2]
         adt = torch.float64 if q.dtype == torch.float64 else torch.float32
         affine = dict(out_scale=out_scale.to(adt).expand(B, H, nq), out_bias=out_bias.to(adt).expand(B, H, nq, D))
-    D = q.shape[-1]
-    scale_f = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if name == "reference":
         out, lse = block_sparse_attention_reference(
             q, k, v, block_mask, block_size=block_size, scale=scale_f, extra_k=extra_k, extra_v=extra_v, **affine
@@ -309,14 +484,18 @@ def block_sparse_attention(
     elif name == "flex":
         from . import flex
 
-        index = get_block_index(block_mask)
         out, lse = flex.forward(q, k, v, block_mask, index.kv_idx, index.kv_cnt, block_size, scale_f, extra_k, extra_v)
         if affine:
             out = apply_epilogue(out, affine["out_scale"], affine["out_bias"], block_size)
     else:
-        # No gradient and no tracing: call the implementation directly (the custom op's dispatch is host time
-        # for nothing there); otherwise the op, for autograd and torch.compile.
-        fwd = _fwd_impl if not req.need_grad and not torch.compiler.is_compiling() else _fwd_op
-        out, lse = fwd(q, k, v, block_mask, extra_k, extra_v, block_size, scale_f, affine.get("out_scale"),
-                       affine.get("out_bias"), name)
+        # Traced: the custom op (torch.compile sees one opaque node); eager with a gradient: the same kernels in
+        # an autograd.Function (less host time per call than the op's dispatch); no gradient: the kernels.
+        args = (q, k, v, block_mask, extra_k, extra_v, block_size, scale_f, affine.get("out_scale"),
+                affine.get("out_bias"), name)
+        if torch.compiler.is_compiling():
+            out, lse = _fwd_op(*args)
+        elif need_grad:
+            out, lse = _EagerFn.apply(*args)
+        else:
+            out, lse = _fwd_impl(*args)
     return (out, lse) if return_lse else out

@@ -12,16 +12,18 @@ outputs differentiable, which LSE merging in training needs). A row that saw no 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ..common import run_with_fallbacks
+from ..common import LaunchCache, run_with_fallbacks
 from .triton_fwd import (
-    LOG2E, dot, dot0, is_hopper_or_newer, pow2_divisor, strides3, tma_ok, head_dim_pad, hopper_variants,
+    LOG2E, cdiv, dot, dot0, is_hopper_or_newer, pow2_divisor, strides3, tma_ok, head_dim_pad, hopper_variants,
 )
 
 logger = logging.getLogger("diffattn")
@@ -60,7 +62,8 @@ def _dkdv_step(dk, dv, k, v, b, h, q_base, do_base, lse_base, delta_base, Q_DESC
 
 
 @triton.jit
-def _bsa_bwd_dkdv_kernel(
+def _dkdv_program(
+    pid_n,
     Q, K, V, EK, EV, DO, LSE, DELTA, DK, DV, DEK, DEV, Q_IDX, Q_CNT, Q_DESC, DO_DESC, RS,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
@@ -72,10 +75,10 @@ def _bsa_bwd_dkdv_kernel(
     stride_cb, stride_ch, stride_rsb, stride_rsh,
     H, Sq, Sk, T, D, NKT, qk_scale, sm_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, RECTIFY: tl.constexpr = False,
+    IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, RECTIFY: tl.constexpr,
 ):
+    """dK/dV of key tile `pid_n` (past the sparse key tiles: a tile of extra keys) of head `program_id(1)`."""
     M_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
-    pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -138,7 +141,8 @@ def _dq_step(dq, q, do, lse, delta, k, v, qk_scale, key_ok, MASKED: tl.constexpr
 
 
 @triton.jit
-def _bsa_bwd_dq_kernel(
+def _dq_program(
+    pid_m,
     Q, K, V, EK, EV, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, K_DESC, V_DESC, RS,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
@@ -151,10 +155,10 @@ def _bsa_bwd_dq_kernel(
     H, Sq, Sk, T, D, NKB, qk_scale, sm_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_K: tl.constexpr, HAS_EXTRA: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPEC: tl.constexpr, RECTIFY: tl.constexpr = False,
+    WARP_SPEC: tl.constexpr, RECTIFY: tl.constexpr,
 ):
+    """dQ of query tile `pid_m` of head `program_id(1)`."""
     N_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
-    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -214,6 +218,123 @@ def _bsa_bwd_dq_kernel(
              mask=m_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _bsa_bwd_dkdv_kernel(
+    Q, K, V, EK, EV, DO, LSE, DELTA, DK, DV, DEK, DEV, Q_IDX, Q_CNT, Q_DESC, DO_DESC, RS,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_ekb, stride_ekh, stride_eks, stride_evb, stride_evh, stride_evs, stride_dob, stride_doh, stride_dos,
+    stride_ib, stride_ih, stride_ir, stride_cb, stride_ch, stride_rsb, stride_rsh,
+    H, Sq, Sk, T, D, NKT, qk_scale, sm_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, RECTIFY: tl.constexpr = False,
+):
+    _dkdv_program(tl.program_id(0), Q, K, V, EK, EV, DO, LSE, DELTA, DK, DV, DEK, DEV, Q_IDX, Q_CNT, Q_DESC, DO_DESC, RS,
+                  stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                  stride_ekb, stride_ekh, stride_eks, stride_evb, stride_evh, stride_evs, stride_dob, stride_doh,
+                  stride_dos, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch, stride_rsb, stride_rsh,
+                  H, Sq, Sk, T, D, NKT, qk_scale, sm_scale,
+                  BLOCK_SIZE, BLOCK_M, BLOCK_N, BLOCK_D, IEEE, USE_TMA, WARP_SPEC, RECTIFY)
+
+
+@triton.jit
+def _bsa_bwd_dq_kernel(
+    Q, K, V, EK, EV, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, K_DESC, V_DESC, RS,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_ekb, stride_ekh, stride_eks, stride_evb, stride_evh, stride_evs, stride_dob, stride_doh, stride_dos,
+    stride_ib, stride_ih, stride_ir, stride_cb, stride_ch, stride_rsb, stride_rsh,
+    H, Sq, Sk, T, D, NKB, qk_scale, sm_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_K: tl.constexpr, HAS_EXTRA: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr, RECTIFY: tl.constexpr = False,
+):
+    _dq_program(tl.program_id(0), Q, K, V, EK, EV, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, K_DESC, V_DESC, RS,
+                stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                stride_ekb, stride_ekh, stride_eks, stride_evb, stride_evh, stride_evs, stride_dob, stride_doh,
+                stride_dos, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch, stride_rsb, stride_rsh,
+                H, Sq, Sk, T, D, NKB, qk_scale, sm_scale,
+                BLOCK_SIZE, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_K, HAS_EXTRA, IEEE, USE_TMA, WARP_SPEC, RECTIFY)
+
+
+@triton.jit
+def _bsa_bwd_fused_kernel(
+    Q, K, V, EK, EV, DO, LSE, DELTA, DQ, DK, DV, DEK, DEV, KV_IDX, KV_CNT, Q_IDX, Q_CNT,
+    Q_DESC, DO_DESC, K_DESC, V_DESC, RS,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_ekb, stride_ekh, stride_eks, stride_evb, stride_evh, stride_evs, stride_dob, stride_doh, stride_dos,
+    stride_kib, stride_kih, stride_kir, stride_kcb, stride_kch,
+    stride_qib, stride_qih, stride_qir, stride_qcb, stride_qch, stride_rsb, stride_rsh,
+    H, Sq, Sk, T, D, NKT, NKB, N_DKDV, qk_scale, sm_scale,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr,
+    BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_K: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    IEEE: tl.constexpr, USE_TMA1: tl.constexpr, USE_TMA2: tl.constexpr, RECTIFY: tl.constexpr = False,
+):
+    """Both passes in one launch (as FlexAttention's backward): programs [0, N_DKDV) of axis 0 do the dK/dV tiles,
+    the rest the dQ tiles. One launch instead of two, and the dQ programs fill the SMs the dK/dV pass's last
+    wave leaves idle."""
+    pid = tl.program_id(0)
+    if pid < N_DKDV:
+        _dkdv_program(pid, Q, K, V, EK, EV, DO, LSE, DELTA, DK, DV, DEK, DEV, Q_IDX, Q_CNT, Q_DESC, DO_DESC, RS,
+                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
+                      stride_vs, stride_ekb, stride_ekh, stride_eks, stride_evb, stride_evh, stride_evs, stride_dob,
+                      stride_doh, stride_dos, stride_qib, stride_qih, stride_qir, stride_qcb, stride_qch,
+                      stride_rsb, stride_rsh, H, Sq, Sk, T, D, NKT, qk_scale, sm_scale,
+                      BLOCK_SIZE, BLOCK_M1, BLOCK_N1, BLOCK_D, IEEE, USE_TMA1, False, RECTIFY)
+    else:
+        _dq_program(pid - N_DKDV, Q, K, V, EK, EV, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, K_DESC, V_DESC, RS,
+                    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
+                    stride_vs, stride_ekb, stride_ekh, stride_eks, stride_evb, stride_evh, stride_evs, stride_dob,
+                    stride_doh, stride_dos, stride_kib, stride_kih, stride_kir, stride_kcb, stride_kch,
+                    stride_rsb, stride_rsh, H, Sq, Sk, T, D, NKB, qk_scale, sm_scale,
+                    BLOCK_SIZE, BLOCK_M2, BLOCK_N2, BLOCK_D, EVEN_K, HAS_EXTRA, IEEE, USE_TMA2, False, RECTIFY)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, LSE, DLSE, DELTA,
+                      stride_ob, stride_oh, stride_os, stride_dob, stride_doh, stride_dos,
+                      stride_lb, stride_lh, stride_ls,
+                      H, Sq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta = rowsum(O * dO) in float32, minus dLSE where the row's lse is finite: one pass over O and dO (the
+    torch expression it replaces was four or more kernels and two float32 copies)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Sq
+    ld = m_ok[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :], mask=ld, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :], mask=ld,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        lse = tl.load(LSE + pid_bh * Sq + offs_m, mask=m_ok, other=0.0)
+        dl = tl.load(DLSE + b * stride_lb + h * stride_lh + offs_m * stride_ls, mask=m_ok, other=0.0).to(tl.float32)
+        delta = delta - tl.where(tl.abs(lse) < float("inf"), dl, 0.0)
+    tl.store(DELTA + pid_bh * Sq + offs_m, delta, mask=m_ok)
+
+
+_DELTA = LaunchCache(_bwd_delta_kernel)
+_DKDV = LaunchCache(_bsa_bwd_dkdv_kernel)
+_DQ = LaunchCache(_bsa_bwd_dq_kernel)
+_FUSED = LaunchCache(_bsa_bwd_fused_kernel)
+
+
+def bwd_delta(out: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None,
+              interpret: bool = False) -> torch.Tensor:
+    """`rowsum(out * do) - dlse` (dlse only where lse is finite), float32 `[B, H, Sq]` contiguous, in one kernel."""
+    B, H, Sq, D = out.shape
+    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=out.device)
+    if Sq == 0:
+        return delta
+    bm = 64 if not interpret else 16
+    grid = (cdiv(Sq, bm), B * H)
+    dl = dlse if dlse is not None else lse
+    _DELTA(grid, (out, do, lse, dl, delta, *strides3(out), *strides3(do), *strides3(dl), H, Sq, D),
+           dict(BLOCK_M=bm, BLOCK_D=head_dim_pad(D), HAS_DLSE=dlse is not None, num_warps=4))
+    return delta
+
+
 def rectified_delta(do: torch.Tensor, out: torch.Tensor, out_bias: torch.Tensor, block_size: int) -> torch.Tensor:
     """`rowsum(dO * (out - bias of the row's query block))`, float32 `[B, H, Sq]`, without materialising the bias
     per token: rowsum(dO * out) - rowsum over D of (dO summed per row) * bias, done block-wise."""
@@ -244,8 +365,24 @@ def rectify_grads(
     return dscale, dbias
 
 
+#: `DIFFATTN_BSA_BWD=fused|split`: both backward passes in one launch, or the dK/dV and dQ kernels one after the
+#: other (the default is the one measured faster on the H200: NOTES.md).
+ENV_BWD = "DIFFATTN_BSA_BWD"
+FUSED_DEFAULT = False
+
+
+def fused_default() -> bool:
+    v = os.environ.get(ENV_BWD, "").strip().lower()
+    if v in ("", "default"):
+        return FUSED_DEFAULT
+    if v not in ("fused", "split"):
+        raise ValueError(f"{ENV_BWD} must be 'fused' or 'split', got {v!r}")
+    return v == "fused"
+
+
+@functools.lru_cache(maxsize=None)
 def bwd_config(d: int, block_size: int, dtype: torch.dtype, interpret: bool) -> dict:
-    """Tiles for the two backward kernels: dkdv (BLOCK_M queries x BLOCK_N keys), dq (BLOCK_M queries x BLOCK_N keys).
+    """(Cached: callers copy the parts they change.) Tiles for the two backward kernels: dkdv (BLOCK_M queries x BLOCK_N keys), dq (BLOCK_M queries x BLOCK_N keys).
 
     Tuned on an H100 (bf16, D=128): dkdv 64x128 with 8 warps, 3 stages; dq 128x64 with 8 warps, 2 stages; q/dO and
     k/v through TMA descriptors (319 TFLOP/s dense at Wan-1.3B; 308 without TMA; warp specialization: no gain). fp32 inputs get small tiles (correctness path, not tuned).
@@ -315,15 +452,14 @@ def backward(
         return dq, dk, dv, dek, dev
     do = do if do.stride(-1) == 1 else do.contiguous()
     rectify = out_scale is not None
-    if delta is not None:
-        pass
-    elif rectify:
-        delta = rectified_delta(do, out, out_bias, block_size)
+    if delta is None and not rectify:
+        delta = bwd_delta(out, do, lse, dlse, interpret)  # dlse fused
     else:
-        delta = (out.float() * do.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(dlse, dtype=torch.float32))
-    delta = delta.contiguous()
+        if delta is None:
+            delta = rectified_delta(do, out, out_bias, block_size)
+        if dlse is not None:
+            delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(dlse, dtype=torch.float32))
+        delta = delta.contiguous()
     cfgs = config if config else bwd_config(D, block_size, q.dtype, interpret)
     ek = extra_k if has_extra else q
     ev = extra_v if has_extra else q
@@ -343,41 +479,64 @@ def backward(
 
         return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, bd])
 
+    fused = cfgs.get("fused", fused_default())
     c1 = dict(cfgs["dkdv"])
     bm1, bn1 = c1.pop("BLOCK_M"), c1.pop("BLOCK_N")
     tma1 = bool(c1.pop("tma", False)) and allow and tma_ok(q, do, D)
     ws1 = bool(c1.pop("warp_specialize", False)) and allow
-    nkt = triton.cdiv(Sk, bn1)
-    grid1 = (nkt + triton.cdiv(T, bn1), B * H)
+    nkt = cdiv(Sk, bn1)
+    grid1 = (nkt + cdiv(T, bn1), B * H)
 
     def launch1(tma_: bool, ws_: bool) -> None:
-        _bsa_bwd_dkdv_kernel[grid1](
+        _DKDV(grid1, (
             q, k, v, ek, ev, do, lse, delta, dk, dv, dek, dev, q_idx, q_cnt,
             desc(q, bm1) if tma_ else None, desc(do, bm1) if tma_ else None, out_scale,
             *common, *bstr(q_idx), q_idx.stride(2), *bstr(q_cnt), *rstr,
             H, Sq, Sk, T, D, nkt, scale * LOG2E, scale,
-            BLOCK_SIZE=block_size, BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_D=bd, IEEE=ieee, USE_TMA=tma_, WARP_SPEC=ws_,
-            RECTIFY=rectify, **c1,
-        )
+        ), dict(BLOCK_SIZE=block_size, BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_D=bd, IEEE=ieee, USE_TMA=tma_, WARP_SPEC=ws_,
+                RECTIFY=rectify, **c1))
 
+    if fused:
+        c2 = dict(cfgs["dq"])
+        bm2, bn2 = c2.pop("BLOCK_M"), c2.pop("BLOCK_N")
+        tma2 = bool(c2.pop("tma", False)) and allow and tma_ok(k, v, D)
+        n_dkdv = grid1[0]
+        gridf = (n_dkdv + cdiv(Sq, bm2), B * H)
+        opts = {n: c1[n] for n in ("num_warps", "num_stages") if n in c1}  # one launch: the dK/dV pass's options
+
+        def launchf(tma_: bool, ws_: bool) -> None:
+            t1, t2 = tma_ and tma1, tma_ and tma2
+            _FUSED(gridf, (
+                q, k, v, ek, ev, do, lse, delta, dq, dk, dv, dek, dev, kv_idx, kv_cnt, q_idx, q_cnt,
+                desc(q, bm1) if t1 else None, desc(do, bm1) if t1 else None,
+                desc(k, bn2) if t2 else None, desc(v, bn2) if t2 else None, out_scale,
+                *common, *bstr(kv_idx), kv_idx.stride(2), *bstr(kv_cnt), *bstr(q_idx), q_idx.stride(2), *bstr(q_cnt),
+                *rstr, H, Sq, Sk, T, D, nkt, math.ceil(Sk / block_size), n_dkdv, scale * LOG2E, scale,
+            ), dict(BLOCK_SIZE=block_size, BLOCK_M1=bm1, BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2, BLOCK_D=bd,
+                    EVEN_K=(Sk % block_size == 0), HAS_EXTRA=has_extra, IEEE=ieee, USE_TMA1=t1, USE_TMA2=t2,
+                    RECTIFY=rectify, **opts))
+
+        _launch_with_fallback(launchf, tma1 or tma2, False, ("fused", q.dtype, D, block_size, bm1, bn1, bm2, bn2,
+                                                           Sk % block_size == 0, has_extra, rectify,
+                                                           tuple(sorted(opts.items()))))
+        return dq, dk, dv, dek, dev
     if grid1[0] > 0:
         _launch_with_fallback(launch1, tma1, ws1, ("dkdv", q.dtype, D, block_size, bm1, bn1, has_extra, rectify, tuple(sorted(c1.items()))))
     c2 = dict(cfgs["dq"])
     bm2, bn2 = c2.pop("BLOCK_M"), c2.pop("BLOCK_N")
     tma2 = bool(c2.pop("tma", False)) and allow and tma_ok(k, v, D)
     ws2 = bool(c2.pop("warp_specialize", False)) and allow
-    grid2 = (triton.cdiv(Sq, bm2), B * H)
+    grid2 = (cdiv(Sq, bm2), B * H)
 
     def launch2(tma_: bool, ws_: bool) -> None:
-        _bsa_bwd_dq_kernel[grid2](
+        _DQ(grid2, (
             q, k, v, ek, ev, do, lse, delta, dq, kv_idx, kv_cnt,
             desc(k, bn2) if tma_ else None, desc(v, bn2) if tma_ else None, out_scale,
             *common, *bstr(kv_idx), kv_idx.stride(2), *bstr(kv_cnt), *rstr,
             H, Sq, Sk, T, D, math.ceil(Sk / block_size), scale * LOG2E, scale,
-            BLOCK_SIZE=block_size, BLOCK_M=bm2, BLOCK_N=bn2, BLOCK_D=bd,
-            EVEN_K=(Sk % block_size == 0), HAS_EXTRA=has_extra, IEEE=ieee, USE_TMA=tma_, WARP_SPEC=ws_,
-            RECTIFY=rectify, **c2,
-        )
+        ), dict(BLOCK_SIZE=block_size, BLOCK_M=bm2, BLOCK_N=bn2, BLOCK_D=bd,
+                EVEN_K=(Sk % block_size == 0), HAS_EXTRA=has_extra, IEEE=ieee, USE_TMA=tma_, WARP_SPEC=ws_,
+                RECTIFY=rectify, **c2))
 
     _launch_with_fallback(launch2, tma2, ws2, ("dq", q.dtype, D, block_size, bm2, bn2, Sk % block_size == 0, has_extra, rectify, tuple(sorted(c2.items()))))
     return dq, dk, dv, dek, dev

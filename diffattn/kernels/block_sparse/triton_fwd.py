@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import run_with_fallbacks
+from ..common import DescriptorCopier, RecordedLaunch, replay_allowed, run_with_fallbacks
 
 LOG2E = 1.4426950408889634
 logger = logging.getLogger("diffattn")
@@ -177,8 +177,14 @@ def pow2_divisor(n: int, cap: int) -> int:
     return d
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (plain Python: `triton.cdiv` is a JIT function in newer Triton, slow to call)."""
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
 def head_dim_pad(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, 1 << (d - 1).bit_length())
 
 
 def fwd_config(d: int, block_size: int, dtype: torch.dtype, interpret: bool) -> dict:
@@ -233,6 +239,138 @@ def strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else (t.stride(0), t.stride(1), t.stride(2))
 
 
+def _ptr_or(*ts: torch.Tensor | None) -> int:
+    """OR of the data pointers (16-byte alignment of all of them is `_ptr_or(...) % 16 == 0`)."""
+    p = 0
+    for t in ts:
+        if t is not None:
+            p |= t.data_ptr()
+    return p
+
+
+def launch_key(q, k, v, kv_idx, kv_cnt, block_size, scale, extra_k, extra_v, interpret, out_scale, out_bias) -> tuple:
+    """Everything a forward launch specializes on, from tensor metadata only (no sync): the `_launches` key."""
+    ex = None if extra_k is None else (extra_k.shape, extra_k.stride(), extra_v.shape, extra_v.stride())
+    rect = None if out_scale is None else (out_scale.shape, out_scale.stride(), out_bias.stride(), out_scale.dtype)
+    aligned = _ptr_or(q, k, v, extra_k, extra_v, kv_idx, kv_cnt, out_scale, out_bias) % 16 == 0
+    return (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, kv_idx.shape, kv_idx.stride(),
+            kv_cnt.stride(), block_size, scale, ex, rect, interpret, aligned)
+
+
+class FwdLaunch:
+    """The per-specialization part of a forward launch, built once per `launch_key`: config, grid, strides,
+    constexprs, and (after its first call) the recorded compiled kernel (`kernels.common.RecordedLaunch`), so a
+    steady call only allocates out/lse, builds the two TMA descriptors and launches."""
+
+    SLOTS = ("Q", "K", "V", "EK", "EV", "O", "LSE", "KV_IDX", "KV_CNT", "K_DESC", "V_DESC", "RS", "RB")
+
+    def __init__(self, q, k, v, kv_idx, kv_cnt, block_size, scale, extra_k, extra_v, interpret, config,
+                 out_scale, out_bias, record: bool):
+        B, H, Sq, D = q.shape
+        Sk = k.shape[2]
+        self.out_shape, self.lse_shape, self.dtype, self.device = (B, H, Sq, D), (B, H, Sq), q.dtype, q.device
+        self.empty = Sq == 0
+        cfg = dict(config) if config else fwd_config(D, block_size, q.dtype, interpret)
+        BLOCK_M, BLOCK_N = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+        hopper = q.is_cuda and not interpret and is_hopper_or_newer(_index(q.device))
+        self.use_tma = bool(cfg.pop("tma", False)) and (hopper or interpret) and tma_ok(k, v, D)
+        warp_spec = bool(cfg.pop("warp_specialize", False)) and (hopper or interpret)
+        if Sk % block_size == 0 and not interpret:
+            warp_spec = False  # Triton 3.6 fails to warp-specialize this specialization (no tail branch); see NOTES.md
+        self.warp_spec = warp_spec
+        self.block = [1, 1, BLOCK_N, head_dim_pad(D)]
+        has_extra = extra_k is not None and extra_k.shape[2] > 0
+        self.has_extra = has_extra
+        T = extra_k.shape[2] if has_extra else 0
+        ek = extra_k if has_extra else q
+        ev = extra_v if has_extra else q
+        nkb = math.ceil(Sk / block_size)
+        ib = kv_idx.stride(0) if kv_idx.shape[0] > 1 else 0
+        ih = kv_idx.stride(1) if kv_idx.shape[1] > 1 else 0
+        cb = kv_cnt.stride(0) if kv_cnt.shape[0] > 1 else 0
+        ch = kv_cnt.stride(1) if kv_cnt.shape[1] > 1 else 0
+        self.grid = (cdiv(Sq, BLOCK_M), B * H)
+        rectify = out_scale is not None
+        out_strides = (H * Sq * D, Sq * D, D)  # out is allocated contiguous
+        self.ints = (*strides3(q), *strides3(k), *strides3(v), *strides3(ek), *strides3(ev), *out_strides,
+                     ib, ih, kv_idx.stride(2), cb, ch, *rect_strides(out_scale, out_bias),
+                     H, Sq, Sk, T, D, nkb, scale * LOG2E)
+        self.constexprs = dict(
+            BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=head_dim_pad(D),
+            EVEN_K=(Sk % block_size == 0), EVEN_D=(D == head_dim_pad(D)), HAS_EXTRA=has_extra,
+            IEEE=(q.dtype == torch.float32), RECTIFY=rectify, **cfg,
+        )
+        key = ("fwd", q.dtype, D, block_size, BLOCK_M, BLOCK_N, Sk % block_size == 0, has_extra, tuple(sorted(cfg.items())))
+        self.fallback_key = key + (("rectify",) if rectify else ())
+        self.record = record and q.is_cuda and not interpret
+        self.recorded: RecordedLaunch | None = None
+        self.rec_tma = False
+        self._copy = None  # DescriptorCopier pair, once built
+
+    def _descs(self, k, v, tma: bool):
+        if not tma:
+            return None, None
+        if self._copy is None:  # the first call builds (and validates) them; later ones copy with a new base
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            kd = TensorDescriptor(k, list(k.shape), list(k.stride()), self.block)
+            vd = TensorDescriptor(v, list(v.shape), list(v.stride()), self.block)
+            self._copy = (DescriptorCopier(kd), DescriptorCopier(vd))
+            return kd, vd
+        return self._copy[0](k), self._copy[1](v)
+
+    def __call__(self, q, k, v, kv_idx, kv_cnt, extra_k, extra_v, out_scale=None, out_bias=None):
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+        if self.empty:
+            return out, lse
+        ek = extra_k if self.has_extra else q
+        ev = extra_v if self.has_extra else q
+        rec = self.recorded
+        if rec is not None and replay_allowed(rec.device):
+            kd, vd = self._descs(k, v, self.rec_tma)
+            rec((q, k, v, ek, ev, out, lse, kv_idx, kv_cnt, kd, vd, out_scale, out_bias))
+            return out, lse
+
+        def launch(tma_: bool, ws_: bool) -> None:
+            kd, vd = self._descs(k, v, tma_)
+            args = (q, k, v, ek, ev, out, lse, kv_idx, kv_cnt, kd, vd, out_scale, out_bias, *self.ints)
+            kwargs = dict(self.constexprs, USE_TMA=tma_, WARP_SPEC=ws_)
+            if self.record and self.recorded is None:
+                _, r = RecordedLaunch.record(_bsa_fwd_kernel, self.grid, args, kwargs, self.SLOTS, _index(q.device))
+                self.recorded, self.rec_tma, self.record = r, tma_, r is not None
+            else:
+                _bsa_fwd_kernel[self.grid](*args, **kwargs)
+
+        run_with_fallbacks("block_sparse forward", self.fallback_key, hopper_variants(self.use_tma, self.warp_spec, launch))
+        return out, lse
+
+
+_launches: dict[tuple, FwdLaunch] = {}
+_LAUNCH_CACHE = 64
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def prepare(q, k, v, kv_idx, kv_cnt, block_size, scale, extra_k, extra_v, interpret=False, config=None,
+            out_scale=None, out_bias=None) -> FwdLaunch:
+    """The cached `FwdLaunch` of these inputs' specialization (a fresh, unrecorded one for an explicit `config`)."""
+    if config is not None:
+        return FwdLaunch(q, k, v, kv_idx, kv_cnt, block_size, scale, extra_k, extra_v, interpret, config,
+                         out_scale, out_bias, record=False)
+    key = launch_key(q, k, v, kv_idx, kv_cnt, block_size, scale, extra_k, extra_v, interpret, out_scale, out_bias)
+    fl = _launches.get(key)
+    if fl is None:
+        fl = FwdLaunch(q, k, v, kv_idx, kv_cnt, block_size, scale, extra_k, extra_v, interpret, None,
+                       out_scale, out_bias, record=key[-1])
+        if len(_launches) >= _LAUNCH_CACHE:
+            _launches.pop(next(iter(_launches)))
+        _launches[key] = fl
+    return fl
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -252,56 +390,17 @@ def forward(
 
     With `out_scale` float32 `[B, H, nq]` and `out_bias` float32 `[B, H, nq, D]` (both or neither; size-1 batch/head
     dims may be expanded with stride 0) the epilogue writes `out_scale[i] * out + out_bias[i]` for query block i;
-    lse stays that of the sparse softmax. Without them the kernel compiles exactly as before (`RECTIFY=False`)."""
-    B, H, Sq, D = q.shape
-    Sk = k.shape[2]
-    out = torch.empty((B, H, Sq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
-    if Sq == 0:
-        return out, lse
-    cfg = dict(config) if config else fwd_config(D, block_size, q.dtype, interpret)
-    BLOCK_M, BLOCK_N = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    hopper = q.is_cuda and not interpret and is_hopper_or_newer(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    use_tma = bool(cfg.pop("tma", False)) and (hopper or interpret) and tma_ok(k, v, D)
-    warp_spec = bool(cfg.pop("warp_specialize", False)) and (hopper or interpret)
-    if Sk % block_size == 0 and not interpret:
-        warp_spec = False  # Triton 3.6 fails to warp-specialize this specialization (no tail branch); see NOTES.md
-    k_desc = v_desc = None
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
+    lse stays that of the sparse softmax. Without them the kernel compiles exactly as before (`RECTIFY=False`).
+    Steady calls of one specialization reuse its `FwdLaunch` (see `prepare`)."""
+    if extra_k is not None and extra_k.shape[2] == 0:
+        extra_k = extra_v = None
+    fl = prepare(q, k, v, kv_idx, kv_cnt, block_size, scale, extra_k, extra_v, interpret, config, out_scale, out_bias)
+    return fl(q, k, v, kv_idx, kv_cnt, extra_k, extra_v, out_scale, out_bias)
 
-        k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, BLOCK_N, head_dim_pad(D)])
-        v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, BLOCK_N, head_dim_pad(D)])
-    has_extra = extra_k is not None and extra_k.shape[2] > 0
-    T = extra_k.shape[2] if has_extra else 0
-    ek = extra_k if has_extra else q
-    ev = extra_v if has_extra else q
-    nkb = math.ceil(Sk / block_size)
-    ib = kv_idx.stride(0) if kv_idx.shape[0] > 1 else 0
-    ih = kv_idx.stride(1) if kv_idx.shape[1] > 1 else 0
-    cb = kv_cnt.stride(0) if kv_cnt.shape[0] > 1 else 0
-    ch = kv_cnt.stride(1) if kv_cnt.shape[1] > 1 else 0
-    grid = (triton.cdiv(Sq, BLOCK_M), B * H)
-    rectify = out_scale is not None
-    rstr = rect_strides(out_scale, out_bias)
 
-    def launch(tma_: bool, ws_: bool, kd, vd) -> None:
-        _bsa_fwd_kernel[grid](
-            q, k, v, ek, ev, out, lse, kv_idx, kv_cnt, kd, vd, out_scale, out_bias,
-            *strides3(q), *strides3(k), *strides3(v), *strides3(ek), *strides3(ev), *strides3(out),
-            ib, ih, kv_idx.stride(2), cb, ch, *rstr,
-            H, Sq, Sk, T, D, nkb, scale * LOG2E,
-            BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=head_dim_pad(D),
-            EVEN_K=(Sk % block_size == 0), EVEN_D=(D == head_dim_pad(D)), HAS_EXTRA=has_extra,
-            IEEE=(q.dtype == torch.float32), USE_TMA=tma_, WARP_SPEC=ws_, RECTIFY=rectify, **cfg,
-        )
-
-    key = ("fwd", q.dtype, D, block_size, BLOCK_M, BLOCK_N, Sk % block_size == 0, has_extra, tuple(sorted(cfg.items())))
-    if rectify:
-        key = key + ("rectify",)
-    run_with_fallbacks("block_sparse forward", key, hopper_variants(
-        use_tma, warp_spec, lambda tma_, ws_: launch(tma_, ws_, k_desc if tma_ else None, v_desc if tma_ else None)))
-    return out, lse
+def clear_launches() -> None:
+    """Forget the cached launches (tests; after changing Triton settings)."""
+    _launches.clear()
 
 
 def tma_ok(k: torch.Tensor, v: torch.Tensor, d: int) -> bool:
