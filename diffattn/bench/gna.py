@@ -477,6 +477,101 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
                 add(f"FlexAttention ({order}) FAILED", float("nan"), f"{type(e).__name__}: {str(e)[:300]}")
 
 
+def ceilings() -> tuple[float, float]:
+    """This run's bf16 matmul rate (TFLOP/s, 8192^3) and device-copy bandwidth (GB/s, 1 GiB), for the floors."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = median_ms(lambda: a @ b, warmup=25, rep=100)
+    x = torch.empty(2**29, device="cuda", dtype=torch.int16)
+    y = torch.empty_like(x)
+    cp = median_ms(lambda: y.copy_(x), warmup=25, rep=100)
+    del a, b, x, y
+    torch.cuda.empty_cache()
+    return 2 * 8192**3 / mm * 1e-9, 2 * 2**30 / cp * 1e-6
+
+
+_CUDNN_MS: dict[tuple, float] = {}
+
+
+def run_backends(name: str, case: Case, args, rows: list[dict], peak: float, bw: float) -> None:
+    """cuDNN dense, then each named neighborhood backend on the same inputs: triton (the front door forced), and
+    fa4/gluon through the block-sparse lowering, timed in total (permute + block-sparse kernel + unpermute: the
+    front door) and kernel only (tokens already in tile order, as NATTEN's kernel-only figures). Floors: FLOPs / this
+    run's matmul rate, q/k/v/o bytes once / this run's copy bandwidth."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ..kernels.neighborhood.checks import normalize_params
+    from ..kernels.neighborhood.functional import get_plan, neighborhood_attention
+    from ..kernels.neighborhood.lowering import lower, lowering_reason
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    b, h, d = 1, case.heads, args.head_dim
+    n = math.prod(case.shape)
+    flops = 4 * n * math.prod(case.kernel_size) * d * h * b
+    dense_flops = 4 * n * n * d * h * b
+    floors = dict(flop_floor_ms=flops / peak * 1e-9, byte_floor_ms=4 * n * h * d * 2 / bw * 1e-6)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, *case.shape, h, d, generator=gen).to(getattr(args, "device", "cuda"), dtype)
+               for _ in range(3))
+    cargs = dict(kernel_size=case.kernel_size, stride=case.stride)
+    warm, rep = (100, 500) if n > 100_000 else (50, 300)
+
+    def add(impl: str, ms: float, note: str = "", eff_flops: float = flops, **kw):
+        row = dict(case=name, impl=impl, ms=ms, tflops=eff_flops / ms / 1e9 if ms == ms else float("nan"),
+                   note=note, dtype=args.dtype, **floors, **kw)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    ck = (case.shape, h, d, args.dtype)
+    if ck not in _CUDNN_MS:
+        qs, ks_, vs = (t.reshape(b, n, h, d).transpose(1, 2).contiguous() for t in (q, k, v))
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            _CUDNN_MS[ck] = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks_, vs),
+                                      warmup=warm, rep=rep)
+        del qs, ks_, vs
+        add("cuDNN SDPA (dense)", _CUDNN_MS[ck], eff_flops=dense_flops)
+    cudnn_ms = _CUDNN_MS[ck]
+    p = normalize_params(case.shape, case.kernel_size, case.stride)
+    plan = get_plan(case.shape, case.kernel_size, case.stride, 1, False)
+    reason = lowering_reason(plan)
+    tiles = f"Q{plan.q_tile} KV{plan.kv_tile}"
+    for be in [x.strip() for x in args.backends.split(",") if x.strip() and x.strip() != "cudnn"]:
+        try:
+            t0 = time.time()
+            if be in ("fa4", "gluon") and reason:
+                add(f"ours {be} REFUSED", float("nan"), reason)
+                continue
+            fn = lambda: neighborhood_attention(q, k, v, case.kernel_size, case.stride, backend=be)  # noqa: E731,B023
+            err = sampled_check(q, k, v, fn(), cargs, args.check_rows)
+            setup = time.time() - t0
+            ms = median_ms(fn, warmup=warm, rep=rep)
+            add(f"ours {be}, front door" + (" (permute + block-sparse + unpermute)" if be in ("fa4", "gluon") else ""), ms,
+                f"{tiles}; first call {setup:.1f}s", speedup=cudnn_ms / ms, sampled_rel_err=err)
+            if be in ("fa4", "gluon"):
+                low = lower(plan, p)
+                qp, kp, vp = low.permute_q(q), low.permute_kv(k), low.permute_kv(v)
+                fk = lambda: low.attend(qp, kp, vp, be, batch=b)  # noqa: E731,B023
+                err_k = sampled_check(q, k, v, low.unpermute(fk(), b), cargs, args.check_rows)
+                ms_k = median_ms(fk, warmup=warm, rep=rep)
+                add(f"ours {be}, kernel only (tokens in tile order)", ms_k, f"{tiles}; block density "
+                    f"{low.density():.4f}", speedup=cudnn_ms / ms_k, sampled_rel_err=err_k)
+                del qp, kp, vp
+        except Exception as e:  # keep the other backends going; the failure is a row of the table
+            add(f"ours {be} FAILED", float("nan"), f"{type(e).__name__}: {str(e)[:300]}")
+    if args.permute_cost and reason is None:
+        low = lower(plan, p)
+        o = low.permute_q(q)
+
+        def perm():
+            low.permute_q(q), low.permute_kv(k), low.permute_kv(v)
+            return low.unpermute(o, b)
+        add("permute q,k,v + unpermute out (torch copies)", median_ms(perm, warmup=warm, rep=rep), tiles,
+            eff_flops=float("nan"))
+
+
 def format_table(rows: list[dict]) -> str:
     out = ["| case | implementation | ms (median) | eff. TFLOP/s | speed-up vs cuDNN | NATTEN H100 | simulator | note |",
            "|---|---|---|---|---|---|---|---|"]
@@ -489,6 +584,8 @@ def format_table(rows: list[dict]) -> str:
         sim = ""
         if "sim_upper" in r:
             sim = f"bound {r['sim_upper']:.1f}x, exp. {r['sim_expected']:.1f}x" + (", perfect" if r.get("perfect") else "")
+        if "flop_floor_ms" in r:
+            sim = f"floors {r['flop_floor_ms']:.2f} / {r['byte_floor_ms']:.2f} ms"
         if "predicted_sparse_ms" in r:
             sim = f"predicts {r['predicted_sparse_ms']:.2f} ms sparse"
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
@@ -515,6 +612,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tile-sweep", action="store_true",
                     help="time cuDNN and the front door at the simulator's best tile pairs (checks its choice)")
     ap.add_argument("--check", action="store_true", help="run the small-shape correctness suite first")
+    ap.add_argument("--backends", default=None,
+                    help="comma-separated from cudnn,triton,fa4,gluon: time the registry's neighborhood backends "
+                         "(fa4/gluon through the block-sparse lowering: total and kernel only) instead of the "
+                         "kernel variants")
+    ap.add_argument("--check-rows", type=int, default=16, help="sampled rows checked per --backends run")
+    ap.add_argument("--permute-cost", action="store_true", help="with --backends: time the permutation copies alone")
     ap.add_argument("--out", default=None, help="write JSON lines here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -525,13 +628,22 @@ def main(argv: list[str] | None = None) -> int:
         lines = gpu_correctness()
         print("\n".join(lines), flush=True)
     rows: list[dict] = []
-    for name in args.cases.split(","):
-        if name not in CASES:
-            print(f"unknown case {name!r}; known: {sorted(CASES)}", file=sys.stderr)
-            return 2
-        run_case(name, CASES[name], args, rows)
+    names = args.cases.split(",")
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        print(f"unknown cases {unknown}; known: {sorted(CASES)}", file=sys.stderr)
+        return 2
+    if args.backends:
+        peak, bw = ceilings()
+        print(f"ceilings (this run): bf16 matmul {peak:.0f} TFLOP/s, device copy {bw:.0f} GB/s", flush=True)
+    for name in names:
+        if args.backends:
+            run_backends(name, CASES[name], args, rows, peak, bw)
+        else:
+            run_case(name, CASES[name], args, rows)
         torch.cuda.empty_cache()  # the case's tensors are gone with its frame
-    write_json_lines(rows, args.out)
+    if not args.backends:  # --backends appends its rows as it goes
+        write_json_lines(rows, args.out)
     print(format_table(rows))
     return 0
 

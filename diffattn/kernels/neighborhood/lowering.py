@@ -1,0 +1,246 @@
+"""Neighborhood attention as block-sparse attention on tile-permuted tokens (the "fa4" and "gluon" backends).
+
+Why: a plan whose every visited (query tile, key tile) pair is fully visible (`Plan.counts()["masked"] == 0`, e.g.
+strided GNA with the stride a multiple of the query tile and window starts on key-tile boundaries, the configs
+NATTEN calls "perfectly block-sparse") is *exactly* block-sparse attention once every tile is one contiguous run of
+tokens. So the fastest block-sparse forwards we have (FlashAttention-4's CuTe-DSL block-sparse kernel, our Gluon
+kernel) can run it from index lists, with no per-element mask at all.
+
+The lowering, per plan (cached; depends on small integers only):
+- permutation: `tiling.permute_tokens` (tile-grid-major, then intra-tile; dilation groups become batch), q by the
+  query tile, k/v by the key tile (both tiles have the same token count: the block size);
+- block mask `[G or B*G, 1, nq, nk]`: query tile a attends key tile b iff per axis `q_tab[a_i] = [lo, hi)` holds b_i,
+  the Kronecker AND of per-axis masks; built once per (plan, device, batch) and kept alive here, so the block-sparse
+  index lists (`block_sparse.get_block_index`, cached per mask) are built once per plan too;
+- attention: `block_sparse_attention(..., backend=name)` (its backward, autograd through the permutations);
+- unpermute of the output (and lse), cropped to the grid.
+
+Which configurations qualify (`lowering_reason` says why not, in words):
+1. no masked tile pair in the plan at its tiles (given, or the simulator's choice): plain NA (stride 1), causal
+   axes (a causal window grows row by row) and windows or strides not aligned to the tiles do not qualify;
+   `propose_stride` gives the smallest stride that does;
+2. the query and key tiles hold the same number of tokens (block-sparse uses one block size for both);
+   fa4 then takes 64 or 128 tokens, gluon 128 (the block-sparse registry decides, reason included).
+Padding is not a condition: with no masked pair a visited key tile never holds a padded key (every row's window
+covers the whole tile), and padded query rows are cropped.
+
+The permutation is a copy of q, k, v and of the output (about 3.2 GB of traffic at FLUX-4K); a caller that keeps its
+tokens in tile order for a whole forward can skip it: `lower(...)` returns the plan object with `permute_q`,
+`permute_kv`, `attend` (on permuted tensors) and `unpermute`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .. import backends as registry
+from ..block_sparse import block_sparse_attention
+from .checks import NAParams
+from .tiling import Plan, permute_tokens, unpermute_tokens
+
+__all__ = ["BlockSparseLowering", "lower", "lowering_reason", "neighborhood_attention_block_sparse"]
+
+#: block-sparse backends a neighborhood call may be lowered to (the registry's "fa4"/"gluon" use the first two;
+#: "blocked"/"reference" are the CPU ground truth for the lowering itself)
+LOWERED_BACKENDS = ("fa4", "gluon", "triton", "flex", "blocked", "reference")
+
+
+def lowering_reason(plan: Plan) -> str | None:
+    """Why `plan` is not exactly block-sparse on tile-permuted tokens (None: it is). Cached per plan."""
+    key = tuple(a.key for a in plan.axes)
+    if key not in _REASONS:
+        _REASONS[key] = _compute_reason(plan)
+    return _REASONS[key]
+
+
+_REASONS: dict[tuple, str | None] = {}
+
+
+def _compute_reason(plan: Plan) -> str | None:
+    c = plan.counts()
+    if plan.block_m != plan.block_n:
+        return (f"query tile {plan.q_tile} ({plan.block_m} tokens) and key tile {plan.kv_tile} ({plan.block_n} "
+                "tokens) differ in size; block-sparse attention uses one block size for both")
+    if c["masked"]:
+        causal = any(a.causal for a in plan.axes)
+        why = "a causal axis (windows grow row by row)" if causal else (
+            "plain or misaligned windows (stride not a multiple of the query tile, or window starts off key-tile "
+            "boundaries); diffattn.kernels.neighborhood.propose_stride gives an aligned stride")
+        return (f"the plan is not exactly block-sparse: {c['masked']} of {c['visited']} visited tile pairs need a "
+                f"per-element mask at Q tile {plan.q_tile} / KV tile {plan.kv_tile} ({why})")
+    return None
+
+
+def _axis_block_masks(plan: Plan) -> list[list[torch.Tensor]]:
+    """Per axis, per dilation group: bool `[nq_i, nk_i]`, entry (a, b) = key tile b in query tile a's range."""
+    out = []
+    for a in plan.axes:
+        per_group = []
+        for tab in a.q_tab:
+            m = torch.zeros(a.n_q_tiles, a.n_kv_tiles, dtype=torch.bool)
+            for qt, (lo, hi, _, _) in enumerate(tab):
+                m[qt, lo:hi] = True
+            per_group.append(m)
+        out.append(per_group)
+    return out
+
+
+def _kron_and(masks: list[torch.Tensor]) -> torch.Tensor:
+    full = torch.ones(1, 1, dtype=torch.bool)
+    for m in masks:
+        r, c = full.shape
+        full = (full[:, None, :, None] & m[None, :, None, :]).reshape(r * m.shape[0], c * m.shape[1])
+    return full
+
+
+@dataclass(frozen=True)
+class BlockSparseLowering:
+    """One exactly block-sparse plan, lowered: permutation, block mask, unpermute (see the module docstring)."""
+
+    plan: Plan
+    shape: tuple[int, ...]
+    dilation: tuple[int, ...]
+
+    @property
+    def block_size(self) -> int:
+        return self.plan.block_m
+
+    @property
+    def groups(self) -> int:
+        return math.prod(self.dilation)
+
+    @functools.cached_property
+    def group_masks(self) -> torch.Tensor:
+        """bool `[G, nq, nk]` on the CPU: the tile-level mask of every dilation group (row-major over groups)."""
+        axes = _axis_block_masks(self.plan)
+        idx = [()]
+        for d in self.dilation:
+            idx = [g + (j,) for g in idx for j in range(d)]
+        return torch.stack([_kron_and([axes[i][g[i]] for i in range(len(g))]) for g in idx])
+
+    def block_mask(self, device: torch.device | str, batch: int = 1) -> torch.Tensor:
+        """`[1 or batch*G, 1, nq, nk]` on `device`, cached (the same tensor every call, so the block-sparse index
+        lists built from it are cached too)."""
+        g = self.groups
+        key = (str(torch.device(device)), batch if g > 1 else 1)
+        with _lock:
+            hit = self._masks.get(key)
+        if hit is None:
+            m = self.group_masks.to(device)[:, None]  # [G, 1, nq, nk]
+            hit = m.repeat(batch, 1, 1, 1) if g > 1 else m
+            with _lock:
+                self._masks.setdefault(key, hit)
+                hit = self._masks[key]
+        return hit
+
+    @functools.cached_property
+    def _masks(self) -> dict:
+        return {}
+
+    def density(self) -> float:
+        """Kept tile pairs / all tile pairs (per group, averaged)."""
+        m = self.group_masks
+        return float(m.sum()) / m.numel()
+
+    def permute_q(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, *spatial, H, D]` -> `[B*G, H, N_pad, D]` in query-tile order (one copy)."""
+        return _fold(permute_tokens(x, self.plan.q_tile, self.dilation))
+
+    def permute_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, *spatial, H, D]` -> `[B*G, H, N_pad, D]` in key-tile order (one copy)."""
+        return _fold(permute_tokens(x, self.plan.kv_tile, self.dilation))
+
+    def permute_extra(self, x: torch.Tensor) -> torch.Tensor:
+        """Text keys `[B, T, H, D]` -> `[B*G, H, T, D]` (a view when G == 1)."""
+        xt = x.transpose(1, 2)
+        g = self.groups
+        if g == 1:
+            return xt
+        b = x.shape[0]
+        return xt[:, None].expand(b, g, *xt.shape[1:]).reshape(b * g, *xt.shape[1:])
+
+    def unpermute(self, y: torch.Tensor, batch: int) -> torch.Tensor:
+        """`[B*G, H, N_pad, *rest]` -> `[B, *spatial, H, *rest]`, cropped (contiguous)."""
+        y = y.reshape(batch, self.groups, *y.shape[1:])
+        out = unpermute_tokens(y, self.shape, self.plan.q_tile, self.dilation)
+        return out if out.is_contiguous() else out.contiguous()
+
+    def attend(self, qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, backend: str, *, batch: int,
+               scale: float | None = None, extra_k: torch.Tensor | None = None, extra_v: torch.Tensor | None = None,
+               return_lse: bool = False):
+        """Block-sparse attention on permuted tensors (`permute_q`/`permute_kv`/`permute_extra`), `[B*G, H, N, D]`
+        out (and `[B*G, H, N]` lse) in permuted order. `backend` is a block-sparse backend name."""
+        mask = self.block_mask(qp.device, batch)
+        return block_sparse_attention(qp, kp, vp, mask, block_size=self.block_size, scale=scale, extra_k=extra_k,
+                                      extra_v=extra_v, return_lse=return_lse, backend=backend)
+
+
+_lock = threading.Lock()
+
+
+def _fold(x: torch.Tensor) -> torch.Tensor:
+    b, g = x.shape[:2]
+    return x.reshape(b * g, *x.shape[2:])
+
+
+_LOWERINGS: dict[tuple, BlockSparseLowering] = {}
+
+
+def _lowering(plan: Plan, shape: tuple[int, ...], dilation: tuple[int, ...]) -> BlockSparseLowering:
+    # keyed by the plan's small integers (hashing a Plan hashes its tables)
+    key = (tuple(a.key for a in plan.axes), shape, dilation)
+    hit = _LOWERINGS.get(key)
+    if hit is None:
+        with _lock:
+            if len(_LOWERINGS) >= 128:
+                _LOWERINGS.pop(next(iter(_LOWERINGS)))
+            hit = _LOWERINGS.setdefault(key, BlockSparseLowering(plan, shape, dilation))
+    return hit
+
+
+def lower(plan: Plan, params: NAParams) -> BlockSparseLowering:
+    """The (cached) lowering of an exactly block-sparse `plan`; `ValueError` with the reason otherwise."""
+    reason = lowering_reason(plan)
+    if reason:
+        raise ValueError(reason)
+    return _lowering(plan, params.shape, params.dilation)
+
+
+
+@functools.cache
+def gluon_reason(device_index: int, dtype: torch.dtype, head_dim: int, block_size: int, has_extra: bool) -> str | None:
+    """The Gluon forward's own per-call check on contiguous permuted tensors of this kind (cached: the permuted
+    tensors are always contiguous, so only dtype, head dim and block size matter)."""
+    mod = importlib.import_module(registry.GLUON_MODULE)
+    dev = torch.device("cuda", device_index)
+    probe = torch.empty(1, 1, block_size, head_dim, dtype=dtype, device=dev)
+    extra = torch.empty(1, 1, 1, head_dim, dtype=dtype, device=dev) if has_extra else None
+    return mod.unsupported_reason(probe, probe, probe, block_size, extra, True)
+
+
+def neighborhood_attention_block_sparse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, params: NAParams, backend: str, *,
+    scale: float | None = None, extra_k: torch.Tensor | None = None, extra_v: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Neighborhood attention of `[B, *spatial, H, D]` q/k/v through a block-sparse backend (`backend`, one of
+    `LOWERED_BACKENDS`): permute, attend, unpermute. Same result as `neighborhood_attention` (exact for a plan that
+    `lowering_reason` accepts; `ValueError` otherwise). Differentiable through the block-sparse backend's backward."""
+    if backend not in LOWERED_BACKENDS:
+        raise ValueError(f"backend must be one of {LOWERED_BACKENDS}, got {backend!r}")
+    low = lower(plan, params)
+    b = q.shape[0]
+    qp, kp, vp = low.permute_q(q), low.permute_kv(k), low.permute_kv(v)
+    ek = low.permute_extra(extra_k) if extra_k is not None and extra_k.shape[1] else None
+    ev = low.permute_extra(extra_v) if ek is not None else None
+    res = low.attend(qp, kp, vp, backend, batch=b, scale=scale, extra_k=ek, extra_v=ev, return_lse=return_lse)
+    if not return_lse:
+        return low.unpermute(res, b)
+    out, lse = res
+    return low.unpermute(out, b), low.unpermute(lse, b)
