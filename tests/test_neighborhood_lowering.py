@@ -71,31 +71,32 @@ def test_block_mask_equals_reference_mask(cfg):
     assert covered == int(ref.sum())  # nothing of the reference lies across dilation groups
 
 
-@pytest.mark.parametrize("cfg", EXACT, ids=lambda c: "x".join(map(str, c[0])))
-@pytest.mark.parametrize("backend", ["blocked", "reference"])
-def test_lowered_output_equals_reference(cfg, backend):
+@pytest.mark.parametrize("cfg", [c for c in EXACT if math.prod(c[0]) <= 2100], ids=lambda c: "x".join(map(str, c[0])))
+def test_lowered_output_equals_reference(cfg):
     shape, ks, st, dl, qt, kt = cfg
     plan, p = _plan(shape, ks, st, dl, qt, kt)
     g = torch.Generator().manual_seed(7)
-    B, H, D, T = 2, 3, 16, 5
+    B, H, D, T = 2, 2, 8, 5
     q, k, v = (torch.randn(B, *shape, H, D, generator=g, dtype=torch.float64) for _ in range(3))
     ek, ev = (torch.randn(B, T, H, D, generator=g, dtype=torch.float64) for _ in range(2))
     for extra in (False, True):
         kw = dict(extra_k=ek, extra_v=ev) if extra else {}
-        out, lse = neighborhood_attention_block_sparse(q, k, v, plan, p, backend, return_lse=True, scale=0.3, **kw)
         ro, rl = neighborhood_attention_reference(q, k, v, ks, st, dl, return_lse=True, scale=0.3, **kw)
-        assert out.shape == q.shape and lse.shape == q.shape[:-1]
-        assert torch.allclose(out, ro, atol=1e-12, rtol=0), (out - ro).abs().max()
-        assert torch.allclose(lse.double(), rl.double(), atol=1e-5, rtol=0)  # lse is float32 by contract
+        for backend in ("blocked", "reference"):
+            out, lse = neighborhood_attention_block_sparse(q, k, v, plan, p, backend, return_lse=True, scale=0.3,
+                                                           **kw)
+            assert out.shape == q.shape and lse.shape == q.shape[:-1]
+            assert torch.allclose(out, ro, atol=1e-12, rtol=0), (backend, (out - ro).abs().max())
+            assert torch.allclose(lse.double(), rl.double(), atol=1e-5, rtol=0)  # lse is float32 by contract
 
 
 def test_lowered_gradients_equal_reference():
-    shape, ks, st, dl, qt, kt = EXACT[1]
+    shape, ks, st, dl, qt, kt = EXACT[0]
     plan, p = _plan(shape, ks, st, dl, qt, kt)
     g = torch.Generator().manual_seed(3)
-    ins = [torch.randn(2, *shape, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
-    ins += [torch.randn(2, 4, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
-    go = torch.randn(2, *shape, 2, 8, generator=g, dtype=torch.float64)
+    ins = [torch.randn(2, *shape, 1, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    ins += [torch.randn(2, 4, 1, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    go = torch.randn(2, *shape, 1, 8, generator=g, dtype=torch.float64)
     out = neighborhood_attention_block_sparse(*ins[:3], plan, p, "blocked", extra_k=ins[3], extra_v=ins[4])
     ga = torch.autograd.grad((out * go).sum(), ins)
     ro = neighborhood_attention_reference(*ins[:3], ks, st, dl, extra_k=ins[3], extra_v=ins[4])

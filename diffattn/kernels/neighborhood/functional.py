@@ -2,8 +2,8 @@
 (`diffattn/kernels/backends.py`, op "neighborhood"), and wires autograd.
 
 Backends: None = auto (the device kind's measured table, else "triton" where it runs, else "blocked";
-`DIFFATTN_NEIGHBORHOOD_BACKEND` sets it), "triton", "fa4" (declared; refuses with its reason until the
-tile-permuted block-sparse route is wired up), "blocked", "reference".
+`DIFFATTN_NEIGHBORHOOD_BACKEND` sets it), "triton", "fa4" and "gluon" (exactly block-sparse plans only: the
+block-sparse lowering on tile-permuted tokens, `lowering.py`), "blocked", "reference".
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ def neighborhood_attention(
 
     backend: None (the device kind's measured table, else Triton on CUDA or on CPU under TRITON_INTERPRET=1,
     else "blocked"; the env var `DIFFATTN_NEIGHBORHOOD_BACKEND` overrides this default; `diffattn/kernels/backends.py`),
-    "triton", "fa4" (declared, refuses until wired up), "blocked"
+    "triton", "fa4"/"gluon" (plans with no masked tile pair, e.g. strided GNA with tile-aligned windows: FA4's or our
+    Gluon block-sparse forward on tile-permuted tokens, `lowering.py`; other plans are refused with the reason), "blocked"
     (plain PyTorch, one query tile at a time over the box of keys it can see: the CPU path, differentiable by
     autograd) or "reference" (dense `[N, N]` mask, small problems only; the ground truth).
     q_tile/kv_tile: override the Triton tile shapes (powers of two, at least 16 tokens per tile; default: chosen by
@@ -168,8 +169,8 @@ def neighborhood_attention(
     query tile and kv_tile is unused (the key box follows from the windows).
 
     On Hopper the forward reads tiles as TMA boxes in place (set DIFFATTN_NA_TMA=0 for pointer loads); perfectly
-    block-sparse settings (see `diffattn.kernels.neighborhood.propose_stride`) run with no per-element mask. No permutation copy is
-    ever made.
+    block-sparse settings (see `diffattn.kernels.neighborhood.propose_stride`) run with no per-element mask. The triton
+    path makes no permutation copy; fa4/gluon permute q, k, v and un-permute the output (one copy each).
     """
     check_tensors(q=q, k=k, v=v)
     if backend is not None:
