@@ -13,9 +13,11 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -572,6 +574,45 @@ def run_backends(name: str, case: Case, args, rows: list[dict], peak: float, bw:
             eff_flops=float("nan"))
 
 
+def neighborhood_order(rows: list[dict]) -> dict | None:
+    """The neighborhood table row for exactly block-sparse plans from `--backends` rows: the front-door backends
+    ordered by the geometric mean of (time / fastest time) over the exact-plan cases each ran (at least half of
+    them), as `bench kernels --tune` orders block-sparse backends. Plans with masked pairs need no row: only
+    triton runs them on a GPU."""
+    by_case: dict[str, dict[str, float]] = {}
+    refused = {r["case"] for r in rows if r["impl"].endswith("REFUSED")}
+    for r in rows:
+        m = re.match(r"ours (\w+), front door", r["impl"])
+        if m and r["case"] not in refused and r["ms"] == r["ms"]:
+            by_case.setdefault(r["case"], {})[m.group(1)] = r["ms"]
+    logs: dict[str, list[float]] = {}
+    for times in by_case.values():
+        best = min(times.values())
+        for n, t in times.items():
+            logs.setdefault(n, []).append(math.log(t / best))
+    if not by_case:
+        return None
+    score = {n: round(math.exp(sum(v) / len(v)), 4) for n, v in logs.items() if 2 * len(v) >= len(by_case)}
+    return {"order": sorted(score, key=score.get), "geomean_time_vs_fastest": score, "cases": sorted(by_case)}
+
+
+def write_neighborhood_rows(rows: list[dict], kind: str, dtype: str, head_dim: int, device_name: str,
+                            source: str) -> Path | None:
+    """Merge the exact-plan row into `diffattn/kernels/tuned/<kind>.json` (other operations and rows kept)."""
+    from ..kernels import backends as registry
+
+    row = neighborhood_order(rows)
+    if row is None:
+        return None
+    path = registry.tuned_dir() / f"{kind}.json"  # DIFFATTN_TUNED_DIR redirects it (tests)
+    data = json.loads(path.read_text()) if path.is_file() else {"device": device_name, "ops": {}}
+    row["generated_by"] = source
+    data.setdefault("ops", {}).setdefault("neighborhood", {})[f"{dtype}/d{head_dim}/b128"] = row
+    registry.parse_table(json.dumps(data), source=str(path))  # names checked before writing
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
 def format_table(rows: list[dict]) -> str:
     out = ["| case | implementation | ms (median) | eff. TFLOP/s | speed-up vs cuDNN | NATTEN H100 | simulator | note |",
            "|---|---|---|---|---|---|---|---|"]
@@ -618,8 +659,23 @@ def main(argv: list[str] | None = None) -> int:
                          "kernel variants")
     ap.add_argument("--check-rows", type=int, default=16, help="sampled rows checked per --backends run")
     ap.add_argument("--permute-cost", action="store_true", help="with --backends: time the permutation copies alone")
+    ap.add_argument("--tune", action="store_true",
+                    help="with --backends: write the exact-plan neighborhood row of diffattn/kernels/tuned/<kind>.json")
+    ap.add_argument("--tune-from", default=None, metavar="ROWS.jsonl",
+                    help="write that row from saved --backends rows instead (no GPU needed; with --kind)")
+    ap.add_argument("--kind", default=None, help="device kind of --tune-from rows, e.g. h200")
     ap.add_argument("--out", default=None, help="write JSON lines here")
     args = ap.parse_args(argv)
+    if args.tune_from:
+        if not args.kind:
+            print("--tune-from needs --kind (e.g. h200)", file=sys.stderr)
+            return 2
+        saved = [json.loads(line) for line in open(args.tune_from) if line.strip()]
+        saved = [r for r in saved if r.get("dtype", args.dtype) == args.dtype]
+        path = write_neighborhood_rows(saved, args.kind, args.dtype, args.head_dim, args.kind,
+                                       f"diffattn bench gna --tune-from {args.tune_from}")
+        print(f"wrote {path}" if path else "no front-door rows of exactly block-sparse cases in that file")
+        return 0 if path else 1
     if not torch.cuda.is_available():
         print("a CUDA device is needed for this benchmark", file=sys.stderr)
         return 2
@@ -644,6 +700,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()  # the case's tensors are gone with its frame
     if not args.backends:  # --backends appends its rows as it goes
         write_json_lines(rows, args.out)
+    elif args.tune:
+        from ..kernels import backends as registry
+
+        name = torch.cuda.get_device_name()
+        path = write_neighborhood_rows(rows, registry.device_kind(name), args.dtype, args.head_dim, name,
+                                       "diffattn bench gna " + " ".join(sys.argv[1:]))
+        print(f"wrote {path}", flush=True)
     print(format_table(rows))
     return 0
 
