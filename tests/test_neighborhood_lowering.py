@@ -18,9 +18,15 @@ from diffattn.kernels import backends as registry
 from diffattn.kernels.neighborhood import neighborhood_attention, neighborhood_mask, propose_stride
 from diffattn.kernels.neighborhood.checks import normalize_params
 from diffattn.kernels.neighborhood.functional import get_plan
-from diffattn.kernels.neighborhood.lowering import lower, lowering_reason, neighborhood_attention_block_sparse
+from diffattn.kernels.neighborhood.lowering import (
+    lower,
+    lowering_reason,
+    neighborhood_attention_block_sparse,
+    permute_rows,
+    unpermute_rows,
+)
 from diffattn.kernels.neighborhood.reference import neighborhood_attention_reference
-from diffattn.kernels.neighborhood.tiling import permute_tokens
+from diffattn.kernels.neighborhood.tiling import permute_tokens, unpermute_tokens
 
 # (shape, kernel, stride, dilation, q_tile, kv_tile): exactly block-sparse plans found by propose_stride at 16-token
 # tiles (odd axes with padded tiles, unequal Q/KV tile shapes, dilation), plus the production configurations.
@@ -82,12 +88,29 @@ def test_lowered_output_equals_reference(cfg):
     for extra in (False, True):
         kw = dict(extra_k=ek, extra_v=ev) if extra else {}
         ro, rl = neighborhood_attention_reference(q, k, v, ks, st, dl, return_lse=True, scale=0.3, **kw)
-        for backend in ("blocked", "reference"):
+        for backend, layout in (("blocked", "tokens"), ("reference", "tokens"), ("blocked", "heads")):
             out, lse = neighborhood_attention_block_sparse(q, k, v, plan, p, backend, return_lse=True, scale=0.3,
-                                                           **kw)
+                                                           layout=layout, **kw)
             assert out.shape == q.shape and lse.shape == q.shape[:-1]
             assert torch.allclose(out, ro, atol=1e-12, rtol=0), (backend, (out - ro).abs().max())
             assert torch.allclose(lse.double(), rl.double(), atol=1e-5, rtol=0)  # lse is float32 by contract
+
+
+@pytest.mark.parametrize("shape,tile,dil", [((6, 10, 12), (1, 4, 4), (1, 1, 1)), ((10, 13, 16), (2, 1, 8), (1, 1, 2)),
+                                            ((7, 9), (4, 2), (2, 3)), ((23,), (8,), (1,))])
+def test_token_major_permutation_is_the_same_order(shape, tile, dil):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, *shape, 3, 5, generator=g)
+    rows = permute_rows(x, tile, dil)  # [B*G, H, N, D] view of token-major memory
+    heads = permute_tokens(x, tile, dil)
+    assert torch.equal(rows, heads.reshape(-1, *heads.shape[2:]))
+    assert rows.transpose(1, 2).is_contiguous()
+    assert torch.equal(unpermute_rows(rows, 2, shape, tile, dil), x)
+    # from head-major memory too (what a [B, H, S, D] kernel writes), and for lse-like [B*G, H, N]
+    assert torch.equal(unpermute_rows(rows.contiguous(), 2, shape, tile, dil), x)
+    lse = rows[..., 0]
+    assert torch.equal(unpermute_rows(lse, 2, shape, tile, dil), unpermute_tokens(lse.reshape(2, -1, *lse.shape[1:]),
+                                                                                  shape, tile, dil))
 
 
 def test_lowered_gradients_equal_reference():

@@ -553,25 +553,27 @@ def run_backends(name: str, case: Case, args, rows: list[dict], peak: float, bw:
             add(f"ours {be}, front door" + (" (permute + block-sparse + unpermute)" if be in ("fa4", "gluon") else ""), ms,
                 f"{tiles}; first call {setup:.1f}s", speedup=cudnn_ms / ms, sampled_rel_err=err)
             if be in ("fa4", "gluon"):
-                low = lower(plan, p)
-                qp, kp, vp = low.permute_q(q), low.permute_kv(k), low.permute_kv(v)
-                fk = lambda: low.attend(qp, kp, vp, be, batch=b)  # noqa: E731,B023
-                err_k = sampled_check(q, k, v, low.unpermute(fk(), b), cargs, args.check_rows)
-                ms_k = median_ms(fk, warmup=warm, rep=rep)
-                add(f"ours {be}, kernel only (tokens in tile order)", ms_k, f"{tiles}; block density "
-                    f"{low.density():.4f}", speedup=cudnn_ms / ms_k, sampled_rel_err=err_k)
-                del qp, kp, vp
+                for layout in ("tokens", "heads"):
+                    low = lower(plan, p, layout)
+                    qp, kp, vp = low.permute_q(q), low.permute_kv(k), low.permute_kv(v)
+                    fk = lambda: low.attend(qp, kp, vp, be, batch=b)  # noqa: E731,B023
+                    err_k = sampled_check(q, k, v, low.unpermute(fk(), b), cargs, args.check_rows)
+                    ms_k = median_ms(fk, warmup=warm, rep=rep)
+                    add(f"ours {be}, kernel only (tokens in tile order, {layout}-major)", ms_k, f"{tiles}; block "
+                        f"density {low.density():.4f}", speedup=cudnn_ms / ms_k, sampled_rel_err=err_k)
+                    del qp, kp, vp
         except Exception as e:  # keep the other backends going; the failure is a row of the table
             add(f"ours {be} FAILED", float("nan"), f"{type(e).__name__}: {str(e)[:300]}")
     if args.permute_cost and reason is None:
-        low = lower(plan, p)
-        o = low.permute_q(q)
+        for layout in ("tokens", "heads"):
+            low = lower(plan, p, layout)
+            o = low.permute_q(q)
 
-        def perm():
-            low.permute_q(q), low.permute_kv(k), low.permute_kv(v)
-            return low.unpermute(o, b)
-        add("permute q,k,v + unpermute out (torch copies)", median_ms(perm, warmup=warm, rep=rep), tiles,
-            eff_flops=float("nan"))
+            def perm():
+                low.permute_q(q), low.permute_kv(k), low.permute_kv(v)  # noqa: B023
+                return low.unpermute(o, b)  # noqa: B023
+            add(f"permute q,k,v + unpermute out ({layout}-major, torch copies)", median_ms(perm, warmup=warm, rep=rep),
+                tiles, eff_flops=float("nan"))
 
 
 def neighborhood_order(rows: list[dict]) -> dict | None:

@@ -106,6 +106,9 @@ class BlockSparseLowering:
     plan: Plan
     shape: tuple[int, ...]
     dilation: tuple[int, ...]
+    #: "tokens": permuted memory is token-major `[B*G, N, H, D]` (`permute_rows`, the default: whole rows move,
+    #: FA4's native layout); "heads": head-major `[B*G, H, N, D]` (`tiling.permute_tokens`)
+    layout: str = "tokens"
 
     @property
     def block_size(self) -> int:
@@ -148,13 +151,18 @@ class BlockSparseLowering:
         m = self.group_masks
         return float(m.sum()) / m.numel()
 
+    def _permute(self, x: torch.Tensor, tile) -> torch.Tensor:
+        if self.layout == "tokens":
+            return permute_rows(x, tile, self.dilation)
+        return _fold(permute_tokens(x, tile, self.dilation))
+
     def permute_q(self, x: torch.Tensor) -> torch.Tensor:
-        """`[B, *spatial, H, D]` -> `[B*G, H, N_pad, D]` in query-tile order (one copy)."""
-        return _fold(permute_tokens(x, self.plan.q_tile, self.dilation))
+        """`[B, *spatial, H, D]` -> `[B*G, H, N_pad, D]` in query-tile order (one copy; memory per `layout`)."""
+        return self._permute(x, self.plan.q_tile)
 
     def permute_kv(self, x: torch.Tensor) -> torch.Tensor:
-        """`[B, *spatial, H, D]` -> `[B*G, H, N_pad, D]` in key-tile order (one copy)."""
-        return _fold(permute_tokens(x, self.plan.kv_tile, self.dilation))
+        """`[B, *spatial, H, D]` -> `[B*G, H, N_pad, D]` in key-tile order (one copy; memory per `layout`)."""
+        return self._permute(x, self.plan.kv_tile)
 
     def permute_extra(self, x: torch.Tensor) -> torch.Tensor:
         """Text keys `[B, T, H, D]` -> `[B*G, H, T, D]` (a view when G == 1)."""
@@ -167,6 +175,8 @@ class BlockSparseLowering:
 
     def unpermute(self, y: torch.Tensor, batch: int) -> torch.Tensor:
         """`[B*G, H, N_pad, *rest]` -> `[B, *spatial, H, *rest]`, cropped (contiguous)."""
+        if self.layout == "tokens":
+            return unpermute_rows(y, batch, self.shape, self.plan.q_tile, self.dilation)
         y = y.reshape(batch, self.groups, *y.shape[1:])
         out = unpermute_tokens(y, self.shape, self.plan.q_tile, self.dilation)
         return out if out.is_contiguous() else out.contiguous()
@@ -181,6 +191,54 @@ class BlockSparseLowering:
                                       extra_v=extra_v, return_lse=return_lse, backend=backend)
 
 
+def _pads(shape, tile, dilation) -> list[int]:
+    return [-(-(-(-shape[i] // dilation[i])) // tile[i]) * tile[i] * dilation[i] - shape[i] for i in range(len(shape))]
+
+
+def permute_rows(x: torch.Tensor, tile, dilation) -> torch.Tensor:
+    """`[B, *spatial, H, D]` -> `[B*G, H, N_pad, D]` in tile order, as a view of token-major memory
+    (`[B*G, N_pad, H, D]`, one copy): whole H*D rows move (runs of `tile[-1]` tokens are contiguous in the
+    source), and FA4 reads that memory as its native `[B, S, H, D]`. Same token order as `tiling.permute_tokens`."""
+    b, h, d = x.shape[0], x.shape[-2], x.shape[-1]
+    shape = x.shape[1:-2]
+    nd = len(shape)
+    pads = _pads(shape, tile, dilation)
+    if any(pads):
+        pad_arg = [0, 0, 0, 0]
+        for i in reversed(range(nd)):
+            pad_arg += [0, pads[i]]
+        x = torch.nn.functional.pad(x, pad_arg)
+    view = [b]
+    for i in range(nd):
+        view += [(shape[i] + pads[i]) // (tile[i] * dilation[i]), tile[i], dilation[i]]
+    x = x.reshape(view + [h, d])
+    # axis i's (r, t, dil) sit at dims 1+3i, 2+3i, 3+3i; order: b, dil..., r..., t..., H, D
+    order = [0] + [3 + 3 * i for i in range(nd)] + [1 + 3 * i for i in range(nd)] + [2 + 3 * i for i in range(nd)]
+    order += [1 + 3 * nd, 2 + 3 * nd]
+    x = x.permute(order).reshape(b * math.prod(dilation), -1, h, d)
+    return x.transpose(1, 2)
+
+
+def unpermute_rows(y: torch.Tensor, batch: int, shape, tile, dilation) -> torch.Tensor:
+    """Inverse of `permute_rows` for `[B*G, H, N_pad, *rest]` (any strides; rest = (D,) or ()):
+    `[B, *shape, H, *rest]`, cropped, contiguous."""
+    nd = len(shape)
+    h = y.shape[1]
+    rest = list(y.shape[3:])
+    pads = _pads(shape, tile, dilation)
+    rs = [(shape[i] + pads[i]) // (tile[i] * dilation[i]) for i in range(nd)]
+    y = y.transpose(1, 2).reshape([batch] + list(dilation) + rs + list(tile) + [h] + rest)
+    # dims: 0 b, 1.. dil, 1+nd.. r, 1+2nd.. t, 1+3nd h, rest
+    order = [0]
+    for i in range(nd):
+        order += [1 + nd + i, 1 + 2 * nd + i, 1 + i]
+    order += list(range(1 + 3 * nd, 2 + 3 * nd + len(rest)))
+    y = y.permute(order).reshape([batch] + [shape[i] + pads[i] for i in range(nd)] + [h] + rest)
+    if any(pads):
+        y = y[(slice(None),) + tuple(slice(0, n) for n in shape)]
+    return y if y.is_contiguous() else y.contiguous()
+
+
 _lock = threading.Lock()
 
 
@@ -192,24 +250,27 @@ def _fold(x: torch.Tensor) -> torch.Tensor:
 _LOWERINGS: dict[tuple, BlockSparseLowering] = {}
 
 
-def _lowering(plan: Plan, shape: tuple[int, ...], dilation: tuple[int, ...]) -> BlockSparseLowering:
+def _lowering(plan: Plan, shape: tuple[int, ...], dilation: tuple[int, ...], layout: str) -> BlockSparseLowering:
     # keyed by the plan's small integers (hashing a Plan hashes its tables)
-    key = (tuple(a.key for a in plan.axes), shape, dilation)
+    key = (tuple(a.key for a in plan.axes), shape, dilation, layout)
     hit = _LOWERINGS.get(key)
     if hit is None:
         with _lock:
             if len(_LOWERINGS) >= 128:
                 _LOWERINGS.pop(next(iter(_LOWERINGS)))
-            hit = _LOWERINGS.setdefault(key, BlockSparseLowering(plan, shape, dilation))
+            hit = _LOWERINGS.setdefault(key, BlockSparseLowering(plan, shape, dilation, layout))
     return hit
 
 
-def lower(plan: Plan, params: NAParams) -> BlockSparseLowering:
-    """The (cached) lowering of an exactly block-sparse `plan`; `ValueError` with the reason otherwise."""
+def lower(plan: Plan, params: NAParams, layout: str = "tokens") -> BlockSparseLowering:
+    """The (cached) lowering of an exactly block-sparse `plan`; `ValueError` with the reason otherwise.
+    layout: "tokens" or "heads" (the permuted memory; `BlockSparseLowering.layout`)."""
+    if layout not in ("tokens", "heads"):
+        raise ValueError(f"layout must be 'tokens' or 'heads', got {layout!r}")
     reason = lowering_reason(plan)
     if reason:
         raise ValueError(reason)
-    return _lowering(plan, params.shape, params.dilation)
+    return _lowering(plan, params.shape, params.dilation, layout)
 
 
 
@@ -227,14 +288,14 @@ def gluon_reason(device_index: int, dtype: torch.dtype, head_dim: int, block_siz
 def neighborhood_attention_block_sparse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, params: NAParams, backend: str, *,
     scale: float | None = None, extra_k: torch.Tensor | None = None, extra_v: torch.Tensor | None = None,
-    return_lse: bool = False,
+    return_lse: bool = False, layout: str = "tokens",
 ):
     """Neighborhood attention of `[B, *spatial, H, D]` q/k/v through a block-sparse backend (`backend`, one of
     `LOWERED_BACKENDS`): permute, attend, unpermute. Same result as `neighborhood_attention` (exact for a plan that
     `lowering_reason` accepts; `ValueError` otherwise). Differentiable through the block-sparse backend's backward."""
     if backend not in LOWERED_BACKENDS:
         raise ValueError(f"backend must be one of {LOWERED_BACKENDS}, got {backend!r}")
-    low = lower(plan, params)
+    low = lower(plan, params, layout)
     b = q.shape[0]
     qp, kp, vp = low.permute_q(q), low.permute_kv(k), low.permute_kv(v)
     ek = low.permute_extra(extra_k) if extra_k is not None and extra_k.shape[1] else None
