@@ -553,7 +553,7 @@ def run_backends(name: str, case: Case, args, rows: list[dict], peak: float, bw:
             add(f"ours {be}, front door" + (" (permute + block-sparse + unpermute)" if be in ("fa4", "gluon") else ""), ms,
                 f"{tiles}; first call {setup:.1f}s", speedup=cudnn_ms / ms, sampled_rel_err=err)
             if be in ("fa4", "gluon"):
-                for layout in ("tokens", "heads"):
+                for layout in args.layouts.split(","):
                     low = lower(plan, p, layout)
                     qp, kp, vp = low.permute_q(q), low.permute_kv(k), low.permute_kv(v)
                     fk = lambda: low.attend(qp, kp, vp, be, batch=b)  # noqa: E731,B023
@@ -565,15 +565,28 @@ def run_backends(name: str, case: Case, args, rows: list[dict], peak: float, bw:
         except Exception as e:  # keep the other backends going; the failure is a row of the table
             add(f"ours {be} FAILED", float("nan"), f"{type(e).__name__}: {str(e)[:300]}")
     if args.permute_cost and reason is None:
-        for layout in ("tokens", "heads"):
-            low = lower(plan, p, layout)
-            o = low.permute_q(q)
+        import os
 
-            def perm():
-                low.permute_q(q), low.permute_kv(k), low.permute_kv(v)  # noqa: B023
-                return low.unpermute(o, b)  # noqa: B023
-            add(f"permute q,k,v + unpermute out ({layout}-major, torch copies)", median_ms(perm, warmup=warm, rep=rep),
-                tiles, eff_flops=float("nan"))
+        for layout, how in [(lay, "torch copies" if lay == "heads" else "Triton row gather") for lay in
+                            args.layouts.split(",")] + ([("tokens", "torch copies")] if "tokens" in args.layouts else []):
+            low = lower(plan, p, layout)
+            env = os.environ.get("DIFFATTN_NA_PERMUTE")
+            os.environ["DIFFATTN_NA_PERMUTE"] = "torch" if how == "torch copies" else "triton"
+            try:
+                o = low.permute_q(q)
+
+                def perm():
+                    low.permute_q(q), low.permute_kv(k), low.permute_kv(v)  # noqa: B023
+                    return low.unpermute(o, b)  # noqa: B023
+                ok = torch.equal(perm(), q)  # the round trip is exact
+                add(f"permute q,k,v + unpermute out ({layout}-major, {how})", median_ms(perm, warmup=warm, rep=rep),
+                    f"{tiles}; round trip exact: {ok}", eff_flops=float("nan"),
+                    traffic_floor_ms=4 * 2 * n * h * d * q.element_size() / bw * 1e-6)
+            finally:
+                if env is None:
+                    os.environ.pop("DIFFATTN_NA_PERMUTE", None)
+                else:
+                    os.environ["DIFFATTN_NA_PERMUTE"] = env
 
 
 def neighborhood_order(rows: list[dict]) -> dict | None:
@@ -661,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
                          "kernel variants")
     ap.add_argument("--check-rows", type=int, default=16, help="sampled rows checked per --backends run")
     ap.add_argument("--permute-cost", action="store_true", help="with --backends: time the permutation copies alone")
+    ap.add_argument("--layouts", default="tokens", help="with --backends: permuted layouts timed kernel-only "
+                    "(tokens = token-major, the default; heads = head-major)")
     ap.add_argument("--tune", action="store_true",
                     help="with --backends: write the exact-plan neighborhood row of diffattn/kernels/tuned/<kind>.json")
     ap.add_argument("--tune-from", default=None, metavar="ROWS.jsonl",

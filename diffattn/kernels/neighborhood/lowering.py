@@ -34,12 +34,14 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import os
 import threading
 from dataclasses import dataclass
 
 import torch
 
 from .. import backends as registry
+from ..common import triton_runs_on
 from ..block_sparse import block_sparse_attention
 from .checks import NAParams
 from .tiling import Plan, permute_tokens, unpermute_tokens
@@ -153,8 +155,36 @@ class BlockSparseLowering:
 
     def _permute(self, x: torch.Tensor, tile) -> torch.Tensor:
         if self.layout == "tokens":
+            if _use_triton(x):
+                from .permute_triton import gather_rows, token_stride
+
+                ts = token_stride(x)
+                if ts is not None:
+                    b, h, d = x.shape[0], x.shape[-2], x.shape[-1]
+                    table = self.tables(x.device, tuple(tile))[0]
+                    out = gather_rows(x, table, b, h, d, max(math.prod(self.shape), 1), x.stride(0), 0, ts,
+                                      x.stride(-2))
+                    return out.view(b * self.groups, -1, h, d).transpose(1, 2)
             return permute_rows(x, tile, self.dilation)
         return _fold(permute_tokens(x, tile, self.dilation))
+
+    def tables(self, device: torch.device | str, tile: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 row tables of the permutation by `tile` on `device` (cached): forward `[G*N_pad]` (row-major token
+        index, -1 for padding) and inverse `[N]` (g*N_pad + n of each token)."""
+        key = ("tables", str(torch.device(device)), tile)
+        with _lock:
+            hit = self._masks.get(key)
+        if hit is None:
+            n = math.prod(self.shape)
+            ids = torch.arange(1, n + 1, dtype=torch.int64).reshape(1, *self.shape, 1, 1)
+            fwd = permute_rows(ids, tile, self.dilation).reshape(-1) - 1  # [G*N_pad], -1 = padding
+            inv = torch.empty(n, dtype=torch.int64)
+            pos = torch.nonzero(fwd >= 0).flatten()
+            inv[fwd[pos]] = pos
+            hit = (fwd.to(torch.int32).to(device), inv.to(torch.int32).to(device))
+            with _lock:
+                hit = self._masks.setdefault(key, hit)
+        return hit
 
     def permute_q(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, *spatial, H, D]` -> `[B*G, H, N_pad, D]` in query-tile order (one copy; memory per `layout`)."""
@@ -176,6 +206,15 @@ class BlockSparseLowering:
     def unpermute(self, y: torch.Tensor, batch: int) -> torch.Tensor:
         """`[B*G, H, N_pad, *rest]` -> `[B, *spatial, H, *rest]`, cropped (contiguous)."""
         if self.layout == "tokens":
+            if y.dim() == 4 and _use_triton(y) and y.stride(-1) == 1 and (y.stride(1) * y.element_size()) % 16 == 0:
+                from .permute_triton import gather_rows
+
+                bg, h, n_pad, d = y.shape
+                if d >= 16 and not d & (d - 1):
+                    inv = self.tables(y.device, self.plan.q_tile)[1]
+                    out = gather_rows(y, inv, batch, h, d, n_pad, self.groups * y.stride(0), y.stride(0),
+                                      y.stride(2), y.stride(1))
+                    return out.view(batch, *self.shape, h, d)
             return unpermute_rows(y, batch, self.shape, self.plan.q_tile, self.dilation)
         y = y.reshape(batch, self.groups, *y.shape[1:])
         out = unpermute_tokens(y, self.shape, self.plan.q_tile, self.dilation)
@@ -240,6 +279,16 @@ def unpermute_rows(y: torch.Tensor, batch: int, shape, tile, dilation) -> torch.
 
 
 _lock = threading.Lock()
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    """The Triton row gather (permute_triton.py) where Triton runs and no gradient flows through the copy (it is not
+    differentiable; the torch copies are); DIFFATTN_NA_PERMUTE=torch turns it off."""
+    if os.environ.get("DIFFATTN_NA_PERMUTE", "triton") == "torch":
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    return triton_runs_on(x.device)
 
 
 def _fold(x: torch.Tensor) -> torch.Tensor:
