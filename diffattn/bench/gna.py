@@ -517,6 +517,8 @@ def run_backends(name: str, case: Case, args, rows: list[dict], peak: float, bw:
                for _ in range(3))
     cargs = dict(kernel_size=case.kernel_size, stride=case.stride)
     warm, rep = (100, 500) if n > 100_000 else (50, 300)
+    if args.quick:
+        warm, rep = 25, 150
 
     def add(impl: str, ms: float, note: str = "", eff_flops: float = flops, **kw):
         row = dict(case=name, impl=impl, ms=ms, tflops=eff_flops / ms / 1e9 if ms == ms else float("nan"),
@@ -552,7 +554,7 @@ def run_backends(name: str, case: Case, args, rows: list[dict], peak: float, bw:
             ms = median_ms(fn, warmup=warm, rep=rep)
             add(f"ours {be}, front door" + (" (permute + block-sparse + unpermute)" if be in ("fa4", "gluon") else ""), ms,
                 f"{tiles}; first call {setup:.1f}s", speedup=cudnn_ms / ms, sampled_rel_err=err)
-            if be in ("fa4", "gluon"):
+            if be in ("fa4", "gluon") and not args.quick:
                 for layout in args.layouts.split(","):
                     low = lower(plan, p, layout)
                     qp, kp, vp = low.permute_q(q), low.permute_kv(k), low.permute_kv(v)
@@ -674,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
                          "kernel variants")
     ap.add_argument("--check-rows", type=int, default=16, help="sampled rows checked per --backends run")
     ap.add_argument("--permute-cost", action="store_true", help="with --backends: time the permutation copies alone")
+    ap.add_argument("--quick", action="store_true",
+                    help="with --backends: short timing windows and no kernel-only rows (a tight device budget)")
     ap.add_argument("--layouts", default="tokens", help="with --backends: permuted layouts timed kernel-only "
                     "(tokens = token-major, the default; heads = head-major)")
     ap.add_argument("--tune", action="store_true",
