@@ -13,9 +13,11 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -477,6 +479,157 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
                 add(f"FlexAttention ({order}) FAILED", float("nan"), f"{type(e).__name__}: {str(e)[:300]}")
 
 
+def ceilings() -> tuple[float, float]:
+    """This run's bf16 matmul rate (TFLOP/s, 8192^3) and device-copy bandwidth (GB/s, 1 GiB), for the floors."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = median_ms(lambda: a @ b, warmup=25, rep=100)
+    x = torch.empty(2**29, device="cuda", dtype=torch.int16)
+    y = torch.empty_like(x)
+    cp = median_ms(lambda: y.copy_(x), warmup=25, rep=100)
+    del a, b, x, y
+    torch.cuda.empty_cache()
+    return 2 * 8192**3 / mm * 1e-9, 2 * 2**30 / cp * 1e-6
+
+
+_CUDNN_MS: dict[tuple, float] = {}
+
+
+def run_backends(name: str, case: Case, args, rows: list[dict], peak: float, bw: float) -> None:
+    """cuDNN dense, then each named neighborhood backend on the same inputs: triton (the front door forced), and
+    fa4/gluon through the block-sparse lowering, timed in total (permute + block-sparse kernel + unpermute: the
+    front door) and kernel only (tokens already in tile order, as NATTEN's kernel-only figures). Floors: FLOPs / this
+    run's matmul rate, q/k/v/o bytes once / this run's copy bandwidth."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ..kernels.neighborhood.checks import normalize_params
+    from ..kernels.neighborhood.functional import get_plan, neighborhood_attention
+    from ..kernels.neighborhood.lowering import lower, lowering_reason
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    b, h, d = 1, case.heads, args.head_dim
+    n = math.prod(case.shape)
+    flops = 4 * n * math.prod(case.kernel_size) * d * h * b
+    dense_flops = 4 * n * n * d * h * b
+    floors = dict(flop_floor_ms=flops / peak * 1e-9, byte_floor_ms=4 * n * h * d * 2 / bw * 1e-6)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, *case.shape, h, d, generator=gen).to(getattr(args, "device", "cuda"), dtype)
+               for _ in range(3))
+    cargs = dict(kernel_size=case.kernel_size, stride=case.stride)
+    warm, rep = (100, 500) if n > 100_000 else (50, 300)
+    if args.quick:
+        warm, rep = 25, 150
+
+    def add(impl: str, ms: float, note: str = "", eff_flops: float = flops, **kw):
+        row = dict(case=name, impl=impl, ms=ms, tflops=eff_flops / ms / 1e9 if ms == ms else float("nan"),
+                   note=note, dtype=args.dtype, **floors, **kw)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    ck = (case.shape, h, d, args.dtype)
+    if ck not in _CUDNN_MS:
+        qs, ks_, vs = (t.reshape(b, n, h, d).transpose(1, 2).contiguous() for t in (q, k, v))
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            _CUDNN_MS[ck] = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks_, vs),
+                                      warmup=warm, rep=rep)
+        del qs, ks_, vs
+        add("cuDNN SDPA (dense)", _CUDNN_MS[ck], eff_flops=dense_flops)
+    cudnn_ms = _CUDNN_MS[ck]
+    p = normalize_params(case.shape, case.kernel_size, case.stride)
+    plan = get_plan(case.shape, case.kernel_size, case.stride, 1, False)
+    reason = lowering_reason(plan)
+    tiles = f"Q{plan.q_tile} KV{plan.kv_tile}"
+    for be in [x.strip() for x in args.backends.split(",") if x.strip() and x.strip() != "cudnn"]:
+        try:
+            t0 = time.time()
+            if be in ("fa4", "gluon") and reason:
+                add(f"ours {be} REFUSED", float("nan"), reason)
+                continue
+            fn = lambda: neighborhood_attention(q, k, v, case.kernel_size, case.stride, backend=be)  # noqa: E731,B023
+            err = sampled_check(q, k, v, fn(), cargs, args.check_rows)
+            setup = time.time() - t0
+            ms = median_ms(fn, warmup=warm, rep=rep)
+            add(f"ours {be}, front door" + (" (permute + block-sparse + unpermute)" if be in ("fa4", "gluon") else ""), ms,
+                f"{tiles}; first call {setup:.1f}s", speedup=cudnn_ms / ms, sampled_rel_err=err)
+            if be in ("fa4", "gluon") and not args.quick:
+                for layout in args.layouts.split(","):
+                    low = lower(plan, p, layout)
+                    qp, kp, vp = low.permute_q(q), low.permute_kv(k), low.permute_kv(v)
+                    fk = lambda: low.attend(qp, kp, vp, be, batch=b)  # noqa: E731,B023
+                    err_k = sampled_check(q, k, v, low.unpermute(fk(), b), cargs, args.check_rows)
+                    ms_k = median_ms(fk, warmup=warm, rep=rep)
+                    add(f"ours {be}, kernel only (tokens in tile order, {layout}-major)", ms_k, f"{tiles}; block "
+                        f"density {low.density():.4f}", speedup=cudnn_ms / ms_k, sampled_rel_err=err_k)
+                    del qp, kp, vp
+        except Exception as e:  # keep the other backends going; the failure is a row of the table
+            add(f"ours {be} FAILED", float("nan"), f"{type(e).__name__}: {str(e)[:300]}")
+    if args.permute_cost and reason is None:
+        import os
+
+        for layout, how in [(lay, "torch copies" if lay == "heads" else "Triton row gather") for lay in
+                            args.layouts.split(",")] + ([("tokens", "torch copies")] if "tokens" in args.layouts else []):
+            low = lower(plan, p, layout)
+            env = os.environ.get("DIFFATTN_NA_PERMUTE")
+            os.environ["DIFFATTN_NA_PERMUTE"] = "torch" if how == "torch copies" else "triton"
+            try:
+                o = low.permute_q(q)
+
+                def perm():
+                    low.permute_q(q), low.permute_kv(k), low.permute_kv(v)  # noqa: B023
+                    return low.unpermute(o, b)  # noqa: B023
+                ok = torch.equal(perm(), q)  # the round trip is exact
+                add(f"permute q,k,v + unpermute out ({layout}-major, {how})", median_ms(perm, warmup=warm, rep=rep),
+                    f"{tiles}; round trip exact: {ok}", eff_flops=float("nan"),
+                    traffic_floor_ms=4 * 2 * n * h * d * q.element_size() / bw * 1e-6)
+            finally:
+                if env is None:
+                    os.environ.pop("DIFFATTN_NA_PERMUTE", None)
+                else:
+                    os.environ["DIFFATTN_NA_PERMUTE"] = env
+
+
+def neighborhood_order(rows: list[dict]) -> dict | None:
+    """The neighborhood table row for exactly block-sparse plans from `--backends` rows: the front-door backends
+    ordered by the geometric mean of (time / fastest time) over the exact-plan cases each ran (at least half of
+    them), as `bench kernels --tune` orders block-sparse backends. Plans with masked pairs need no row: only
+    triton runs them on a GPU."""
+    by_case: dict[str, dict[str, float]] = {}
+    refused = {r["case"] for r in rows if r["impl"].endswith("REFUSED")}
+    for r in rows:
+        m = re.match(r"ours (\w+), front door", r["impl"])
+        if m and r["case"] not in refused and r["ms"] == r["ms"]:
+            by_case.setdefault(r["case"], {})[m.group(1)] = r["ms"]
+    logs: dict[str, list[float]] = {}
+    for times in by_case.values():
+        best = min(times.values())
+        for n, t in times.items():
+            logs.setdefault(n, []).append(math.log(t / best))
+    if not by_case:
+        return None
+    score = {n: round(math.exp(sum(v) / len(v)), 4) for n, v in logs.items() if 2 * len(v) >= len(by_case)}
+    return {"order": sorted(score, key=score.get), "geomean_time_vs_fastest": score, "cases": sorted(by_case)}
+
+
+def write_neighborhood_rows(rows: list[dict], kind: str, dtype: str, head_dim: int, device_name: str,
+                            source: str) -> Path | None:
+    """Merge the exact-plan row into `diffattn/kernels/tuned/<kind>.json` (other operations and rows kept)."""
+    from ..kernels import backends as registry
+
+    row = neighborhood_order(rows)
+    if row is None:
+        return None
+    path = registry.tuned_dir() / f"{kind}.json"  # DIFFATTN_TUNED_DIR redirects it (tests)
+    data = json.loads(path.read_text()) if path.is_file() else {"device": device_name, "ops": {}}
+    row["generated_by"] = source
+    data.setdefault("ops", {}).setdefault("neighborhood", {})[f"{dtype}/d{head_dim}/b128"] = row
+    registry.parse_table(json.dumps(data), source=str(path))  # names checked before writing
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
 def format_table(rows: list[dict]) -> str:
     out = ["| case | implementation | ms (median) | eff. TFLOP/s | speed-up vs cuDNN | NATTEN H100 | simulator | note |",
            "|---|---|---|---|---|---|---|---|"]
@@ -489,6 +642,8 @@ def format_table(rows: list[dict]) -> str:
         sim = ""
         if "sim_upper" in r:
             sim = f"bound {r['sim_upper']:.1f}x, exp. {r['sim_expected']:.1f}x" + (", perfect" if r.get("perfect") else "")
+        if "flop_floor_ms" in r:
+            sim = f"floors {r['flop_floor_ms']:.2f} / {r['byte_floor_ms']:.2f} ms"
         if "predicted_sparse_ms" in r:
             sim = f"predicts {r['predicted_sparse_ms']:.2f} ms sparse"
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
@@ -515,8 +670,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tile-sweep", action="store_true",
                     help="time cuDNN and the front door at the simulator's best tile pairs (checks its choice)")
     ap.add_argument("--check", action="store_true", help="run the small-shape correctness suite first")
+    ap.add_argument("--backends", default=None,
+                    help="comma-separated from cudnn,triton,fa4,gluon: time the registry's neighborhood backends "
+                         "(fa4/gluon through the block-sparse lowering: total and kernel only) instead of the "
+                         "kernel variants")
+    ap.add_argument("--check-rows", type=int, default=16, help="sampled rows checked per --backends run")
+    ap.add_argument("--permute-cost", action="store_true", help="with --backends: time the permutation copies alone")
+    ap.add_argument("--quick", action="store_true",
+                    help="with --backends: short timing windows and no kernel-only rows (a tight device budget)")
+    ap.add_argument("--layouts", default="tokens", help="with --backends: permuted layouts timed kernel-only "
+                    "(tokens = token-major, the default; heads = head-major)")
+    ap.add_argument("--tune", action="store_true",
+                    help="with --backends: write the exact-plan neighborhood row of diffattn/kernels/tuned/<kind>.json")
+    ap.add_argument("--tune-from", default=None, metavar="ROWS.jsonl",
+                    help="write that row from saved --backends rows instead (no GPU needed; with --kind)")
+    ap.add_argument("--kind", default=None, help="device kind of --tune-from rows, e.g. h200")
     ap.add_argument("--out", default=None, help="write JSON lines here")
     args = ap.parse_args(argv)
+    if args.tune_from:
+        if not args.kind:
+            print("--tune-from needs --kind (e.g. h200)", file=sys.stderr)
+            return 2
+        saved = [json.loads(line) for line in open(args.tune_from) if line.strip()]
+        saved = [r for r in saved if r.get("dtype", args.dtype) == args.dtype]
+        path = write_neighborhood_rows(saved, args.kind, args.dtype, args.head_dim, args.kind,
+                                       f"diffattn bench gna --tune-from {args.tune_from}")
+        print(f"wrote {path}" if path else "no front-door rows of exactly block-sparse cases in that file")
+        return 0 if path else 1
     if not torch.cuda.is_available():
         print("a CUDA device is needed for this benchmark", file=sys.stderr)
         return 2
@@ -525,13 +705,29 @@ def main(argv: list[str] | None = None) -> int:
         lines = gpu_correctness()
         print("\n".join(lines), flush=True)
     rows: list[dict] = []
-    for name in args.cases.split(","):
-        if name not in CASES:
-            print(f"unknown case {name!r}; known: {sorted(CASES)}", file=sys.stderr)
-            return 2
-        run_case(name, CASES[name], args, rows)
+    names = args.cases.split(",")
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        print(f"unknown cases {unknown}; known: {sorted(CASES)}", file=sys.stderr)
+        return 2
+    if args.backends:
+        peak, bw = ceilings()
+        print(f"ceilings (this run): bf16 matmul {peak:.0f} TFLOP/s, device copy {bw:.0f} GB/s", flush=True)
+    for name in names:
+        if args.backends:
+            run_backends(name, CASES[name], args, rows, peak, bw)
+        else:
+            run_case(name, CASES[name], args, rows)
         torch.cuda.empty_cache()  # the case's tensors are gone with its frame
-    write_json_lines(rows, args.out)
+    if not args.backends:  # --backends appends its rows as it goes
+        write_json_lines(rows, args.out)
+    elif args.tune:
+        from ..kernels import backends as registry
+
+        name = torch.cuda.get_device_name()
+        path = write_neighborhood_rows(rows, registry.device_kind(name), args.dtype, args.head_dim, name,
+                                       "diffattn bench gna " + " ".join(sys.argv[1:]))
+        print(f"wrote {path}", flush=True)
     print(format_table(rows))
     return 0
 

@@ -18,6 +18,7 @@ probe asks for it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -440,13 +441,33 @@ register(Backend("reference", "block_sparse", "plain PyTorch over the whole mask
 register(Backend("triton", "neighborhood", "our Triton forward/backward (TMA boxes on sm90+)",
                  Caps(devices=("cuda", "cpu-interpret"), dtypes=KERNEL, epilogue=None),
                  available=_triton_missing, default=True))
-register(Backend("fa4", "neighborhood", "FlashAttention-4 block-sparse on tile-permuted tokens (perfectly block-sparse plans)",
+#: the neighborhood rule's refusal for a plan that is not exactly block-sparse (the front door replaces it with the
+#: plan's own reason, `neighborhood.lowering.lowering_reason`)
+NOT_BLOCK_SPARSE = "the neighborhood plan is not exactly block-sparse on tile-permuted tokens"
+
+
+def _lowered_rule(name: str) -> Callable[[Request], str | None]:
+    """Neighborhood through block-sparse backend `name` (neighborhood/lowering.py): only exactly block-sparse plans
+    (the front door sets `block_sparse_plan` and `block_size`), and only where that block-sparse backend can run."""
+
+    def rule(req: Request) -> str | None:
+        if not req.block_sparse_plan or req.block_size is None:
+            return NOT_BLOCK_SPARSE
+        inner = dataclasses.replace(req, op="block_sparse", has_epilogue=False, block_sparse_plan=False)
+        reason = _REGISTRY["block_sparse"][name].why_not(inner)
+        return f"block-sparse backend {name!r} refuses the lowered call: {reason}" if reason else None
+
+    return rule
+
+
+register(Backend("fa4", "neighborhood", "FlashAttention-4 block-sparse on tile-permuted tokens (exactly block-sparse plans)",
                  Caps(devices=("cuda",), dtypes=HALF, capabilities=(9,), head_dims=(8, 128, 8), backward="triton",
                       epilogue=None),
-                 available=_fa4_missing,
-                 rule=lambda r: ("not implemented: running a neighborhood plan as block-sparse index lists on "
-                                 "tile-permuted tokens (exact where the plan is perfectly block-sparse) is not wired "
-                                 "up yet; use triton")))
+                 available=_fa4_missing, rule=_lowered_rule("fa4")))
+register(Backend("gluon", "neighborhood", "our Gluon block-sparse forward on tile-permuted tokens (exactly block-sparse plans)",
+                 Caps(devices=("cuda",), dtypes=HALF, capabilities=(9,), head_dims=(16, 256, 16), backward="triton",
+                      epilogue=None),
+                 available=_gluon_missing, rule=_lowered_rule("gluon")))
 register(Backend("blocked", "neighborhood", "plain PyTorch by query tiles over their key boxes (the CPU path)",
                  Caps(devices=("cuda", "cpu"), dtypes=ANY, epilogue=None), default=True))
 register(Backend("reference", "neighborhood", "dense [N, N] mask in plain PyTorch (ground truth, small problems)",

@@ -2,8 +2,8 @@
 (`diffattn/kernels/backends.py`, op "neighborhood"), and wires autograd.
 
 Backends: None = auto (the device kind's measured table, else "triton" where it runs, else "blocked";
-`DIFFATTN_NEIGHBORHOOD_BACKEND` sets it), "triton", "fa4" (declared; refuses with its reason until the
-tile-permuted block-sparse route is wired up), "blocked", "reference".
+`DIFFATTN_NEIGHBORHOOD_BACKEND` sets it), "triton", "fa4" and "gluon" (exactly block-sparse plans only: the
+block-sparse lowering on tile-permuted tokens, `lowering.py`), "blocked", "reference".
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .. import backends as registry
 from ..common import check_tensors, default_backend, run_with_fallbacks
 from .blocked import neighborhood_attention_blocked
 from .checks import check_qkv, normalize_params, spatial_shape
+from .lowering import gluon_reason, lowering_reason, neighborhood_attention_block_sparse
 from .reference import neighborhood_attention_reference
 from .tiling import Plan, make_plan, resolve_tiles
 
@@ -159,7 +160,8 @@ def neighborhood_attention(
 
     backend: None (the device kind's measured table, else Triton on CUDA or on CPU under TRITON_INTERPRET=1,
     else "blocked"; the env var `DIFFATTN_NEIGHBORHOOD_BACKEND` overrides this default; `diffattn/kernels/backends.py`),
-    "triton", "fa4" (declared, refuses until wired up), "blocked"
+    "triton", "fa4"/"gluon" (plans with no masked tile pair, e.g. strided GNA with tile-aligned windows: FA4's or our
+    Gluon block-sparse forward on tile-permuted tokens, `lowering.py`; other plans are refused with the reason), "blocked"
     (plain PyTorch, one query tile at a time over the box of keys it can see: the CPU path, differentiable by
     autograd) or "reference" (dense `[N, N]` mask, small problems only; the ground truth).
     q_tile/kv_tile: override the Triton tile shapes (powers of two, at least 16 tokens per tile; default: chosen by
@@ -167,19 +169,44 @@ def neighborhood_attention(
     query tile and kv_tile is unused (the key box follows from the windows).
 
     On Hopper the forward reads tiles as TMA boxes in place (set DIFFATTN_NA_TMA=0 for pointer loads); perfectly
-    block-sparse settings (see `diffattn.kernels.neighborhood.propose_stride`) run with no per-element mask. No permutation copy is
-    ever made.
+    block-sparse settings (see `diffattn.kernels.neighborhood.propose_stride`) run with no per-element mask. The triton
+    path makes no permutation copy; fa4/gluon permute q, k, v and un-permute the output (one copy each).
     """
     check_tensors(q=q, k=k, v=v)
     if backend is not None:
         registry.check_name(OP, backend)
     check_qkv(q, k, v, extra_k, extra_v, scale, None)
     has_extra = extra_k is not None and extra_k.shape[1] > 0
-    req = registry.make_request(OP, q, head_dim=q.shape[-1], need_lse=return_lse, has_extra=has_extra,
-                                extra_tensors=(k, v, extra_k, extra_v))
-    backend = registry.choose(req, backend)
     shape = spatial_shape(q)
     params = normalize_params(shape, kernel_size, stride, dilation, is_causal)
+    lower_reason, plan, block = None, None, None
+    if q.device.type == "cuda" and backend not in ("triton", "blocked", "reference"):
+        # the block-sparse lowering ("fa4", "gluon"; lowering.py) runs exactly block-sparse plans only
+        plan = get_plan(shape, params.kernel_size, params.stride, params.dilation, params.is_causal, q_tile, kv_tile)
+        lower_reason = lowering_reason(plan)
+        block = plan.block_m if lower_reason is None else None
+    req = registry.make_request(OP, q, head_dim=q.shape[-1], block_size=block, need_lse=return_lse,
+                                has_extra=has_extra, extra_tensors=(k, v, extra_k, extra_v),
+                                block_sparse_plan=block is not None)
+    forced = backend is not None or bool(os.environ.get(ENV_BACKEND, "").strip())
+    try:
+        backend = registry.choose(req, backend)
+    except registry.BackendUnavailable as e:
+        if lower_reason and registry.NOT_BLOCK_SPARSE in str(e):
+            raise registry.BackendUnavailable(str(e).replace(registry.NOT_BLOCK_SPARSE, lower_reason)) from None
+        raise
+    if backend == "gluon":  # the Gluon forward's own check (dtype, head dim, block size on permuted tensors)
+        reason = gluon_reason(q.device.index or 0, q.dtype, q.shape[-1], block, has_extra)
+        if reason:
+            if forced:
+                raise registry.BackendUnavailable(f"backend='gluon' cannot run this neighborhood call: {reason}")
+            registry.debug("neighborhood backend gluon refused: %s", reason)
+            backend = registry.choose(req, None, exclude=frozenset({"gluon"}))
+    if lower_reason and not forced:
+        registry.debug("neighborhood backends fa4/gluon skipped: %s", lower_reason)
+    if backend in ("fa4", "gluon"):
+        return neighborhood_attention_block_sparse(q, k, v, plan, params, backend, scale=scale, extra_k=extra_k,
+                                                   extra_v=extra_v, return_lse=return_lse)
     if backend == "reference":
         return neighborhood_attention_reference(
             q, k, v, params.kernel_size, params.stride, params.dilation, params.is_causal,

@@ -1,0 +1,46 @@
+"""`diffattn bench gna --backends` rows -> the neighborhood row of the registry's measured table (CPU, no GPU)."""
+
+from __future__ import annotations
+
+import json
+
+from diffattn.bench import gna
+from diffattn.kernels import backends as registry
+
+
+def _rows():
+    r = lambda case, impl, ms: dict(case=case, impl=impl, ms=ms)  # noqa: E731
+    return [
+        r("flux-gna", "cuDNN SDPA (dense)", 85.0),
+        r("flux-gna", "ours triton, front door", 10.0),
+        r("flux-gna", "ours fa4, front door (permute + block-sparse + unpermute)", 9.0),
+        r("flux-gna", "ours fa4, kernel only (tokens in tile order)", 8.0),
+        r("flux-gna", "ours gluon, front door (permute + block-sparse + unpermute)", 9.9),
+        r("hunyuan-gna", "ours triton, front door", 30.0),
+        r("hunyuan-gna", "ours fa4, front door (permute + block-sparse + unpermute)", 27.0),
+        r("hunyuan-gna", "ours gluon, front door (permute + block-sparse + unpermute)", 26.0),
+        # plain NA: fa4/gluon refused, so the case says nothing about the exact-plan order
+        r("flux-na", "ours triton, front door", 14.0),
+        r("flux-na", "ours fa4 REFUSED", float("nan")),
+    ]
+
+
+def test_order_is_geomean_over_exact_cases():
+    row = gna.neighborhood_order(_rows())
+    assert row["cases"] == ["flux-gna", "hunyuan-gna"]
+    s = row["geomean_time_vs_fastest"]
+    assert abs(s["fa4"] - (27 / 26) ** 0.5) < 1e-3 and abs(s["gluon"] - (9.9 / 9) ** 0.5) < 1e-3
+    assert row["order"] == ["fa4", "gluon", "triton"]
+
+
+def test_write_merges_into_the_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFATTN_TUNED_DIR", str(tmp_path))
+    other = {"device": "NVIDIA H200", "ops": {"block_sparse": {"bf16/d128/b128": {"order": ["fa4", "triton"]}}}}
+    (tmp_path / "h200.json").write_text(json.dumps(other))
+    path = gna.write_neighborhood_rows(_rows(), "h200", "bf16", 128, "NVIDIA H200", "test")
+    data = registry.parse_table(path.read_text())
+    assert data["ops"]["block_sparse"] == other["ops"]["block_sparse"]  # the other operation is kept
+    assert data["ops"]["neighborhood"]["bf16/d128/b128"]["order"] == ["fa4", "gluon", "triton"]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps(r) for r in _rows()))
+    assert gna.main(["--tune-from", str(rows), "--kind", "h200"]) == 0
