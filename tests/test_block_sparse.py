@@ -12,7 +12,12 @@ import torch
 
 from interpreter import run_under_interpreter
 from diffattn.kernels import block_sparse_attention, merge_attention_states
-from diffattn.kernels.block_sparse import block_sparse_attention_reference, build_block_index, get_block_index
+from diffattn.kernels.block_sparse import (
+    block_sparse_attention_reference,
+    build_block_index,
+    get_block_index,
+    seed_block_index,
+)
 
 
 def _naive(q, k, v, block_mask, bs, scale, ek=None, ev=None):
@@ -109,6 +114,35 @@ def test_index_lists_are_ascending_csr():
     cached = get_block_index(mask)
     mask[0, 0, 0, 0] = ~mask[0, 0, 0, 0]  # in-place change bumps the version: the cache must rebuild
     assert get_block_index(mask) is not cached
+
+
+def test_seeded_forward_lists_are_used_and_backward_lists_built_from_the_mask(monkeypatch):
+    from diffattn.kernels.block_sparse import index as index_mod
+
+    mask = torch.rand(2, 3, 5, 6) < 0.4
+    mask[..., 0] = True
+    ref = build_block_index(mask)
+    ref_q = (ref.q_idx, ref.q_cnt)
+    seed_block_index(mask, ref.kv_idx.clone(), ref.kv_cnt.clone())
+    sorts = []
+    real = index_mod._csr_rows
+    monkeypatch.setattr(index_mod, "_csr_rows", lambda m: sorts.append(m.shape) or real(m))
+    got = get_block_index(mask)
+    assert sorts == []  # the forward's lists came from the seed
+    assert torch.equal(got.kv_idx, ref.kv_idx) and torch.equal(got.kv_cnt, ref.kv_cnt)
+    assert torch.equal(got.q_idx, ref_q[0]) and torch.equal(got.q_cnt, ref_q[1])
+    assert sorts == [(2, 3, 6, 5)]  # one sort, of the transposed mask, on the backward's first use
+    q = torch.randn(2, 3, 75, 8)  # 5 query blocks (short last one), 6 key blocks
+    k, v = torch.randn(2, 3, 90, 8), torch.randn(2, 3, 90, 8)
+    out = block_sparse_attention(q, k, v, mask, block_size=16, backend="blocked")
+    ref_out, _ = block_sparse_attention_reference(q, k, v, mask, block_size=16)
+    assert _rel(out, ref_out) < 1e-5
+    mask[0, 0, 0, 1] = ~mask[0, 0, 0, 1]  # in-place change: the seed is stale and must not be used
+    assert get_block_index(mask) is not got
+    with pytest.raises(ValueError, match="do not match the mask"):
+        seed_block_index(mask, ref.kv_idx[:, :, :-1], ref.kv_cnt)
+    with pytest.raises(ValueError, match="int32"):
+        seed_block_index(mask, ref.kv_idx.long(), ref.kv_cnt)
 
 
 def _args(**over):

@@ -28,7 +28,7 @@ def test_one_vocabulary_and_one_default():
     from diffattn.kernels import backends
 
     assert block_sparse.BACKENDS == backends.names("block_sparse") == ("triton", "gluon", "fa4", "flex", "blocked", "reference")
-    assert neighborhood.BACKENDS == backends.names("neighborhood") == ("triton", "fa4", "blocked", "reference")
+    assert neighborhood.BACKENDS == backends.names("neighborhood") == ("triton", "fa4", "gluon", "blocked", "reference")
     assert block_sparse.default_backend is neighborhood.default_backend is common.default_backend
     assert block_sparse.ENV_BACKEND != neighborhood.ENV_BACKEND
 

@@ -116,3 +116,35 @@ def test_plan_auto_takes_triton_without_grad_and_torch_with_grad():
     plan = rectified_plan(qg, k, v, **kw)  # needs a gradient: the differentiable PyTorch path
     assert plan.out_scale.requires_grad
     torch.autograd.grad(plan.out_bias.sum() + plan.out_scale.sum(), qg)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_attention_reuses_the_selections_index_lists(monkeypatch, pad):
+    """With the Triton selection the front door's forward sorts no mask (the selection's lists are seeded), and the
+    output is the one the mask's own lists give."""
+    from diffattn.kernels.block_sparse import clear_cache
+    from diffattn.kernels.block_sparse import index as index_mod
+    from diffattn.methods.rectified import rectified_attention
+
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 2, 75, 16, generator=g).to(DEV) for _ in range(3))
+    ek, ev = (torch.randn(2, 2, 5, 16, generator=g).to(DEV) for _ in range(2))
+    mask = torch.ones(2, 5, dtype=torch.bool, device=DEV)
+    if pad:
+        mask[1, 3:] = False
+    kw = dict(block_size=16, tau=0.4, k_min=1, gapr=True, extra_k=ek, extra_v=ev, extra_mask=mask)
+    clear_cache()
+    sorts = []
+    real = index_mod._csr_rows
+    monkeypatch.setattr(index_mod, "_csr_rows", lambda m: sorts.append(tuple(m.shape)) or real(m))
+    with torch.no_grad():
+        out = rectified_attention(q, k, v, **kw)
+    assert sorts == []
+    import diffattn.methods.rectified_core as core
+
+    monkeypatch.setattr(core, "seed_block_index", lambda *a: None)
+    clear_cache()
+    with torch.no_grad():
+        again = rectified_attention(q, k, v, **kw)
+    assert sorts  # without the seed the front door sorts the mask itself
+    assert torch.equal(out, again)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import block_sparse_attention
-from ..kernels.block_sparse import block_sparse_attention_reference
+from ..kernels.block_sparse import block_sparse_attention_reference, seed_block_index
 from ..kernels.rectified_select import (
     rectified_select,
     rectified_select_torch,
@@ -64,7 +64,8 @@ class RectifiedPlan:
     probs: float32 `[B, H, nq, nk]`, the pooled map over video key blocks; text_mass: `[B, H, nq]`.
     kv_idx, kv_cnt: the block-sparse forward's index lists of `block_mask` (int32, as
     `kernels.block_sparse.build_block_index` makes them), written by the Triton selection; None from the PyTorch
-    path. The front door does not take ready lists yet, so `rectified_attention` does not pass them (docs).
+    path. `rectified_attention` puts them in the front door's index cache (`seed_block_index`), so the kernel call
+    does not sort the mask again.
     """
 
     block_mask: torch.Tensor
@@ -219,11 +220,16 @@ def rectified_attention(
             idx = torch.tensor(valid, dtype=torch.long, device=q.device)
             ek, ev = extra_k[rows][:, :, idx], extra_v[rows][:, :, idx]
             aff = {n: t[rows] for n, t in affine.items()}
+            mask = plan.block_mask[rows]
+            if plan.kv_idx is not None:
+                seed_block_index(mask, plan.kv_idx[rows], plan.kv_cnt[rows])
             out[rows] = block_sparse_attention(
-                q[rows], k[rows], v[rows], plan.block_mask[rows], block_size=block_size, scale=scale,
+                q[rows], k[rows], v[rows], mask, block_size=block_size, scale=scale,
                 extra_k=ek if len(valid) else None, extra_v=ev if len(valid) else None, backend=backend, **aff,
             )
     else:
+        if plan.kv_idx is not None:  # the selection wrote the lists: the front door need not sort the mask
+            seed_block_index(plan.block_mask, plan.kv_idx, plan.kv_cnt)
         out = block_sparse_attention(
             q, k, v, plan.block_mask, block_size=block_size, scale=scale,
             extra_k=extra_k if has_extra else None, extra_v=extra_v if has_extra else None, backend=backend, **affine,
