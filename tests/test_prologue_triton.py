@@ -12,13 +12,10 @@ import os
 import pytest
 import torch
 
-INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-CUDA = torch.cuda.is_available() and not INTERP
-DEVICE = "cuda" if CUDA else "cpu"
+from interpreter import INTERP, triton_device_and_mark  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    not (CUDA or INTERP), reason="needs CUDA, or TRITON_INTERPRET=1 (test_prologue.py runs this file so)"
-)
+DEVICE, pytestmark = triton_device_and_mark("test_prologue.py")
+CUDA = DEVICE == "cuda"
 
 from diffattn.kernels.prologue import qk_norm_rope, qk_norm_rope_reference  # noqa: E402
 

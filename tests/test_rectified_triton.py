@@ -6,17 +6,13 @@ test_rectified.py::test_triton_kernels_under_interpreter arranges in a subproces
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(
-    not (CUDA or INTERP), reason="needs CUDA, or TRITON_INTERPRET=1 (test_rectified.py runs this file so)"
-)
-DEV = "cuda" if CUDA and not INTERP else "cpu"
+from interpreter import triton_device_and_mark  # noqa: E402
+
+DEV, pytestmark = triton_device_and_mark("test_rectified.py")
 
 from diffattn.kernels import block_sparse_attention  # noqa: E402
 from diffattn.methods.rectified import rectified_attention, rectified_attention_reference  # noqa: E402
