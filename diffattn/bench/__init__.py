@@ -23,6 +23,7 @@ BENCHES: dict[str, str] = {
     "rectified": "Rectified SpaAttn at production shapes: step, selection overhead, error vs top-p and radial",
     "highres": "FreeSwim end to end at 1080p (Wan2.1-1.3B config) under a GPU memory cap",
     "layout": "FICGen layout accuracy on the UNet demo model (stock / training-free / trained); SD1.5 step overhead",
+    "gluon-forward": "the Gluon (Hopper) block-sparse forward vs cuDNN SDPA and our Triton kernel at one shape",
     "agent": "AgentSD on SD1.5/SDXL UNet steps (real configs, fp16): dense vs agent vs ToMe, 50-step projection",
 }
 

@@ -1,6 +1,6 @@
 """Time the Gluon forward against cuDNN SDPA and our Triton kernel at one shape, in one process (GPU job script).
 
-    python -m diffattn.bench.gluon_forward --out bench.json [--variants 2:1,3:1,3:0]
+    diffattn bench gluon-forward --out bench.json [--variants 2:1,3:1,3:0]
 
 Masks are the bench's (`diffattn bench kernels`): dense, radial-like at the asked densities, random. Prints one
 line per case; effective TFLOP/s = 4*S^2*D*H*density / time. A correctness line compares the Gluon output with
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffattn.kernels import block_sparse_attention
     from diffattn.kernels.block_sparse import get_block_index, gluon_fwd
 
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="diffattn bench gluon-forward", description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="wan14b")
     p.add_argument("--cases", default="dense,radial:0.25,radial:0.11,random:0.10")
     p.add_argument("--variants", default="3:1:0,3:1:1,3:0:1", help="stages:pingpong:persistent, all timed dense")
