@@ -48,7 +48,7 @@ from .. import backends as registry
 from ..common import triton_runs_on
 from ..block_sparse import block_sparse_attention
 from .checks import NAParams
-from .tiling import Plan, permute_tokens, unpermute_tokens
+from .tiling import Plan, permute_tokens, tile_pads, tile_view, unpermute_tokens
 
 __all__ = ["BlockSparseLowering", "lower", "lowering_reason", "neighborhood_attention_block_sparse"]
 
@@ -234,27 +234,13 @@ class BlockSparseLowering:
                                       extra_v=extra_v, return_lse=return_lse, backend=backend)
 
 
-def _pads(shape, tile, dilation) -> list[int]:
-    return [-(-(-(-shape[i] // dilation[i])) // tile[i]) * tile[i] * dilation[i] - shape[i] for i in range(len(shape))]
-
-
 def permute_rows(x: torch.Tensor, tile, dilation) -> torch.Tensor:
     """`[B, *spatial, H, D]` -> `[B*G, H, N_pad, D]` in tile order, as a view of token-major memory
     (`[B*G, N_pad, H, D]`, one copy): whole H*D rows move (runs of `tile[-1]` tokens are contiguous in the
     source), and FA4 reads that memory as its native `[B, S, H, D]`. Same token order as `tiling.permute_tokens`."""
     b, h, d = x.shape[0], x.shape[-2], x.shape[-1]
-    shape = x.shape[1:-2]
-    nd = len(shape)
-    pads = _pads(shape, tile, dilation)
-    if any(pads):
-        pad_arg = [0, 0, 0, 0]
-        for i in reversed(range(nd)):
-            pad_arg += [0, pads[i]]
-        x = torch.nn.functional.pad(x, pad_arg)
-    view = [b]
-    for i in range(nd):
-        view += [(shape[i] + pads[i]) // (tile[i] * dilation[i]), tile[i], dilation[i]]
-    x = x.reshape(view + [h, d])
+    nd = x.dim() - 3
+    x = tile_view(x, tile, dilation)
     # axis i's (r, t, dil) sit at dims 1+3i, 2+3i, 3+3i; order: b, dil..., r..., t..., H, D
     order = [0] + [3 + 3 * i for i in range(nd)] + [1 + 3 * i for i in range(nd)] + [2 + 3 * i for i in range(nd)]
     order += [1 + 3 * nd, 2 + 3 * nd]
@@ -268,7 +254,7 @@ def unpermute_rows(y: torch.Tensor, batch: int, shape, tile, dilation) -> torch.
     nd = len(shape)
     h = y.shape[1]
     rest = list(y.shape[3:])
-    pads = _pads(shape, tile, dilation)
+    pads = tile_pads(shape, tile, dilation)
     rs = [(shape[i] + pads[i]) // (tile[i] * dilation[i]) for i in range(nd)]
     y = y.transpose(1, 2).reshape([batch] + list(dilation) + rs + list(tile) + [h] + rest)
     # dims: 0 b, 1.. dil, 1+nd.. r, 1+2nd.. t, 1+3nd h, rest

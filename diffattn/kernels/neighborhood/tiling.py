@@ -262,18 +262,20 @@ def choose_tiles(shape: tuple[int, ...], kernel_size: tuple[int, ...], stride: t
 # tile one contiguous run of rows, as NATTEN's Hopper/Blackwell kernels need for TMA).
 
 
-def permute_tokens(x: torch.Tensor, tile: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
-    """`[B, *spatial, H, D]` -> `[B, G, H, N_pad, D]`, rows ordered tile-grid-major then intra-tile, zero-padded.
+def tile_pads(shape: Sequence[int], tile: Sequence[int], dilation: Sequence[int]) -> list[int]:
+    """Zero rows appended per axis so that each dilation group's length is a whole number of tiles."""
+    return [_ceil_div(_ceil_div(shape[i], dilation[i]), tile[i]) * tile[i] * dilation[i] - shape[i]
+            for i in range(len(shape))]
 
-    G = prod(dilation) (dilation groups become batch); N_pad = prod over axes of ceil(ceil(L/d)/T)*T.
-    """
+
+def tile_view(x: torch.Tensor, tile: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """`[B, *spatial, H, D]` zero-padded (`tile_pads`) and viewed as `[B, (r, t, d) per axis..., H, D]`: axis i's tile
+    grid index r, in-tile index t and dilation group d at dims 1+3i, 2+3i, 3+3i. Both token orders (below and the
+    block-sparse lowering's) are permutations of this view."""
     b, h, dd = x.shape[0], x.shape[-2], x.shape[-1]
     spatial = x.shape[1:-2]
     nd = len(spatial)
-    pads = []
-    for i in range(nd):
-        gl = _ceil_div(spatial[i], dilation[i])
-        pads.append(_ceil_div(gl, tile[i]) * tile[i] * dilation[i] - spatial[i])
+    pads = tile_pads(spatial, tile, dilation)
     if any(pads):
         pad_arg = [0, 0, 0, 0]
         for i in reversed(range(nd)):
@@ -281,11 +283,18 @@ def permute_tokens(x: torch.Tensor, tile: Sequence[int], dilation: Sequence[int]
         x = torch.nn.functional.pad(x, pad_arg)
     view = [b]
     for i in range(nd):
-        r = (spatial[i] + pads[i]) // (tile[i] * dilation[i])
-        view += [r, tile[i], dilation[i]]
-    view += [h, dd]
-    x = x.reshape(view)
-    # axis i's (r, t, d) sit at dims 1+3i, 2+3i, 3+3i
+        view += [(spatial[i] + pads[i]) // (tile[i] * dilation[i]), tile[i], dilation[i]]
+    return x.reshape(view + [h, dd])
+
+
+def permute_tokens(x: torch.Tensor, tile: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """`[B, *spatial, H, D]` -> `[B, G, H, N_pad, D]`, rows ordered tile-grid-major then intra-tile, zero-padded.
+
+    G = prod(dilation) (dilation groups become batch); N_pad = prod over axes of ceil(ceil(L/d)/T)*T.
+    """
+    b, h, dd = x.shape[0], x.shape[-2], x.shape[-1]
+    nd = x.dim() - 3
+    x = tile_view(x, tile, dilation)
     order = [0] + [3 + 3 * i for i in range(nd)] + [1 + 3 * nd] + [1 + 3 * i for i in range(nd)] + \
             [2 + 3 * i for i in range(nd)] + [2 + 3 * nd]
     x = x.permute(order)
