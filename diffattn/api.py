@@ -12,6 +12,7 @@ from .adapters import family_of
 from .context import ContextSlot, StepTracker, install_context_hook, make_context_hook, remove_context_hook
 from .parallel import bind_model
 from .registry import get_method
+from .token_order import install_token_stream, remove_token_stream
 
 logger = logging.getLogger("diffattn")
 
@@ -124,6 +125,8 @@ def apply(
             slot, tracker, adapter.read_inputs, adapter.forward_signature(model), num_steps_getter, runtime
         )
         install_context_hook(model, hook)
+        if runtime.reorders_tokens and adapter.token_stream is not None:
+            install_token_stream(model, adapter.token_stream, lambda slot=slot: slot.current)
         setattr(
             model,
             _STATE_ATTR,
@@ -146,6 +149,7 @@ def remove(pipe_or_model: Any) -> Any:
         model.set_attn_processor(dict(state.original_processors))
         bind_model(model)
         remove_context_hook(model)
+        remove_token_stream(model)
         delattr(model, _STATE_ATTR)
     return pipe_or_model
 

@@ -66,6 +66,11 @@ class ComposedMethod(AttentionMethod):
     def attend(self, call):
         return (self.guidance or self.attention).attend(call)
 
+    @property
+    def reorders_tokens(self) -> bool:  # type: ignore[override]
+        # the guidance methods act per head on outputs, so they follow any token order the attention method runs
+        return self.attention.reorders_tokens
+
     def prepare_forward(self, ctx, args):
         changed: dict[str, Any] = {}
         for method in self.parts:

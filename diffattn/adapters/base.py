@@ -15,6 +15,7 @@ import torch
 
 from ..call import AttentionCall, LayerInfo, Role
 from ..context import ContextSlot, ForwardContext, TokenGrid, timestep_value
+from ..token_order import TokenStream
 
 logger = logging.getLogger("diffattn")
 
@@ -120,7 +121,9 @@ class Slot:
 class FamilyAdapter:
     """A model family: how to recognise it, which modules to replace, how to read its forward inputs.
 
-    `layer_doc` says how layer indices count for this family (users pick layers by index).
+    `layer_doc` says how layer indices count for this family (users pick layers by index). `token_stream` says
+    where its visual tokens enter and leave the block stack, for methods that run the stack in another token order
+    (`diffattn.token_order`); None: the family has none.
     """
 
     name: str
@@ -129,6 +132,7 @@ class FamilyAdapter:
     slots: Callable[[torch.nn.Module], list[Slot]]
     read_inputs: Callable[[torch.nn.Module, dict[str, Any]], ForwardContext]
     layer_doc: str
+    token_stream: TokenStream | None = None
 
     def matches(self, model: torch.nn.Module) -> bool:
         names = {cls.__name__ for cls in type(model).__mro__}

@@ -14,6 +14,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from ..call import AttentionCall
 from ..context import ForwardContext, TokenGrid
 from .base import DiffattnProcessor, FamilyAdapter, forward_context, block_slots, legacy_qkv, merge_heads, split_heads
+from ..token_order import TokenStream
 
 
 class CogVideoXProcessor(DiffattnProcessor):
@@ -76,4 +77,7 @@ ADAPTER = FamilyAdapter(
     slots=lambda model: block_slots(model, ["transformer_blocks"], {"attn1": "joint"}),
     read_inputs=_read_inputs,
     layer_doc="block index in model.transformer_blocks",
+    # the video tokens leave through norm_final (per token), then norm_out; the rotary table is a forward argument
+    token_stream=TokenStream(blocks="transformer_blocks", exit="norm_final", rope_argument="image_rotary_emb",
+                             rope_axis=0),
 )

@@ -16,6 +16,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from ..call import AttentionCall
 from ..context import ForwardContext, TokenGrid
 from .base import DiffattnProcessor, FamilyAdapter, forward_context, block_slots, to_heads_first
+from ..token_order import TokenStream
 
 
 def _projections(attn, hidden_states, encoder_hidden_states):
@@ -98,6 +99,13 @@ def _read_inputs(model, args: dict[str, Any]) -> ForwardContext:
     return forward_context("flux", args, "hidden_states", grid)
 
 
+def _keeps_order(model, args: dict[str, Any], ctx: ForwardContext) -> str | None:
+    """ControlNet residuals are added to the image tokens after blocks, in the model's order."""
+    if args.get("controlnet_block_samples") is not None or args.get("controlnet_single_block_samples") is not None:
+        return "ControlNet residuals are added to the image tokens in the model's order"
+    return None
+
+
 ADAPTER = FamilyAdapter(
     name="flux",
     model_classes=("FluxTransformer2DModel",),
@@ -105,4 +113,6 @@ ADAPTER = FamilyAdapter(
     slots=lambda model: block_slots(model, ["transformer_blocks", "single_transformer_blocks"], {"attn": "joint"}),
     read_inputs=_read_inputs,
     layer_doc="double-stream blocks first (transformer_blocks), then single-stream blocks",
+    token_stream=TokenStream(blocks="transformer_blocks", exit="norm_out", rope_module="pos_embed", rope_axis=0,
+                             rope_text_first=True, refuse=_keeps_order),
 )

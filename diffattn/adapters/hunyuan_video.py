@@ -17,6 +17,7 @@ from ..call import AttentionCall
 from ..context import ForwardContext, TokenGrid
 from .base import DiffattnProcessor, FamilyAdapter, forward_context, block_slots, to_heads_first
 from .prologue import can_fuse, fused_norm_rope, may_fuse
+from ..token_order import TokenStream
 
 
 def _fused_joint(attn, hidden_states, encoder_hidden_states, image_rotary_emb, single_stream: bool):
@@ -142,6 +143,13 @@ def _read_inputs(model, args: dict[str, Any]) -> ForwardContext:
     )
 
 
+def _keeps_order(model, args: dict[str, Any], ctx: ForwardContext) -> str | None:
+    """HunyuanVideo I2V's token-replace blocks modulate the first `H * W` tokens (frame 0) apart from the rest."""
+    if getattr(model.config, "image_condition_type", None) == "token_replace":
+        return "token-replace I2V modulates the frame-0 tokens by their position in the model's order"
+    return None
+
+
 ADAPTER = FamilyAdapter(
     name="hunyuan_video",
     model_classes=("HunyuanVideoTransformer3DModel",),
@@ -149,4 +157,6 @@ ADAPTER = FamilyAdapter(
     slots=lambda model: block_slots(model, ["transformer_blocks", "single_transformer_blocks"], {"attn": "joint"}),
     read_inputs=_read_inputs,
     layer_doc="dual-stream blocks first (transformer_blocks), then single-stream blocks; token refiner untouched",
+    token_stream=TokenStream(blocks="transformer_blocks", exit="norm_out", rope_module="rope", rope_axis=0,
+                             refuse=_keeps_order),
 )

@@ -16,6 +16,7 @@ from ..call import AttentionCall
 from ..context import ForwardContext, TokenGrid
 from .base import DiffattnProcessor, FamilyAdapter, forward_context, block_slots, to_heads_first
 from .prologue import can_fuse, fused_norm_rope
+from ..token_order import TokenStream
 
 STOCK_TEXT_LEN = 512  # the stock processor's hard-coded umT5 length, used only without a context
 
@@ -122,6 +123,14 @@ def _read_inputs(model, args: dict[str, Any]) -> ForwardContext:
     )
 
 
+def _keeps_order(model, args: dict[str, Any], ctx: ForwardContext) -> str | None:
+    """Wan 2.2 TI2V's per-token timesteps modulate each block in the model's token order."""
+    timestep = args.get("timestep")
+    if isinstance(timestep, torch.Tensor) and timestep.ndim == 2:
+        return "per-token timesteps (Wan 2.2 TI2V) modulate every block in the model's order"
+    return None
+
+
 ADAPTER = FamilyAdapter(
     name="wan",
     model_classes=("WanTransformer3DModel",),
@@ -129,4 +138,5 @@ ADAPTER = FamilyAdapter(
     slots=lambda model: block_slots(model, ["blocks"], {"attn1": "self", "attn2": "cross"}),
     read_inputs=_read_inputs,
     layer_doc="block index in model.blocks; attn1 (self) and attn2 (cross) of a block share it",
+    token_stream=TokenStream(blocks="blocks", exit="norm_out", rope_module="rope", rope_axis=1, refuse=_keeps_order),
 )

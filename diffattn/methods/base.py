@@ -32,6 +32,9 @@ class AttentionMethod:
     """
 
     name: ClassVar[str] = ""
+    # whether `apply` puts the token-stream hooks on the model (`diffattn.token_order`): methods that may run a
+    # forward's block stack in their own token order set it
+    reorders_tokens: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config

@@ -1,7 +1,11 @@
 """`rectified`: Rectified SpaAttn (Liu et al., arXiv 2511.19835) on video/image DiT self- and joint attention.
 
-Each call: video tokens are put in a compact 3-D order (`diffattn.masks.reorder`, after RoPE, so RoPE sees the
-original positions; the permutation is built once per grid and looked up once per forward), each query block keeps the key blocks that hold `tau` of its pooled attention mass (at least
+The video tokens run in a compact 3-D order (`diffattn.masks.reorder`): the whole block stack of each forward runs
+in it (`diffattn.token_order`: permuted once as they enter the first block, the rotary table permuted alike so RoPE
+sees the original positions, put back once before the output norm), so no layer gathers; where a forward must keep
+the model's order (Wan 2.2 TI2V's per-token timesteps, HunyuanVideo token-replace I2V, FLUX ControlNet, context
+parallelism, processors installed without `apply`) each call gathers q, k, v after RoPE and its output instead. Each
+query block keeps the key blocks that hold `tau` of its pooled attention mass (at least
 `int((1 - sa_drop_rate) * blocks)`, plus its 3-D neighbours and, on Wan, the frame-0 square), and the dropped mass
 is put back from the pooled map (`R * O_spa + C`, fused into the block-sparse kernel's epilogue). Text keys are
 token-level in the pooled map and always attended (IPAR); text queries run dense. The attention function itself
@@ -23,6 +27,7 @@ import torch
 from ..call import AttentionCall
 from ..config import MethodConfig, option
 from ..masks import reorder as _reorder
+from ..token_order import TokenOrder, active_order, begin
 from .base import AttentionMethod
 from .spec import DemoGeometry, MaskPreview, MethodSpec
 from .toolkit import DenseWarmup, can_split, dense_attention, log_once, per_forward, require_grid, visual_with_text
@@ -122,6 +127,10 @@ class RectifiedConfig(MethodConfig):
 
 
 class RectifiedMethod(AttentionMethod):
+    @property
+    def reorders_tokens(self) -> bool:  # type: ignore[override]
+        return self.config.reorder != "none"
+
     def __init__(self, config: RectifiedConfig) -> None:
         super().__init__(config)
         self._geo: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = {}
@@ -176,6 +185,19 @@ class RectifiedMethod(AttentionMethod):
             hit = self._geo[key] = (perm, inv, forced)
         return hit
 
+    def prepare_forward(self, ctx, arguments: dict[str, Any]) -> dict[str, Any] | None:
+        """Run this forward's block stack in the order of `reorder` (once per forward instead of gathers per layer),
+        on every step (dense warm-up steps too: caches that reuse block outputs across steps need one order)."""
+        hidden = arguments.get("hidden_states")
+        if self.config.reorder == "none" or ctx.grid is None or not isinstance(hidden, torch.Tensor):
+            return None
+        s = ctx.extras["rectified:settings"] = self.settings(ctx.family, ctx.extras.get("module"))
+        g3 = (int(ctx.grid.frames), int(ctx.grid.height), int(ctx.grid.width))
+        geometry = ctx.extras[("rectified:geometry", g3, str(hidden.device))] = self.geometry(g3, s, hidden.device)
+        perm, inv, _ = geometry
+        _, changed = begin(ctx, arguments, TokenOrder(perm, inv, (g3, s["reorder"], s["block_size"])))
+        return changed
+
     def attend(self, call: AttentionCall) -> torch.Tensor:
         if call.role not in ("self", "joint") or not can_split(call):
             return dense_attention(call)
@@ -197,6 +219,8 @@ class RectifiedMethod(AttentionMethod):
         # memory, which replaces the adapter's own copy to [B, S, H * D])
         perm, inv, forced = per_forward(call, ("rectified:geometry", g3, str(call.q.device)),
                                         lambda: self.geometry(g3, s, call.q.device))
+        if active_order(call) is not None:  # the whole forward runs in the order already: nothing to gather
+            perm = inv = None
         k_min = 1.0 - s["sa_drop_rate"]
 
         def visual(batch_index, q, k, v, extra_k, extra_v):
