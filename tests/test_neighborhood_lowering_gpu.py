@@ -87,7 +87,10 @@ def test_lowered_backend_matches_reference(name, case, dtype):
 
 def test_forced_lowered_backend_refuses_plain_na_with_the_reason():
     q = torch.randn(1, 8, 16, 32, 2, 128, device="cuda", dtype=torch.bfloat16)
-    for name in ("fa4", "gluon"):
+    names = [n for n in ("fa4", "gluon") if registry.backends("block_sparse")[n].available() is None]
+    if not names:
+        pytest.skip("neither FA4 nor the Gluon module is importable here")
+    for name in names:  # a backend that is not importable refuses for that reason first (tested in test_backends)
         with pytest.raises(ValueError, match="not exactly block-sparse: .* tile pairs need a per-element mask"):
             neighborhood_attention(q, q, q, (4, 8, 16), 1, backend=name)
 
