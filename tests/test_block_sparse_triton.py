@@ -151,10 +151,11 @@ def test_torch_compile_fullgraph():
         assert torch.equal(g, t.grad)
 
 
+@pytest.mark.parametrize("mode", ["fused", "split"])
 @pytest.mark.parametrize("case", [0, 1, -1])
-def test_fused_backward_vs_fp64(case, monkeypatch):
-    """Both backward passes in one launch (`DIFFATTN_BSA_BWD=fused`): the same gradients as the reference, with
-    extra keys, broadcast masks, partial tail blocks and an empty query block."""
-    monkeypatch.setenv("DIFFATTN_BSA_BWD", "fused")
+def test_both_backward_variants_vs_fp64(case, mode, monkeypatch):
+    """Both backward passes in one launch (`DIFFATTN_BSA_BWD=fused`, the default) and as two kernels (`split`): the
+    same gradients as the reference, with extra keys, broadcast masks, partial tail blocks and an empty query block."""
+    monkeypatch.setenv("DIFFATTN_BSA_BWD", mode)
     shape, dtype = CASES[case]
     _check(*shape, dtype)

@@ -366,9 +366,10 @@ def rectify_grads(
 
 
 #: `DIFFATTN_BSA_BWD=fused|split`: both backward passes in one launch, or the dK/dV and dQ kernels one after the
-#: other (the default is the one measured faster on the H200: NOTES.md).
+#: other. Fused is the default: on the H200 (session 8, BENCHMARKS.md) it is faster in 7 of 9 measured cases and at
+#: least as fast as FlexAttention's backward in all 9; split wins by <= 2% at Wan-14B radial and loses to Flex at FLUX 1024².
 ENV_BWD = "DIFFATTN_BSA_BWD"
-FUSED_DEFAULT = False
+FUSED_DEFAULT = True
 
 
 def fused_default() -> bool:
