@@ -105,16 +105,12 @@ def begin(ctx: ForwardContext, arguments: dict[str, Any], order: TokenOrder) -> 
     Returns `(running, changed_arguments)`: `running` False means the forward keeps the model's order (the reason is
     logged once); `changed_arguments` are the forward arguments to replace (a rotary table passed as an argument).
     """
-    from .adapters import FAMILIES
-
     model = ctx.extras.get("module")
-    adapter = FAMILIES.get(ctx.family)
-    stream = adapter.token_stream if adapter is not None else None
+    installed = getattr(model, _HANDLES_ATTR, None) if model is not None else None
+    stream = installed[0] if installed is not None else None
     reason = None
-    if model is None or stream is None:
-        reason = f"the {ctx.family} family declares no token stream"
-    elif getattr(model, _HANDLES_ATTR, None) is None:
-        reason = "no token-stream hooks are installed (only diffattn.apply's adapters install them)"
+    if stream is None:
+        reason = "no token-stream hooks are installed (diffattn.apply installs them on families that declare one)"
     elif getattr(model, "_parallel_config", None) is not None:
         reason = "context parallelism splits the sequence at the same points"
     elif ctx.grid is None or ctx.grid.num_tokens != order.perm.numel():
@@ -180,12 +176,13 @@ def install_token_stream(model: torch.nn.Module, stream: TokenStream, current: C
     ]
     if stream.rope_module is not None:
         handles.append(_module(model, stream.rope_module).register_forward_hook(rope))
-    setattr(model, _HANDLES_ATTR, handles)
+    setattr(model, _HANDLES_ATTR, (stream, handles))
 
 
 def remove_token_stream(model: torch.nn.Module) -> None:
     """Remove the hooks `install_token_stream` put on `model` (a no-op if there are none)."""
-    for handle in getattr(model, _HANDLES_ATTR, None) or []:
+    _, handles = getattr(model, _HANDLES_ATTR, None) or (None, [])
+    for handle in handles:
         handle.remove()
     if hasattr(model, _HANDLES_ATTR):
         delattr(model, _HANDLES_ATTR)

@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "diffattn.families": 1, "diffattn.geometry": 1, "diffattn.log": 1, "diffattn.masks": 1,
     "diffattn.layout": 1, "diffattn.frequency": 1,  # FICGen: layouts and soft occupancy; the FFT band split
     "diffattn.config": 2, "diffattn.call": 2, "diffattn.methods": 2, "diffattn.registry": 2,
+    "diffattn.token_order": 2,  # what a method and the adapters share about running a forward in another order
     "diffattn.context": 3, "diffattn.adapters": 3, "diffattn.processors": 3, "diffattn.parallel": 3,
     "diffattn": 4,  # the package itself, api, cli, explorer, generate, demo, bench, pipelines, app
 }
