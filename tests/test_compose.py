@@ -166,3 +166,45 @@ def test_cache_errors():
     with pytest.raises(ValueError, match="cannot be combined with a Diffusers cache"):
         check_cache(["freeswim"])
     assert type(cache_config("fbc", threshold=0.1)).__name__ == "FirstBlockCacheConfig"
+
+
+RECTIFIED = dict(block_size=16, tau=0.3, sa_drop_rate=0.8, dense_layers=0, dense_timesteps=1)
+
+
+def _rectified_both_orders(pipe, methods, options, cache: str | None = None, **cache_options):
+    """The pipeline's output with rectified running each forward in its token order, and with the token-stream hooks
+    taken off (every layer gathers): a cache or a guidance method composed with it must not see the difference."""
+    from diffattn.token_order import remove_token_stream
+
+    outs = []
+    for keep_model_order in (False, True):
+        diffattn.apply(pipe, methods, **options)
+        try:
+            if keep_model_order:
+                remove_token_stream(pipe.transformer)
+            if cache is not None:
+                enable_cache(pipe, cache, method="rectified", **cache_options)
+            outs.append(run_tiny_wan(pipe, steps=4))
+        finally:
+            if cache is not None:
+                pipe.transformer.disable_cache()
+            diffattn.remove(pipe)
+    return outs
+
+
+@pytest.mark.parametrize("cache,options", [("fbc", dict(threshold=10.0)),
+                                           ("taylorseer", dict(cache_interval=2, disable_cache_before_step=1))])
+def test_rectified_token_order_with_caches(wan_pipe, cache, options):
+    """Caches reuse block outputs across steps (a dense warm-up step included): one token order throughout."""
+    ordered, per_layer = _rectified_both_orders(wan_pipe, "rectified", RECTIFIED, cache, **options)
+    assert torch.isfinite(ordered).all()
+    torch.testing.assert_close(ordered, per_layer, rtol=1e-4, atol=1e-4)
+
+
+def test_rectified_token_order_with_softpag(wan_pipe):
+    """SoftPAG's perturbed rows and head blend follow the forward's token order."""
+    opts = {**RECTIFIED, "heads": "L0H1,L1H0", "u": 0.6}
+    ordered, per_layer = _rectified_both_orders(wan_pipe, ["rectified", "softpag"], opts)
+    plain, _ = _rectified_both_orders(wan_pipe, "rectified", RECTIFIED)
+    assert (ordered - plain).abs().max() > 1e-5, "softpag must change the output"
+    torch.testing.assert_close(ordered, per_layer, rtol=1e-4, atol=1e-4)
