@@ -22,6 +22,7 @@ residuals with the previous one's; `check_cache` says so.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -161,7 +162,8 @@ def compose(methods: Sequence[str], options: dict[str, Any]) -> tuple[MethodSpec
         raise ValueError(f"methods {' and '.join(names)} support no model family in common")
     routed = _route_options(names, options)
     order = attention + guidance
-    config = ComposedConfig({n: get_method(n).config_cls.from_options(**routed[n]) for n in order})
+    config_cls = _composed_config_cls("+".join(order))
+    config = config_cls({n: get_method(n).config_cls.from_options(**routed[n]) for n in order})
 
     def build(cfg: ComposedConfig) -> ComposedMethod:
         att = get_method(order[0]).build(cfg.parts[order[0]])
@@ -169,10 +171,17 @@ def compose(methods: Sequence[str], options: dict[str, Any]) -> tuple[MethodSpec
         return ComposedMethod(cfg, att, gd)
 
     spec = MethodSpec(
-        name="+".join(order), summary=" + ".join(s.summary for s in specs), config_cls=ComposedConfig,
+        name="+".join(order), summary=" + ".join(s.summary for s in specs), config_cls=config_cls,
         families=families, build=build,  # type: ignore[arg-type]
     )
     return spec, config
+
+
+@functools.cache
+def _composed_config_cls(name: str) -> type[ComposedConfig]:
+    """One `ComposedConfig` subclass per composition: a spec stamps its name on its config class, so two
+    compositions (radial+softpag, then rectified+softpag) in one process need two classes."""
+    return type(f"ComposedConfig_{name.replace('+', '_')}", (ComposedConfig,), {"__module__": __name__})
 
 
 def cache_config(name: str, **options: Any) -> Any:

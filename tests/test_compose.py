@@ -208,3 +208,12 @@ def test_rectified_token_order_with_softpag(wan_pipe):
     plain, _ = _rectified_both_orders(wan_pipe, "rectified", RECTIFIED)
     assert (ordered - plain).abs().max() > 1e-5, "softpag must change the output"
     torch.testing.assert_close(ordered, per_layer, rtol=1e-4, atol=1e-4)
+
+
+def test_two_compositions_in_one_process():
+    """Each composition has its own config class (a spec stamps its name on it): radial+softpag, then
+    rectified+softpag, then radial+softpag again, in one process."""
+    for att in ("radial", "rectified", "radial"):
+        spec, config = compose([att, "softpag"], {"heads": "L0H1"})
+        assert spec.name == f"{att}+softpag" and type(config).method_name == spec.name
+        assert isinstance(config, spec.config_cls)
