@@ -14,7 +14,7 @@ split and gather the sequence:
 - exit: the first input of the output norm is put back in the model's order, before anything that unpatchifies.
 
 The hooks do nothing unless the forward's context holds a `TokenOrder` (under `ORDER_KEY`), which a method sets in
-its `prepare_forward` through `begin`. `begin` refuses (returns False, logs once why) for the forwards that carry
+its `prepare_forward` through `begin`. `begin` refuses (sets no order, logs once why) for the forwards that carry
 other per-token inputs in the model's order (Wan 2.2 TI2V's per-token timesteps, HunyuanVideo I2V's token-replace
 frame, FLUX ControlNet residuals, token sets that are not the grid, context parallelism); the method then keeps the
 model's order and gathers per layer.
@@ -44,11 +44,10 @@ _HANDLES_ATTR = "_diffattn_token_stream"
 @dataclass(frozen=True)
 class TokenOrder:
     """One forward's token order: `perm[i]` is the model-order index of the i-th token (`x[:, perm]` is the new
-    order), `inverse` undoes it (`y[:, inverse]`); `key` names it (grid, order, block size)."""
+    order), `inverse` undoes it (`y[:, inverse]`)."""
 
     perm: torch.Tensor
     inverse: torch.Tensor
-    key: tuple
 
 
 @dataclass(frozen=True)
@@ -99,11 +98,11 @@ def active_order(call: AttentionCall) -> TokenOrder | None:
     return None if ctx is None else ctx.extras.get(ORDER_KEY)
 
 
-def begin(ctx: ForwardContext, arguments: dict[str, Any], order: TokenOrder) -> tuple[bool, dict[str, Any] | None]:
-    """Run this forward's block stack in `order`, if the model's stream allows it.
+def begin(ctx: ForwardContext, arguments: dict[str, Any], order: TokenOrder) -> dict[str, Any] | None:
+    """Run this forward's block stack in `order`, if the model's stream allows it (else the forward keeps the
+    model's order and the reason is logged once; `active_order` tells the attention calls which case they are in).
 
-    Returns `(running, changed_arguments)`: `running` False means the forward keeps the model's order (the reason is
-    logged once); `changed_arguments` are the forward arguments to replace (a rotary table passed as an argument).
+    Returns the forward arguments to replace (a rotary table passed as an argument), or None.
     """
     model = ctx.extras.get("module")
     installed = getattr(model, _HANDLES_ATTR, None) if model is not None else None
@@ -114,19 +113,18 @@ def begin(ctx: ForwardContext, arguments: dict[str, Any], order: TokenOrder) -> 
     elif getattr(model, "_parallel_config", None) is not None:
         reason = "context parallelism splits the sequence at the same points"
     elif ctx.grid is None or ctx.grid.num_tokens != order.perm.numel():
-        reason = f"the forward's visual tokens are not the {order.key[0]} grid"
+        reason = f"the forward's visual tokens are not the {order.perm.numel()} tokens of its order"
     elif stream.refuse is not None:
         reason = stream.refuse(model, arguments, ctx)
     if reason is not None:
         log_once(f"token_order:refused:{ctx.family}:{reason}", "diffattn: this %s forward keeps the model's token "
                  "order (%s); the attention layers gather their tokens per call instead", ctx.family, reason)
         ctx.extras.pop(ORDER_KEY, None)
-        return False, None
+        return None
     ctx.extras[ORDER_KEY] = order
-    changed = None
     if stream.rope_argument is not None and arguments.get(stream.rope_argument) is not None:
-        changed = {stream.rope_argument: stream.permute_rope(arguments[stream.rope_argument], order, ctx.text_len)}
-    return True, changed
+        return {stream.rope_argument: stream.permute_rope(arguments[stream.rope_argument], order, ctx.text_len)}
+    return None
 
 
 def _module(model: torch.nn.Module, path: str) -> torch.nn.Module:

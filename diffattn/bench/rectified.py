@@ -500,6 +500,7 @@ def step_section(args, report: dict[str, Any], device: str) -> None:
     # sparse variants are timed with every block sparse; their dense warm-up layers are added back from the dense
     # run's per-block time (exact for a full model too, and right for a reduced one, whose blocks are all sparse)
     warm_layers = {"rectified": s["dense_layers"], "radial": radial_s["dense_layers"]}
+    warm_steps = {"rectified": s["dense_timesteps"], "radial": radial_s["dense_timesteps"]}
     variants = (("rectified", "rectified", {}, False), ("rectified-per-layer-gathers", "rectified", {}, True),
                 ("radial", "radial", {"decay_factor": decay}, False))
     for name, method, opts, keep_order in variants:
@@ -515,8 +516,7 @@ def step_section(args, report: dict[str, Any], device: str) -> None:
         results[name] = r
         write_json(report, args.json)
     entry["results"] = results
-    warm = {"dense-cudnn": 0, "rectified": s["dense_timesteps"], "rectified-per-layer-gathers": s["dense_timesteps"],
-            "radial": radial_s["dense_timesteps"]}
+    warm = {"dense-cudnn": 0, **{name: warm_steps[method] for name, method, _, _ in variants}}
     d = results["dense-cudnn"]["step_s"]
     entry["projected_s"] = {k: warm[k] * d + (args.steps - warm[k]) * r["step_s"] for k, r in results.items()}
     entry["matched_density"] = density

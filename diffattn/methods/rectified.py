@@ -191,12 +191,10 @@ class RectifiedMethod(AttentionMethod):
         hidden = arguments.get("hidden_states")
         if self.config.reorder == "none" or ctx.grid is None or not isinstance(hidden, torch.Tensor):
             return None
-        s = ctx.extras["rectified:settings"] = self.settings(ctx.family, ctx.extras.get("module"))
+        s = ctx.extras[_SETTINGS_KEY] = self.settings(ctx.family, ctx.extras.get("module"))
         g3 = (int(ctx.grid.frames), int(ctx.grid.height), int(ctx.grid.width))
-        geometry = ctx.extras[("rectified:geometry", g3, str(hidden.device))] = self.geometry(g3, s, hidden.device)
-        perm, inv, _ = geometry
-        _, changed = begin(ctx, arguments, TokenOrder(perm, inv, (g3, s["reorder"], s["block_size"])))
-        return changed
+        perm, inv, _ = ctx.extras[_geometry_key(g3, hidden.device)] = self.geometry(g3, s, hidden.device)
+        return begin(ctx, arguments, TokenOrder(perm, inv))
 
     def attend(self, call: AttentionCall) -> torch.Tensor:
         if call.role not in ("self", "joint") or not can_split(call):
@@ -204,7 +202,7 @@ class RectifiedMethod(AttentionMethod):
         ctx = call.context
         family = ctx.family if ctx is not None else "wan"
         model = ctx.extras.get("module") if ctx is not None else None
-        s = per_forward(call, "rectified:settings", lambda: self.settings(family, model))
+        s = per_forward(call, _SETTINGS_KEY, lambda: self.settings(family, model))
         if DenseWarmup(s["dense_layers"], s["dense_timesteps"], s["dense_last_steps"]).runs_dense(call, self.name):
             return dense_attention(call)
         grid = require_grid(call, self.name)
@@ -217,7 +215,7 @@ class RectifiedMethod(AttentionMethod):
         # order and device); the per-layer work left is the gather of q, k, v (into contiguous [B, H, S, D], the
         # layout the sparse kernels run fastest on: measured, BENCHMARKS.md) and of the output (into [B, S, H, D]
         # memory, which replaces the adapter's own copy to [B, S, H * D])
-        perm, inv, forced = per_forward(call, ("rectified:geometry", g3, str(call.q.device)),
+        perm, inv, forced = per_forward(call, _geometry_key(g3, call.q.device),
                                         lambda: self.geometry(g3, s, call.q.device))
         if active_order(call) is not None:  # the whole forward runs in the order already: nothing to gather
             perm = inv = None
@@ -236,6 +234,15 @@ class RectifiedMethod(AttentionMethod):
             return result if inv is None else to_order(result, inv)
 
         return visual_with_text(call, visual)
+
+
+# per-forward values (`per_forward`), filled by `prepare_forward` where the forward has a context and reused by
+# every attention call of that forward
+_SETTINGS_KEY = "rectified:settings"
+
+
+def _geometry_key(grid: tuple[int, int, int], device: torch.device) -> tuple:
+    return ("rectified:geometry", grid, str(device))
 
 
 def to_order(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
