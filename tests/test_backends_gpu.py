@@ -20,23 +20,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 from diffattn.kernels import backends as registry  # noqa: E402
 from diffattn.kernels.block_sparse import block_sparse_attention, block_sparse_attention_reference  # noqa: E402
+from metrics import record, rel_error  # noqa: E402
 
 GEN = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
 TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-3}
-
-
-def _record(**row):
-    print("RESULT", json.dumps(row), flush=True)
-    path = os.environ.get("DIFFATTN_TEST_OUT")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def _rel(a, b) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    assert not torch.isnan(a).any(), "NaN in result"
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _randn(*shape, dtype):
@@ -84,11 +71,11 @@ def test_forward_vs_fp64(backend, shape, dtype):
     ref, ref_lse = block_sparse_attention_reference(r[0], r[1], r[2], mask.cpu(), block_size=bs, extra_k=r[3], extra_v=r[4])
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == (B, H, Sq) and lse.dtype == torch.float32
     fin = torch.isfinite(ref_lse)
-    err = _rel(out, ref)
+    err = rel_error(out, ref)
     # the rounding floor of this dtype: the fp64 result rounded once to it
-    floor = _rel(ref.to(dtype), ref)
-    lse_err = _rel(lse.cpu()[fin], ref_lse[fin]) if fin.any() else 0.0
-    _record(test="forward_vs_fp64", backend=backend, shape=shape, dtype=str(dtype), rel_err=err,
+    floor = rel_error(ref.to(dtype), ref)
+    lse_err = rel_error(lse.cpu()[fin], ref_lse[fin]) if fin.any() else 0.0
+    record(test="forward_vs_fp64", backend=backend, shape=shape, dtype=str(dtype), rel_err=err,
             rounding_floor=floor, lse_rel_err=lse_err)
     assert torch.equal(torch.isfinite(lse).cpu(), fin), "lse -inf pattern (rows without any key)"
     assert (out.cpu()[~fin] == 0).all(), "rows without any key must be 0"
@@ -133,8 +120,8 @@ def test_fa4_forward_with_triton_backward_vs_fp64():
     ref, _ = block_sparse_attention_reference(*ref_leaves[:3], mask.cpu(), block_size=bs, extra_k=ref_leaves[3],
                                               extra_v=ref_leaves[4])
     (ref * g.cpu().double()).sum().backward()
-    errs = {n: _rel(a.grad, b.grad) for n, a, b in zip(("dq", "dk", "dv", "dek", "dev"), leaves, ref_leaves)}
-    _record(test="fa4_fwd_triton_bwd", shape=shape, out=_rel(out, ref), **errs)
+    errs = {n: rel_error(a.grad, b.grad) for n, a, b in zip(("dq", "dk", "dv", "dek", "dev"), leaves, ref_leaves)}
+    record(test="fa4_fwd_triton_bwd", shape=shape, out=rel_error(out, ref), **errs)
     for n, e in errs.items():
         assert e < 1e-2, f"{n} rel err {e:.2e}"
 
@@ -149,18 +136,18 @@ def test_dense_errors_of_cudnn_triton_fa4_vs_fp64():
     q, k, v = (_randn(B, H, S, D, dtype=BF) for _ in range(3))
     mask = torch.ones(1, 1, S // bs, S // bs, dtype=torch.bool, device="cuda")
     ref, _ = block_sparse_attention_reference(*(t.cpu().double() for t in (q, k, v)), mask.cpu(), block_size=bs)
-    row = dict(test="dense_vs_fp64", S=S, H=H, D=D, rounding_floor=_rel(ref.to(BF), ref))
+    row = dict(test="dense_vs_fp64", S=S, H=H, D=D, rounding_floor=rel_error(ref.to(BF), ref))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        row["cudnn"] = _rel(F.scaled_dot_product_attention(q, k, v), ref)
+        row["cudnn"] = rel_error(F.scaled_dot_product_attention(q, k, v), ref)
     outs = {}
     for name in ("triton", "fa4"):
         req = registry.make_request("block_sparse", q, head_dim=D, block_size=bs)
         if registry.backends("block_sparse")[name].why_not(req) is None:
             outs[name] = block_sparse_attention(q, k, v, mask, block_size=bs, backend=name)
-            row[name] = _rel(outs[name], ref)
+            row[name] = rel_error(outs[name], ref)
     if len(outs) == 2:
-        row["fa4_vs_triton"] = _rel(outs["fa4"], outs["triton"])
-    _record(**row)
+        row["fa4_vs_triton"] = rel_error(outs["fa4"], outs["triton"])
+    record(**row)
     for name in ("cudnn", "triton", "fa4"):
         if name in row:
             assert row[name] < 4 * row["rounding_floor"] + 1e-3, f"{name} {row[name]:.2e}"
@@ -228,7 +215,7 @@ def test_cuda_graph_capture_of_a_tiny_wan_forward_with_radial(monkeypatch):
         assert method._masks, "the sparse path did not run"
     finally:
         diffattn.remove(model)
-    _record(test="cuda_graph_tiny_wan_radial", max_abs_diff=err, max_abs_diff_new_inputs=err2)
+    record(test="cuda_graph_tiny_wan_radial", max_abs_diff=err, max_abs_diff_new_inputs=err2)
     assert err <= 1e-5 and err2 <= 1e-5
 
 
@@ -258,7 +245,7 @@ def test_host_cost_per_call_printed(backend, monkeypatch):
     host_us = (time.perf_counter() - t0) / n * 1e6
     torch.cuda.synchronize()
     dev_us = (time.perf_counter() - t0) / n * 1e6
-    _record(test="host_cost", backend=backend, host_us_per_call=host_us, wall_us_per_call=dev_us)
+    record(test="host_cost", backend=backend, host_us_per_call=host_us, wall_us_per_call=dev_us)
     assert host_us > 0
 
 
@@ -296,15 +283,15 @@ def test_steady_path_equals_tritons_own_launch(backend, case, monkeypatch):
     ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), mask, block_size=128,
                                            extra_k=None if ek is None else ek.double(),
                                            extra_v=None if ev is None else ev.double())[0]
-    assert _rel(outs[0], ref) < TOL[BF]
+    assert rel_error(outs[0], ref) < TOL[BF]
     mask[..., 0, :] = ~mask[..., 0, :]  # in place: a new version, a new plan
     monkeypatch.setenv("DIFFATTN_TRITON_FAST", "1")
     changed = call(q, k, v)[0]
     ref2 = block_sparse_attention_reference(q.double(), k.double(), v.double(), mask, block_size=128,
                                             extra_k=None if ek is None else ek.double(),
                                             extra_v=None if ev is None else ev.double())[0]
-    assert _rel(changed, ref2) < TOL[BF]
-    _record(test="steady_path_equal", backend=backend, case=list(case), rel_err=_rel(outs[0], ref))
+    assert rel_error(changed, ref2) < TOL[BF]
+    record(test="steady_path_equal", backend=backend, case=list(case), rel_err=rel_error(outs[0], ref))
     triton_fwd.clear_launches()
 
 
@@ -330,5 +317,5 @@ def test_steady_path_keeps_no_input_alive(backend):
     torch.cuda.synchronize()
     left = torch.cuda.memory_allocated() - base
     one = 8 * 2048 * 128 * 2
-    _record(test="steady_path_memory", backend=backend, bytes_left=left, one_input_bytes=one)
+    record(test="steady_path_memory", backend=backend, bytes_left=left, one_input_bytes=one)
     assert left < one, f"{left} bytes still allocated after the inputs were dropped (one input is {one})"

@@ -18,6 +18,7 @@ from diffattn.kernels.block_sparse import (
     get_block_index,
     seed_block_index,
 )
+from metrics import rel_error
 
 
 def _naive(q, k, v, block_mask, bs, scale, ek=None, ev=None):
@@ -44,10 +45,6 @@ def _naive(q, k, v, block_mask, bs, scale, ek=None, ev=None):
     return out, lse
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 @pytest.mark.parametrize(
     "B,H,Sq,Sk,D,bs,T,mb,mh",
     [(2, 3, 37, 53, 8, 16, 0, 1, 3), (1, 2, 64, 64, 16, 32, 4, 1, 1), (2, 2, 20, 45, 5, 16, 3, 2, 2), (1, 1, 17, 0, 4, 16, 2, 1, 1)],
@@ -65,11 +62,11 @@ def test_reference_matches_naive_loop(B, H, Sq, Sk, D, bs, T, mb, mh, backend):
                                       backend=backend)
     ref_out, ref_lse = _naive(q, k, v, mask, bs, scale, ek, ev)
     assert not torch.isnan(out).any()
-    assert _rel(out, ref_out) < 1e-5
+    assert rel_error(out, ref_out) < 1e-5
     fin = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), fin)
     if fin.any():
-        assert _rel(lse[fin], ref_lse[fin]) < 1e-5
+        assert rel_error(lse[fin], ref_lse[fin]) < 1e-5
     assert (out[~fin] == 0).all()
 
 
@@ -95,7 +92,7 @@ def test_extra_keys_equal_lse_merge_of_two_parts():
     full = torch.ones(1, 1, 4, 1, dtype=torch.bool)
     b, lse_b = block_sparse_attention(q, ek, ev, full, block_size=16, return_lse=True)
     merged, lse_m = merge_attention_states(a, lse_a, b, lse_b)
-    assert _rel(merged, both) < 1e-5 and _rel(lse_m, lse_both) < 1e-5
+    assert rel_error(merged, both) < 1e-5 and rel_error(lse_m, lse_both) < 1e-5
 
 
 def test_index_lists_are_ascending_csr():
@@ -136,7 +133,7 @@ def test_seeded_forward_lists_are_used_and_backward_lists_built_from_the_mask(mo
     k, v = torch.randn(2, 3, 90, 8), torch.randn(2, 3, 90, 8)
     out = block_sparse_attention(q, k, v, mask, block_size=16, backend="blocked")
     ref_out, _ = block_sparse_attention_reference(q, k, v, mask, block_size=16)
-    assert _rel(out, ref_out) < 1e-5
+    assert rel_error(out, ref_out) < 1e-5
     mask[0, 0, 0, 1] = ~mask[0, 0, 0, 1]  # in-place change: the seed is stale and must not be used
     assert get_block_index(mask) is not got
     with pytest.raises(ValueError, match="do not match the mask"):
@@ -277,12 +274,12 @@ def test_plan_is_cached_per_signature_and_mask_version(monkeypatch):
         qi = q + i
         out = block_sparse_attention(qi, k, v, mask, block_size=16)
         ref = block_sparse_attention_reference(qi.double(), k.double(), v.double(), mask, block_size=16)[0]
-        assert _rel(out, ref) < 1e-6
+        assert rel_error(out, ref) < 1e-6
     assert len(calls) == 1, "validation / choice ran more than once for one signature"
     mask[..., 0, :] = ~mask[..., 0, :]  # in place: the version changes
     out = block_sparse_attention(q, k, v, mask, block_size=16)
     assert len(calls) == 2
-    assert _rel(out, block_sparse_attention_reference(q.double(), k.double(), v.double(), mask, block_size=16)[0]) < 1e-6
+    assert rel_error(out, block_sparse_attention_reference(q.double(), k.double(), v.double(), mask, block_size=16)[0]) < 1e-6
     block_sparse_attention(q, k, v, mask.clone(), block_size=16)
     assert len(calls) == 3
     qg = q.clone().requires_grad_()

@@ -19,15 +19,10 @@ CUDA = DEVICE == "cuda"
 
 from diffattn.kernels import block_sparse_attention  # noqa: E402
 from diffattn.kernels.block_sparse import block_sparse_attention_reference  # noqa: E402
+from metrics import rel_error  # noqa: E402
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-3}
 GEN = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    assert not torch.isnan(a).any(), "NaN in result"
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _randn(*shape, dtype):
@@ -53,12 +48,12 @@ def _check(B, H, Sq, Sk, D, bs, T, mb, mh, dtype, density=0.5, empty_row=True, g
     seed = GEN.initial_seed()
     tol = TOL[dtype]
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (B, H, Sq)
-    assert _rel(out, ref_out) < tol, f"out (seed {seed})"
+    assert rel_error(out, ref_out) < tol, f"out (seed {seed})"
     fin = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse).cpu(), fin), f"lse -inf pattern (seed {seed})"
     assert (out.cpu()[~fin] == 0).all()
     if fin.any():
-        assert _rel(lse.cpu()[fin], ref_lse[fin]) < 1e-3, f"lse (seed {seed})"
+        assert rel_error(lse.cpu()[fin], ref_lse[fin]) < 1e-3, f"lse (seed {seed})"
     if not grad:
         return
     g_out = _randn(B, H, Sq, D, dtype=dtype)
@@ -68,7 +63,7 @@ def _check(B, H, Sq, Sk, D, bs, T, mb, mh, dtype, density=0.5, empty_row=True, g
     ((ref_out * g_out.cpu().double()).sum() + (torch.where(fin, ref_lse.double(), 0) * rg_lse).sum()).backward()
     for name, a, b in zip(("dq", "dk", "dv", "d_extra_k", "d_extra_v"), leaves, ref_leaves):
         assert a.grad is not None and a.grad.shape == a.shape, name
-        assert _rel(a.grad, b.grad) < tol, f"{name} (seed {seed})"
+        assert rel_error(a.grad, b.grad) < tol, f"{name} (seed {seed})"
 
 
 BF, FP, F32 = torch.bfloat16, torch.float16, torch.float32
@@ -116,7 +111,7 @@ def test_tma_forward_on_transposed_layout():
     cfg = dict(BLOCK_M=bs, BLOCK_N=bs // 2, num_warps=4, num_stages=2, tma=True, warp_specialize=True)
     out, _ = triton_fwd.forward(q, k, v, idx.kv_idx, idx.kv_cnt, bs, D**-0.5, None, None, interpret=INTERP, config=cfg)
     ref, _ = block_sparse_attention_reference(*(t.cpu().double() for t in (q, k, v)), mask.cpu(), block_size=bs)
-    assert _rel(out, ref) < 5e-3
+    assert rel_error(out, ref) < 5e-3
 
 
 @pytest.mark.parametrize("density", [0.0, 1.0])

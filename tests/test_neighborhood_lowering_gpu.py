@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 from diffattn.kernels import backends as registry  # noqa: E402
 from diffattn.kernels.neighborhood import neighborhood_attention, neighborhood_attention_reference  # noqa: E402
+from metrics import record, rel_error  # noqa: E402
 
 GEN = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
 TOL = {torch.bfloat16: 1.5e-2, torch.float16: 5e-3}
@@ -28,20 +29,6 @@ CASES = [
     ((12, 16, 48), (4, 8, 16), (4, 8, 8), (1, 1, 2), (2, 8, 8), (4, 8, 4), 5, 2),  # dilation, unequal tile shapes
     ((6, 16, 40), (4, 8, 16), (3, 8, 16), 1, (1, 8, 16), (2, 8, 8), 0, 2),  # padded query tiles on the last axis
 ]
-
-
-def _record(**row):
-    print("RESULT", json.dumps(row), flush=True)
-    path = os.environ.get("DIFFATTN_TEST_OUT")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def _rel(a, b) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    assert torch.isfinite(a).all(), "non-finite result"
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _randn(*shape, dtype):
@@ -76,9 +63,9 @@ def test_lowered_backend_matches_reference(name, case, dtype):
     ro, rl = neighborhood_attention_reference(*i64[:3], ks, st, dl, extra_k=i64[3] if T else None,
                                               extra_v=i64[4] if T else None, return_lse=True)
     rg = torch.autograd.grad((ro * go.double()).sum(), i64)
-    errs = {"out": _rel(out, ro), "lse": _rel(lse, rl)}
-    errs.update({f"d{n}": _rel(a, b) for n, a, b in zip(["q", "k", "v", "ek", "ev"], grads, rg)})
-    _record(test="neighborhood_lowered", backend=name, dtype=str(dtype)[6:], shape=shape, T=T, B=B, **errs)
+    errs = {"out": rel_error(out, ro), "lse": rel_error(lse, rl)}
+    errs.update({f"d{n}": rel_error(a, b) for n, a, b in zip(["q", "k", "v", "ek", "ev"], grads, rg)})
+    record(test="neighborhood_lowered", backend=name, dtype=str(dtype)[6:], shape=shape, T=T, B=B, **errs)
     assert out.shape == ins[0].shape and lse.shape == ins[0].shape[:-1]
     tol = TOL[dtype]
     assert errs["out"] < tol and errs["lse"] < 1e-3
@@ -118,7 +105,7 @@ def test_table_routes_exact_plans_to_lowered_backends(tmp_path, monkeypatch):
         auto = neighborhood_attention(q, q, q, (4, 8, 16), (4, 8, 16), q_tile=(2, 8, 8), kv_tile=(2, 8, 8))
         tri = neighborhood_attention(q, q, q, (4, 8, 16), (4, 8, 16), q_tile=(2, 8, 8), kv_tile=(2, 8, 8),
                                      backend="triton")
-        assert auto.shape == (1, *shape, 2, 128) and _rel(auto, tri) < 1.5e-2
+        assert auto.shape == (1, *shape, 2, 128) and rel_error(auto, tri) < 1.5e-2
     finally:
         registry.clear_cache()
 
@@ -148,6 +135,6 @@ def test_lowered_backend_under_cuda_graph_capture(name):
     graph.replay()
     torch.cuda.synchronize()
     eager = call()
-    err = _rel(out, eager)
-    _record(test="neighborhood_lowered_graph", backend=name, rel_err_vs_eager=err)
+    err = rel_error(out, eager)
+    record(test="neighborhood_lowered_graph", backend=name, rel_err_vs_eager=err)
     assert err == 0.0

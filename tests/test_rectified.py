@@ -20,10 +20,7 @@ from diffattn.methods.rectified import (
     threshold_select,
 )
 from diffattn.methods.rectified_core import sorted_select
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+from metrics import rel_error
 
 
 def _inputs(B, H, Sq, Sk, D, T, pad, dtype=torch.float32, seed=0):
@@ -63,7 +60,7 @@ def test_matches_float64_reference(B, H, Sq, Sk, D, bs, T, pad, tau, k_min, gapr
         plan = rectified_plan(q, k, v, selection=selection, **{n: kw[n] for n in kw if n != "extra_v"})
         assert torch.equal(plan.block_mask, ref_mask)
     assert 0 < stats["density"] < 1
-    assert _rel(out, ref) < 1e-5
+    assert rel_error(out, ref) < 1e-5
     if em is not None:  # padding really is left out: changing padded keys changes nothing
         ek2, ev2 = ek.clone(), ev.clone()
         ek2[-1, :, T - pad:] = 50.0
@@ -83,7 +80,7 @@ def test_gradients_match_reference():
     gr = torch.autograd.grad((ref * w).sum(), leaves)
     for a, b in zip(g, gr):
         assert torch.isfinite(a).all()
-        assert _rel(a, b) < 1e-9
+        assert rel_error(a, b) < 1e-9
     assert g[0].abs().sum() > 0 and g[3].abs().sum() > 0
 
 
@@ -99,7 +96,7 @@ def test_tau_at_least_one_is_dense(T, pad):
     if em is not None:
         mask = torch.cat([torch.ones(2, 50, dtype=torch.bool), em], 1)[:, None, None, :]
     dense = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-    assert _rel(out, dense) < 1e-5
+    assert rel_error(out, dense) < 1e-5
 
 
 def test_rectification_off_is_plain_block_sparse_on_the_same_selection():
@@ -114,7 +111,7 @@ def test_rectification_off_is_plain_block_sparse_on_the_same_selection():
     zeros = torch.zeros(plan.out_bias.shape)
     fused = block_sparse_attention(q, k, v, plan.block_mask, block_size=16, extra_k=ek, extra_v=ev, out_scale=ones,
                                    out_bias=zeros)
-    assert _rel(fused, plain) < 1e-6
+    assert rel_error(fused, plain) < 1e-6
     rect = rectified_attention(q, k, v, extra_v=ev, **{**kw, "gapr": False})  # random tokens: GAPR flags every block
     assert not torch.allclose(rect, plain)
 
@@ -131,10 +128,10 @@ def test_identical_tokens_per_block_give_dense_for_any_selection(seed):
     out = rectified_attention(q, k, v, block_size=bs, tau=0.0, k_min=0, gapr=False, extra_k=ek, extra_v=ev,
                               forced_blocks=forced)
     dense = F.scaled_dot_product_attention(q, torch.cat([k, ek], 2), torch.cat([v, ev], 2))
-    assert _rel(out, dense) < 1e-5
+    assert rel_error(out, dense) < 1e-5
     plain = rectified_attention(q, k, v, block_size=bs, tau=0.0, k_min=0, gapr=False, extra_k=ek, extra_v=ev,
                                 forced_blocks=forced, rectify=False)
-    assert _rel(plain, dense) > 1e-2  # the selection really drops mass
+    assert rel_error(plain, dense) > 1e-2  # the selection really drops mass
 
 
 def test_threshold_search_equals_sorted_cumulative_selection():
@@ -188,8 +185,8 @@ def test_bench_oracle_diagnosis_is_consistent():
     plan = rectified_plan(q, k, v, **kw)
     o = oracle_analysis(q, k, v, plan, bs, None, chunk_blocks=2)
     dense = F.scaled_dot_product_attention(q, k, v)
-    assert abs(o["err_pooled_rectified_no_gapr"] - _rel(rectified_attention(q, k, v, **kw), dense)) < 1e-5
-    assert abs(o["err_topp"] - _rel(rectified_attention(q, k, v, rectify=False, **kw), dense)) < 1e-5
+    assert abs(o["err_pooled_rectified_no_gapr"] - rel_error(rectified_attention(q, k, v, **kw), dense)) < 1e-5
+    assert abs(o["err_topp"] - rel_error(rectified_attention(q, k, v, rectify=False, **kw), dense)) < 1e-5
     nb = math.ceil(S / bs)
     q, k, v = (torch.randn(B, H, nb, D, generator=g).repeat_interleave(bs, 2)[:, :, :S] for _ in range(3))
     plan = rectified_plan(q, k, v, **kw)

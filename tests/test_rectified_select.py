@@ -22,10 +22,7 @@ from diffattn.kernels.rectified_select import (  # noqa: E402
     rectified_select_torch,
 )
 from diffattn.methods.rectified import rectified_plan  # noqa: E402
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+from metrics import rel_error  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -39,7 +36,7 @@ def test_block_pool_matches_torch(S, D, bs, dtype):
         for rows in (None, 16):  # the whole block in registers, and 16-row chunks
             m, d = block_pool(inp, bs, with_mad=True, rows=rows)
             assert m.dtype == torch.float32 and m.shape == (2, 3, math.ceil(S / bs), D)
-            assert _rel(m, mr) < 1e-6 and _rel(d, dr) < 1e-6
+            assert rel_error(m, mr) < 1e-6 and rel_error(d, dr) < 1e-6
     m2, none = block_pool(x, bs)
     assert none is None and torch.equal(m2, block_pool(x, bs, with_mad=True)[0])
 
@@ -88,10 +85,10 @@ def test_selection_matches_torch(B, H, Sq, Sk, D, bs, T, pad, tau, k_min, gapr, 
     assert not bool((a.unsafe & a.keep).any())  # GAPR marks dropped blocks only
     if not gapr:
         assert not bool(a.unsafe.any())
-    assert _rel(a.probs, b.probs) < 1e-5
+    assert rel_error(a.probs, b.probs) < 1e-5
     assert (a.text_mass - b.text_mass).abs().max() < 1e-5
     assert (a.out_scale - b.out_scale).abs().max() < 1e-5
-    assert _rel(a.out_bias, b.out_bias) < 1e-4 or b.out_bias.abs().max() == 0
+    assert rel_error(a.out_bias, b.out_bias) < 1e-4 or b.out_bias.abs().max() == 0
     if tau >= 1:
         assert bool(a.keep.all())
     else:

@@ -16,10 +16,7 @@ DEV, pytestmark = triton_device_and_mark("test_rectified.py")
 
 from diffattn.kernels import block_sparse_attention  # noqa: E402
 from diffattn.methods.rectified import rectified_attention, rectified_attention_reference  # noqa: E402
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+from metrics import rel_error  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else []))
@@ -46,10 +43,10 @@ def test_epilogue_forward_backward_vs_reference(dtype, B, H, S, D, bs, T, bwd, m
         loss = (out.float() * w).sum() + lse[fin].sum()
         res.append((out, torch.autograd.grad(loss, leaves)))
     tol = 2e-5 if dtype == torch.float32 else 3e-2
-    assert _rel(res[1][0], res[0][0]) < tol
+    assert rel_error(res[1][0], res[0][0]) < tol
     for a, b in zip(res[1][1], res[0][1]):
         assert torch.isfinite(a).all()
-        assert _rel(a, b) < tol * 5
+        assert rel_error(a, b) < tol * 5
 
 
 def test_default_path_unchanged_by_the_epilogue_argument():
@@ -73,9 +70,9 @@ def test_rectified_attention_on_triton_vs_float64_reference():
     leaves = [t.requires_grad_() for t in (q, k, v)]
     out = rectified_attention(q, k, v, backend="triton", **kw)
     ref, _ = rectified_attention_reference(q, k, v, **kw)
-    assert _rel(out, ref) < 2e-5
+    assert rel_error(out, ref) < 2e-5
     w = torch.randn(B, H, S, D, generator=g).to(DEV)
     ga = torch.autograd.grad((out * w).sum(), leaves)
     gb = torch.autograd.grad((ref * w.double()).sum(), leaves)
     for a, b in zip(ga, gb):
-        assert _rel(a, b) < 1e-4
+        assert rel_error(a, b) < 1e-4

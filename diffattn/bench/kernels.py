@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pathlib
 import sys
 import time
 
@@ -185,12 +186,36 @@ def host_us(fn, n: int = 200) -> float:
     return us
 
 
+def python_profile(fn, n: int, top: int = 14) -> list[dict]:
+    """Where a call's host time goes in Python: cProfile over `n` calls queued behind a sleep kernel, the `top`
+    functions by own time, per call. cProfile adds ~1 µs per Python call: read the ranking and the call counts,
+    not the absolute sum."""
+    import cProfile
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # as in host_us: no profiled call waits for a full launch queue
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(pr).stats  # {(file, line, name): (prim calls, calls, own s, cumulative s, callers)}
+    ranked = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    out = [dict(function=f"{pathlib.Path(f).name}:{line}:{name}", calls_per_call=calls / n,
+                own_us_per_call=own / n * 1e6, cum_us_per_call=cum / n * 1e6)
+           for (f, line, name), (_, calls, own, cum, _) in ranked]
+    for r in out:
+        print(f"  {r['own_us_per_call']:7.2f} µs own {r['cum_us_per_call']:8.2f} cum {r['calls_per_call']:5.1f}x "
+              f"{r['function']}", flush=True)
+    return out
+
+
 def _diagnose_backward(q, k, v, mask, g, bs, rows, shape) -> None:
     """Where a fwd+bwd's host time goes: host syncs (CUDA sync-debug warnings), the backward implementation
     called directly on the main thread (plain loop and GPU-busy timing), and a cProfile of it."""
-    import cProfile
-    import io
-    import pstats
     import warnings
 
     from ..kernels.block_sparse import op
@@ -215,15 +240,7 @@ def _diagnose_backward(q, k, v, mask, g, bs, rows, shape) -> None:
     torch.cuda.synchronize()
     row = dict(shape=shape, path="diagnose backward", syncs_in_fwd_bwd=syncs, bwd_impl_host_us=host_us(bwd, 50),
                bwd_impl_plain_loop_us=plain)
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(20):
-        bwd()
-    pr.disable()
-    torch.cuda.synchronize()
-    buf = io.StringIO()
-    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(14)
-    print(buf.getvalue()[-5000:], flush=True)
+    row["python_profile"] = python_profile(bwd, 20)
     rows.append(row)
     print("ROW", row, flush=True)
 
@@ -280,6 +297,9 @@ def overhead(args: argparse.Namespace) -> int:
                             rows.append(row)
                             print("ROW", row, flush=True)
                             continue
+                        if args.profile and fast == "1":
+                            print(f"python profile of the steady forward, {label}:", flush=True)
+                            row["python_profile"] = python_profile(fn, 400)
                         ms = _bench(fn, args.rep)
                         row["do_bench_us"] = ms * 1e3
                         torch.cuda.synchronize()
@@ -359,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                    "write the registry's table (diffattn/kernels/tuned/<device kind>.json, or --tune-out)")
     p.add_argument("--tune-out", default=None, help="where --tune writes the table")
     p.add_argument("--no-backward", action="store_true", help="with --overhead: forward only")
-    p.add_argument("--profile", action="store_true", help="with --overhead: print torch.profiler tables of fwd+bwd")
+    p.add_argument("--profile", action="store_true", help="with --overhead: cProfile the steady forward and the backward, torch.profiler tables of fwd+bwd")
     p.add_argument("--jsonl", default=None, help="with --backends/--tune: append each case as a JSON line here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -601,6 +621,9 @@ def compare(args: argparse.Namespace) -> int:
                     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                         fn = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
                         o = fn()
+                        if args.profile and fast == "1":
+                            print(f"python profile of the steady forward, {label}:", flush=True)
+                            row["python_profile"] = python_profile(fn, 400)
                         ms = _bench(fn, args.rep)
                 else:
                     req = registry.make_request("block_sparse", q, head_dim=D, block_size=bs)
@@ -611,6 +634,9 @@ def compare(args: argparse.Namespace) -> int:
                     fn = lambda: block_sparse_attention(q, k, v, mask, block_size=bs, backend=name)  # noqa: E731
                     try:
                         o = fn()
+                        if args.profile and fast == "1":
+                            print(f"python profile of the steady forward, {label}:", flush=True)
+                            row["python_profile"] = python_profile(fn, 400)
                         ms = _bench(fn, args.rep)
                     except Exception as e:  # noqa: BLE001 - a backend failing is a result, the others go on
                         row["refused"][name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
