@@ -348,7 +348,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_idx: torch.Ten
     has_extra = extra_k is not None and extra_k.shape[2] > 0
     T = extra_k.shape[2] if has_extra else 0
     k_desc, v_desc = _desc(k, BLOCK_N), _desc(v, BLOCK_N)
-    ek_desc, ev_desc = (_desc(extra_k, BLOCK_N), _desc(extra_v, BLOCK_N)) if has_extra else (k_desc, v_desc)
+    # no extra keys: no descriptors (None is a constexpr to Triton; each descriptor costs host time per launch)
+    ek_desc, ev_desc = (_desc(extra_k, BLOCK_N), _desc(extra_v, BLOCK_N)) if has_extra else (None, None)
     c = dict(config(D)) if cfg is None else dict(cfg)
     persistent = c.pop("PERSISTENT", False)
     n_m = math.ceil(Sq / (2 * BM))
@@ -382,15 +383,17 @@ def compile_for_sm90(dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, *
     cnt = torch.zeros(1, 1, 2, dtype=torch.int32)
     c = dict(config(head_dim)) if cfg is None else dict(cfg)
     c.pop("PERSISTENT", None)  # a launch choice, not a kernel parameter
-    args = dict(q_desc=_desc(t, BM), k_desc=_desc(t, BLOCK_N), v_desc=_desc(t, BLOCK_N), ek_desc=_desc(t, BLOCK_N),
-                ev_desc=_desc(t, BLOCK_N), O=t, LSE=t.float(), KV_IDX=idx, KV_CNT=cnt)
+    args = dict(q_desc=_desc(t, BM), k_desc=_desc(t, BLOCK_N), v_desc=_desc(t, BLOCK_N), O=t, LSE=t.float(),
+                KV_IDX=idx, KV_CNT=cnt)
+    if has_extra:  # as `forward` launches it: without extra keys their descriptors are None (constexprs)
+        args.update(ek_desc=_desc(t, BLOCK_N), ev_desc=_desc(t, BLOCK_N))
     signature = {name: mangle_type(a) for name, a in args.items()}
     for name in ("stride_ob", "stride_oh", "stride_os", "stride_ib", "stride_ih", "stride_ir", "stride_cb",
                  "stride_ch", "H", "Sq", "Sk", "T", "n_m", "num_tiles"):
         signature[name] = "i32"
     signature["qk_scale"] = "fp32"
     constexprs = dict(BLOCK_SIZE=SUPPORTED_BLOCK, BM=BM, BLOCK_N=BLOCK_N, HEAD_D=head_dim, EVEN_K=even_k,
-                      HAS_EXTRA=has_extra, **c)
+                      HAS_EXTRA=has_extra, **({} if has_extra else dict(ek_desc=None, ev_desc=None)), **c)
     names = list(_bsa_fwd_gluon.arg_names)  # the signature must follow the kernel's parameter order
     assert set(names) == set(signature) | set(constexprs), set(names) ^ (set(signature) | set(constexprs))
     signature = {n: signature.get(n, "constexpr") for n in names}
@@ -449,7 +452,7 @@ class GluonLaunch:
             return out, lse
         kl = self.kv_layout
         kd, vd = self._d(k, kl, BLOCK_N), self._d(v, kl, BLOCK_N)
-        ekd, evd = (self._d(extra_k, kl, BLOCK_N), self._d(extra_v, kl, BLOCK_N)) if self.has_extra else (kd, vd)
+        ekd, evd = (self._d(extra_k, kl, BLOCK_N), self._d(extra_v, kl, BLOCK_N)) if self.has_extra else (None, None)
         vals = (self._d(q, self.q_layout, BM), kd, vd, ekd, evd, out, lse, kv_idx, kv_cnt)
         rec = self.recorded
         if rec is not None and replay_allowed(rec.device):
