@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                    "write the registry's table (diffattn/kernels/tuned/<device kind>.json, or --tune-out)")
     p.add_argument("--tune-out", default=None, help="where --tune writes the table")
     p.add_argument("--no-backward", action="store_true", help="with --overhead: forward only")
-    p.add_argument("--profile", action="store_true", help="with --overhead: cProfile the steady forward and the backward, torch.profiler tables of fwd+bwd")
+    p.add_argument("--profile", action="store_true", help="with --overhead: cProfile the steady forward and the "
+                   "backward, torch.profiler tables of fwd+bwd")
     p.add_argument("--jsonl", default=None, help="with --backends/--tune: append each case as a JSON line here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -621,9 +622,6 @@ def compare(args: argparse.Namespace) -> int:
                     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                         fn = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
                         o = fn()
-                        if args.profile and fast == "1":
-                            print(f"python profile of the steady forward, {label}:", flush=True)
-                            row["python_profile"] = python_profile(fn, 400)
                         ms = _bench(fn, args.rep)
                 else:
                     req = registry.make_request("block_sparse", q, head_dim=D, block_size=bs)
@@ -634,9 +632,6 @@ def compare(args: argparse.Namespace) -> int:
                     fn = lambda: block_sparse_attention(q, k, v, mask, block_size=bs, backend=name)  # noqa: E731
                     try:
                         o = fn()
-                        if args.profile and fast == "1":
-                            print(f"python profile of the steady forward, {label}:", flush=True)
-                            row["python_profile"] = python_profile(fn, 400)
                         ms = _bench(fn, args.rep)
                     except Exception as e:  # noqa: BLE001 - a backend failing is a result, the others go on
                         row["refused"][name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
