@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..common import LaunchCache, run_with_fallbacks
 from .triton_fwd import (
-    LOG2E, cdiv, dot, dot0, is_hopper_or_newer, pow2_divisor, strides3, tma_ok, head_dim_pad, hopper_variants,
+    LOG2E, cdiv, dot, dot0, is_hopper_or_newer, kv_list, pow2_divisor, strides3, tma_ok, head_dim_pad, hopper_variants,
 )
 
 logger = logging.getLogger("diffattn")
@@ -180,13 +180,8 @@ def _dq_program(
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    row = KV_IDX + b * stride_ib + h * stride_ih + qblk * stride_ir
-    cnt = tl.load(KV_CNT + b * stride_cb + h * stride_ch + qblk)
-    n_full = cnt
-    if not EVEN_K:
-        last = tl.load(row + tl.maximum(cnt - 1, 0))
-        has_tail = (cnt > 0) & (last == NKB - 1)
-        n_full = cnt - has_tail.to(tl.int32)
+    row, n_full, has_tail = kv_list(KV_IDX, KV_CNT, b, h, qblk, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
+                                    NKB, EVEN_K)
     for it in tl.range(0, n_full * N_SUB, warp_specialize=WARP_SPEC):
         kb = tl.load(row + it // N_SUB)
         start_n = kb * BLOCK_SIZE + (it % N_SUB) * BLOCK_N

@@ -55,6 +55,23 @@ def dot0(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def kv_list(KV_IDX, KV_CNT, b, h, qblk, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch, NKB,
+            EVEN_K: tl.constexpr):
+    """Query block `qblk`'s key-block list: (its row in `KV_IDX`, how many entries are whole blocks, whether the
+    last entry is the partial tail block). The list is ascending, so the tail block, if kept, is the last entry;
+    with EVEN_K there is none."""
+    row = KV_IDX + b * stride_ib + h * stride_ih + qblk * stride_ir
+    cnt = tl.load(KV_CNT + b * stride_cb + h * stride_ch + qblk)
+    n_full = cnt
+    has_tail = cnt < 0  # never true; only read when not EVEN_K
+    if not EVEN_K:
+        last = tl.load(row + tl.maximum(cnt - 1, 0))
+        has_tail = (cnt > 0) & (last == NKB - 1)
+        n_full = cnt - has_tail.to(tl.int32)
+    return row, n_full, has_tail
+
+
+@triton.jit
 def _fwd_step(acc, l_i, m_i, q, k, v, qk_scale, key_ok, MASKED: tl.constexpr, IEEE: tl.constexpr):
     """One key tile of the online softmax. k, v: [BLOCK_N, BLOCK_D]."""
     qk = dot0(q, tl.trans(k), IEEE) * qk_scale
@@ -111,13 +128,8 @@ def _bsa_fwd_kernel(
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    row = KV_IDX + b * stride_ib + h * stride_ih + qblk * stride_ir
-    cnt = tl.load(KV_CNT + b * stride_cb + h * stride_ch + qblk)
-    n_full = cnt
-    if not EVEN_K:
-        last = tl.load(row + tl.maximum(cnt - 1, 0))
-        has_tail = (cnt > 0) & (last == NKB - 1)
-        n_full = cnt - has_tail.to(tl.int32)
+    row, n_full, has_tail = kv_list(KV_IDX, KV_CNT, b, h, qblk, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch,
+                                    NKB, EVEN_K)
 
     for it in tl.range(0, n_full * N_SUB, warp_specialize=WARP_SPEC):
         kb = tl.load(row + it // N_SUB)

@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .tiling import Plan
-from .triton_fwd import LOG2E, cdiv, intra, pad3, window_ok, addressing, axis_tables
+from .triton_fwd import (LOG2E, addressing, axis_tables, cdiv, group_len, inside, intra, pad3, program_coords,
+                         row_windows, tile_range, window_ok)
 
 
 @triton.jit
@@ -85,36 +86,14 @@ def _na_bwd_dq_kernel(
     """Q, DO and DQ share q's addressing ("q_*"; DO/DQ made contiguous like q by the host: "o_*")."""
     BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
     BLOCK_N: tl.constexpr = TK0 * TK1 * TK2
-    pid_t = tl.program_id(0)
-    pid_bgh = tl.program_id(1)
-    h = pid_bgh % H
-    bg = pid_bgh // H
-    g = bg % G
-    b = bg // G
-    g2 = g % DL2
-    g1 = (g // DL2) % DL1
-    g0 = g // (DL2 * DL1)
-    qt2 = pid_t % NQ2
-    qt1 = (pid_t // NQ2) % NQ1
-    qt0 = pid_t // (NQ2 * NQ1)
-    lg0 = (L0 - g0 + DL0 - 1) // DL0
-    lg1 = (L1 - g1 + DL1 - 1) // DL1
-    lg2 = (L2 - g2 + DL2 - 1) // DL2
-    t0 = QT0 + (g0 * NQ0 + qt0) * 4
-    lo0 = tl.load(t0)
-    hi0 = tl.load(t0 + 1)
-    ilo0 = tl.load(t0 + 2)
-    ihi0 = tl.load(t0 + 3)
-    t1 = QT1 + (g1 * NQ1 + qt1) * 4
-    lo1 = tl.load(t1)
-    hi1 = tl.load(t1 + 1)
-    ilo1 = tl.load(t1 + 2)
-    ihi1 = tl.load(t1 + 3)
-    t2 = QT2 + (g2 * NQ2 + qt2) * 4
-    lo2 = tl.load(t2)
-    hi2 = tl.load(t2 + 1)
-    ilo2 = tl.load(t2 + 2)
-    ihi2 = tl.load(t2 + 3)
+    b, h, g0, g1, g2, qt0, qt1, qt2 = program_coords(tl.program_id(0), tl.program_id(1), H, G, DL0, DL1, DL2,
+                                                     NQ0, NQ1, NQ2)
+    lg0 = group_len(L0, g0, DL0)
+    lg1 = group_len(L1, g1, DL1)
+    lg2 = group_len(L2, g2, DL2)
+    lo0, hi0, ilo0, ihi0 = tile_range(QT0, g0, NQ0, qt0)
+    lo1, hi1, ilo1, ihi1 = tile_range(QT1, g1, NQ1, qt1)
+    lo2, hi2, ilo2, ihi2 = tile_range(QT2, g2, NQ2, qt2)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -125,11 +104,7 @@ def _na_bwd_dq_kernel(
     x0 = qt0 * TQ0 + m0
     x1 = qt1 * TQ1 + m1
     x2 = qt2 * TQ2 + m2
-    qvalid = x0 < lg0
-    if NDIM > 1:
-        qvalid &= x1 < lg1
-    if NDIM > 2:
-        qvalid &= x2 < lg2
+    qvalid = inside(x0, x1, x2, lg0, lg1, lg2, NDIM)
     b64 = b.to(tl.int64)
     Q += b64 * sq_b + h * sq_h
     DO += b64 * so_b + h * so_h
@@ -157,18 +132,7 @@ def _na_bwd_dq_kernel(
     do = tl.load(DO + o_off[:, None] + offs_d[None, :], mask=qmask, other=0.0)
     lse2 = tl.load(LSE + l_off, mask=qvalid, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + l_off, mask=qvalid, other=0.0)
-    st0 = tl.load(R0 + (g0 * X0 + x0) * 2)
-    ln0 = tl.load(R0 + (g0 * X0 + x0) * 2 + 1)
-    st1 = st0
-    ln1 = ln0
-    st2 = st0
-    ln2 = ln0
-    if NDIM > 1:
-        st1 = tl.load(R1 + (g1 * X1 + x1) * 2)
-        ln1 = tl.load(R1 + (g1 * X1 + x1) * 2 + 1)
-    if NDIM > 2:
-        st2 = tl.load(R2 + (g2 * X2 + x2) * 2)
-        ln2 = tl.load(R2 + (g2 * X2 + x2) * 2 + 1)
+    st0, ln0, st1, ln1, st2, ln2 = row_windows(R0, R1, R2, g0, g1, g2, X0, X1, X2, x0, x1, x2, NDIM)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_box(dq, q, do, lse2, delta, K, V, kv_base, ilo0, ihi0, ilo1, ihi1, ilo2, ihi2, n0, n1, n2, offs_d,
@@ -300,36 +264,14 @@ def _na_bwd_dkv_kernel(
     """One program per key tile; DK/DV use the "d_*" addressing (contiguous like k)."""
     BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
     BLOCK_N: tl.constexpr = TK0 * TK1 * TK2
-    pid_t = tl.program_id(0)
-    pid_bgh = tl.program_id(1)
-    h = pid_bgh % H
-    bg = pid_bgh // H
-    g = bg % G
-    b = bg // G
-    g2 = g % DL2
-    g1 = (g // DL2) % DL1
-    g0 = g // (DL2 * DL1)
-    kt2 = pid_t % NK2
-    kt1 = (pid_t // NK2) % NK1
-    kt0 = pid_t // (NK2 * NK1)
-    lg0 = (L0 - g0 + DL0 - 1) // DL0
-    lg1 = (L1 - g1 + DL1 - 1) // DL1
-    lg2 = (L2 - g2 + DL2 - 1) // DL2
-    t0 = KT0 + (g0 * NK0 + kt0) * 4
-    lo0 = tl.load(t0)
-    hi0 = tl.load(t0 + 1)
-    ilo0 = tl.load(t0 + 2)
-    ihi0 = tl.load(t0 + 3)
-    t1 = KT1 + (g1 * NK1 + kt1) * 4
-    lo1 = tl.load(t1)
-    hi1 = tl.load(t1 + 1)
-    ilo1 = tl.load(t1 + 2)
-    ihi1 = tl.load(t1 + 3)
-    t2 = KT2 + (g2 * NK2 + kt2) * 4
-    lo2 = tl.load(t2)
-    hi2 = tl.load(t2 + 1)
-    ilo2 = tl.load(t2 + 2)
-    ihi2 = tl.load(t2 + 3)
+    b, h, g0, g1, g2, kt0, kt1, kt2 = program_coords(tl.program_id(0), tl.program_id(1), H, G, DL0, DL1, DL2,
+                                                     NK0, NK1, NK2)
+    lg0 = group_len(L0, g0, DL0)
+    lg1 = group_len(L1, g1, DL1)
+    lg2 = group_len(L2, g2, DL2)
+    lo0, hi0, ilo0, ihi0 = tile_range(KT0, g0, NK0, kt0)
+    lo1, hi1, ilo1, ihi1 = tile_range(KT1, g1, NK1, kt1)
+    lo2, hi2, ilo2, ihi2 = tile_range(KT2, g2, NK2, kt2)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -340,11 +282,7 @@ def _na_bwd_dkv_kernel(
     y0 = kt0 * TK0 + n0
     y1 = kt1 * TK1 + n1
     y2 = kt2 * TK2 + n2
-    kvalid = y0 < lg0
-    if NDIM > 1:
-        kvalid &= y1 < lg1
-    if NDIM > 2:
-        kvalid &= y2 < lg2
+    kvalid = inside(y0, y1, y2, lg0, lg1, lg2, NDIM)
     b64 = b.to(tl.int64)
     Q += b64 * sq_b + h * sq_h
     DO += b64 * so_b + h * so_h
@@ -460,9 +398,9 @@ def _na_bwd_extra_kernel(
     for g0 in range(0, DL0):
         for g1 in range(0, DL1):
             for g2 in range(0, DL2):
-                lg0 = (L0 - g0 + DL0 - 1) // DL0
-                lg1 = (L1 - g1 + DL1 - 1) // DL1
-                lg2 = (L2 - g2 + DL2 - 1) // DL2
+                lg0 = group_len(L0, g0, DL0)
+                lg1 = group_len(L1, g1, DL1)
+                lg2 = group_len(L2, g2, DL2)
                 q_base = g0 * q_gs0 + g1 * q_gs1 + g2 * q_gs2
                 o_base = g0 * o_gs0 + g1 * o_gs1 + g2 * o_gs2
                 l_base = g0 * l_gs0 + g1 * l_gs1 + g2 * l_gs2

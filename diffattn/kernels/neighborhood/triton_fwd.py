@@ -36,6 +36,65 @@ def window_ok(y, st, ln):
 
 
 @triton.jit
+def program_coords(pid_t, pid_bgh, H, G, DL0, DL1, DL2, N0, N1, N2):
+    """One program's (batch, head, per-axis dilation group, per-axis tile) from its grid position
+    (tiles, batch * groups * heads); tiles and groups are row-major over the axes."""
+    h = pid_bgh % H
+    bg = pid_bgh // H
+    g = bg % G
+    b = bg // G
+    g2 = g % DL2
+    g1 = (g // DL2) % DL1
+    g0 = g // (DL2 * DL1)
+    t2 = pid_t % N2
+    t1 = (pid_t // N2) % N1
+    t0 = pid_t // (N2 * N1)
+    return b, h, g0, g1, g2, t0, t1, t2
+
+
+@triton.jit
+def group_len(L, g, DL):
+    """Length of dilation group g along an axis of length L."""
+    return (L - g + DL - 1) // DL
+
+
+@triton.jit
+def tile_range(TAB, g, N, t):
+    """(lo, hi, inner lo, inner hi) of tile t of group g in a `[G, N, 4]` table (`AxisPlan.q_tab` / `kv_tab`)."""
+    row = TAB + (g * N + t) * 4
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+
+
+@triton.jit
+def inside(x0, x1, x2, lg0, lg1, lg2, NDIM: tl.constexpr):
+    """Which group-local coordinates lie inside the group (rows of padding tiles do not)."""
+    ok = x0 < lg0
+    if NDIM > 1:
+        ok &= x1 < lg1
+    if NDIM > 2:
+        ok &= x2 < lg2
+    return ok
+
+
+@triton.jit
+def row_windows(R0, R1, R2, g0, g1, g2, X0, X1, X2, x0, x1, x2, NDIM: tl.constexpr):
+    """Per query row and axis, its key window (start, length) from the `rows` tables (unused axes repeat axis 0)."""
+    st0 = tl.load(R0 + (g0 * X0 + x0) * 2)
+    ln0 = tl.load(R0 + (g0 * X0 + x0) * 2 + 1)
+    st1 = st0
+    ln1 = ln0
+    st2 = st0
+    ln2 = ln0
+    if NDIM > 1:
+        st1 = tl.load(R1 + (g1 * X1 + x1) * 2)
+        ln1 = tl.load(R1 + (g1 * X1 + x1) * 2 + 1)
+    if NDIM > 2:
+        st2 = tl.load(R2 + (g2 * X2 + x2) * 2)
+        ln2 = tl.load(R2 + (g2 * X2 + x2) * 2 + 1)
+    return st0, ln0, st1, ln1, st2, ln2
+
+
+@triton.jit
 def _softmax_step(acc, m_i, l_i, qk, vv, qk_scale):
     """One online-softmax update from raw scores `qk` (masked entries -inf; `qk_scale` = scale * log2 e, > 0).
 
@@ -165,39 +224,17 @@ def _na_fwd_kernel(
 ):
     BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
     BLOCK_N: tl.constexpr = TK0 * TK1 * TK2
-    pid_t = tl.program_id(0)
-    pid_bgh = tl.program_id(1)
-    h = pid_bgh % H
-    bg = pid_bgh // H
-    g = bg % G
-    b = bg // G
-    g2 = g % DL2
-    g1 = (g // DL2) % DL1
-    g0 = g // (DL2 * DL1)
-    qt2 = pid_t % NQ2
-    qt1 = (pid_t // NQ2) % NQ1
-    qt0 = pid_t // (NQ2 * NQ1)
+    b, h, g0, g1, g2, qt0, qt1, qt2 = program_coords(tl.program_id(0), tl.program_id(1), H, G, DL0, DL1, DL2,
+                                                     NQ0, NQ1, NQ2)
     # group-local axis lengths
-    lg0 = (L0 - g0 + DL0 - 1) // DL0
-    lg1 = (L1 - g1 + DL1 - 1) // DL1
-    lg2 = (L2 - g2 + DL2 - 1) // DL2
+    lg0 = group_len(L0, g0, DL0)
+    lg1 = group_len(L1, g1, DL1)
+    lg2 = group_len(L2, g2, DL2)
 
     # key-tile box per axis: [lo, hi) with the mask-free [ilo, ihi) inside
-    t0 = QT0 + (g0 * NQ0 + qt0) * 4
-    lo0 = tl.load(t0)
-    hi0 = tl.load(t0 + 1)
-    ilo0 = tl.load(t0 + 2)
-    ihi0 = tl.load(t0 + 3)
-    t1 = QT1 + (g1 * NQ1 + qt1) * 4
-    lo1 = tl.load(t1)
-    hi1 = tl.load(t1 + 1)
-    ilo1 = tl.load(t1 + 2)
-    ihi1 = tl.load(t1 + 3)
-    t2 = QT2 + (g2 * NQ2 + qt2) * 4
-    lo2 = tl.load(t2)
-    hi2 = tl.load(t2 + 1)
-    ilo2 = tl.load(t2 + 2)
-    ihi2 = tl.load(t2 + 3)
+    lo0, hi0, ilo0, ihi0 = tile_range(QT0, g0, NQ0, qt0)
+    lo1, hi1, ilo1, ihi1 = tile_range(QT1, g1, NQ1, qt1)
+    lo2, hi2, ilo2, ihi2 = tile_range(QT2, g2, NQ2, qt2)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -209,11 +246,7 @@ def _na_fwd_kernel(
     x0 = qt0 * TQ0 + m0
     x1 = qt1 * TQ1 + m1
     x2 = qt2 * TQ2 + m2
-    qvalid = x0 < lg0
-    if NDIM > 1:
-        qvalid &= x1 < lg1
-    if NDIM > 2:
-        qvalid &= x2 < lg2
+    qvalid = inside(x0, x1, x2, lg0, lg1, lg2, NDIM)
     # batch/head bases in 64-bit pointer arithmetic; offsets inside one (batch, head) stay 32-bit
     b64 = b.to(tl.int64)
     Q += b64 * sq_b + h * sq_h
@@ -248,18 +281,7 @@ def _na_fwd_kernel(
     kv_intra = kv_rows[:, None] + offs_d[None, :]
 
     # per-row windows (group-local key coordinates), for the masked slabs
-    st0 = tl.load(R0 + (g0 * X0 + x0) * 2)
-    ln0 = tl.load(R0 + (g0 * X0 + x0) * 2 + 1)
-    st1 = st0
-    ln1 = ln0
-    st2 = st0
-    ln2 = ln0
-    if NDIM > 1:
-        st1 = tl.load(R1 + (g1 * X1 + x1) * 2)
-        ln1 = tl.load(R1 + (g1 * X1 + x1) * 2 + 1)
-    if NDIM > 2:
-        st2 = tl.load(R2 + (g2 * X2 + x2) * 2)
-        ln2 = tl.load(R2 + (g2 * X2 + x2) * 2 + 1)
+    st0, ln0, st1, ln1, st2, ln2 = row_windows(R0, R1, R2, g0, g1, g2, X0, X1, X2, x0, x1, x2, NDIM)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
