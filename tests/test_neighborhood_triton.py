@@ -30,6 +30,13 @@ CONFIGS = [
     ("3d-gna", (6, 8, 8), (4, 4, 4), (2, 4, 4), 1, False, 0, (2, 4, 4), (2, 4, 4)),
 ]
 
+# dK/dV in query-row slices: name, shape, kernel_size, stride, dilation, causal, q_tile, kv_tile, text tokens, splits
+QSPLIT_CASES = [
+    ("qsplit-1d-causal-extra", (45,), 9, 2, 1, True, (64,), (16,), 3, [1, 2, 4]),
+    ("qsplit-2d-na-dilated", (9, 13), (4, 5), 1, (1, 2), False, (4, 8), (4, 4), 0, [1, 2]),
+    ("qsplit-3d-masked-extra", (5, 6, 10), (3, 3, 5), (1, 2, 1), 1, False, (2, 4, 4), (2, 2, 4), 4, [1, 2]),
+]
+
 _WORKER = r"""
 import json, os, sys, traceback
 DEV = sys.argv[2]
@@ -42,7 +49,7 @@ from diffattn.kernels.neighborhood import neighborhood_attention, neighborhood_a
 from diffattn.kernels.neighborhood.tiling import permute_tokens, unpermute_tokens
 from diffattn.kernels.neighborhood.triton_fwd import na_forward
 
-configs = json.loads(sys.argv[1])
+configs, QSPLIT_CASES = json.loads(sys.argv[1])
 for i, (name, shape, ks, st, dl, ca, T, qt, kt) in enumerate(configs):
     shape = tuple(shape)
     conv = lambda x: tuple(x) if isinstance(x, list) else x
@@ -119,6 +126,37 @@ for name, shape, ks, st, ca, qt, kt, B, T in [
         res["error"] = f"{type(e).__name__}: {e} | " + traceback.format_exc()[-1200:]
     print("RESULT " + json.dumps(res), flush=True)
 
+# the dK/dV kernels with each query tile cut into row slices (DIFFATTN_NA_BWD_QSPLIT): the same gradients
+for name, shape, ks, st, dl, ca, qt, kt, T, splits in QSPLIT_CASES:
+    shape, ks, st, dl, ca, qt, kt = (tuple(x) if isinstance(x, list) else x for x in (shape, ks, st, dl, ca, qt, kt))
+    torch.manual_seed(11)
+    B, H, D = 2, 2, 24
+    ins = [rnd(B, *shape, H, D, requires_grad=True) for _ in range(3)]
+    if T:
+        ins += [rnd(B, T, H, D, requires_grad=True) for _ in range(2)]
+    go = rnd(B, *shape, H, D)
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    ro = neighborhood_attention_reference(*ins64[:3], ks, st, dl, ca, scale=0.3, extra_k=ins64[3] if T else None,
+                                          extra_v=ins64[4] if T else None)
+    rg = torch.autograd.grad((ro * go.double()).sum(), ins64)
+    res = {"name": name, "grads": {}, "vs_whole": {}}
+    try:
+        whole = None
+        for n in splits:
+            os.environ["DIFFATTN_NA_BWD_QSPLIT"] = str(n)
+            o = neighborhood_attention(*ins[:3], ks, st, dl, ca, scale=0.3, extra_k=ins[3] if T else None,
+                                       extra_v=ins[4] if T else None, backend="triton", q_tile=qt, kv_tile=kt)
+            g = torch.autograd.grad((o * go).sum(), ins)
+            res["grads"][n] = max(float((a.double() - b).norm() / b.norm()) for a, b in zip(g, rg))
+            whole = g if whole is None else whole
+            res["vs_whole"][n] = max(float((a - b).abs().max()) for a, b in zip(g, whole))
+        res["masked"] = get_plan(shape, ks, st, dl, ca, qt, kt).counts()["masked"]
+    except Exception as e:
+        res["error"] = f"{type(e).__name__}: {e} | " + traceback.format_exc()[-1200:]
+    finally:
+        os.environ.pop("DIFFATTN_NA_BWD_QSPLIT", None)
+    print("RESULT " + json.dumps(res), flush=True)
+
 # torch.compile(fullgraph=True) traces through the custom ops (forward and backward), no graph break
 res = {"name": "compile-fullgraph"}
 try:
@@ -142,7 +180,7 @@ def results() -> dict[str, dict]:
     dev, env = worker_device_and_env()
     limit = float(os.environ.get("DIFFATTN_TEST_WORKER_TIMEOUT", "600"))  # a GPU job's share of device time
     try:
-        proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(CONFIGS), dev], capture_output=True,
+        proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps([CONFIGS, QSPLIT_CASES]), dev], capture_output=True,
                               text=True, env=env, timeout=limit)
         stdout, stderr = proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as e:  # the worker is killed; the configs it finished still count
@@ -179,6 +217,31 @@ def test_tma_kernels_match_reference(results, name, masked):
     assert r is not None and "error" not in r, r
     assert (r["masked"] > 0) == masked  # both kinds of plan are covered
     assert r["out"] < 1e-5 and r["lse"] < 1e-5, r
+
+
+@pytest.mark.parametrize("case", QSPLIT_CASES, ids=[c[0] for c in QSPLIT_CASES])
+def test_dkv_row_slices_give_the_same_gradients(results, case):
+    r = results.get(case[0])
+    assert r is not None and "error" not in r, r
+    assert r["masked"] > 0  # the window test runs on sliced rows too
+    assert sorted(map(int, r["grads"])) == case[-1]
+    for n, err in r["grads"].items():
+        assert err < 1e-4, (n, r)
+        assert r["vs_whole"][n] < 1e-4, (n, r)  # same sums in another grouping: rounding-level differences
+
+
+@pytest.mark.parametrize("q_split,env", [(3, None), (0, None), (8, None), (None, "two"), (None, "3")])
+def test_dkv_row_slices_are_validated(q_split, env, monkeypatch):
+    from diffattn.kernels.neighborhood.tiling import make_plan
+    from diffattn.kernels.neighborhood.triton_bwd import ENV_Q_SPLIT, dkv_q_split
+
+    plan = make_plan((40,), (9,), (1,), (1,), (False,), (64,), (16,))  # 64-row query tiles: 1, 2, 4 are allowed
+    if env is not None:
+        monkeypatch.setenv(ENV_Q_SPLIT, env)
+    with pytest.raises(ValueError, match="q_split|DIFFATTN_NA_BWD_QSPLIT"):
+        dkv_q_split(plan, q_split)
+    monkeypatch.delenv(ENV_Q_SPLIT, raising=False)
+    assert [dkv_q_split(plan, n) for n in (None, 1, 2, 4)] == [1, 1, 2, 4]
 
 
 def test_torch_compile_fullgraph(results):

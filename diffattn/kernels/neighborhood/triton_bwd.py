@@ -11,6 +11,8 @@ delta = rowsum(dO * O) - dlse is computed in PyTorch beforehand (dlse: gradient 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -188,34 +190,42 @@ def _dkv_box(
     l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2,
     lg0, lg1, lg2, qk_scale,
     NDIM: tl.constexpr, TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
-    MASKED: tl.constexpr, WINDOW: tl.constexpr,
+    MASKED: tl.constexpr, WINDOW: tl.constexpr, Q_SPLIT: tl.constexpr,
 ):
     """Accumulate dK/dV of one key tile over the query tiles in [lo, hi) per axis. WINDOW=False: no window test
-    (text tokens); MASKED=False: the pairs are full (no per-element test)."""
+    (text tokens); MASKED=False: the pairs are full (no per-element test). Q_SPLIT > 1 visits each query tile as
+    Q_SPLIT slices of its rows (m0, m1, m2 are then the coordinates of the first slice's rows), so the [rows, keys]
+    score and gradient tiles are Q_SPLIT times smaller: less register pressure, same arithmetic."""
+    ROWS: tl.constexpr = TQ0 * TQ1 * TQ2 // Q_SPLIT
     c1 = hi1 - lo1
     c2 = hi2 - lo2
     count = (hi0 - lo0) * c1 * c2
-    for it in range(0, count):
-        qt2 = lo2 + it % c2
-        qt1 = lo1 + (it // c2) % c1
-        qt0 = lo0 + it // (c2 * c1)
-        x0 = qt0 * TQ0 + m0
+    for it in range(0, count * Q_SPLIT):
+        t = it
+        r0, r1, r2 = m0, m1, m2
+        if Q_SPLIT > 1:  # query tile `t`, its row slice `it % Q_SPLIT` (a contiguous run of the tile's rows)
+            t = it // Q_SPLIT
+            r0, r1, r2 = intra((it % Q_SPLIT) * ROWS + tl.arange(0, ROWS), TQ1, TQ2)
+        qt2 = lo2 + t % c2
+        qt1 = lo1 + (t // c2) % c1
+        qt0 = lo0 + t // (c2 * c1)
+        x0 = qt0 * TQ0 + r0
         qvalid = x0 < lg0
-        q_off = q_base + qt0 * q_ts0 + m0 * q_is0
-        o_off = o_base + qt0 * o_ts0 + m0 * o_is0
-        l_off = l_base + qt0 * l_ts0 + m0 * l_is0
+        q_off = q_base + qt0 * q_ts0 + r0 * q_is0
+        o_off = o_base + qt0 * o_ts0 + r0 * o_is0
+        l_off = l_base + qt0 * l_ts0 + r0 * l_is0
         if NDIM > 1:
-            x1 = qt1 * TQ1 + m1
+            x1 = qt1 * TQ1 + r1
             qvalid &= x1 < lg1
-            q_off += qt1 * q_ts1 + m1 * q_is1
-            o_off += qt1 * o_ts1 + m1 * o_is1
-            l_off += qt1 * l_ts1 + m1 * l_is1
+            q_off += qt1 * q_ts1 + r1 * q_is1
+            o_off += qt1 * o_ts1 + r1 * o_is1
+            l_off += qt1 * l_ts1 + r1 * l_is1
         if NDIM > 2:
-            x2 = qt2 * TQ2 + m2
+            x2 = qt2 * TQ2 + r2
             qvalid &= x2 < lg2
-            q_off += qt2 * q_ts2 + m2 * q_is2
-            o_off += qt2 * o_ts2 + m2 * o_is2
-            l_off += qt2 * l_ts2 + m2 * l_is2
+            q_off += qt2 * q_ts2 + r2 * q_is2
+            o_off += qt2 * o_ts2 + r2 * o_is2
+            l_off += qt2 * l_ts2 + r2 * l_is2
         qmask = qvalid[:, None] & dmask[None, :]
         q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=qmask, other=0.0)
         do = tl.load(DO + o_off[:, None] + offs_d[None, :], mask=qmask, other=0.0)
@@ -259,7 +269,7 @@ def _na_bwd_dkv_kernel(
     NDIM: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, Q_SPLIT: tl.constexpr = 1,
 ):
     """One program per key tile; DK/DV use the "d_*" addressing (contiguous like k)."""
     BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
@@ -273,7 +283,7 @@ def _na_bwd_dkv_kernel(
     lo1, hi1, ilo1, ihi1 = tile_range(KT1, g1, NK1, kt1)
     lo2, hi2, ilo2, ihi2 = tile_range(KT2, g2, NK2, kt2)
 
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M // Q_SPLIT)  # the first row slice (see `_dkv_box`)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < head_dim
@@ -318,39 +328,39 @@ def _na_bwd_dkv_kernel(
                       ilo0, ihi0, ilo1, ihi1, ilo2, ihi2, m0, m1, m2, y0, y1, y2, offs_d, dmask,
                       q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2, o_base, o_ts0, o_ts1, o_ts2, o_is0, o_is1,
                       o_is2, l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2, lg0, lg1, lg2, qk_scale,
-                      NDIM, TQ0, TQ1, TQ2, False, True)
+                      NDIM, TQ0, TQ1, TQ2, False, True, Q_SPLIT)
     dk, dv = _dkv_box(dk, dv, kk, vv, Q, DO, LSE, DELTA, R0, R1, R2, g0, g1, g2, X0, X1, X2,
                       lo0, ilo0, lo1, hi1, lo2, hi2, m0, m1, m2, y0, y1, y2, offs_d, dmask,
                       q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2, o_base, o_ts0, o_ts1, o_ts2, o_is0, o_is1,
                       o_is2, l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2, lg0, lg1, lg2, qk_scale,
-                      NDIM, TQ0, TQ1, TQ2, True, True)
+                      NDIM, TQ0, TQ1, TQ2, True, True, Q_SPLIT)
     dk, dv = _dkv_box(dk, dv, kk, vv, Q, DO, LSE, DELTA, R0, R1, R2, g0, g1, g2, X0, X1, X2,
                       ihi0, hi0, lo1, hi1, lo2, hi2, m0, m1, m2, y0, y1, y2, offs_d, dmask,
                       q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2, o_base, o_ts0, o_ts1, o_ts2, o_is0, o_is1,
                       o_is2, l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2, lg0, lg1, lg2, qk_scale,
-                      NDIM, TQ0, TQ1, TQ2, True, True)
+                      NDIM, TQ0, TQ1, TQ2, True, True, Q_SPLIT)
     if NDIM > 1:
         dk, dv = _dkv_box(dk, dv, kk, vv, Q, DO, LSE, DELTA, R0, R1, R2, g0, g1, g2, X0, X1, X2,
                           ilo0, ihi0, lo1, ilo1, lo2, hi2, m0, m1, m2, y0, y1, y2, offs_d, dmask,
                           q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2, o_base, o_ts0, o_ts1, o_ts2, o_is0,
                           o_is1, o_is2, l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2, lg0, lg1, lg2, qk_scale,
-                          NDIM, TQ0, TQ1, TQ2, True, True)
+                          NDIM, TQ0, TQ1, TQ2, True, True, Q_SPLIT)
         dk, dv = _dkv_box(dk, dv, kk, vv, Q, DO, LSE, DELTA, R0, R1, R2, g0, g1, g2, X0, X1, X2,
                           ilo0, ihi0, ihi1, hi1, lo2, hi2, m0, m1, m2, y0, y1, y2, offs_d, dmask,
                           q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2, o_base, o_ts0, o_ts1, o_ts2, o_is0,
                           o_is1, o_is2, l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2, lg0, lg1, lg2, qk_scale,
-                          NDIM, TQ0, TQ1, TQ2, True, True)
+                          NDIM, TQ0, TQ1, TQ2, True, True, Q_SPLIT)
     if NDIM > 2:
         dk, dv = _dkv_box(dk, dv, kk, vv, Q, DO, LSE, DELTA, R0, R1, R2, g0, g1, g2, X0, X1, X2,
                           ilo0, ihi0, ilo1, ihi1, lo2, ilo2, m0, m1, m2, y0, y1, y2, offs_d, dmask,
                           q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2, o_base, o_ts0, o_ts1, o_ts2, o_is0,
                           o_is1, o_is2, l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2, lg0, lg1, lg2, qk_scale,
-                          NDIM, TQ0, TQ1, TQ2, True, True)
+                          NDIM, TQ0, TQ1, TQ2, True, True, Q_SPLIT)
         dk, dv = _dkv_box(dk, dv, kk, vv, Q, DO, LSE, DELTA, R0, R1, R2, g0, g1, g2, X0, X1, X2,
                           ilo0, ihi0, ilo1, ihi1, ihi2, hi2, m0, m1, m2, y0, y1, y2, offs_d, dmask,
                           q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2, o_base, o_ts0, o_ts1, o_ts2, o_is0,
                           o_is1, o_is2, l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2, lg0, lg1, lg2, qk_scale,
-                          NDIM, TQ0, TQ1, TQ2, True, True)
+                          NDIM, TQ0, TQ1, TQ2, True, True, Q_SPLIT)
     dmask2 = kvalid[:, None] & dmask[None, :]
     tl.store(DK + d_off[:, None] + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=dmask2)
     tl.store(DV + d_off[:, None] + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=dmask2)
@@ -367,7 +377,7 @@ def _na_bwd_extra_kernel(
     qk_scale, scale, head_dim,
     NDIM: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, Q_SPLIT: tl.constexpr = 1,
 ):
     """dK/dV of the text tokens: one program per (text tile, batch, head), all query tiles of all groups."""
     BLOCK_M: tl.constexpr = TQ0 * TQ1 * TQ2
@@ -375,7 +385,7 @@ def _na_bwd_extra_kernel(
     pid_bh = tl.program_id(1)
     h = pid_bh % H
     b = pid_bh // H
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M // Q_SPLIT)  # the first row slice (see `_dkv_box`)
     offs_n = pid_t * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < head_dim
@@ -409,19 +419,45 @@ def _na_bwd_extra_kernel(
                                   m0, m1, m2, offs_n, offs_n, offs_n, offs_d, dmask,
                                   q_base, q_ts0, q_ts1, q_ts2, q_is0, q_is1, q_is2, o_base, o_ts0, o_ts1, o_ts2,
                                   o_is0, o_is1, o_is2, l_base, l_ts0, l_ts1, l_ts2, l_is0, l_is1, l_is2,
-                                  lg0, lg1, lg2, qk_scale, NDIM, TQ0, TQ1, TQ2, False, False)
+                                  lg0, lg1, lg2, qk_scale, NDIM, TQ0, TQ1, TQ2, False, False, Q_SPLIT)
     optr = offs_n[:, None] * sde_t + offs_d[None, :]
     tl.store(DEK + optr, (dk * scale).to(DEK.dtype.element_ty), mask=emask)
     tl.store(DEV + optr, dv.to(DEV.dtype.element_ty), mask=emask)
 
 
+ENV_Q_SPLIT = "DIFFATTN_NA_BWD_QSPLIT"
+
+
+def dkv_q_split(plan: Plan, q_split: int | None = None) -> int:
+    """How many row slices the dK/dV kernels cut each query tile into (validated; 1 = whole tiles).
+
+    Why: with whole 128-row query tiles and 128-key tiles at d=128, the dK/dV program holds two [128, 128] fp32
+    accumulators plus [128, 128] score and gradient tiles, and ptxas spills (sm90, Triton 3.9: 1,608 spill stores
+    at HunyuanVideo-NA's (8,4,4)/(4,8,4) tiles; 2 slices: see NOTES.md). Default 1 until timed on a GPU."""
+    if q_split is None:
+        raw = os.environ.get(ENV_Q_SPLIT, "").strip()
+        try:
+            q_split = int(raw) if raw else 1
+        except ValueError:
+            raise ValueError(f"{ENV_Q_SPLIT} must be an integer, got {raw!r}") from None
+    rows = plan.block_m
+    if type(q_split) is not int or q_split < 1 or q_split & (q_split - 1) or rows % q_split or rows // q_split < 16:
+        raise ValueError(f"q_split must be a power of two that leaves at least 16 rows of the {rows}-row query tile, "
+                         f"got {q_split!r}")
+    return q_split
+
+
 def na_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor | None, ev: torch.Tensor | None,
     out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor | None, plan: Plan,
-    scale: float, num_warps: int = 8, num_stages: int = 2,
+    scale: float, num_warps: int = 8, num_stages: int = 2, q_split: int | None = None,
 ):
-    """Gradients (dq, dk, dv, d_extra_k, d_extra_v) for the spatial layout `[B, *spatial, H, D]`."""
+    """Gradients (dq, dk, dv, d_extra_k, d_extra_v) for the spatial layout `[B, *spatial, H, D]`.
+
+    q_split: the dK/dV kernels visit each query tile in this many row slices (see `_dkv_box`); None reads
+    `DIFFATTN_NA_BWD_QSPLIT`, else 1 (see `dkv_q_split`)."""
     nd = plan.ndim
+    q_split = dkv_q_split(plan, q_split)
     b, h, d = q.shape[0], q.shape[1 + nd], q.shape[-1]
     d_out = d_out.contiguous()
     delta = (d_out.float() * out.float()).sum(-1)
@@ -468,7 +504,7 @@ def na_backward(
         *qa, *ka, *oa, *la, *da,
         h, plan.groups, *ls, *dl, *nk, *xs,
         scale * LOG2E, scale, d,
-        TK0=tk[0], TK1=tk[1], TK2=tk[2], **consts,
+        TK0=tk[0], TK1=tk[1], TK2=tk[2], Q_SPLIT=q_split, **consts,
     )
     dek = dev = None
     if has_extra:
@@ -479,6 +515,6 @@ def na_backward(
             q, ek, ev, d_out, lse, delta, dek, dev,
             *qa, *oa, *la, ek.stride(0), ek.stride(2), ek.stride(1), dek.stride(0), dek.stride(2), dek.stride(1),
             ek.shape[1], h, *ls, *dl, *nq,
-            scale * LOG2E, scale, d, BLOCK_N=block_n, **consts,
+            scale * LOG2E, scale, d, BLOCK_N=block_n, Q_SPLIT=q_split, **consts,
         )
     return dq, dk, dv, dek, dev
