@@ -455,13 +455,17 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
                 add("ours fwd+bwd", ms_b, tag, eff_flops=flops * 3.5, speedup=ms_bc / ms_b)
                 from ..kernels.neighborhood.triton_bwd import na_backward
                 o1, l1 = na_forward(q, k, v, plan, scale, None, None, True, "spatial")
-                for bw, bs in ((4, 2), (8, 2), (4, 3), (8, 3)):
+                # warps, stages, dK/dV query-row slices (NOTES.md "Session 10": the slices and 1 stage cut spills)
+                for bw, bs, qs in ((4, 2, 1), (8, 2, 1), (4, 3, 1), (8, 3, 1), (8, 1, 1), (8, 2, 4), (8, 1, 2),
+                                   (8, 1, 4)):
+                    label = f"warps={bw} stages={bs} q_split={qs}"
                     try:
-                        fbw = lambda: na_backward(q, k, v, None, None, o1, l1, go, None, plan, scale, bw, bs)  # noqa: E731
+                        fbw = lambda: na_backward(q, k, v, None, None, o1, l1, go, None, plan, scale, bw, bs,  # noqa: E731
+                                                  q_split=qs)
                         ms_bw = _bench(fbw, long)
-                        add("ours backward only", ms_bw, f"{tag} bwd warps={bw} stages={bs}", eff_flops=flops * 2.5)
+                        add("ours backward only", ms_bw, f"{tag} bwd {label}", eff_flops=flops * 2.5)
                     except Exception as e:
-                        add("ours backward FAILED", float("nan"), f"warps={bw} stages={bs}: {type(e).__name__}: {str(e)[:200]}")
+                        add("ours backward FAILED", float("nan"), f"{label}: {type(e).__name__}: {str(e)[:200]}")
         except Exception as e:  # keep the other variants going; report the failure in the table
             add("ours FAILED", float("nan"), f"{tag}: {type(e).__name__}: {str(e)[:300]}")
     if args.flex and (not long or args.flex_long) and not (args.only_tma or args.tile_sweep):
