@@ -44,3 +44,21 @@ def test_write_merges_into_the_table(tmp_path, monkeypatch):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("\n".join(json.dumps(r) for r in _rows()))
     assert gna.main(["--tune-from", str(rows), "--kind", "h200"]) == 0
+
+
+def test_na_backward_bench_settings_and_table(tmp_path, capsys):
+    from diffattn.bench import na_backward as nb
+
+    assert nb.parse_settings(None) == nb.SETTINGS and nb.SETTINGS[0] == (8, 2, 1)  # the default is the reference
+    assert nb.parse_settings("8,1,4;4,2,1") == ((8, 1, 4), (4, 2, 1))
+    import pytest
+    with pytest.raises(ValueError, match="warps,stages,q_split"):
+        nb.parse_settings("8,1")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps(dict(case="flux-na", impl="ours backward only", note="warps=8 stages=1 q_split=4",
+                                    ms=40.0, tflops=300.0, dq_ms=12.5, dkv_ms=26.0, other_ms=1.5,
+                                    max_rel_diff_vs_first=2e-3, flop_floor_ms=20.0, byte_floor_ms=0.4)) + "\n")
+    assert nb.main(["--table", str(rows)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "| 40.00 | 300 | 12.50 | 26.00 | 1.50 | 2.0e-03 | 20.0 / 0.40 |" in line
+    assert nb.main(["--cases", "nope"]) == 2

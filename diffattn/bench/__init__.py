@@ -14,6 +14,7 @@ from __future__ import annotations
 BENCHES: dict[str, str] = {
     "kernels": "block-sparse attention kernel vs cuDNN SDPA and FlexAttention",
     "gna": "neighborhood attention kernel vs cuDNN SDPA (NATTEN's figures)",
+    "na-backward": "neighborhood backward: per-kernel times over launch settings, fwd+bwd vs FlexAttention",
     "step": "one denoising step of a full-size video transformer, dense vs a method",
     "quality": "every method vs dense on the demo models: PSNR, SSIM, attention energy decay",
     "dispatch": "one step with a method via the adapter and via the Diffusers dispatcher",

@@ -52,8 +52,9 @@ def _bench(fn, long: bool = False) -> float:
     return median_ms(fn, warmup=100 if long else 50, rep=600 if long else 300)
 
 
-def _flex_fn(q, k, v, case: Case, order: str, plan):
-    """FlexAttention with the same neighborhood mask, tokens in row-major or in our tile order."""
+def _flex_fn(q, k, v, case: Case, order: str, plan, grad: bool = False):
+    """FlexAttention with the same neighborhood mask, tokens in row-major or in our tile order. With `grad`, the
+    permuted q, k, v are leaves that need gradients and `run()` returns (out, leaves) for a backward."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from ..kernels.neighborhood.tiling import permute_tokens, unpermute_tokens
@@ -114,9 +115,12 @@ def _flex_fn(q, k, v, case: Case, order: str, plan):
         vf = permute_tokens(v, tile_k, (1,) * nd)[:, 0].contiguous()
     bm = create_block_mask(mask_mod, None, None, qf.shape[2], kf.shape[2], device=dev, BLOCK_SIZE=128)
     flex = torch.compile(flex_attention, dynamic=False)
+    if grad:
+        qf, kf, vf = (t.detach().requires_grad_() for t in (qf, kf, vf))
 
     def run():
-        return flex(qf, kf, vf, block_mask=bm)
+        o = flex(qf, kf, vf, block_mask=bm)
+        return (o, (qf, kf, vf)) if grad else o
 
     def to_spatial(o):
         if order == "rowmajor":
@@ -485,13 +489,17 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
 
 def ceilings() -> tuple[float, float]:
     """This run's bf16 matmul rate (TFLOP/s, 8192^3) and device-copy bandwidth (GB/s, 1 GiB), for the floors."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm = median_ms(lambda: a @ b, warmup=25, rep=100)
-    x = torch.empty(2**29, device="cuda", dtype=torch.int16)
-    y = torch.empty_like(x)
-    cp = median_ms(lambda: y.copy_(x), warmup=25, rep=100)
-    del a, b, x, y
+    def matmul_ms() -> float:
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        return median_ms(lambda: a @ b, warmup=25, rep=100)
+
+    def copy_ms() -> float:
+        x = torch.empty(2**29, device="cuda", dtype=torch.int16)
+        y = torch.empty_like(x)
+        return median_ms(lambda: y.copy_(x), warmup=25, rep=100)
+
+    mm, cp = matmul_ms(), copy_ms()
     torch.cuda.empty_cache()
     return 2 * 8192**3 / mm * 1e-9, 2 * 2**30 / cp * 1e-6
 
