@@ -52,7 +52,7 @@ def _bench(fn, long: bool = False) -> float:
     return median_ms(fn, warmup=100 if long else 50, rep=600 if long else 300)
 
 
-def _flex_fn(q, k, v, case: Case, order: str, plan, grad: bool = False):
+def flex_neighborhood(q, k, v, case: Case, order: str, plan, grad: bool = False):
     """FlexAttention with the same neighborhood mask, tokens in row-major or in our tile order. With `grad`, the
     permuted q, k, v are leaves that need gradients and `run()` returns (out, leaves) for a backward."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -477,7 +477,7 @@ def run_case(name: str, case: Case, args, rows: list[dict]) -> None:
         for order in ("rowmajor", "tiled"):
             try:
                 t0 = time.time()
-                run, to_spatial = _flex_fn(q, k, v, case, order, plan)
+                run, to_spatial = flex_neighborhood(q, k, v, case, order, plan)
                 o = to_spatial(run())
                 err = sampled_check(q, k, v, o, dict(kernel_size=case.kernel_size, stride=case.stride), 16)
                 ms = _bench(run, long)

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from .gna import CASES, Case, _flex_fn, ceilings
+from .gna import CASES, Case, flex_neighborhood, ceilings
 from .harness import env_line, median_ms, write_json_lines
 
 # (num_warps, num_stages, q_split): the default first (the reference for gradient differences), then the settings
@@ -138,7 +138,7 @@ def run_case(name: str, case: Case, args, rows: list[dict], peak: float, bw: flo
             "--no-flex" if args.no_flex else f"{n} tokens > --flex-max-tokens {args.flex_max_tokens}")
     else:
         try:
-            run, _ = _flex_fn(q, k, v, case, "tiled", plan, grad=True)
+            run, _ = flex_neighborhood(q, k, v, case, "tiled", plan, grad=True)
             gof = torch.randn_like(run()[0])
 
             def flex_fb():
