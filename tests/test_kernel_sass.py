@@ -22,13 +22,14 @@ def test_fingerprints_real_sm90_code_and_compare_flags_changes(tmp_path):
     r = _run(str(out), "na1d", env={"DIFFATTN_SASS_DIR": str(sass_dir)})
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert [k.split(":")[1] for k in rows] == ["_na_fwd_kernel", "_na_bwd_dq_kernel", "_na_bwd_dkv_kernel"]
+    assert [k.split(":")[1] for k in rows] == ["_na_fwd_kernel", "_bwd_delta_kernel", "_na_bwd_dq_kernel",
+                                               "_na_bwd_dkv_kernel"]
     fwd = (sass_dir / "na1d-0.sass").read_text()
     assert "MMA" in fwd and "EXIT" in fwd  # tensor-core code for sm90, not an empty file
-    assert len({r["sass"] for r in rows.values()}) == 3 and len({r["ptx"] for r in rows.values()}) == 3
+    assert len({r["sass"] for r in rows.values()}) == 4 and len({r["ptx"] for r in rows.values()}) == 4
 
     same = _run("--compare", str(out), str(out))
-    assert same.returncode == 0 and same.stdout.count("ptx same, sass same") == 3
+    assert same.returncode == 0 and same.stdout.count("ptx same, sass same") == 4
     changed = dict(rows)
     key = next(iter(changed))
     changed[key] = {**changed[key], "sass": "0" * 16}

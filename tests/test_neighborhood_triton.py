@@ -230,7 +230,7 @@ def test_dkv_row_slices_give_the_same_gradients(results, case):
         assert r["vs_whole"][n] < 1e-4, (n, r)  # same sums in another grouping: rounding-level differences
 
 
-@pytest.mark.parametrize("q_split,env", [(3, None), (0, None), (8, None), (None, "two"), (None, "3")])
+@pytest.mark.parametrize("q_split,env", [(3, None), (0, None), (8, None), (None, "two"), (None, "3"), (None, "0")])
 def test_dkv_row_slices_are_validated(q_split, env, monkeypatch):
     from diffattn.kernels.neighborhood.tiling import make_plan
     from diffattn.kernels.neighborhood.triton_bwd import ENV_Q_SPLIT, dkv_q_split
@@ -241,7 +241,26 @@ def test_dkv_row_slices_are_validated(q_split, env, monkeypatch):
     with pytest.raises(ValueError, match="q_split|DIFFATTN_NA_BWD_QSPLIT"):
         dkv_q_split(plan, q_split)
     monkeypatch.delenv(ENV_Q_SPLIT, raising=False)
-    assert [dkv_q_split(plan, n) for n in (None, 1, 2, 4)] == [1, 1, 2, 4]
+    assert [dkv_q_split(plan, n) for n in (None, 1, 2, 4)] == [2, 1, 2, 4]
+
+
+def test_dkv_row_slices_default_and_environment_fit_each_tile(monkeypatch):
+    """The default (2 slices) and the environment's preference are lowered to what a tile allows (>= 16 rows a
+    slice); an explicit argument that does not fit is an error."""
+    from diffattn.kernels.neighborhood.tiling import make_plan
+    from diffattn.kernels.neighborhood.triton_bwd import ENV_Q_SPLIT, dkv_q_split
+
+    rows16 = make_plan((45,), (9,), (9,), (1,), (False,), (16,), (16,))
+    rows32 = make_plan((9, 13), (4, 5), (1, 1), (1, 2), (False, False), (4, 8), (4, 4))
+    rows128 = make_plan((32, 48), (9, 9), (1, 1), (1, 1), (False, False), (8, 16), (8, 16))
+    monkeypatch.delenv(ENV_Q_SPLIT, raising=False)
+    assert [dkv_q_split(p) for p in (rows16, rows32, rows128)] == [1, 2, 2]
+    monkeypatch.setenv(ENV_Q_SPLIT, "4")
+    assert [dkv_q_split(p) for p in (rows16, rows32, rows128)] == [1, 2, 4]
+    monkeypatch.setenv(ENV_Q_SPLIT, "1")
+    assert [dkv_q_split(p) for p in (rows16, rows32, rows128)] == [1, 1, 1]
+    with pytest.raises(ValueError, match="16-row query tile"):
+        dkv_q_split(rows16, 2)
 
 
 def test_torch_compile_fullgraph(results):

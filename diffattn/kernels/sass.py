@@ -112,7 +112,7 @@ def _sha(s: str) -> str:
 
 # ---- the specializations: each drives a host function, so its kernels compile as a real call would --------------
 def _na(shape, ks, dil, qt, kt, n_text, layout="spatial", tma=False, d=128, bwd=False,
-        q_split: int = 1) -> Callable[[], None]:
+        q_split: int | None = None) -> Callable[[], None]:
     def run() -> None:
         from .neighborhood import triton_bwd, triton_fwd
         from .neighborhood.tiling import make_plan, permute_tokens
@@ -161,12 +161,12 @@ CASES: dict[str, Callable[[], None]] = {
     "na3d_tma_extra": _na((8, 16, 16), (3, 5, 5), (1, 1, 1), (2, 4, 16), (2, 4, 16), 5, tma=True),
     "na2d_perm_d80": _na((20, 24), (7, 9), (1, 1), (8, 16), (8, 8), 0, layout="permuted", d=80),
     # the production tiles (what `choose_tiles` picks for HunyuanVideo-NA and FLUX-4K NA), on small grids: the
-    # code depends on the tiles, not on the grid
+    # code depends on the tiles, not on the grid; the backward's default (2 row slices) and whole query tiles
     "na3d_hunyuan_tiles": _na((12, 16, 16), (5, 9, 9), (1, 1, 1), (8, 4, 4), (4, 8, 4), 0, bwd=True),
-    "na3d_hunyuan_tiles_qsplit2": _na((12, 16, 16), (5, 9, 9), (1, 1, 1), (8, 4, 4), (4, 8, 4), 0, bwd=True,
-                                      q_split=2),
+    "na3d_hunyuan_tiles_whole": _na((12, 16, 16), (5, 9, 9), (1, 1, 1), (8, 4, 4), (4, 8, 4), 0, bwd=True,
+                                    q_split=1),
     "na2d_flux_tiles": _na((32, 48), (9, 9), (1, 1), (8, 16), (8, 16), 0, bwd=True),
-    "na2d_flux_tiles_qsplit2": _na((32, 48), (9, 9), (1, 1), (8, 16), (8, 16), 0, bwd=True, q_split=2),
+    "na2d_flux_tiles_whole": _na((32, 48), (9, 9), (1, 1), (8, 16), (8, 16), 0, bwd=True, q_split=1),
     "bs_tma_extra": _bs(1000, 17),
     "bs_even_notma": _bs(1024, 0, tma=False, ws=False),
     "bs_rect": _bs(1000, 0, rect=True),

@@ -286,10 +286,11 @@ def _bsa_bwd_fused_kernel(
 @triton.jit
 def _bwd_delta_kernel(O, DO, LSE, DLSE, DELTA,
                       stride_ob, stride_oh, stride_os, stride_dob, stride_doh, stride_dos,
-                      stride_lb, stride_lh, stride_ls,
+                      stride_lb, stride_lh, stride_ls, stride_eb, stride_eh, stride_es,
                       H, Sq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr):
     """delta = rowsum(O * dO) in float32, minus dLSE where the row's lse is finite: one pass over O and dO (the
-    torch expression it replaces was four or more kernels and two float32 copies)."""
+    torch expression it replaces was four or more kernels and two float32 copies). LSE and DELTA share the
+    "e" strides, DLSE has its own ("l")."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -303,10 +304,10 @@ def _bwd_delta_kernel(O, DO, LSE, DLSE, DELTA,
                  other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
-        lse = tl.load(LSE + pid_bh * Sq + offs_m, mask=m_ok, other=0.0)
+        lse = tl.load(LSE + b * stride_eb + h * stride_eh + offs_m * stride_es, mask=m_ok, other=0.0)
         dl = tl.load(DLSE + b * stride_lb + h * stride_lh + offs_m * stride_ls, mask=m_ok, other=0.0).to(tl.float32)
         delta = delta - tl.where(tl.abs(lse) < float("inf"), dl, 0.0)
-    tl.store(DELTA + pid_bh * Sq + offs_m, delta, mask=m_ok)
+    tl.store(DELTA + b * stride_eb + h * stride_eh + offs_m * stride_es, delta, mask=m_ok)
 
 
 _DELTA = LaunchCache(_bwd_delta_kernel)
@@ -317,15 +318,16 @@ _FUSED = LaunchCache(_bsa_bwd_fused_kernel)
 
 def bwd_delta(out: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None,
               interpret: bool = False) -> torch.Tensor:
-    """`rowsum(out * do) - dlse` (dlse only where lse is finite), float32 `[B, H, Sq]` contiguous, in one kernel."""
+    """`rowsum(out * do) - dlse` (dlse only where lse is finite), float32 `[B, H, Sq]` laid out like `lse` (any
+    strides: the neighborhood backward passes views of its `[B, *spatial, H]` tensors), in one kernel."""
     B, H, Sq, D = out.shape
-    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=out.device)
+    delta = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=out.device)
     if Sq == 0:
         return delta
     bm = 64 if not interpret else 16
     grid = (cdiv(Sq, bm), B * H)
     dl = dlse if dlse is not None else lse
-    _DELTA(grid, (out, do, lse, dl, delta, *strides3(out), *strides3(do), *strides3(dl), H, Sq, D),
+    _DELTA(grid, (out, do, lse, dl, delta, *strides3(out), *strides3(do), *strides3(dl), *strides3(lse), H, Sq, D),
            dict(BLOCK_M=bm, BLOCK_D=head_dim_pad(D), HAS_DLSE=dlse is not None, num_warps=4))
     return delta
 

@@ -6,11 +6,13 @@ Three kernels:
 - dK/dV: one program per key tile, visiting the query tiles whose box contains it (the inverse relation,
   `AxisPlan.kv_tab`), again mask-free where the pair is full;
 - dK/dV of the text tokens: one program per text tile, visiting every query tile of every dilation group.
-delta = rowsum(dO * O) - dlse is computed in PyTorch beforehand (dlse: gradient flowing into the returned lse).
+delta = rowsum(dO * O) - dlse (dlse: gradient flowing into the returned lse) comes first, from the block-sparse
+backward's fused delta kernel (one launch, no float32 copies of O and dO).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -20,6 +22,8 @@ import triton.language as tl
 from .tiling import Plan
 from .triton_fwd import (LOG2E, addressing, axis_tables, cdiv, group_len, inside, intra, pad3, program_coords,
                          row_windows, tile_range, window_ok)
+
+logger = logging.getLogger("diffattn")
 
 
 @triton.jit
@@ -180,6 +184,12 @@ def _na_bwd_dq_kernel(
 
 
 @triton.jit
+def _window_ok_t(y, st, ln):
+    """`window_ok` for a [keys, rows] tile: st[row] <= y[key] < st[row] + ln[row]."""
+    return (y[:, None] - st[None, :]).to(tl.uint32) < ln[None, :].to(tl.uint32)
+
+
+@triton.jit
 def _dkv_box(
     dk, dv, kk, vv, Q, DO, LSE, DELTA, R0, R1, R2,
     g0, g1, g2, X0, X1, X2,
@@ -231,27 +241,29 @@ def _dkv_box(
         do = tl.load(DO + o_off[:, None] + offs_d[None, :], mask=qmask, other=0.0)
         lse2 = tl.load(LSE + l_off, mask=qvalid, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + l_off, mask=qvalid, other=0.0)
-        qk = tl.dot(q, tl.trans(kk)) * qk_scale
-        p = tl.math.exp2(qk - lse2[:, None])
+        # transposed scores [keys, rows]: P^T and dS^T come out of the MMA as the A operands of dV and dK, with
+        # no register transpose (one through shared memory each, per step, otherwise)
+        qk_t = tl.dot(kk, tl.trans(q)) * qk_scale
+        p_t = tl.math.exp2(qk_t - lse2[None, :])
         if MASKED:
             if WINDOW:
                 st0 = tl.load(R0 + (g0 * X0 + x0) * 2)
                 ln0 = tl.load(R0 + (g0 * X0 + x0) * 2 + 1)
-                ok = window_ok(y0, st0, ln0)
+                ok = _window_ok_t(y0, st0, ln0)
                 if NDIM > 1:
                     st1 = tl.load(R1 + (g1 * X1 + x1) * 2)
                     ln1 = tl.load(R1 + (g1 * X1 + x1) * 2 + 1)
-                    ok &= window_ok(y1, st1, ln1)
+                    ok &= _window_ok_t(y1, st1, ln1)
                 if NDIM > 2:
                     st2 = tl.load(R2 + (g2 * X2 + x2) * 2)
                     ln2 = tl.load(R2 + (g2 * X2 + x2) * 2 + 1)
-                    ok &= window_ok(y2, st2, ln2)
-                p = tl.where(ok, p, 0.0)
+                    ok &= _window_ok_t(y2, st2, ln2)
+                p_t = tl.where(ok, p_t, 0.0)
         # padded query rows have dO = 0 and delta = 0, so they contribute nothing below
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
-        dp = tl.dot(do, tl.trans(vv))
-        ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        dp_t = tl.dot(vv, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
     return dk, dv
 
 
@@ -429,22 +441,54 @@ ENV_Q_SPLIT = "DIFFATTN_NA_BWD_QSPLIT"
 
 
 def dkv_q_split(plan: Plan, q_split: int | None = None) -> int:
-    """How many row slices the dK/dV kernels cut each query tile into (validated; 1 = whole tiles).
+    """How many row slices the dK/dV kernels cut each query tile into (1 = whole tiles).
 
-    Why: with whole 128-row query tiles and 128-key tiles at d=128, the dK/dV program holds two [128, 128] fp32
-    accumulators plus [128, 128] score and gradient tiles, and ptxas spills (sm90, Triton 3.9: 1,608 spill stores
-    at HunyuanVideo-NA's (8,4,4)/(4,8,4) tiles; 2 slices: see NOTES.md). Default 1 until timed on a GPU."""
+    Why: a dK/dV program holds two [keys, d] fp32 accumulators plus the [keys, rows] score and gradient tiles; with
+    128-row query tiles at d=128 ptxas spills (sm90, Triton 3.9: 992 / 1,528 spill stores at the FLUX-4K /
+    HunyuanVideo NA tiles) and 64-row slices do not (32 / 75). Measured on an H100 (NOTES.md, session 12), 2 slices
+    at 2 stages is the fastest setting at every production tile: the default wherever the slices keep >= 16 rows.
+
+    An explicit `q_split` must fit the plan's query tile (a power of two leaving >= 16 rows); the environment
+    variable `DIFFATTN_NA_BWD_QSPLIT` is a process-wide preference, so it is lowered to what each tile allows."""
+    rows = plan.block_m
     if q_split is None:
         raw = os.environ.get(ENV_Q_SPLIT, "").strip()
-        try:
-            q_split = int(raw) if raw else 1
-        except ValueError:
-            raise ValueError(f"{ENV_Q_SPLIT} must be an integer, got {raw!r}") from None
-    rows = plan.block_m
+        if raw:
+            try:
+                wanted = int(raw)
+            except ValueError:
+                raise ValueError(f"{ENV_Q_SPLIT} must be an integer, got {raw!r}") from None
+            if wanted < 1 or wanted & (wanted - 1):
+                raise ValueError(f"{ENV_Q_SPLIT} must be a power of two >= 1, got {raw!r}")
+        else:
+            wanted = 2
+        q_split = wanted
+        while q_split > 1 and (rows % q_split or rows // q_split < 16):
+            q_split //= 2
+        if q_split != wanted:
+            logger.debug("neighborhood backward: %d row slices of the %d-row query tile (asked %d)", q_split, rows,
+                         wanted)
+        return q_split
     if type(q_split) is not int or q_split < 1 or q_split & (q_split - 1) or rows % q_split or rows // q_split < 16:
         raise ValueError(f"q_split must be a power of two that leaves at least 16 rows of the {rows}-row query tile, "
                          f"got {q_split!r}")
     return q_split
+
+
+def _delta(out: torch.Tensor, d_out: torch.Tensor, lse: torch.Tensor, d_lse: torch.Tensor | None) -> torch.Tensor:
+    """rowsum(dO * O) - dLSE, float32 shaped and laid out like `lse` (`[B, *spatial, H]`), in one kernel: the
+    block-sparse backward's, on `[B, H, S, ...]` views of the spatial tensors."""
+    from ..block_sparse.triton_bwd import bwd_delta
+
+    nd = lse.dim() - 2
+
+    def bhs(t: torch.Tensor) -> torch.Tensor:  # [B, *spatial, H, ...] -> [B, H, S, ...] (a view when contiguous)
+        t = t if t.is_contiguous() else t.contiguous()
+        return t.reshape(t.shape[0], -1, *t.shape[1 + nd:]).transpose(1, 2)
+
+    delta = bwd_delta(bhs(out), bhs(d_out), bhs(lse), None if d_lse is None else bhs(d_lse),
+                      interpret=not out.is_cuda)
+    return delta.transpose(1, 2).reshape(lse.shape)
 
 
 def na_backward(
@@ -455,15 +499,17 @@ def na_backward(
     """Gradients (dq, dk, dv, d_extra_k, d_extra_v) for the spatial layout `[B, *spatial, H, D]`.
 
     q_split: the dK/dV kernels visit each query tile in this many row slices (see `_dkv_box`); None reads
-    `DIFFATTN_NA_BWD_QSPLIT`, else 1 (see `dkv_q_split`)."""
+    `DIFFATTN_NA_BWD_QSPLIT`, else 2 where the tile allows (see `dkv_q_split`)."""
     nd = plan.ndim
     q_split = dkv_q_split(plan, q_split)
+    if q_split > 2 and num_stages > 1 and q.is_cuda:
+        # measured: 32-row slices software-pipelined gave gradients 0.2-0.6 off on an H100 (Triton 3.6, 2026-12-05,
+        # the earlier un-transposed kernel) while 1 stage agreed exactly; refuse rather than risk it unverified
+        raise ValueError(f"q_split={q_split} needs num_stages=1 on CUDA (with {num_stages} stages it gave wrong "
+                         "gradients on an H100, Triton 3.6)")
     b, h, d = q.shape[0], q.shape[1 + nd], q.shape[-1]
     d_out = d_out.contiguous()
-    delta = (d_out.float() * out.float()).sum(-1)
-    if d_lse is not None:
-        delta = delta - d_lse.float()
-    delta = delta.contiguous()
+    delta = _delta(out, d_out, lse, d_lse)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
