@@ -46,10 +46,19 @@ def test_write_merges_into_the_table(tmp_path, monkeypatch):
     assert gna.main(["--tune-from", str(rows), "--kind", "h200"]) == 0
 
 
-def test_na_backward_bench_settings_and_table(tmp_path, capsys):
-    from diffattn.bench import na_backward as nb
+def test_na_backward_bench_settings_and_table(tmp_path, capsys, monkeypatch):
+    import inspect
 
-    assert nb.parse_settings(None) == nb.SETTINGS and nb.SETTINGS[0] == (8, 2, 1)  # the default is the reference
+    from diffattn.bench import na_backward as nb
+    from diffattn.kernels.neighborhood.tiling import make_plan
+    from diffattn.kernels.neighborhood.triton_bwd import ENV_Q_SPLIT, dkv_q_split, na_backward
+
+    # the first setting is the kernel's own default (the reference for the gradient differences)
+    monkeypatch.delenv(ENV_Q_SPLIT, raising=False)
+    params = inspect.signature(na_backward).parameters
+    flux_tiles = make_plan((32, 48), (9, 9), (1, 1), (1, 1), (False, False), (8, 16), (8, 16))
+    default = (params["num_warps"].default, params["num_stages"].default, dkv_q_split(flux_tiles))
+    assert nb.parse_settings(None) == nb.SETTINGS and nb.SETTINGS[0] == default
     assert nb.parse_settings("8,1,4;4,2,1") == ((8, 1, 4), (4, 2, 1))
     import pytest
     with pytest.raises(ValueError, match="warps,stages,q_split"):
