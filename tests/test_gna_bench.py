@@ -71,3 +71,29 @@ def test_na_backward_bench_settings_and_table(tmp_path, capsys, monkeypatch):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "| 40.00 | 300 | 12.50 | 26.00 | 1.50 | 2.0e-03 | 20.0 / 0.40 |" in line
     assert nb.main(["--cases", "nope"]) == 2
+
+
+def test_na_backward_bench_fwd_bwd_routes_agree():
+    """The fwd+bwd closures the bench times: the front door and the block-sparse lowering give the same gradients
+    (float64, CPU backends), and the lowering refuses a plan that is not exactly block-sparse."""
+    import pytest
+    import torch
+
+    from diffattn.bench.gna import Case
+    from diffattn.bench.na_backward import fwd_bwd
+    from diffattn.kernels.neighborhood.functional import get_plan
+
+    case = Case((8, 16), 2, (4, 8), (4, 8))
+    plan = get_plan(case.shape, case.kernel_size, case.stride, 1, False, (4, 4), (4, 4))
+    q, k, v, go = (torch.randn(1, 8, 16, 2, 8, dtype=torch.float64) for _ in range(4))
+    grads = {}
+    for name in ("reference", "blocked", "lowered:blocked", "lowered:reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        grads[name] = fwd_bwd(name, *leaves, go, case, plan)()
+    for name, g in grads.items():
+        for a, b in zip(g, grads["reference"]):
+            assert torch.allclose(a, b, atol=1e-10), name
+    na_case = Case((9, 13), 2, (4, 5), (1, 1))  # plain NA with borders: masked tile pairs, not block-sparse
+    na_plan = get_plan(na_case.shape, na_case.kernel_size, na_case.stride, 1, False, (4, 4), (4, 4))
+    with pytest.raises(ValueError, match="not exactly block-sparse"):
+        fwd_bwd("lowered:blocked", q, k, v, go, na_case, na_plan)

@@ -7,8 +7,10 @@ tokens; choosing the dQ and the dK/dV launch settings needs each kernel's own ti
 kernel name) and the HunyuanVideo shapes too. Per case it prints the floors (2.5x the forward's useful FLOPs over
 this run's matmul rate; q, k, v, o, dO read and dq, dk, dv written once over its copy bandwidth), then for every
 setting (warps, stages, dK/dV query-row slices) the backward's median time, its dQ / dK/dV / other (delta, casts)
-split and the largest gradient difference from the first setting; then forward+backward through the front door and
-through FlexAttention on the same mask (our tile order, BLOCK 128). Cases: `diffattn.bench.gna.CASES`.
+split and the largest gradient difference from the first setting; then forward+backward through the front door
+(each of `--backends`, with its gradient difference from the first), through the block-sparse lowering where the
+plan is exactly block-sparse, and through FlexAttention on the same mask (our tile order, BLOCK 128). Cases:
+`diffattn.bench.gna.CASES`.
 """
 
 from __future__ import annotations
@@ -73,8 +75,36 @@ def _max_rel(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float:
                for x, y in zip(a, b))
 
 
+def fwd_bwd(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: torch.Tensor, case: Case, plan):
+    """A closure running forward + backward (returns dq, dk, dv) of `case` on leaf q, k, v: through the front door
+    (`backend` a neighborhood backend name, "default" = the registry's choice) or, for "lowered:NAME", through the
+    block-sparse lowering on block-sparse backend NAME (exactly block-sparse plans only; ValueError otherwise)."""
+    from ..kernels.neighborhood.checks import normalize_params
+    from ..kernels.neighborhood.functional import neighborhood_attention
+    from ..kernels.neighborhood.lowering import lowering_reason, neighborhood_attention_block_sparse
+
+    if backend.startswith("lowered:"):
+        reason = lowering_reason(plan)
+        if reason:
+            raise ValueError(f"the plan is not exactly block-sparse: {reason}")
+        params = normalize_params(case.shape, case.kernel_size, case.stride)
+        bs_backend = backend.split(":", 1)[1]
+
+        def run():
+            return neighborhood_attention_block_sparse(q, k, v, plan, params, bs_backend)
+    else:
+        name = None if backend == "default" else backend
+
+        def run():
+            return neighborhood_attention(q, k, v, case.kernel_size, case.stride, backend=name)
+
+    def fn():
+        return torch.autograd.grad(run(), (q, k, v), d_out)
+    return fn
+
+
 def run_case(name: str, case: Case, args, rows: list[dict], peak: float, bw: float) -> None:
-    from ..kernels.neighborhood.functional import get_plan, neighborhood_attention
+    from ..kernels.neighborhood.functional import get_plan
     from ..kernels.neighborhood.triton_bwd import na_backward
     from ..kernels.neighborhood.triton_fwd import na_forward
 
@@ -119,20 +149,21 @@ def run_case(name: str, case: Case, args, rows: list[dict], peak: float, bw: flo
     del ref
 
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-
-    def front(backend):
-        def fn():
-            o = neighborhood_attention(qg, kg, vg, case.kernel_size, case.stride, backend=backend)
-            return torch.autograd.grad(o, (qg, kg, vg), go)
-        return fn
-    for backend in (None, "triton"):
+    first = None
+    for name_ in args.backends:
+        impl = "ours fwd+bwd, block-sparse lowering" if name_.startswith("lowered:") else "ours fwd+bwd, front door"
         try:
-            fn = front(backend)
-            fn()
-            add("ours fwd+bwd, front door", median_ms(fn, warmup=args.warmup, rep=args.rep), 3.5 * fwd_flops,
-                f"backend={backend or 'default'}")
-        except Exception as e:  # noqa: BLE001
-            add("ours fwd+bwd FAILED", float("nan"), 3.5 * fwd_flops, f"backend={backend}: {type(e).__name__}: {e}")
+            fn = fwd_bwd(name_, qg, kg, vg, go, case, plan)
+            grads = fn()
+            diff = 0.0 if first is None else _max_rel(grads, first)  # the result, not just the speed
+            if first is None:
+                first = tuple(g.clone() for g in grads)
+            del grads
+            add(impl, median_ms(fn, warmup=args.warmup, rep=args.rep), 3.5 * fwd_flops, f"backend={name_}",
+                max_rel_diff_vs_first=diff)
+        except Exception as e:  # noqa: BLE001 - a backend that cannot run this case is a row, not the end of the run
+            add(impl.replace("fwd+bwd", "fwd+bwd FAILED"), float("nan"), 3.5 * fwd_flops,
+                f"backend={name_}: {type(e).__name__}: {str(e)[:200]}")
     if args.no_flex or n > args.flex_max_tokens:
         add("FlexAttention fwd+bwd SKIPPED", float("nan"), 3.5 * fwd_flops,
             "--no-flex" if args.no_flex else f"{n} tokens > --flex-max-tokens {args.flex_max_tokens}")
@@ -171,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--settings", type=parse_settings, default=SETTINGS,
                     help="warps,stages,q_split;... (the first is the reference for gradient differences)")
+    ap.add_argument("--backends", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+                    default=["default", "triton", "gluon", "lowered:triton"],
+                    help="fwd+bwd rows: neighborhood backends through the front door ('default' = the registry's "
+                         "choice), or 'lowered:NAME' = the block-sparse lowering on block-sparse backend NAME")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes ~a minute a case)")
     ap.add_argument("--flex-max-tokens", type=int, default=100_000,
                     help="skip FlexAttention above this many tokens (its block mask is built densely)")
