@@ -59,10 +59,12 @@ def test_na_backward_bench_settings_and_table(tmp_path, capsys, monkeypatch):
     flux_tiles = make_plan((32, 48), (9, 9), (1, 1), (1, 1), (False, False), (8, 16), (8, 16))
     default = (params["num_warps"].default, params["num_stages"].default, dkv_q_split(flux_tiles))
     assert nb.parse_settings(None) == nb.SETTINGS and nb.SETTINGS[0] == default
-    assert nb.parse_settings("8,1,4;4,2,1") == ((8, 1, 4), (4, 2, 1))
+    assert nb.parse_settings("8,1,4;4,2,1;8,2,2,3") == ((8, 1, 4), (4, 2, 1), (8, 2, 2, 3))
     import pytest
     with pytest.raises(ValueError, match="warps,stages,q_split"):
         nb.parse_settings("8,1")
+    with pytest.raises(ValueError, match="warps,stages,q_split"):
+        nb.parse_settings("8,2,2,3,1")
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps(dict(case="flux-na", impl="ours backward only", note="warps=8 stages=1 q_split=4",
                                     ms=40.0, tflops=300.0, dq_ms=12.5, dkv_ms=26.0, other_ms=1.5,

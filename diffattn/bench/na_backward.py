@@ -6,7 +6,7 @@ Why a separate benchmark: `diffattn bench gna --backward` times one whole backwa
 tokens; choosing the dQ and the dK/dV launch settings needs each kernel's own time (torch.profiler device time per
 kernel name) and the HunyuanVideo shapes too. Per case it prints the floors (2.5x the forward's useful FLOPs over
 this run's matmul rate; q, k, v, o, dO read and dq, dk, dv written once over its copy bandwidth), then for every
-setting (warps, stages, dK/dV query-row slices) the backward's median time, its dQ / dK/dV / other (delta, casts)
+setting (warps, stages, dK/dV query-row slices, dK/dV stages) the backward's median time, its dQ / dK/dV / other (delta, casts)
 split and the largest gradient difference from the first setting; then forward+backward through the front door
 (each of `--backends`, with its gradient difference from the first), through the block-sparse lowering where the
 plan is exactly block-sparse, and through FlexAttention on the same mask (our tile order, BLOCK 128). Cases:
@@ -25,22 +25,24 @@ import torch
 from .gna import CASES, Case, flex_neighborhood, ceilings
 from .harness import env_line, median_ms, write_json_lines
 
-# (num_warps, num_stages, q_split): the default first (the reference for gradient differences), then its
-# neighbours (kernels/neighborhood/NOTES.md, "Session 12"); 4 slices only at 1 stage (2 stages: wrong gradients)
-SETTINGS: tuple[tuple[int, int, int], ...] = (
-    (8, 2, 2), (8, 2, 1), (8, 1, 2), (8, 1, 1), (8, 1, 4), (4, 2, 2),
+# (num_warps, num_stages, q_split[, dK/dV stages]): the default first (the reference for gradient differences),
+# then its neighbours (kernels/neighborhood/NOTES.md, "Session 12"); 4 slices only at 1 dK/dV stage (2: wrong
+# gradients); 3 stages fit the dK/dV kernel only (dQ needs 256 KiB of shared memory there)
+Setting = tuple[int, ...]
+SETTINGS: tuple[Setting, ...] = (
+    (8, 2, 2), (8, 2, 2, 3), (8, 2, 1), (8, 1, 2), (8, 1, 1), (8, 1, 4), (4, 2, 2),
 )
 
 
-def parse_settings(text: str | None) -> tuple[tuple[int, int, int], ...]:
-    """`"8,2,1;8,1,4"` -> ((8, 2, 1), (8, 1, 4)); None -> `SETTINGS`."""
+def parse_settings(text: str | None) -> tuple[Setting, ...]:
+    """`"8,2,1;8,2,2,3"` -> ((8, 2, 1), (8, 2, 2, 3)); None -> `SETTINGS`."""
     if not text:
         return SETTINGS
     out = []
     for part in text.split(";"):
         vals = tuple(int(x) for x in part.split(","))
-        if len(vals) != 3:
-            raise ValueError(f"a setting is warps,stages,q_split; got {part!r}")
+        if len(vals) not in (3, 4):
+            raise ValueError(f"a setting is warps,stages,q_split[,dkv_stages]; got {part!r}")
         out.append(vals)
     return tuple(out)
 
@@ -130,12 +132,13 @@ def run_case(name: str, case: Case, args, rows: list[dict], peak: float, bw: flo
         write_json_lines(rows, args.out)
 
     ref = None
-    for warps, stages, q_split in args.settings:
-        label = f"warps={warps} stages={stages} q_split={q_split}"
+    for warps, stages, q_split, *rest in args.settings:
+        dkv_stages = rest[0] if rest else stages
+        label = f"warps={warps} stages={stages} q_split={q_split}" + (f" dkv_stages={dkv_stages}" if rest else "")
         try:
             def fb():
                 return na_backward(q, k, v, None, None, out, lse, go, None, plan, scale, warps, stages,  # noqa: B023
-                                   q_split=q_split)
+                                   q_split=q_split, dkv_stages=dkv_stages)  # noqa: B023
             grads = fb()[:3]
             diff = 0.0 if ref is None else _max_rel(grads, ref)
             if ref is None:
@@ -143,7 +146,7 @@ def run_case(name: str, case: Case, args, rows: list[dict], peak: float, bw: flo
             ms = median_ms(fb, warmup=args.warmup, rep=args.rep)
             split = kernel_split(fb)
             add("ours backward only", ms, bwd_flops, f"{tiles} {label}", warps=warps, stages=stages,
-                q_split=q_split, max_rel_diff_vs_first=diff, **{f"{k_}_ms": v_ for k_, v_ in split.items()})
+                dkv_stages=dkv_stages, q_split=q_split, max_rel_diff_vs_first=diff, **{f"{k_}_ms": v_ for k_, v_ in split.items()})
         except Exception as e:  # noqa: BLE001 - a setting that does not compile is a row, not the end of the run
             add("ours backward FAILED", float("nan"), bwd_flops, f"{label}: {type(e).__name__}: {str(e)[:200]}")
     del ref
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--settings", type=parse_settings, default=SETTINGS,
-                    help="warps,stages,q_split;... (the first is the reference for gradient differences)")
+                    help="warps,stages,q_split[,dkv_stages];... (the first is the reference for gradient differences)")
     ap.add_argument("--backends", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
                     default=["default", "triton", "gluon", "lowered:triton"],
                     help="fwd+bwd rows: neighborhood backends through the front door ('default' = the registry's "

@@ -495,17 +495,22 @@ def na_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ek: torch.Tensor | None, ev: torch.Tensor | None,
     out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor | None, plan: Plan,
     scale: float, num_warps: int = 8, num_stages: int = 2, q_split: int | None = None,
+    dkv_stages: int | None = None,
 ):
     """Gradients (dq, dk, dv, d_extra_k, d_extra_v) for the spatial layout `[B, *spatial, H, D]`.
 
     q_split: the dK/dV kernels visit each query tile in this many row slices (see `_dkv_box`); None reads
-    `DIFFATTN_NA_BWD_QSPLIT`, else 2 where the tile allows (see `dkv_q_split`)."""
+    `DIFFATTN_NA_BWD_QSPLIT`, else 2 where the tile allows (see `dkv_q_split`).
+    dkv_stages: software-pipeline stages of the dK/dV kernels (None: `num_stages`). Separate because the two
+    kernels' buffers differ: at d=128 on sm90, dQ needs 262,144 B of shared memory at 3 stages (does not fit),
+    dK/dV with 64-row slices 166,912 B (fits; Triton 3.6 CPU compile)."""
     nd = plan.ndim
     q_split = dkv_q_split(plan, q_split)
-    if q_split > 2 and num_stages > 1 and q.is_cuda:
+    dkv_stages = num_stages if dkv_stages is None else dkv_stages
+    if q_split > 2 and dkv_stages > 1 and q.is_cuda:
         # measured: 32-row slices software-pipelined gave gradients 0.2-0.6 off on an H100 (Triton 3.6, 2026-12-05,
         # the earlier un-transposed kernel) while 1 stage agreed exactly; refuse rather than risk it unverified
-        raise ValueError(f"q_split={q_split} needs num_stages=1 on CUDA (with {num_stages} stages it gave wrong "
+        raise ValueError(f"q_split={q_split} needs 1 dK/dV stage on CUDA (with {dkv_stages} it gave wrong "
                          "gradients on an H100, Triton 3.6)")
     b, h, d = q.shape[0], q.shape[1 + nd], q.shape[-1]
     d_out = d_out.contiguous()
@@ -534,15 +539,14 @@ def na_backward(
         ea = [ek.stride(0), ek.stride(2), ek.stride(1), ek.shape[1]]
     else:
         ea = [0, 0, 0, 0]
-    consts = dict(NDIM=nd, TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], BLOCK_D=block_d, num_warps=num_warps,
-                  num_stages=num_stages)
+    consts = dict(NDIM=nd, TQ0=tq[0], TQ1=tq[1], TQ2=tq[2], BLOCK_D=block_d, num_warps=num_warps)
     _na_bwd_dq_kernel[(nq[0] * nq[1] * nq[2], b * plan.groups * h)](
         q, k, v, d_out, lse, delta, dq, ek if has_extra else q, ev if has_extra else q,
         tabs[0], tabs[1], tabs[3], tabs[4], tabs[6], tabs[7],
         *qa, *ka, *oa, *la, *ea,
         h, plan.groups, *ls, *dl, *nq, *xs,
         scale * LOG2E, scale, d,
-        TK0=tk[0], TK1=tk[1], TK2=tk[2], HAS_EXTRA=has_extra, **consts,
+        TK0=tk[0], TK1=tk[1], TK2=tk[2], HAS_EXTRA=has_extra, num_stages=num_stages, **consts,
     )
     _na_bwd_dkv_kernel[(nk[0] * nk[1] * nk[2], b * plan.groups * h)](
         q, k, v, d_out, lse, delta, dk, dv,
@@ -550,7 +554,7 @@ def na_backward(
         *qa, *ka, *oa, *la, *da,
         h, plan.groups, *ls, *dl, *nk, *xs,
         scale * LOG2E, scale, d,
-        TK0=tk[0], TK1=tk[1], TK2=tk[2], Q_SPLIT=q_split, **consts,
+        TK0=tk[0], TK1=tk[1], TK2=tk[2], Q_SPLIT=q_split, num_stages=dkv_stages, **consts,
     )
     dek = dev = None
     if has_extra:
@@ -561,6 +565,6 @@ def na_backward(
             q, ek, ev, d_out, lse, delta, dek, dev,
             *qa, *oa, *la, ek.stride(0), ek.stride(2), ek.stride(1), dek.stride(0), dek.stride(2), dek.stride(1),
             ek.shape[1], h, *ls, *dl, *nq,
-            scale * LOG2E, scale, d, BLOCK_N=block_n, Q_SPLIT=q_split, **consts,
+            scale * LOG2E, scale, d, BLOCK_N=block_n, Q_SPLIT=q_split, num_stages=dkv_stages, **consts,
         )
     return dq, dk, dv, dek, dev
