@@ -6,11 +6,11 @@ Why a separate benchmark: `diffattn bench gna --backward` times one whole backwa
 tokens; choosing the dQ and the dK/dV launch settings needs each kernel's own time (torch.profiler device time per
 kernel name) and the HunyuanVideo shapes too. Per case it prints the floors (2.5x the forward's useful FLOPs over
 this run's matmul rate; q, k, v, o, dO read and dq, dk, dv written once over its copy bandwidth), then for every
-setting (warps, stages, dK/dV query-row slices, dK/dV stages) the backward's median time, its dQ / dK/dV / other (delta, casts)
-split and the largest gradient difference from the first setting; then forward+backward through the front door
-(each of `--backends`, with its gradient difference from the first), through the block-sparse lowering where the
-plan is exactly block-sparse, and through FlexAttention on the same mask (our tile order, BLOCK 128). Cases:
-`diffattn.bench.gna.CASES`.
+setting (warps, stages, dK/dV query-row slices, dK/dV stages) the backward's median time, its dQ / dK/dV / other
+(delta, casts) split and the largest gradient difference from the first setting; then forward+backward through
+the front door (each of `--backends`, with its gradient difference from the first), through the block-sparse
+lowering where the plan is exactly block-sparse, and through FlexAttention on the same mask (our tile order,
+BLOCK 128). Cases: `diffattn.bench.gna.CASES`.
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ def run_case(name: str, case: Case, args, rows: list[dict], peak: float, bw: flo
             ms = median_ms(fb, warmup=args.warmup, rep=args.rep)
             split = kernel_split(fb)
             add("ours backward only", ms, bwd_flops, f"{tiles} {label}", warps=warps, stages=stages,
-                dkv_stages=dkv_stages, q_split=q_split, max_rel_diff_vs_first=diff, **{f"{k_}_ms": v_ for k_, v_ in split.items()})
+                dkv_stages=dkv_stages, q_split=q_split, max_rel_diff_vs_first=diff,
+                **{f"{k_}_ms": v_ for k_, v_ in split.items()})
         except Exception as e:  # noqa: BLE001 - a setting that does not compile is a row, not the end of the run
             add("ours backward FAILED", float("nan"), bwd_flops, f"{label}: {type(e).__name__}: {str(e)[:200]}")
     del ref

@@ -98,11 +98,14 @@ def _na_bwd_op(
     plan = _plan_of(q, kernel_size, stride, dilation, is_causal, q_tile, kv_tile)
     # two stages where they fit in shared memory, else one (sm90: whole 128-row tiles at HunyuanVideo-NA's plan
     # needed 233,472 B of the 232,448 B there are; the default 64-row slices fit)
+    q_split = dkv_q_split(plan)  # resolved once: part of the specialization that may not fit
+
     def launch(stages: int):
-        return na_backward(q, k, v, extra_k, extra_v, out, lse, d_out, d_lse, plan, scale, num_stages=stages)
+        return na_backward(q, k, v, extra_k, extra_v, out, lse, d_out, d_lse, plan, scale, num_stages=stages,
+                           q_split=q_split)
 
     variants = [(f"{n}-stage", functools.partial(launch, n)) for n in (2, 1)]
-    key = (plan.q_tile, plan.kv_tile, tuple(q.shape), q.dtype, extra_k is not None, dkv_q_split(plan))
+    key = (plan.q_tile, plan.kv_tile, tuple(q.shape), q.dtype, extra_k is not None, q_split)
     dq, dk, dv, dek, dev = run_with_fallbacks("neighborhood attention backward", key, variants)
     if dek is None:  # custom ops return tensors only: empty placeholders, mapped back to None below
         dek, dev = q.new_zeros(1), q.new_zeros(1)

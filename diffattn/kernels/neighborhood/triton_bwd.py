@@ -451,27 +451,27 @@ def dkv_q_split(plan: Plan, q_split: int | None = None) -> int:
     An explicit `q_split` must fit the plan's query tile (a power of two leaving >= 16 rows); the environment
     variable `DIFFATTN_NA_BWD_QSPLIT` is a process-wide preference, so it is lowered to what each tile allows."""
     rows = plan.block_m
-    if q_split is None:
-        raw = os.environ.get(ENV_Q_SPLIT, "").strip()
-        if raw:
-            try:
-                wanted = int(raw)
-            except ValueError:
-                raise ValueError(f"{ENV_Q_SPLIT} must be an integer, got {raw!r}") from None
-            if wanted < 1 or wanted & (wanted - 1):
-                raise ValueError(f"{ENV_Q_SPLIT} must be a power of two >= 1, got {raw!r}")
-        else:
-            wanted = 2
-        q_split = wanted
-        while q_split > 1 and (rows % q_split or rows // q_split < 16):
-            q_split //= 2
-        if q_split != wanted:
-            logger.debug("neighborhood backward: %d row slices of the %d-row query tile (asked %d)", q_split, rows,
-                         wanted)
+
+    def fits(n: int) -> bool:  # whole tiles, or a power of two that cuts the tile into slices of >= 16 rows
+        return type(n) is int and (n == 1 or (n > 1 and not n & (n - 1) and not rows % n and rows // n >= 16))
+
+    if q_split is not None:
+        if not fits(q_split):
+            raise ValueError(f"q_split must be 1 or a power of two that leaves at least 16 rows of the {rows}-row query "
+                             f"tile, got {q_split!r}")
         return q_split
-    if type(q_split) is not int or q_split < 1 or q_split & (q_split - 1) or rows % q_split or rows // q_split < 16:
-        raise ValueError(f"q_split must be a power of two that leaves at least 16 rows of the {rows}-row query tile, "
-                         f"got {q_split!r}")
+    raw = os.environ.get(ENV_Q_SPLIT, "").strip()
+    try:
+        wanted = int(raw) if raw else 2
+    except ValueError:
+        raise ValueError(f"{ENV_Q_SPLIT} must be an integer, got {raw!r}") from None
+    if wanted < 1 or wanted & (wanted - 1):
+        raise ValueError(f"{ENV_Q_SPLIT} must be a power of two >= 1, got {raw!r}")
+    q_split = wanted
+    while not fits(q_split):
+        q_split //= 2
+    if q_split != wanted:
+        logger.debug("neighborhood backward: %d row slices of the %d-row query tile (asked %d)", q_split, rows, wanted)
     return q_split
 
 
