@@ -36,3 +36,23 @@ def test_fingerprints_real_sm90_code_and_compare_flags_changes(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(changed))
     diff = _run("--compare", str(out), str(tmp_path / "b.json"))
     assert diff.returncode == 1 and f"{key}: ptx same, SASS DIFFERS" in diff.stdout
+
+
+def test_wgmma_serialization_is_detected_on_real_sass():
+    from diffattn.kernels.sass import wgmma_serialized
+
+    pipelined = "WARPGROUP.ARRIVE ;\n" + "HGMMA.64x128x16.F32 R24, gdesc[UR4], R24 ;\n" * 8 + "WARPGROUP.DEPBAR.LE gsb0, 0x0 ;"
+    serialized = "WARPGROUP.ARRIVE ;\nHGMMA.64x128x16.F32 R24, gdesc[UR4], R24, gsb0 ;\nWARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n" * 8
+    assert not wgmma_serialized(pipelined) and wgmma_serialized(serialized) and not wgmma_serialized("FFMA R1, R2 ;")
+
+
+def test_neighborhood_kernels_keep_wgmma_pipelined_at_production_tiles(tmp_path):
+    """ptxas serializes every wgmma of a kernel when one spot breaks its rules; the dQ kernel at the FLUX-4K and
+    HunyuanVideo-GNA tiles did (an empty first key box re-zeroing the accumulator; see triton_bwd._dq_box)."""
+    out = tmp_path / "tiles.json"
+    r = _run(str(out), "_tiles")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert {k.split(":")[1] for k in rows} >= {"_na_fwd_kernel", "_na_bwd_dq_kernel", "_na_bwd_dkv_kernel"}
+    assert sum(k.startswith("na3d_hunyuan_gna_tiles#") for k in rows) == 4
+    assert [k for k, row in rows.items() if row["wgmma_serialized"]] == []

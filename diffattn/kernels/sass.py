@@ -106,6 +106,15 @@ def ptx_instructions(kernel) -> str:
     return "\n".join(out)
 
 
+def wgmma_serialized(sass: str) -> bool:
+    """Whether ptxas serialized the kernel's wgmma: every `HGMMA` waits for the one before it
+    (`WARPGROUP.DEPBAR` per instruction instead of one per dot). ptxas does this silently for the whole kernel when
+    one spot breaks its pipeline rules (its C7515 / C7512 notes: registers of an accumulator written by other
+    instructions inside an open pipeline stage, or too few registers); the tensor cores then idle between k-steps."""
+    mma = sass.count("HGMMA")
+    return mma > 0 and sass.count("WARPGROUP.DEPBAR") >= mma
+
+
 def _sha(s: str) -> str:
     return hashlib.sha256(s.encode()).hexdigest()[:16]
 
@@ -160,12 +169,15 @@ CASES: dict[str, Callable[[], None]] = {
     "na2d_tma": _na((32, 32), (9, 9), (1, 1), (8, 16), (8, 16), 0, tma=True),
     "na3d_tma_extra": _na((8, 16, 16), (3, 5, 5), (1, 1, 1), (2, 4, 16), (2, 4, 16), 5, tma=True),
     "na2d_perm_d80": _na((20, 24), (7, 9), (1, 1), (8, 16), (8, 8), 0, layout="permuted", d=80),
-    # the production tiles (what `choose_tiles` picks for HunyuanVideo-NA and FLUX-4K NA), on small grids: the
-    # code depends on the tiles, not on the grid; the backward's default (2 row slices) and whole query tiles
+    # the production tiles (what `choose_tiles` picks for HunyuanVideo NA / GNA and FLUX-4K NA / GNA), on small
+    # grids: the code depends on the tiles, not on the grid or the stride; the backward's default (2 row slices)
+    # and whole query tiles
     "na3d_hunyuan_tiles": _na((12, 16, 16), (5, 9, 9), (1, 1, 1), (8, 4, 4), (4, 8, 4), 0, bwd=True),
     "na3d_hunyuan_tiles_whole": _na((12, 16, 16), (5, 9, 9), (1, 1, 1), (8, 4, 4), (4, 8, 4), 0, bwd=True,
                                     q_split=1),
+    "na3d_hunyuan_gna_tiles": _na((12, 16, 16), (5, 9, 9), (1, 1, 1), (2, 8, 8), (2, 8, 8), 0, bwd=True),
     "na2d_flux_tiles": _na((32, 48), (9, 9), (1, 1), (8, 16), (8, 16), 0, bwd=True),
+    "na2d_flux_na_tiles": _na((32, 48), (9, 9), (1, 1), (8, 16), (16, 8), 0, bwd=True),
     "na2d_flux_tiles_whole": _na((32, 48), (9, 9), (1, 1), (8, 16), (8, 16), 0, bwd=True, q_split=1),
     "bs_tma_extra": _bs(1000, 17),
     "bs_even_notma": _bs(1024, 0, tma=False, ws=False),
@@ -190,7 +202,8 @@ def fingerprints(name_filter: str = "", sass_dir: str | None = None) -> dict[str
                 with open(os.path.join(sass_dir, f"{name}-{i}.sass"), "w") as f:
                     f.write(sass)
             rows[f"{name}#{i}:{kname}"] = dict(ptx=_sha(ptx_instructions(k)), sass=_sha(sass),
-                                               sass_lines=sass.count("\n") + 1, spill_stores=sass.count("STL"))
+                                               sass_lines=sass.count("\n") + 1, spill_stores=sass.count("STL"),
+                                               wgmma_serialized=wgmma_serialized(sass))
     return rows
 
 

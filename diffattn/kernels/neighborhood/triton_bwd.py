@@ -34,11 +34,22 @@ def _dq_box(
     k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2,
     lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2, qk_scale,
     NDIM: tl.constexpr, TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr, MASKED: tl.constexpr,
+    FIRST: tl.constexpr = False,
 ):
+    """Accumulate dQ of one query tile over the key tiles in [lo, hi) per axis.
+
+    FIRST (the box whose `dq` comes in as constant zeros): the loop runs at least once, an empty box as one visit
+    of tile `lo` with lse = +inf (P = 0 exactly, so it adds nothing). Why: a loop that may run zero times makes
+    LLVM re-create the zero accumulator on the skip path, laid out between the loop's last wgmma and its wait;
+    ptxas then serializes every wgmma of the kernel (C7515, seen on sm90 at the FLUX-4K and HunyuanVideo-GNA tiles)."""
     c1 = hi1 - lo1
     c2 = hi2 - lo2
     count = (hi0 - lo0) * c1 * c2
-    for it in range(0, count):
+    visits = count
+    if FIRST:
+        visits = tl.maximum(count, 1)
+        lse2 = tl.where(count > 0, lse2, float("inf"))
+    for it in range(0, visits):
         k2 = lo2 + it % c2
         k1 = lo1 + (it // c2) % c1
         k0 = lo0 + it // (c2 * c1)
@@ -143,7 +154,7 @@ def _na_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_box(dq, q, do, lse2, delta, K, V, kv_base, ilo0, ihi0, ilo1, ihi1, ilo2, ihi2, n0, n1, n2, offs_d,
                  dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2, lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2,
-                 qk_scale, NDIM, TK0, TK1, TK2, False)
+                 qk_scale, NDIM, TK0, TK1, TK2, False, True)
     dq = _dq_box(dq, q, do, lse2, delta, K, V, kv_base, lo0, ilo0, lo1, hi1, lo2, hi2, n0, n1, n2, offs_d,
                  dmask, k_ts0, k_ts1, k_ts2, k_is0, k_is1, k_is2, lg0, lg1, lg2, st0, ln0, st1, ln1, st2, ln2,
                  qk_scale, NDIM, TK0, TK1, TK2, True)
