@@ -56,3 +56,14 @@ def test_neighborhood_kernels_keep_wgmma_pipelined_at_production_tiles(tmp_path)
     assert {k.split(":")[1] for k in rows} >= {"_na_fwd_kernel", "_na_bwd_dq_kernel", "_na_bwd_dkv_kernel"}
     assert sum(k.startswith("na3d_hunyuan_gna_tiles#") for k in rows) == 4
     assert [k for k, row in rows.items() if row["wgmma_serialized"]] == []
+
+
+def test_block_sparse_forward_with_text_keeps_wgmma_pipelined(tmp_path):
+    """The Hopper config (128x64 tiles, 4 warps, TMA) with text keys and a key tail: a software-pipelined text loop
+    ran the kernel out of registers and ptxas serialized every wgmma (C7512); the text loop now runs unpipelined."""
+    out = tmp_path / "bs.json"
+    r = _run(str(out), "bs_tma_extra")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [k.split(":")[1] for k in rows] == ["_bsa_fwd_kernel", "_bwd_delta_kernel", "_bsa_bwd_fused_kernel"]
+    assert [k for k, row in rows.items() if row["wgmma_serialized"]] == []

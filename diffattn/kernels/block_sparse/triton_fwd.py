@@ -160,7 +160,9 @@ def _bsa_fwd_kernel(
     if HAS_EXTRA:
         ek_base = EK + b * stride_ekb + h * stride_ekh
         ev_base = EV + b * stride_evb + h * stride_evh
-        for start_n in range(0, T, BLOCK_N):
+        # one stage: pipelining this short loop (a few text tiles) ran the 4-warp 128-row kernel out of registers
+        # where a key tail also exists, and ptxas then serialized every wgmma of the kernel (C7512, sm90)
+        for start_n in tl.range(0, T, BLOCK_N, num_stages=1):
             n_ok = (start_n + offs_n) < T
             kv_off = (start_n + offs_n)[:, None]
             ld_mask = n_ok[:, None] & d_ok[None, :]
