@@ -38,11 +38,12 @@ def test_fingerprints_real_sm90_code_and_compare_flags_changes(tmp_path):
     assert diff.returncode == 1 and f"{key}: ptx same, SASS DIFFERS" in diff.stdout
 
 
-def test_wgmma_serialization_is_detected_on_real_sass():
+def test_wgmma_serialization_is_told_from_sass_patterns():
     from diffattn.kernels.sass import wgmma_serialized
 
-    pipelined = "WARPGROUP.ARRIVE ;\n" + "HGMMA.64x128x16.F32 R24, gdesc[UR4], R24 ;\n" * 8 + "WARPGROUP.DEPBAR.LE gsb0, 0x0 ;"
-    serialized = "WARPGROUP.ARRIVE ;\nHGMMA.64x128x16.F32 R24, gdesc[UR4], R24, gsb0 ;\nWARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n" * 8
+    mma, wait = "HGMMA.64x128x16.F32 R24, gdesc[UR4], R24, gsb0 ;\n", "WARPGROUP.DEPBAR.LE gsb0, 0x0 ;\n"
+    pipelined = "WARPGROUP.ARRIVE ;\n" + mma * 8 + wait  # one wait per dot of 8 k-steps
+    serialized = ("WARPGROUP.ARRIVE ;\n" + mma + wait) * 8  # a wait after every k-step
     assert not wgmma_serialized(pipelined) and wgmma_serialized(serialized) and not wgmma_serialized("FFMA R1, R2 ;")
 
 
