@@ -281,6 +281,35 @@ def test_dkv_row_slices_default_and_environment_fit_each_tile(monkeypatch):
         dkv_q_split(rows16, 2)
 
 
+def test_backward_tries_deep_dkv_first_and_falls_back(monkeypatch):
+    """The front door's backward asks for 3-stage dK/dV first; a variant that fails (out of shared memory on a
+    bigger tile) falls to the next, and thin row slices (q_split > 2) never get pipelined dK/dV."""
+    import torch
+    from diffattn.kernels import common
+    from diffattn.kernels.neighborhood import functional, triton_bwd
+
+    assert functional.backward_stages(1)[0] == functional.backward_stages(2)[0] == (2, 3)
+    assert all(b == 1 for _, b in functional.backward_stages(4))
+    for q_split in (1, 2, 4):
+        assert functional.backward_stages(q_split)[-1] == (1, 1)  # the plain variant last, its errors propagate
+
+    calls = []
+
+    def fake(q, k, v, ek, ev, out, lse, d_out, d_lse, plan, scale, num_stages, q_split, dkv_stages):
+        calls.append((num_stages, dkv_stages))
+        if dkv_stages == 3:
+            raise RuntimeError("out of resource: shared memory")
+        return q.clone(), k.clone(), v.clone(), None, None
+
+    monkeypatch.setattr(triton_bwd, "na_backward", fake)
+    monkeypatch.setattr(common, "_failed", set())
+    x = torch.randn(1, 40, 2, 16)
+    args = (x, x, x, None, None, x, x[..., 0], x, None, [9], [1], [1], [False], [64], [16], 0.25)
+    for _ in range(2):
+        functional._na_bwd_op(*args)
+    assert calls == [(2, 3), (2, 2), (2, 2)]  # the failed variant is remembered for this plan
+
+
 def test_dkv_kernels_at_their_own_stage_count(results):
     r = results.get("dkv-stages")
     assert r is not None and "error" not in r, r

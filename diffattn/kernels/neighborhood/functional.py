@@ -86,6 +86,21 @@ def _(q, k, v, extra_k, extra_v, kernel_size, stride, dilation, is_causal, q_til
     return out, torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
 
 
+def backward_stages(q_split: int) -> list[tuple[int, int]]:
+    """(dQ stages, dK/dV stages) to try in order, deepest first; a variant that does not fit falls to the next.
+
+    3-stage dK/dV fits at d=128 on sm90 where the dQ kernel's 3 stages do not (256 KiB of shared memory), and ran
+    faster with the same gradients (H100, fp16, 2026-12-06: FLUX-4K GNA backward 43.06 -> 40.28 ms, FLUX-4K NA
+    60.25 -> 57.32, HunyuanVideo GNA 126.66 -> 124.11). The 1-stage tail is for plans whose tiles need more shared
+    memory (whole 128-row tiles at HunyuanVideo-NA's plan needed 233,472 B of sm90's 232,448 at 2 stages). Row
+    slices thinner than half a tile (q_split > 2) pipelined gave wrong gradients on an H100 (`na_backward` refuses
+    them on CUDA), so there only dQ is pipelined.
+    """
+    if q_split > 2:
+        return [(2, 1), (1, 1)]
+    return [(2, 3), (2, 2), (1, 1)]
+
+
 @torch.library.custom_op("diffattn::neighborhood_attn_bwd", mutates_args=())
 def _na_bwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_k: Optional[torch.Tensor],
@@ -96,15 +111,13 @@ def _na_bwd_op(
     from .triton_bwd import dkv_q_split, na_backward
 
     plan = _plan_of(q, kernel_size, stride, dilation, is_causal, q_tile, kv_tile)
-    # two stages where they fit in shared memory, else one (sm90: whole 128-row tiles at HunyuanVideo-NA's plan
-    # needed 233,472 B of the 232,448 B there are; the default 64-row slices fit)
     q_split = dkv_q_split(plan)  # resolved once: part of the specialization that may not fit
 
-    def launch(stages: int):
-        return na_backward(q, k, v, extra_k, extra_v, out, lse, d_out, d_lse, plan, scale, num_stages=stages,
-                           q_split=q_split)
+    def launch(stages: tuple[int, int]):
+        return na_backward(q, k, v, extra_k, extra_v, out, lse, d_out, d_lse, plan, scale, num_stages=stages[0],
+                           q_split=q_split, dkv_stages=stages[1])
 
-    variants = [(f"{n}-stage", functools.partial(launch, n)) for n in (2, 1)]
+    variants = [(f"dq{a}-dkv{b}-stage", functools.partial(launch, (a, b))) for a, b in backward_stages(q_split)]
     key = (plan.q_tile, plan.kv_tile, tuple(q.shape), q.dtype, extra_k is not None, q_split)
     dq, dk, dv, dek, dev = run_with_fallbacks("neighborhood attention backward", key, variants)
     if dek is None:  # custom ops return tensors only: empty placeholders, mapped back to None below
