@@ -57,7 +57,13 @@ def test_na_backward_bench_settings_and_table(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv(ENV_Q_SPLIT, raising=False)
     params = inspect.signature(na_backward).parameters
     flux_tiles = make_plan((32, 48), (9, 9), (1, 1), (1, 1), (False, False), (8, 16), (8, 16))
-    default = (params["num_warps"].default, params["num_stages"].default, dkv_q_split(flux_tiles))
+    # ... at the front door's stage counts (dQ at 2, dK/dV at 3 first: neighborhood.functional.backward_stages)
+    from diffattn.kernels.neighborhood.functional import backward_stages
+
+    q_split = dkv_q_split(flux_tiles)
+    dq_stages, dkv_stages = backward_stages(q_split)[0]
+    assert dq_stages == params["num_stages"].default
+    default = (params["num_warps"].default, dq_stages, q_split, dkv_stages)
     assert nb.parse_settings(None) == nb.SETTINGS and nb.SETTINGS[0] == default
     assert nb.parse_settings("8,1,4;4,2,1;8,2,2,3") == ((8, 1, 4), (4, 2, 1), (8, 2, 2, 3))
     import pytest
@@ -99,3 +105,60 @@ def test_na_backward_bench_fwd_bwd_routes_agree():
     na_plan = get_plan(na_case.shape, na_case.kernel_size, na_case.stride, 1, False, (4, 4), (4, 4))
     with pytest.raises(ValueError, match="not exactly block-sparse"):
         fwd_bwd("lowered:blocked", q, k, v, go, na_case, na_plan)
+
+
+def _fwd_bwd_rows():
+    def r(case, impl, note, ms, exact=True):
+        return dict(case=case, impl=impl, note=note, ms=ms, exact_plan=exact, dtype="bf16")
+    return [
+        r("flux-gna", "ours fwd+bwd, front door", "backend=default", 51.7),
+        r("flux-gna", "ours fwd+bwd, front door", "backend=triton", 51.7),
+        r("flux-gna", "ours fwd+bwd, front door", "backend=gluon", 46.7),
+        r("flux-gna", "ours fwd+bwd, block-sparse lowering", "backend=lowered:triton", 10.0),  # not a backend
+        r("flux-gna", "FlexAttention fwd+bwd (our tile order)", "", 45.1),
+        r("hunyuan-gna", "ours fwd+bwd, front door", "backend=triton", 150.0),
+        r("hunyuan-gna", "ours fwd+bwd, front door", "backend=gluon", 120.0),
+        r("hunyuan-gna", "ours fwd+bwd FAILED, front door", "backend=fa4: ModuleNotFoundError: x\ny", float("nan")),
+        r("flux-na", "ours fwd+bwd, front door", "backend=triton", 57.3, exact=False),  # masked pairs: no row
+    ]
+
+
+def test_na_backward_tune_writes_the_training_row_and_training_calls_read_it(tmp_path, monkeypatch):
+    """`diffattn bench na-backward --tune` orders the front-door backends by fwd+bwd time over exactly block-sparse
+    cases and writes the `/grad` row; the registry reads it for calls that need gradients, the forward row (or the
+    defaults) otherwise."""
+    import torch
+
+    from diffattn.bench import na_backward as nb
+
+    row = nb.grad_order(_fwd_bwd_rows())
+    assert row["cases"] == ["flux-gna", "hunyuan-gna"]
+    assert row["order"] == ["gluon", "triton"]  # fa4 failed, default is the registry itself, lowered:* no backend
+    assert abs(row["geomean_time_vs_fastest"]["triton"] - ((51.7 / 46.7) * (150 / 120)) ** 0.5) < 1e-3
+
+    monkeypatch.setenv("DIFFATTN_TUNED_DIR", str(tmp_path))
+    fwd = {"device": "NVIDIA H100", "ops": {"neighborhood": {"bf16/d128/b128": {"order": ["fa4", "triton"]}}}}
+    (tmp_path / "h100.json").write_text(json.dumps(fwd))
+    saved = tmp_path / "rows.jsonl"
+    saved.write_text("\n".join(json.dumps(r) for r in _fwd_bwd_rows()))
+    assert nb.main(["--tune-from", str(saved), "--kind", "h100", "--dtype", "bf16"]) == 0
+    data = registry.parse_table((tmp_path / "h100.json").read_text())
+    assert data["ops"]["neighborhood"]["bf16/d128/b128"] == fwd["ops"]["neighborhood"]["bf16/d128/b128"]  # kept
+    assert data["ops"]["neighborhood"]["bf16/d128/b128/grad"]["order"] == ["gluon", "triton"]
+
+    monkeypatch.setattr(registry, "kind_of", lambda req: "h100")
+    registry.clear_cache()
+    req = registry.Request(op="neighborhood", device_type="cuda", capability=(9, 0), dtype=torch.bfloat16,
+                           head_dim=128, block_size=128, block_sparse_plan=True)
+    train = registry.Request(**{**req.__dict__, "need_grad": True})
+    assert train.table_keys() == ("bf16/d128/b128/grad", "bf16/d128/b128") and req.table_keys() == ("bf16/d128/b128",)
+    assert registry.candidates(train)[:2] == ["gluon", "triton"]
+    assert registry.candidates(req)[:2] == ["fa4", "triton"]
+    fp16_train = registry.Request(**{**train.__dict__, "dtype": torch.float16})
+    assert registry.candidates(fp16_train) == ["triton", "blocked"]  # no row at all: the portable defaults
+    del data["ops"]["neighborhood"]["bf16/d128/b128/grad"]
+    (tmp_path / "h100.json").write_text(json.dumps(data))
+    registry.clear_cache()
+    assert registry.candidates(train)[:2] == ["fa4", "triton"]  # no training row: the forward row orders it
+    assert nb.main(["--tune-from", str(saved), "--kind", "h100", "--dtype", "fp16"]) == 1  # no fp16 rows
+    registry.clear_cache()

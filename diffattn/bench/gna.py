@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .harness import env_line, median_ms, write_json_lines
+from .tuning import geomean_order, merge_table_row
 
 logger = logging.getLogger("diffattn")
 
@@ -605,41 +606,25 @@ def run_backends(name: str, case: Case, args, rows: list[dict], peak: float, bw:
 
 def neighborhood_order(rows: list[dict]) -> dict | None:
     """The neighborhood table row for exactly block-sparse plans from `--backends` rows: the front-door backends
-    ordered by the geometric mean of (time / fastest time) over the exact-plan cases each ran (at least half of
-    them), as `bench kernels --tune` orders block-sparse backends. Plans with masked pairs need no row: only
-    triton runs them on a GPU."""
+    ordered as `bench.tuning.geomean_order` orders them, over the exact-plan cases. Plans with masked pairs need no
+    row: only triton runs them on a GPU."""
     by_case: dict[str, dict[str, float]] = {}
     refused = {r["case"] for r in rows if r["impl"].endswith("REFUSED")}
     for r in rows:
         m = re.match(r"ours (\w+), front door", r["impl"])
-        if m and r["case"] not in refused and r["ms"] == r["ms"]:
+        if m and r["case"] not in refused:
             by_case.setdefault(r["case"], {})[m.group(1)] = r["ms"]
-    logs: dict[str, list[float]] = {}
-    for times in by_case.values():
-        best = min(times.values())
-        for n, t in times.items():
-            logs.setdefault(n, []).append(math.log(t / best))
-    if not by_case:
-        return None
-    score = {n: round(math.exp(sum(v) / len(v)), 4) for n, v in logs.items() if 2 * len(v) >= len(by_case)}
-    return {"order": sorted(score, key=score.get), "geomean_time_vs_fastest": score, "cases": sorted(by_case)}
+    return geomean_order(by_case)
 
 
 def write_neighborhood_rows(rows: list[dict], kind: str, dtype: str, head_dim: int, device_name: str,
                             source: str) -> Path | None:
     """Merge the exact-plan row into `diffattn/kernels/tuned/<kind>.json` (other operations and rows kept)."""
-    from ..kernels import backends as registry
-
     row = neighborhood_order(rows)
     if row is None:
         return None
-    path = registry.tuned_dir() / f"{kind}.json"  # DIFFATTN_TUNED_DIR redirects it (tests)
-    data = json.loads(path.read_text()) if path.is_file() else {"device": device_name, "ops": {}}
     row["generated_by"] = source
-    data.setdefault("ops", {}).setdefault("neighborhood", {})[f"{dtype}/d{head_dim}/b128"] = row
-    registry.parse_table(json.dumps(data), source=str(path))  # names checked before writing
-    path.write_text(json.dumps(data, indent=1) + "\n")
-    return path
+    return merge_table_row(kind, device_name, "neighborhood", f"{dtype}/d{head_dim}/b128", row)
 
 
 def format_table(rows: list[dict]) -> str:

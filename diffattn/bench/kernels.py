@@ -22,6 +22,7 @@ import time
 import torch
 
 from .harness import env_line, median_ms, write_json
+from .tuning import geomean_order
 
 SHAPES: dict[str, tuple[int, int, int]] = {
     # name: (heads, tokens, tokens per "frame" used by the radial-like mask)
@@ -694,19 +695,10 @@ def tune_table(rows: list[dict], args: argparse.Namespace) -> dict:
     """The registry's table: backends ordered by the geometric mean of (time / fastest time) over the cases each
     ran (a backend must have run at least half of them). One row per dtype/head dim/block size: the choice cannot
     depend on the density without a host sync, so the order is the one that is best over the measured densities."""
-    from ..kernels import backends as registry
 
-    counts: dict[str, list[float]] = {}
-    for r in rows:
-        ours = {n: t for n, t in r["ms"].items() if n != "cudnn"}
-        if not ours:
-            continue
-        best = min(ours.values())
-        for n, t in ours.items():
-            counts.setdefault(n, []).append(math.log(t / best))
-    n_cases = sum(1 for r in rows if any(n != "cudnn" for n in r["ms"]))
-    score = {n: math.exp(sum(v) / len(v)) for n, v in counts.items() if len(v) * 2 >= n_cases}
-    order = sorted(score, key=score.get)
+    ours = {f"case{i}": {n: t for n, t in r["ms"].items() if n != "cudnn"} for i, r in enumerate(rows)}
+    ranked = geomean_order(ours, digits=None) or {"order": [], "geomean_time_vs_fastest": {}, "cases": []}
+    order, score, n_cases = ranked["order"], ranked["geomean_time_vs_fastest"], len(ranked["cases"])
     key = f"{args.dtype}/d{args.head_dim}/b{args.block_size}"
     return {
         "device": torch.cuda.get_device_name(),

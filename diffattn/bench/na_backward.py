@@ -11,6 +11,10 @@ setting (warps, stages, dK/dV query-row slices, dK/dV stages) the backward's med
 the front door (each of `--backends`, with its gradient difference from the first), through the block-sparse
 lowering where the plan is exactly block-sparse, and through FlexAttention on the same mask (our tile order,
 BLOCK 128). Cases: `diffattn.bench.gna.CASES`.
+
+`--tune` writes the registry's training row for exactly block-sparse plans (`<dtype>/d<head dim>/b128/grad` of
+`diffattn/kernels/tuned/<device kind>.json`) from the front-door forward+backward rows, so a call that needs
+gradients picks the fastest training step rather than the fastest forward (`backends.Request.table_keys`).
 """
 
 from __future__ import annotations
@@ -18,19 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 
 import torch
 
 from .gna import CASES, Case, flex_neighborhood, ceilings
 from .harness import env_line, median_ms, write_json_lines
+from .tuning import geomean_order, merge_table_row
 
-# (num_warps, num_stages, q_split[, dK/dV stages]): the default first (the reference for gradient differences),
-# then its neighbours (kernels/neighborhood/NOTES.md, "Session 12"); 4 slices only at 1 dK/dV stage (2: wrong
-# gradients); 3 stages fit the dK/dV kernel only (dQ needs 256 KiB of shared memory there)
+# (num_warps, num_stages, q_split[, dK/dV stages]): the front door's default first (the reference for gradient
+# differences; `neighborhood.functional.backward_stages`), then its neighbours (kernels/neighborhood/NOTES.md,
+# "Session 12"); 4 slices only at 1 dK/dV stage (2: wrong gradients); 3 stages fit the dK/dV kernel only (dQ needs
+# 256 KiB of shared memory there)
 Setting = tuple[int, ...]
 SETTINGS: tuple[Setting, ...] = (
-    (8, 2, 2), (8, 2, 2, 3), (8, 2, 1), (8, 1, 2), (8, 1, 1), (8, 1, 4), (4, 2, 2),
+    (8, 2, 2, 3), (8, 2, 2), (8, 2, 1), (8, 1, 2), (8, 1, 1), (8, 1, 4), (4, 2, 2),
 )
 
 
@@ -107,6 +114,7 @@ def fwd_bwd(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_o
 
 def run_case(name: str, case: Case, args, rows: list[dict], peak: float, bw: float) -> None:
     from ..kernels.neighborhood.functional import get_plan
+    from ..kernels.neighborhood.lowering import lowering_reason
     from ..kernels.neighborhood.triton_bwd import na_backward
     from ..kernels.neighborhood.triton_fwd import na_forward
 
@@ -124,9 +132,11 @@ def run_case(name: str, case: Case, args, rows: list[dict], peak: float, bw: flo
     out, lse = na_forward(q, k, v, plan, scale, None, None, True, "spatial")
     tiles = f"Q{plan.q_tile} KV{plan.kv_tile}"
 
+    exact = lowering_reason(plan) is None
+
     def add(impl: str, ms: float, flops: float, note: str = "", **kw):
         row = dict(case=name, impl=impl, ms=ms, tflops=flops / ms / 1e9 if ms == ms else float("nan"),
-                   note=note, dtype=args.dtype, **floors, **kw)
+                   note=note, dtype=args.dtype, exact_plan=exact, **floors, **kw)
         rows.append(row)
         print(json.dumps(row), flush=True)
         write_json_lines(rows, args.out)
@@ -186,6 +196,28 @@ def run_case(name: str, case: Case, args, rows: list[dict], peak: float, bw: flo
             add("FlexAttention fwd+bwd FAILED", float("nan"), 3.5 * fwd_flops, f"{type(e).__name__}: {str(e)[:300]}")
 
 
+def grad_order(rows: list[dict]) -> dict | None:
+    """The training row for exactly block-sparse plans: the front-door backends named in `--backends` (not
+    'default', the registry's own choice) ordered by forward+backward time (`tuning.geomean_order`)."""
+    by_case: dict[str, dict[str, float]] = {}
+    for r in rows:
+        m = re.fullmatch(r"backend=(\w+)(:.*)?", r["note"], re.DOTALL)
+        if r.get("exact_plan") and r["impl"].startswith("ours fwd+bwd") and r["impl"].endswith("front door") \
+                and m and m.group(1) != "default":
+            by_case.setdefault(r["case"], {})[m.group(1)] = r["ms"]
+    return geomean_order(by_case)
+
+
+def write_grad_row(rows: list[dict], kind: str, dtype: str, head_dim: int, device_name: str,
+                   source: str):
+    """Merge `grad_order(rows)` into the device kind's table as `<dtype>/d<head_dim>/b128/grad` (None: no rows)."""
+    row = grad_order(rows)
+    if row is None:
+        return None
+    row["generated_by"] = source
+    return merge_table_row(kind, device_name, "neighborhood", f"{dtype}/d{head_dim}/b128/grad", row)
+
+
 def format_table(rows: list[dict]) -> str:
     out = ["| case | impl | setting | ms | TFLOP/s | dQ ms | dK/dV ms | other ms | max rel diff | floors (FLOP / bytes) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -217,10 +249,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rep", type=int, default=400, help="do_bench window, ms")
     ap.add_argument("--out", default=None, help="write JSON lines here (rewritten after every row)")
     ap.add_argument("--table", default=None, metavar="ROWS.jsonl", help="print the table of saved rows and exit")
+    ap.add_argument("--tune", action="store_true", help="write the training (/grad) neighborhood row of "
+                    "diffattn/kernels/tuned/<device kind>.json from the front-door fwd+bwd rows")
+    ap.add_argument("--tune-from", default=None, metavar="ROWS.jsonl",
+                    help="write that row from saved rows instead (no GPU needed; with --kind)")
+    ap.add_argument("--kind", default=None, help="device kind of --tune-from rows, e.g. h100")
     args = ap.parse_args(argv)
     if args.table:
         print(format_table([json.loads(line) for line in open(args.table) if line.strip()]))
         return 0
+    if args.tune_from:
+        if not args.kind:
+            print("--tune-from needs --kind (e.g. h100)", file=sys.stderr)
+            return 2
+        saved = [json.loads(line) for line in open(args.tune_from) if line.strip()]
+        saved = [r for r in saved if r.get("dtype", args.dtype) == args.dtype]
+        path = write_grad_row(saved, args.kind, args.dtype, args.head_dim, args.kind,
+                              f"diffattn bench na-backward --tune-from {args.tune_from}")
+        print(f"wrote {path}" if path else "no front-door fwd+bwd rows of exactly block-sparse cases in that file")
+        return 0 if path else 1
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:
         print(f"unknown cases {unknown}; known: {sorted(CASES)}", file=sys.stderr)
@@ -235,6 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.cases.split(","):
         run_case(name, CASES[name], args, rows, peak, bw)
         torch.cuda.empty_cache()
+    if args.tune:
+        from ..kernels import backends as registry
+
+        dev = torch.cuda.get_device_name()
+        path = write_grad_row(rows, registry.device_kind(dev), args.dtype, args.head_dim, dev,
+                              "diffattn bench na-backward " + " ".join(sys.argv[1:]))
+        print(f"wrote {path}" if path else "--tune: no front-door fwd+bwd rows of exactly block-sparse cases",
+              flush=True)
     print(format_table(rows))
     return 0
 

@@ -7,8 +7,9 @@ package such as FlashAttention-4, a module another change adds) and an extra rul
 
 Choosing (`choose`): an explicit `backend=` (or the operation's environment variable, when `backend` is None) is
 forced and fails with the backend's reason; otherwise the order is the device kind's measured table
-(`diffattn/kernels/tuned/<kind>.json`, written by `diffattn bench kernels --tune`), then the portable default ("triton"
-where Triton runs, "blocked" elsewhere). The first capable backend wins; every refusal on the way is logged at
+(`diffattn/kernels/tuned/<kind>.json`, written by `diffattn bench kernels|gna|na-backward --tune`; a call that needs
+gradients reads the row's `/grad` twin first, `Request.table_keys`), then the portable default ("triton" where
+Triton runs, "blocked" elsewhere). The first capable backend wins; every refusal on the way is logged at
 debug level on `logging.getLogger("diffattn")`. Choices are cached per request key, so the steady path costs one
 dict lookup.
 
@@ -73,6 +74,13 @@ class Request:
         """The key of this request's row in a tuned table: dtype, head dim and (block-sparse) block size."""
         dt = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}[self.dtype]
         return f"{dt}/d{self.head_dim}" + (f"/b{self.block_size}" if self.block_size is not None else "")
+
+    def table_keys(self) -> tuple[str, ...]:
+        """The rows that may order this request, most specific first. A training call (`need_grad`) reads the
+        `<key>/grad` row (ordered by forward+backward time) where the table has one, else the forward row: the
+        fastest forward is not the fastest training step when the backends' backwards differ."""
+        key = self.table_key()
+        return (f"{key}/grad", key) if self.need_grad else (key,)
 
 
 def device_capability(device: torch.device) -> tuple[int, int] | None:
@@ -254,7 +262,7 @@ def choose(req: Request, backend: str | None = None, exclude: frozenset[str] = f
     for name in order:
         reason = "excluded by its per-call check" if name in exclude else _REGISTRY[req.op][name].why_not(req)
         if reason is None:
-            debug("%s backend: %s chosen for %s (order %s)", req.op, name, req.table_key(), order)
+            debug("%s backend: %s chosen for %s (order %s)", req.op, name, req.table_keys()[0], order)
             _remember(key, name)
             return name
         debug("%s backend %s refused: %s", req.op, name, reason)
@@ -340,8 +348,8 @@ def table_order(req: Request) -> list[str]:
     kind = kind_of(req)
     if kind is None:
         return []
-    data = _table(str(tuned_dir() / f"{kind}.json"))
-    row = data.get("ops", {}).get(req.op, {}).get(req.table_key())
+    rows = _table(str(tuned_dir() / f"{kind}.json")).get("ops", {}).get(req.op, {})
+    row = next((rows[k] for k in req.table_keys() if k in rows), None)
     return list(row["order"]) if row else []
 
 
