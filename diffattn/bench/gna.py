@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .harness import env_line, median_ms, write_json_lines
-from .tuning import geomean_order, merge_table_row
+from .tuning import command_line, geomean_order, merge_table_row
 
 logger = logging.getLogger("diffattn")
 
@@ -690,8 +690,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         saved = [json.loads(line) for line in open(args.tune_from) if line.strip()]
         saved = [r for r in saved if r.get("dtype", args.dtype) == args.dtype]
-        path = write_neighborhood_rows(saved, args.kind, args.dtype, args.head_dim, args.kind,
-                                       f"diffattn bench gna --tune-from {args.tune_from}")
+        path = write_neighborhood_rows(saved, args.kind, args.dtype, args.head_dim, args.kind, command_line())
         print(f"wrote {path}" if path else "no front-door rows of exactly block-sparse cases in that file")
         return 0 if path else 1
     if not torch.cuda.is_available():
@@ -722,8 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..kernels import backends as registry
 
         name = torch.cuda.get_device_name()
-        path = write_neighborhood_rows(rows, registry.device_kind(name), args.dtype, args.head_dim, name,
-                                       "diffattn bench gna " + " ".join(sys.argv[1:]))
+        path = write_neighborhood_rows(rows, registry.device_kind(name), args.dtype, args.head_dim, name, command_line())
         print(f"wrote {path}", flush=True)
     print(format_table(rows))
     return 0

@@ -22,7 +22,7 @@ import time
 import torch
 
 from .harness import env_line, median_ms, write_json
-from .tuning import geomean_order
+from .tuning import command_line, geomean_order
 
 SHAPES: dict[str, tuple[int, int, int]] = {
     # name: (heads, tokens, tokens per "frame" used by the radial-like mask)
@@ -702,7 +702,7 @@ def tune_table(rows: list[dict], args: argparse.Namespace) -> dict:
     key = f"{args.dtype}/d{args.head_dim}/b{args.block_size}"
     return {
         "device": torch.cuda.get_device_name(),
-        "generated_by": "diffattn bench kernels --tune " + " ".join(sys.argv[1:]),
+        "generated_by": command_line(),
         "env": env_line(),
         "ops": {"block_sparse": {key: {"order": order, "geomean_time_vs_fastest": score, "cases": n_cases,
                                        "shapes": args.shapes, "masks": args.masks, "densities": args.densities}}},

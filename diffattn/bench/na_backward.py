@@ -29,7 +29,7 @@ import torch
 
 from .gna import CASES, Case, flex_neighborhood, ceilings
 from .harness import env_line, median_ms, write_json_lines
-from .tuning import geomean_order, merge_table_row
+from .tuning import command_line, geomean_order, merge_table_row
 
 # (num_warps, num_stages, q_split[, dK/dV stages]): the front door's default first (the reference for gradient
 # differences; `neighborhood.functional.backward_stages`), then its neighbours (kernels/neighborhood/NOTES.md,
@@ -264,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         saved = [json.loads(line) for line in open(args.tune_from) if line.strip()]
         saved = [r for r in saved if r.get("dtype", args.dtype) == args.dtype]
-        path = write_grad_row(saved, args.kind, args.dtype, args.head_dim, args.kind,
-                              f"diffattn bench na-backward --tune-from {args.tune_from}")
+        path = write_grad_row(saved, args.kind, args.dtype, args.head_dim, args.kind, command_line())
         print(f"wrote {path}" if path else "no front-door fwd+bwd rows of exactly block-sparse cases in that file")
         return 0 if path else 1
     unknown = [c for c in args.cases.split(",") if c not in CASES]
@@ -286,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..kernels import backends as registry
 
         dev = torch.cuda.get_device_name()
-        path = write_grad_row(rows, registry.device_kind(dev), args.dtype, args.head_dim, dev,
-                              "diffattn bench na-backward " + " ".join(sys.argv[1:]))
+        path = write_grad_row(rows, registry.device_kind(dev), args.dtype, args.head_dim, dev, command_line())
         print(f"wrote {path}" if path else "--tune: no front-door fwd+bwd rows of exactly block-sparse cases",
               flush=True)
     print(format_table(rows))

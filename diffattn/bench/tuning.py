@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The benchmark's command as a user would type it, for a table row's `generated_by`: `diffattn` and the
+    arguments after the program name (which already start with `bench <name>` when run through the CLI)."""
+    return " ".join(["diffattn", *(sys.argv[1:] if argv is None else argv)])
 
 
 def geomean_order(times_by_case: dict[str, dict[str, float]], digits: int | None = 4) -> dict | None:
