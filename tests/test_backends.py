@@ -327,3 +327,22 @@ def test_tune_table_orders_by_geomean_and_parses(monkeypatch):
     md = bench.render_compare(rows, args)
     assert "| wan14b | radial | 0.100 |" in md and "0.900 (" in md
     assert "| 1.11 |" in md  # triton / fa4 at radial 0.1
+
+
+def test_fwd_bwd_rows_name_the_backward_mode():
+    """`bench kernels --backends ... --bwd-modes` times each forward backend with each Triton backward mode, and
+    renders one column per label with the ratio to Flex over the best of ours."""
+    import argparse
+
+    from diffattn.bench import kernels as bench
+
+    assert bench.fwd_bwd_labels(["cudnn", "triton", "gluon", "flex"], "fused,atomic") == [
+        "triton_fused", "triton_atomic", "gluon_fused", "gluon_atomic", "flex"]
+    base = dict(shape="flux4096", heads=24, tokens=65536, flop_floor_ms=1.0, byte_floor_ms=0.1, peak_tflops=800.0,
+                bw_gbs=4000.0, refused={}, rel_err_vs_triton={}, mask="dense", target=1.0, density=1.0,
+                ms={"triton": 10.0})
+    rows = [dict(base, fb_ms={"triton_fused": 40.0, "triton_atomic": 32.0, "flex": 36.0})]
+    args = argparse.Namespace(dtype="bf16", head_dim=128, block_size=128, shapes="flux4096", masks="", densities="")
+    md = bench.render_compare(rows, args)
+    assert "| triton_fused ms | triton_atomic ms | flex ms | flex / best ours |" in md
+    assert "| 40.000 | 32.000 | 36.000 | 1.12 |" in md

@@ -146,11 +146,12 @@ def test_torch_compile_fullgraph():
         assert torch.equal(g, t.grad)
 
 
-@pytest.mark.parametrize("mode", ["fused", "split"])
+@pytest.mark.parametrize("mode", ["fused", "split", "atomic"])
 @pytest.mark.parametrize("case", [0, 1, -1])
-def test_both_backward_variants_vs_fp64(case, mode, monkeypatch):
-    """Both backward passes in one launch (`DIFFATTN_BSA_BWD=fused`, the default) and as two kernels (`split`): the
-    same gradients as the reference, with extra keys, broadcast masks, partial tail blocks and an empty query block."""
+def test_every_backward_mode_vs_fp64(case, mode, monkeypatch):
+    """Both backward passes in one launch (`DIFFATTN_BSA_BWD=fused`, the default), as two kernels (`split`), and the
+    dK/dV pass alone with dQ by atomics (`atomic`): the same gradients as the reference, with extra keys, broadcast
+    masks, partial tail blocks and an empty query block."""
     monkeypatch.setenv("DIFFATTN_BSA_BWD", mode)
     shape, dtype = CASES[case]
     _check(*shape, dtype)

@@ -21,9 +21,9 @@ from metrics import rel_error  # noqa: E402
 
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else []))
 @pytest.mark.parametrize("B,H,S,D,bs,T", [(2, 2, 50, 16, 16, 5), (1, 2, 64, 32, 32, 0)])
-@pytest.mark.parametrize("bwd", ["fused", "split"])
+@pytest.mark.parametrize("bwd", ["fused", "split", "atomic"])
 def test_epilogue_forward_backward_vs_reference(dtype, B, H, S, D, bs, T, bwd, monkeypatch):
-    monkeypatch.setenv("DIFFATTN_BSA_BWD", bwd)  # both backward variants carry the epilogue's R (fused: the default)
+    monkeypatch.setenv("DIFFATTN_BSA_BWD", bwd)  # every backward mode carries the epilogue's R (fused: the default)
     g = torch.Generator().manual_seed(1)
     nq = math.ceil(S / bs)
     mk = lambda *s: torch.randn(*s, generator=g).to(DEV, dtype).requires_grad_()  # noqa: E731

@@ -380,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
                    "write the registry's table (diffattn/kernels/tuned/<device kind>.json, or --tune-out)")
     p.add_argument("--tune-out", default=None, help="where --tune writes the table")
     p.add_argument("--no-backward", action="store_true", help="with --overhead: forward only")
+    p.add_argument("--bwd-modes", default="fused,atomic",
+                   help="with --backends and --backward: the Triton backward's modes to time (DIFFATTN_BSA_BWD: "
+                        "fused, split, atomic), each as a fwd+bwd row <backend>_<mode>")
     p.add_argument("--profile", action="store_true", help="with --overhead: cProfile the steady forward and the "
                    "backward, torch.profiler tables of fwd+bwd")
     p.add_argument("--jsonl", default=None, help="with --backends/--tune: append each case as a JSON line here")
@@ -649,14 +652,11 @@ def compare(args: argparse.Namespace) -> int:
                 g = torch.randn_like(q)
                 import os
 
-                fb_names = [n for n in names if n in ("triton", "fa4", "gluon", "flex")]
-                if "triton" in fb_names:
-                    fb_names.insert(fb_names.index("triton") + 1, "triton_fused")  # both passes in one launch
-                for label in fb_names:
-                    name = label.split("_")[0]
+                for label in fwd_bwd_labels(names, args.bwd_modes):
+                    name, _, mode = label.partition("_")
                     if name in row["refused"]:
                         continue
-                    os.environ["DIFFATTN_BSA_BWD"] = "fused" if label.endswith("_fused") else "split"
+                    os.environ["DIFFATTN_BSA_BWD"] = mode or "default"
                     fb = lambda: block_sparse_attention(qg, kg, vg, mask, block_size=bs, backend=name).backward(g)  # noqa: E731
                     try:
                         fb()
@@ -679,6 +679,19 @@ def compare(args: argparse.Namespace) -> int:
         write_json(table, path, indent=1)
         print(f"wrote {path}: " + ", ".join(f"{k}: {v['order']}" for k, v in table["ops"]["block_sparse"].items()))
     return 0
+
+
+def fwd_bwd_labels(names: list[str], modes: str) -> list[str]:
+    """The fwd+bwd rows of `--backends`: `<backend>_<mode>` for each of `--bwd-modes` where the backward is our
+    Triton one (triton, gluon, fa4: their forward, `triton_bwd`'s backward), the bare name for flex."""
+    mode_list = [m for m in modes.split(",") if m]
+    out = []
+    for n in names:
+        if n == "flex":
+            out.append(n)
+        elif n in ("triton", "gluon", "fa4"):
+            out += [f"{n}_{m}" for m in mode_list]
+    return out
 
 
 def _fmt_compare(r: dict) -> str:
@@ -734,13 +747,14 @@ def render_compare(rows: list[dict], args: argparse.Namespace) -> str:
                    f"{r['byte_floor_ms']:.3f} | " + " | ".join(cells) + f" | {best} | {ratio} | {sc} |")
     fb = [r for r in rows if r.get("fb_ms")]
     if fb:
-        out += ["", "Forward + backward (fa4 and gluon: their forward, the Triton backward). Target: ≤ Flex.", ""]
-        fnames = [n for n in ("triton", "triton_fused", "fa4", "gluon", "flex") if any(n in r["fb_ms"] for r in fb)]
-        out.append("| shape | mask | density | " + " | ".join(f"{n} ms" for n in fnames) + " | flex / best triton |")
+        out += ["", "Forward + backward (`<forward backend>_<backward mode>`: the Triton backward in that "
+                "DIFFATTN_BSA_BWD mode). Target: ≤ Flex.", ""]
+        fnames = list(dict.fromkeys(n for r in fb for n in r["fb_ms"]))
+        out.append("| shape | mask | density | " + " | ".join(f"{n} ms" for n in fnames) + " | flex / best ours |")
         out.append("|---|---|---|" + "---|" * len(fnames) + "---|")
         for r in fb:
             f = r["fb_ms"]
-            best = min((f[n] for n in ("triton", "triton_fused") if n in f), default=None)
+            best = min((t for n, t in f.items() if n != "flex"), default=None)
             ratio = f"{f['flex'] / best:.2f}" if "flex" in f and best else "—"
             out.append(f"| {r['shape']} | {r['mask']} | {r['density']:.3f} | "
                        + " | ".join(f"{f[n]:.3f}" if n in f else "—" for n in fnames) + f" | {ratio} |")

@@ -137,7 +137,7 @@ def _na(shape, ks, dil, qt, kt, n_text, layout="spatial", tma=False, d=128, bwd=
     return run
 
 
-def _bs(S, n_text, d=128, bs=128, tma=True, ws=True, rect=False, fused=True, dtype=torch.bfloat16):
+def _bs(S, n_text, d=128, bs=128, tma=True, ws=True, rect=False, mode="fused", dtype=torch.bfloat16):
     """Block-sparse forward + backward with the Hopper bf16 configs (`interpret=True` only lets TMA and warp
     specialization be chosen without a device; the configs are given explicitly)."""
     def run() -> None:
@@ -155,7 +155,7 @@ def _bs(S, n_text, d=128, bs=128, tma=True, ws=True, rect=False, fused=True, dty
         out, lse = triton_fwd.forward(q, q, q, idx.kv_idx, idx.kv_cnt, bs, 0.1, ek, ek, interpret=True, config=cfg,
                                       out_scale=osc, out_bias=obi)
         bcfg = dict(dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, tma=tma),
-                    dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, tma=tma), fused=fused)
+                    dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, tma=tma), mode=mode)
         triton_bwd.backward(out, q, q, q, out, lse, None, idx.kv_idx, idx.kv_cnt, idx.q_idx, idx.q_cnt, bs, 0.1, ek, ek,
                             interpret=True, config=bcfg, out_scale=osc, out_bias=obi)
     return run
@@ -182,7 +182,8 @@ CASES: dict[str, Callable[[], None]] = {
     "bs_tma_extra": _bs(1000, 17),
     "bs_even_notma": _bs(1024, 0, tma=False, ws=False),
     "bs_rect": _bs(1000, 0, rect=True),
-    "bs_split": _bs(1000, 17, fused=False),
+    "bs_split": _bs(1000, 17, mode="split"),
+    "bs_atomic": _bs(1000, 17, mode="atomic"),
     "bs_fp32_d64": _bs(300, 5, d=64, tma=False, ws=False, dtype=torch.float32),
 }
 

@@ -1,10 +1,12 @@
 """Triton backward of block-sparse attention (dq, dk, dv, and the extra keys' dk, dv), FlashAttention-2 style.
 
-Two kernels, no atomics:
+Two passes (7 matmuls per query-key tile pair), no atomics, by default:
 - dK/dV: one program per key tile; it walks the *transposed* index list (the query blocks that attend its key
   block). Programs past the sparse key tiles own a tile of extra (text) keys and walk every query tile, since every
   query attends the extra keys.
 - dQ: one program per query tile, walking the same key-block list as the forward, then the extra keys.
+`DIFFATTN_BSA_BWD=atomic` runs the dK/dV pass alone and adds each step's dS K into a float32 dQ by atomics
+(5 matmuls per pair, as FlashAttention-2/3 do; dQ's summation order then varies from run to run).
 P is recomputed from the saved log-sum-exp. `delta = rowsum(dO * O) - dLSE` (the dLSE term makes `return_lse`
 outputs differentiable, which LSE merging in training needs). A row that saw no key has lse -inf; it is treated as
 +inf here so that its P, and with it every gradient it touches, is exactly 0.
@@ -37,8 +39,9 @@ def _load_rows(base, offs, stride, n_lim, offs_d, d_ok):
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, b, h, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, start_m, stride_qs,
-               stride_dos, Sq, qk_scale, offs_m0, offs_d, d_ok, rs_base, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-               USE_TMA: tl.constexpr, IEEE: tl.constexpr, BLOCK_SIZE: tl.constexpr, RECTIFY: tl.constexpr):
+               stride_dos, Sq, qk_scale, offs_m0, offs_d, d_ok, rs_base, dqa_base, sm_scale,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr, IEEE: tl.constexpr,
+               BLOCK_SIZE: tl.constexpr, RECTIFY: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     offs_m = start_m + offs_m0
     m_ok = offs_m < Sq
     if USE_TMA:  # out-of-range rows come back as zeros
@@ -58,13 +61,17 @@ def _dkdv_step(dk, dv, k, v, b, h, q_base, do_base, lse_base, delta_base, Q_DESC
     dpT = dot0(v, tl.trans(do), IEEE)
     dsT = pT * (dpT - delta[None, :])
     dk = dot(dsT.to(q.dtype), q, dk, IEEE)
+    if ATOMIC_DQ:  # this key tile's share of dQ = dS K, added into the float32 accumulator
+        dq = dot0(tl.trans(dsT.to(q.dtype)), k, IEEE) * sm_scale
+        tl.atomic_add(dqa_base + offs_m[:, None] * BLOCK_D + offs_d[None, :], dq, mask=m_ok[:, None] & d_ok[None, :],
+                      sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _dkdv_program(
     pid_n,
-    Q, K, V, EK, EV, DO, LSE, DELTA, DK, DV, DEK, DEV, Q_IDX, Q_CNT, Q_DESC, DO_DESC, RS,
+    Q, K, V, EK, EV, DO, LSE, DELTA, DK, DV, DEK, DEV, Q_IDX, Q_CNT, Q_DESC, DO_DESC, RS, DQA,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -76,8 +83,10 @@ def _dkdv_program(
     H, Sq, Sk, T, D, NKT, qk_scale, sm_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, RECTIFY: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
-    """dK/dV of key tile `pid_n` (past the sparse key tiles: a tile of extra keys) of head `program_id(1)`."""
+    """dK/dV of key tile `pid_n` (past the sparse key tiles: a tile of extra keys) of head `program_id(1)`; with
+    ATOMIC_DQ also its share of dQ, added into the float32 `[B*H, Sq, BLOCK_D]` accumulator DQA."""
     M_SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -90,6 +99,7 @@ def _dkdv_program(
     do_base = DO + b * stride_dob + h * stride_doh
     lse_base = LSE + pid_bh * Sq
     delta_base = DELTA + pid_bh * Sq
+    dqa_base = DQA + pid_bh.to(tl.int64) * Sq * BLOCK_D
     rs_base = RS
     if RECTIFY:
         rs_base = RS + b * stride_rsb + h * stride_rsh
@@ -107,8 +117,8 @@ def _dkdv_program(
             qb = tl.load(row + it // M_SUB)
             start_m = qb * BLOCK_SIZE + (it % M_SUB) * BLOCK_M
             dk, dv = _dkdv_step(dk, dv, k, v, b, h, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, start_m,
-                                stride_qs, stride_dos, Sq, qk_scale, offs_m0, offs_d, d_ok, rs_base, BLOCK_M, BLOCK_D, USE_TMA,
-                                IEEE, BLOCK_SIZE, RECTIFY)
+                                stride_qs, stride_dos, Sq, qk_scale, offs_m0, offs_d, d_ok, rs_base, dqa_base, sm_scale,
+                                BLOCK_M, BLOCK_D, USE_TMA, IEEE, BLOCK_SIZE, RECTIFY, ATOMIC_DQ)
         n_ok = offs_n < Sk
         st = n_ok[:, None] & d_ok[None, :]
         tl.store(DK + pid_bh * Sk * D + offs_n[:, None] * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=st)
@@ -120,8 +130,8 @@ def _dkdv_program(
         v = _load_rows(EV + b * stride_evb + h * stride_evh, offs_n, stride_evs, T, offs_d, d_ok)
         for start_m in range(0, Sq, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, b, h, q_base, do_base, lse_base, delta_base, Q_DESC, DO_DESC, start_m,
-                                stride_qs, stride_dos, Sq, qk_scale, offs_m0, offs_d, d_ok, rs_base, BLOCK_M, BLOCK_D, USE_TMA,
-                                IEEE, BLOCK_SIZE, RECTIFY)
+                                stride_qs, stride_dos, Sq, qk_scale, offs_m0, offs_d, d_ok, rs_base, dqa_base, sm_scale,
+                                BLOCK_M, BLOCK_D, USE_TMA, IEEE, BLOCK_SIZE, RECTIFY, ATOMIC_DQ)
         n_ok = offs_n < T
         st = n_ok[:, None] & d_ok[None, :]
         tl.store(DEK + pid_bh * T * D + offs_n[:, None] * D + offs_d[None, :], (dk * sm_scale).to(DEK.dtype.element_ty), mask=st)
@@ -215,20 +225,22 @@ def _dq_program(
 
 @triton.jit
 def _bsa_bwd_dkdv_kernel(
-    Q, K, V, EK, EV, DO, LSE, DELTA, DK, DV, DEK, DEV, Q_IDX, Q_CNT, Q_DESC, DO_DESC, RS,
+    Q, K, V, EK, EV, DO, LSE, DELTA, DK, DV, DEK, DEV, Q_IDX, Q_CNT, Q_DESC, DO_DESC, RS, DQA,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_ekb, stride_ekh, stride_eks, stride_evb, stride_evh, stride_evs, stride_dob, stride_doh, stride_dos,
     stride_ib, stride_ih, stride_ir, stride_cb, stride_ch, stride_rsb, stride_rsh,
     H, Sq, Sk, T, D, NKT, qk_scale, sm_scale,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, RECTIFY: tl.constexpr = False,
+    ATOMIC_DQ: tl.constexpr = False,
 ):
     _dkdv_program(tl.program_id(0), Q, K, V, EK, EV, DO, LSE, DELTA, DK, DV, DEK, DEV, Q_IDX, Q_CNT, Q_DESC, DO_DESC, RS,
+                  DQA,
                   stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                   stride_ekb, stride_ekh, stride_eks, stride_evb, stride_evh, stride_evs, stride_dob, stride_doh,
                   stride_dos, stride_ib, stride_ih, stride_ir, stride_cb, stride_ch, stride_rsb, stride_rsh,
                   H, Sq, Sk, T, D, NKT, qk_scale, sm_scale,
-                  BLOCK_SIZE, BLOCK_M, BLOCK_N, BLOCK_D, IEEE, USE_TMA, WARP_SPEC, RECTIFY)
+                  BLOCK_SIZE, BLOCK_M, BLOCK_N, BLOCK_D, IEEE, USE_TMA, WARP_SPEC, RECTIFY, ATOMIC_DQ)
 
 
 @triton.jit
@@ -268,12 +280,12 @@ def _bsa_bwd_fused_kernel(
     wave leaves idle."""
     pid = tl.program_id(0)
     if pid < N_DKDV:
-        _dkdv_program(pid, Q, K, V, EK, EV, DO, LSE, DELTA, DK, DV, DEK, DEV, Q_IDX, Q_CNT, Q_DESC, DO_DESC, RS,
+        _dkdv_program(pid, Q, K, V, EK, EV, DO, LSE, DELTA, DK, DV, DEK, DEV, Q_IDX, Q_CNT, Q_DESC, DO_DESC, RS, DQ,
                       stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
                       stride_vs, stride_ekb, stride_ekh, stride_eks, stride_evb, stride_evh, stride_evs, stride_dob,
                       stride_doh, stride_dos, stride_qib, stride_qih, stride_qir, stride_qcb, stride_qch,
                       stride_rsb, stride_rsh, H, Sq, Sk, T, D, NKT, qk_scale, sm_scale,
-                      BLOCK_SIZE, BLOCK_M1, BLOCK_N1, BLOCK_D, IEEE, USE_TMA1, False, RECTIFY)
+                      BLOCK_SIZE, BLOCK_M1, BLOCK_N1, BLOCK_D, IEEE, USE_TMA1, False, RECTIFY, False)
     else:
         _dq_program(pid - N_DKDV, Q, K, V, EK, EV, DO, LSE, DELTA, DQ, KV_IDX, KV_CNT, K_DESC, V_DESC, RS,
                     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
@@ -362,20 +374,22 @@ def rectify_grads(
     return dscale, dbias
 
 
-#: `DIFFATTN_BSA_BWD=fused|split`: both backward passes in one launch, or the dK/dV and dQ kernels one after the
-#: other. Fused is the default: on the H200 (session 8, BENCHMARKS.md) it is faster in 7 of 9 measured cases and at
-#: least as fast as FlexAttention's backward in all 9; split wins by <= 2% at Wan-14B radial and loses to Flex at FLUX 1024².
+#: `DIFFATTN_BSA_BWD=fused|split|atomic`: both backward passes in one launch, the dK/dV and dQ kernels one after the
+#: other, or the dK/dV pass alone with dQ added by atomics (see the module docstring). Fused is the default: on the
+#: H200 (session 8, BENCHMARKS.md) it is faster in 7 of 9 measured cases and at least as fast as FlexAttention's
+#: backward in all 9; split wins by <= 2% at Wan-14B radial and loses to Flex at FLUX 1024².
 ENV_BWD = "DIFFATTN_BSA_BWD"
-FUSED_DEFAULT = True
+BWD_MODES = ("fused", "split", "atomic")
+DEFAULT_BWD_MODE = "fused"
 
 
-def fused_default() -> bool:
+def bwd_mode() -> str:
     v = os.environ.get(ENV_BWD, "").strip().lower()
     if v in ("", "default"):
-        return FUSED_DEFAULT
-    if v not in ("fused", "split"):
-        raise ValueError(f"{ENV_BWD} must be 'fused' or 'split', got {v!r}")
-    return v == "fused"
+        return DEFAULT_BWD_MODE
+    if v not in BWD_MODES:
+        raise ValueError(f"{ENV_BWD} must be one of {', '.join(BWD_MODES)}, got {v!r}")
+    return v
 
 
 @functools.lru_cache(maxsize=None)
@@ -477,24 +491,34 @@ def backward(
 
         return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, bd])
 
-    fused = cfgs.get("fused", fused_default())
+    mode = cfgs.get("mode") or bwd_mode()
+    if mode not in BWD_MODES:
+        raise ValueError(f"backward mode must be one of {', '.join(BWD_MODES)}, got {mode!r}")
     c1 = dict(cfgs["dkdv"])
     bm1, bn1 = c1.pop("BLOCK_M"), c1.pop("BLOCK_N")
     tma1 = bool(c1.pop("tma", False)) and allow and tma_ok(q, do, D)
     ws1 = bool(c1.pop("warp_specialize", False)) and allow
     nkt = cdiv(Sk, bn1)
     grid1 = (nkt + cdiv(T, bn1), B * H)
+    atomic = mode == "atomic"
+    dq_acc = torch.zeros((B, H, Sq, bd), dtype=torch.float32, device=q.device) if atomic else dq
 
     def launch1(tma_: bool, ws_: bool) -> None:
         _DKDV(grid1, (
             q, k, v, ek, ev, do, lse, delta, dk, dv, dek, dev, q_idx, q_cnt,
-            desc(q, bm1) if tma_ else None, desc(do, bm1) if tma_ else None, out_scale,
+            desc(q, bm1) if tma_ else None, desc(do, bm1) if tma_ else None, out_scale, dq_acc,
             *common, *bstr(q_idx), q_idx.stride(2), *bstr(q_cnt), *rstr,
             H, Sq, Sk, T, D, nkt, scale * LOG2E, scale,
         ), dict(BLOCK_SIZE=block_size, BLOCK_M=bm1, BLOCK_N=bn1, BLOCK_D=bd, IEEE=ieee, USE_TMA=tma_, WARP_SPEC=ws_,
-                RECTIFY=rectify, **c1))
+                RECTIFY=rectify, ATOMIC_DQ=atomic, **c1))
 
-    if fused:
+    if atomic:
+        if grid1[0] > 0:
+            _launch_with_fallback(launch1, tma1, ws1, ("dkdv", q.dtype, D, block_size, bm1, bn1, has_extra, rectify,
+                                                       True, tuple(sorted(c1.items()))))
+        dq.copy_(dq_acc[..., :D])
+        return dq, dk, dv, dek, dev
+    if mode == "fused":
         c2 = dict(cfgs["dq"])
         bm2, bn2 = c2.pop("BLOCK_M"), c2.pop("BLOCK_N")
         tma2 = bool(c2.pop("tma", False)) and allow and tma_ok(k, v, D)
@@ -519,7 +543,8 @@ def backward(
                                                            tuple(sorted(opts.items()))))
         return dq, dk, dv, dek, dev
     if grid1[0] > 0:
-        _launch_with_fallback(launch1, tma1, ws1, ("dkdv", q.dtype, D, block_size, bm1, bn1, has_extra, rectify, tuple(sorted(c1.items()))))
+        _launch_with_fallback(launch1, tma1, ws1, ("dkdv", q.dtype, D, block_size, bm1, bn1, has_extra, rectify, False,
+                                                   tuple(sorted(c1.items()))))
     c2 = dict(cfgs["dq"])
     bm2, bn2 = c2.pop("BLOCK_M"), c2.pop("BLOCK_N")
     tma2 = bool(c2.pop("tma", False)) and allow and tma_ok(k, v, D)
