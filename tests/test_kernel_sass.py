@@ -68,3 +68,17 @@ def test_block_sparse_forward_with_text_keeps_wgmma_pipelined(tmp_path):
     rows = json.loads(out.read_text())
     assert [k.split(":")[1] for k in rows] == ["_bsa_fwd_kernel", "_bwd_delta_kernel", "_bsa_bwd_fused_kernel"]
     assert [k for k, row in rows.items() if row["wgmma_serialized"]] == []
+
+
+def test_block_sparse_atomic_backward_is_pipelined_and_reduces_16_bytes_at_a_time(tmp_path):
+    """`DIFFATTN_BSA_BWD=atomic` at the Hopper config: one dK/dV kernel, no dQ kernel, the wgmma pipelined, and
+    dQ's float32 adds issued as 16-byte vector reductions (a scalar RED per element would quadruple them)."""
+    out, sass_dir = tmp_path / "atomic.json", tmp_path / "sass"
+    r = _run(str(out), "bs_atomic", env={"DIFFATTN_SASS_DIR": str(sass_dir)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [k.split(":")[1] for k in rows] == ["_bsa_fwd_kernel", "_bwd_delta_kernel", "_bsa_bwd_dkdv_kernel"]
+    assert [k for k, row in rows.items() if row["wgmma_serialized"]] == []
+    sass = (sass_dir / "bs_atomic-2.sass").read_text()
+    reds = [ln for ln in sass.splitlines() if "REDG" in ln or "ATOMG" in ln]
+    assert reds and all("F32x4" in ln for ln in reds)
